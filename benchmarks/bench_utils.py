@@ -1,0 +1,75 @@
+"""Shared benchmark helpers: device, tensor set, timing, and the results schema (extra_info).
+
+Environment: ZOKERN_BENCH_DEVICE (cpu|cuda, default cuda when present), ZOKERN_BENCH_SHAPES (see
+shapes.py; default llama7b-layer*2 on CUDA, smollm2-layer on CPU).
+"""
+import os
+import platform
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from shapes import model_shapes
+
+DEVICE = os.environ.get("ZOKERN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+SHAPES = os.environ.get("ZOKERN_BENCH_SHAPES", "llama7b-layer*2" if DEVICE == "cuda" else "smollm2-layer")
+
+
+def synchronize():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def environment() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+            "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "shapes": SHAPES}
+
+
+def median_seconds(fn, repeats: int = 7) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize()
+        if DEVICE == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def make_params(dtype) -> list[torch.Tensor]:
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    return [torch.randn(s, generator=g, device=DEVICE, dtype=torch.float32).to(dtype) for s in model_shapes(SHAPES)]
+
+
+def record(benchmark, params, passes: int, copy_bandwidth: float, **info):
+    """Attach bytes moved and achieved bandwidth (from the benchmark's median) to the results."""
+    numel = sum(p.numel() for p in params)
+    moved = passes * 2 * sum(p.numel() * p.element_size() for p in params)  # each pass reads and writes once
+    if benchmark.stats is None:  # --benchmark-disable: the smoke run checks that it runs, times nothing
+        return
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(environment())
+    benchmark.extra_info.update(info)
+    benchmark.extra_info.update({
+        "elements": numel, "bytes_moved": moved, "elements_per_s": numel / median, "gb_per_s": moved / median / 1e9,
+        "copy_gb_per_s": copy_bandwidth / 1e9, "fraction_of_copy": moved / median / copy_bandwidth,
+    })

@@ -1,0 +1,82 @@
+"""The perturb pass and the fused step, per backend and dtype, against the MeZO reference pass.
+
+Run: python -m pytest benchmarks/test_bench_ops.py --benchmark-json=benchmarks/results/<gpu>-<date>.json
+"""
+import pytest
+import torch
+
+import zokern
+from zokern import backends
+from bench_utils import DEVICE, make_params, record, synchronize
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = [b for b in backends.SUPPORTED[DEVICE] if b != "reference"]
+EPS, LR, GRAD = 1e-3, 1e-6, 0.5
+
+
+def mezo_reference_perturb(params, seed, scale):
+    """The MeZO authors' pass: one global seed, torch.normal per tensor in the parameter's dtype."""
+    torch.manual_seed(seed)
+    for p in params:
+        z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+        p.data = p.data + scale * z
+
+
+def mezo_reference_step_tail(params, seed):
+    """What the fused step replaces, the MeZO way: restore pass, update pass, next step's perturb pass."""
+    mezo_reference_perturb(params, seed, EPS)
+    torch.manual_seed(seed)
+    for p in params:
+        z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+        p.data = p.data - LR * GRAD * z
+    mezo_reference_perturb(params, seed + 1, EPS)
+
+
+def _bench(benchmark, fn):
+    def run():
+        fn()
+        synchronize()
+    run()  # warm-up: compilation, extension load, caches
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+
+
+def _skip_unavailable(backend):
+    ok, why = backends.availability(backend, DEVICE)
+    if not ok:
+        pytest.skip(f"{backend} unavailable on {DEVICE}: {why}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_perturb(benchmark, copy_bandwidth, backend, dtype):
+    _skip_unavailable(backend)
+    params = make_params(DTYPES[dtype])
+    ids = list(range(len(params)))
+    _bench(benchmark, lambda: zokern.perturb_(params, 1, EPS, stream_ids=ids, backend=backend))
+    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend=backend, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_step(benchmark, copy_bandwidth, backend, dtype):
+    _skip_unavailable(backend)
+    params = make_params(DTYPES[dtype])
+    ids = list(range(len(params)))
+    _bench(benchmark, lambda: zokern.fused_step_(params, 1, stream_ids=ids, restore=EPS, lr=LR, grad=GRAD,
+                                                 next_seed=2, next_scale=EPS, backend=backend))
+    record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend=backend, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mezo_reference_perturb(benchmark, copy_bandwidth, dtype):
+    params = make_params(DTYPES[dtype])
+    _bench(benchmark, lambda: mezo_reference_perturb(params, 1, EPS))
+    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="mezo-reference", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mezo_reference_step_tail(benchmark, copy_bandwidth, dtype):
+    params = make_params(DTYPES[dtype])
+    _bench(benchmark, lambda: mezo_reference_step_tail(params, 1))
+    # Counted as the one pass's worth of bytes the fused step moves, so GB/s compare as useful work per second.
+    record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend="mezo-reference", dtype=dtype)

@@ -1,0 +1,203 @@
+// Per-element math of the fused ops (docs/OPS.md), shared by the CPU extension and the CUDA kernels so
+// that the CPU build runs the very code the GPU runs: loads of float32/bfloat16/float16 as float32,
+// round-to-nearest-even stores, and the perturb / fused-step formulas. Torch-free.
+//
+// FMA contraction: the reference composes separately rounded float32 multiplies and adds, and so do we.
+// On the device every multiply/add below is an explicit __fmul_rn/__fadd_rn/__fsub_rn, which nvcc never
+// fuses whatever --fmad says; on the host the plain operators need -ffp-contract=off (the extension
+// build passes it), else GCC/Clang fuse them on FMA targets such as aarch64 or -march=native x86.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#include "zokern/philox.h"
+
+#ifdef __CUDACC__
+#include <cuda_fp16.h>
+#endif
+
+namespace zokern {
+
+// Raw 16-bit storage, layout-compatible with at::BFloat16 / at::Half / __nv_bfloat16 / __half; the
+// conversions below are the only ones used, on host and device alike.
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
+};
+
+ZK_HD inline uint32_t float_as_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+ZK_HD inline float bits_as_float(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+// ---- float32 <- storage (all exact) ----
+
+ZK_HD inline float to_float(float v) { return v; }
+
+ZK_HD inline float to_float(bf16 v) { return bits_as_float(static_cast<uint32_t>(v.bits) << 16); }
+
+// Exact half -> float without cuda_fp16.h, for the host.
+inline float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  if (e == 0) {  // zero or subnormal: m · 2^-24
+    const float v = static_cast<float>(m) * 0x1p-24f;
+    return sign ? -v : v;
+  }
+  if (e == 31) return bits_as_float(sign | 0x7F800000u | (m << 13));  // inf / NaN (payload kept)
+  return bits_as_float(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+ZK_HD inline float to_float(f16 v) {
+#ifdef __CUDA_ARCH__
+  return __half2float(__ushort_as_half(v.bits));
+#else
+  return half_bits_to_float(v.bits);
+#endif
+}
+
+// ---- storage <- float32, round to nearest even ----
+
+// One rounding of the 32-bit pattern u at bit `shift` (1 <= shift <= 24), ties to even.
+ZK_HD inline uint32_t shift_round_even(uint32_t u, uint32_t shift) {
+  const uint32_t q = u >> shift, rem = u & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+  return q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u);
+}
+
+ZK_HD inline uint32_t float_to_bf16_bits(float x) {
+  const uint32_t u = float_as_bits(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FFFu;  // NaN: the canonical one, as __float2bfloat16_rn
+  return shift_round_even(u, 16);                        // a carry into the exponent is right, up to inf
+}
+
+// Portable, bit-exact float -> half with round-to-nearest-even, subnormals, overflow to inf, and NaN as
+// the canonical 0x7FFF: the same bits as the GPU's cvt.rn.f16.f32 (__float2half_rn).
+inline uint16_t float_to_half_bits(float x) {
+  const uint32_t u = float_as_bits(x);
+  const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return 0x7FFFu;
+  if (a >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 65520 (halfway to 2^16): inf
+  if (a <= 0x33000000u) return static_cast<uint16_t>(sign);            // <= 2^-25 (halfway to 2^-24): 0
+  const uint32_t e = a >> 23;
+  if (e >= 113) {  // normal half: rebias the exponent by 127 - 15, keep 10 mantissa bits
+    return static_cast<uint16_t>(sign | shift_round_even(a - (112u << 23), 13));
+  }
+  // Subnormal half: the value in units of 2^-24 is the 24-bit significand shifted right by 126 - e;
+  // rounding up to 0x400 yields the smallest normal, which is the right encoding.
+  return static_cast<uint16_t>(sign | shift_round_even((a & 0x7FFFFFu) | 0x800000u, 126u - e));
+}
+
+template <class T>
+ZK_HD T from_float(float x);
+
+template <>
+ZK_HD inline float from_float<float>(float x) {
+  return x;
+}
+
+template <>
+ZK_HD inline bf16 from_float<bf16>(float x) {
+  return bf16{static_cast<uint16_t>(float_to_bf16_bits(x))};
+}
+
+template <>
+ZK_HD inline f16 from_float<f16>(float x) {
+#ifdef __CUDA_ARCH__
+  return f16{__half_as_ushort(__float2half_rn(x))};
+#else
+  return f16{float_to_half_bits(x)};
+#endif
+}
+
+// ---- separately rounded float32 arithmetic (see the FMA note at the top) ----
+
+ZK_HD inline float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+ZK_HD inline float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+ZK_HD inline float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// ---- the ops of docs/OPS.md ----
+
+// perturb: x + scale·z
+ZK_HD inline float perturb_value(float x, float scale, float z) { return add_rn(x, mul_rn(scale, z)); }
+
+// fused step without the next perturbation: x + restore·z, then x − lr·(grad·z + wd·x)
+ZK_HD inline float step_value(float x, float z, float restore, float lr, float grad, float wd) {
+  x = add_rn(x, mul_rn(restore, z));
+  return sub_rn(x, mul_rn(lr, add_rn(mul_rn(grad, z), mul_rn(wd, x))));
+}
+
+// The ops work on the four elements 4j .. 4j+3 of one Philox call, x in float32; slots outside the
+// tensor carry junk that the caller never stores. wd is the tensor's weight decay.
+struct PerturbOp {
+  uint64_t seed;
+  float scale;
+  int dist;
+
+  ZK_HD void operator()(uint32_t stream, float /*wd: no decay in a perturbation*/, uint64_t j,
+                        float x[4]) const {
+    float z[4];
+    draw4(seed, stream, kPerturbation, dist, j, z);
+    ZK_UNROLL
+    for (int q = 0; q < 4; ++q) x[q] = perturb_value(x[q], scale, z[q]);
+  }
+};
+
+struct StepOp {
+  uint64_t seed;
+  float restore, lr, grad;
+  int64_t next_seed;  // -1: no next perturbation
+  float next_scale;
+  int dist;
+
+  ZK_HD void operator()(uint32_t stream, float wd, uint64_t j, float x[4]) const {
+    float z[4];
+    draw4(seed, stream, kPerturbation, dist, j, z);
+    ZK_UNROLL
+    for (int q = 0; q < 4; ++q) x[q] = step_value(x[q], z[q], restore, lr, grad, wd);
+    if (next_seed >= 0) {
+      draw4(static_cast<uint64_t>(next_seed), stream, kPerturbation, dist, j, z);
+      ZK_UNROLL
+      for (int q = 0; q < 4; ++q) x[q] = perturb_value(x[q], next_scale, z[q]);
+    }
+  }
+};
+
+}  // namespace zokern

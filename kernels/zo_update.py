@@ -1,0 +1,99 @@
+"""Multi-tensor perturb / fused-step kernels (docs/OPS.md).
+
+One launch covers every tensor of one dtype. `tensors` is an int64 table with one row per tensor,
+(data_ptr, numel, stream id, index of its first chunk); `chunks` maps each program to its tensor (int32),
+and a program handles elements [(pid − first chunk) · chunk, … + chunk) of that tensor, BLOCK at a time.
+Element indices are int64 throughout, so tensors may exceed 2^31 elements.
+"""
+import triton
+import triton.language as tl
+
+from .philox import draw_rows
+
+FLOAT32 = tl.constexpr(0)
+BFLOAT16 = tl.constexpr(1)
+FLOAT16 = tl.constexpr(2)
+PERTURBATION = tl.constexpr(0)
+
+
+@triton.jit
+def _pointer(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    # bf16 is moved as raw uint16 bits: conversions are done by hand (below), which is exact on every
+    # target and sidesteps the interpreter's truncating fp32→bf16 cast.
+    if DTYPE == BFLOAT16:
+        ptr = addr.to(tl.pointer_type(tl.uint16))
+    elif DTYPE == FLOAT16:
+        ptr = addr.to(tl.pointer_type(tl.float16))
+    else:
+        ptr = addr.to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        # A pointer made from an integer carries no alignment; the hint lets loads/stores vectorize.
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _load_f32(ptr, mask, DTYPE: tl.constexpr):
+    if DTYPE == BFLOAT16:
+        bits = tl.load(ptr, mask=mask)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptr, mask=mask).to(tl.float32)
+
+
+@triton.jit
+def _bf16_bits_rne(x):
+    """fp32 → bf16 bit pattern, round to nearest even; NaN stays NaN (quieted), ±inf and overflow → ±inf."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(is_nan, (bits >> 16) | 0x40, rounded).to(tl.uint16)
+
+
+@triton.jit
+def _store_f32(ptr, x, mask, DTYPE: tl.constexpr):
+    if DTYPE == BFLOAT16:
+        tl.store(ptr, _bf16_bits_rne(x), mask=mask)
+    elif DTYPE == FLOAT16:
+        tl.store(ptr, x.to(tl.float16), mask=mask)  # round to nearest even
+    else:
+        tl.store(ptr, x, mask=mask)
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
+def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
+                     DTYPE: tl.constexpr, DIST: tl.constexpr, FUSED: tl.constexpr, HAS_NEXT: tl.constexpr,
+                     ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """perturb (FUSED=False): x + restore·z with restore = scale. fused_step (FUSED=True): restore, the MeZO
+    update with per-tensor weight decay and, if HAS_NEXT, the next perturbation. Seeds arrive as int32
+    bit patterns of their 32-bit halves (k0, k1) and (nk0, nk1)."""
+    pid = tl.program_id(0)
+    t = tl.load(chunks + pid).to(tl.int64)
+    addr = tl.load(tensors + 4 * t)
+    numel = tl.load(tensors + 4 * t + 1)
+    stream = tl.load(tensors + 4 * t + 2).to(tl.uint32)
+    start = (pid - tl.load(tensors + 4 * t + 3)) * chunk
+    end = tl.minimum(numel, start + chunk)
+    ptr0 = _pointer(addr, DTYPE, ALIGNED)
+    key0 = k0.to(tl.uint32, bitcast=True)
+    key1 = k1.to(tl.uint32, bitcast=True)
+    next_key0 = nk0.to(tl.uint32, bitcast=True)
+    next_key1 = nk1.to(tl.uint32, bitcast=True)
+    if FUSED:
+        wd = tl.load(weight_decays + t)
+    rows = tl.arange(0, BLOCK // 4)
+    cols = tl.arange(0, 4)
+    # start and BLOCK are multiples of 4, so row r of a block is exactly Philox call (base >> 2) + r.
+    for base in range(start, end, BLOCK):
+        j = (base >> 2) + rows
+        i = (j * 4)[:, None] + cols[None, :]
+        mask = i < end
+        ptr = ptr0 + i
+        x = _load_f32(ptr, mask, DTYPE)
+        z = draw_rows(j, stream, PERTURBATION, key0, key1, DIST)
+        x = x + restore * z
+        if FUSED:
+            x = x - lr * (grad * z + wd * x)
+            if HAS_NEXT:
+                x = x + next_scale * draw_rows(j, stream, PERTURBATION, next_key0, next_key1, DIST)
+        _store_f32(ptr, x, mask, DTYPE)

@@ -1,0 +1,9 @@
+"""Package layout: the Triton kernels in kernels/ install as zokern.kernels and the C++/CUDA sources in
+csrc/ as zokern._csrc, from which the extensions are compiled on first use (zokern/backends/_extension.py)."""
+from setuptools import setup
+
+setup(
+    packages=["zokern", "zokern.backends", "zokern.kernels", "zokern._csrc"],
+    package_dir={"zokern.kernels": "kernels", "zokern._csrc": "csrc"},
+    package_data={"zokern._csrc": ["include/zokern/*.h", "cpu/*.cpp", "cuda/*.cu", "cuda/*.cuh"]},
+)

@@ -1,0 +1,108 @@
+"""The registered custom ops: opcheck, torch.compile, and rejection of bad input with nothing modified."""
+import math
+
+import pytest
+import torch
+
+import zokern
+from conftest import available_pairs
+
+PAIRS = available_pairs()
+
+
+def _args(op, params, backend):
+    return {
+        "perturb_": (params, [1, 2], 7, 0.5, 0, backend),
+        "fused_step_": (params, [1, 2], 7, 1e-3, 1e-2, 2.0, [0.1, 0.0], 8, 1e-3, 0, backend),
+    }[op]
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("op", ["perturb_", "fused_step_"])
+def test_opcheck(backend, device, op):
+    params = [torch.randn(6, 5, device=device), torch.randn(11, device=device, dtype=torch.bfloat16)]
+    torch.library.opcheck(getattr(torch.ops.zokern, op), _args(op, params, backend))
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_opcheck_fill_random(backend, device):
+    out = torch.empty(37, device=device)
+    torch.library.opcheck(torch.ops.zokern.fill_random_, (out, 3, 4, 5, 0, 0, backend))
+
+
+def test_compile_fullgraph():
+    """A ZO step written with the ops compiles into one graph and matches eager."""
+    def step(params, grad):
+        zokern.fused_step_(params, 1, stream_ids=[0, 1], restore=1e-3, lr=1e-2, grad=grad, next_seed=2,
+                           next_scale=1e-3)
+        return params[0].sum() + params[1].sum()
+
+    eager = [torch.randn(8, 4), torch.randn(3)]
+    compiled_params = [p.clone() for p in eager]
+    expected = step(eager, 0.5)
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(compiled_params, 0.5)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(compiled_params, eager):
+        assert torch.equal(a, b)
+
+
+BAD_CALLS = [
+    ("integer tensor", lambda ps: zokern.perturb_(ps + [torch.arange(4)], 1, 1.0, stream_ids=[0, 1, 2]),
+     TypeError, "dtype torch.int64"),
+    ("complex tensor", lambda ps: zokern.perturb_(ps + [torch.randn(4, dtype=torch.complex64)], 1, 1.0,
+                                                  stream_ids=[0, 1, 2]), TypeError, "complex64"),
+    ("other device", lambda ps: zokern.perturb_(ps + [torch.empty(4, device="meta")], 1, 1.0, stream_ids=[0, 1, 2]),
+     ValueError, "one device"),
+    ("non-tensor", lambda ps: zokern.perturb_(ps + [3.0], 1, 1.0, stream_ids=[0, 1, 2]), TypeError, "params[2]"),
+    ("nan scale", lambda ps: zokern.perturb_(ps, 1, math.nan, stream_ids=[0, 1]), ValueError, "scale must be finite"),
+    ("inf grad", lambda ps: zokern.fused_step_(ps, 1, stream_ids=[0, 1], restore=1e-3, lr=1e-3, grad=math.inf),
+     ValueError, "grad must be finite"),
+    ("nan weight decay", lambda ps: zokern.fused_step_(ps, 1, stream_ids=[0, 1], restore=1e-3, lr=1e-3, grad=1.0,
+                                                       weight_decay=[0.0, math.nan]), ValueError, "weight_decay"),
+    ("stream count", lambda ps: zokern.perturb_(ps, 1, 1.0, stream_ids=[0]), ValueError, "stream ids"),
+    ("stream range", lambda ps: zokern.perturb_(ps, 1, 1.0, stream_ids=[0, 1 << 32]), ValueError, "stream_ids[1]"),
+    ("negative seed", lambda ps: zokern.perturb_(ps, -1, 1.0, stream_ids=[0, 1]), ValueError, "seed"),
+    ("same tensor twice", lambda ps: zokern.perturb_([ps[0], ps[0]], 1, 1.0, stream_ids=[0, 1]), ValueError,
+     "share memory"),
+    ("unknown backend", lambda ps: zokern.perturb_(ps, 1, 1.0, stream_ids=[0, 1], backend="npu"), ValueError,
+     "unknown backend"),
+    ("backend for other device", lambda ps: zokern.perturb_(ps, 1, 1.0, stream_ids=[0, 1], backend="cuda"),
+     RuntimeError, "not available on cpu"),
+    ("unknown distribution", lambda ps: zokern.perturb_(ps, 1, 1.0, stream_ids=[0, 1], dist="cauchy"),
+     ValueError, "distribution"),
+    ("fill into bf16", lambda ps: zokern.fill_random_(torch.empty(3, dtype=torch.bfloat16), 1, 0), TypeError,
+     "float32"),
+]
+
+
+@pytest.mark.parametrize("what,call,error,message", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_is_rejected_and_nothing_changes(what, call, error, message):
+    params = [torch.randn(5, 3), torch.randn(7).to(torch.bfloat16)]
+    before = [p.clone() for p in params]
+    with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")):
+        call(params)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+
+
+def test_empty_list_is_a_no_op():
+    zokern.perturb_([], 1, 1.0, stream_ids=[])
+    zokern.fused_step_([], 1, stream_ids=[], restore=1.0, lr=1.0, grad=1.0)
+
+
+def test_requires_grad_leaf_parameters_are_updated():
+    layer = torch.nn.Linear(4, 3)
+    before = layer.weight.detach().clone()
+    zokern.perturb_(list(layer.parameters()), 1, 0.1, stream_ids=[0, 1])
+    assert not torch.equal(layer.weight.detach(), before) and layer.weight.requires_grad
+
+
+def test_required_backends_available():
+    """CI names the backends that must work on its machine, so a broken build fails instead of skipping."""
+    import os
+
+    from zokern import backends
+
+    for name in filter(None, os.environ.get("ZOKERN_REQUIRE_BACKENDS", "").split(",")):
+        ok, why = backends.availability(name, "cpu")
+        assert ok, f"backend {name} must be available in this run: {why}"

@@ -1,0 +1,140 @@
+"""The zokern random stream, defined once (see docs/RANDOM.md).
+
+This module is the reference implementation: plain PyTorch integer arithmetic on int64 tensors,
+readable rather than fast. Every backend reproduces it; `draw` returns what a backend's kernels use.
+"""
+from __future__ import annotations
+
+import enum
+import math
+
+import torch
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+MASK32 = 0xFFFFFFFF
+# float32(2π) · 2^-24: turns the top 24 bits of a word into an angle in [0, 2π) with one rounding.
+TWO_PI_2M24 = float(torch.tensor(2 * math.pi, dtype=torch.float32).item()) * 2.0**-24
+SEED_LIMIT = 1 << 63
+STREAM_LIMIT = 1 << 32
+
+
+class Domain(enum.IntEnum):
+    """What a draw is for; each domain is a disjoint sub-stream (the counter's fourth word)."""
+
+    PERTURBATION = 0
+    SUBSPACE_U = 1
+    SUBSPACE_V = 2
+    CORE = 3
+    ROUNDING = 4
+    DIZO = 5
+
+
+class Distribution(enum.IntEnum):
+    NORMAL = 0
+    RADEMACHER = 1
+
+
+def parse_distribution(dist: "str | int | Distribution") -> Distribution:
+    if isinstance(dist, str):
+        try:
+            return Distribution[dist.upper()]
+        except KeyError:
+            raise ValueError(f"unknown distribution {dist!r}; expected 'normal' or 'rademacher'") from None
+    return Distribution(int(dist))
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def check_stream(stream: int, what: str = "stream id") -> int:
+    if isinstance(stream, bool) or not isinstance(stream, int):
+        raise TypeError(f"{what} must be an int, got {type(stream).__name__}")
+    if not 0 <= stream < STREAM_LIMIT:
+        raise ValueError(f"{what} must be in [0, 2**32), got {stream}")
+    return stream
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a·m for a < 2^32, exact in int64 by splitting m into 16-bit halves."""
+    m_hi, m_lo = m >> 16, m & 0xFFFF
+    p_hi = a * m_hi  # < 2^48
+    p_lo = a * m_lo  # < 2^48
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & MASK32
+    return hi, lo
+
+
+def philox4x32(counter: "tuple[torch.Tensor | int, ...]", key: "tuple[int, int]", rounds: int = PHILOX_ROUNDS):
+    """Philox4x32-R on int64 tensors holding uint32 values; returns the four output words."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
+    k0, k1 = key
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
+    return c0, c1, c2, c3
+
+
+def _box_muller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    u = ((a >> 8) + 1).to(torch.float32) * 2.0**-24
+    t = (b >> 8).to(torch.float32) * TWO_PI_2M24
+    r = torch.sqrt(-2.0 * torch.log(u))
+    return r * torch.cos(t), r * torch.sin(t)
+
+
+def _rademacher(w: torch.Tensor) -> torch.Tensor:
+    return 1.0 - 2.0 * (w >> 31).to(torch.float32)
+
+
+def reference_draw(seed: int, stream: int, numel: int, offset: int = 0, domain: int = Domain.PERTURBATION,
+                   dist: "str | int | Distribution" = Distribution.NORMAL,
+                   device: "torch.device | str" = "cpu") -> torch.Tensor:
+    """Elements offset … offset+numel−1 of stream (seed, stream, domain), float32, computed in PyTorch."""
+    check_seed(seed)
+    check_stream(stream)
+    check_stream(int(domain), "domain")
+    dist = parse_distribution(dist)
+    if numel < 0 or offset < 0:
+        raise ValueError(f"numel and offset must be non-negative, got numel={numel}, offset={offset}")
+    if numel == 0:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    j = torch.arange(offset >> 2, ((offset + numel - 1) >> 2) + 1, dtype=torch.int64, device=device)
+    words = philox4x32((j & MASK32, j >> 32, stream, int(domain)), (seed & MASK32, seed >> 32))
+    if dist is Distribution.NORMAL:
+        n0, n1 = _box_muller(words[0], words[1])
+        n2, n3 = _box_muller(words[2], words[3])
+        values = torch.stack((n0, n1, n2, n3), dim=-1)
+    else:
+        values = torch.stack([_rademacher(w) for w in words], dim=-1)
+    start = offset & 3
+    return values.reshape(-1)[start:start + numel]
+
+
+def draw(seed: int, stream: int, numel: int, offset: int = 0, domain: int = Domain.PERTURBATION,
+         dist: "str | int | Distribution" = Distribution.NORMAL, device: "torch.device | str" = "cpu",
+         backend: "str | None" = None) -> torch.Tensor:
+    """The stream's values exactly as `backend`'s kernels use them (default: the device's backend)."""
+    from zokern import ops
+
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    ops.fill_random_(out, seed, stream, offset=offset, domain=domain, dist=dist, backend=backend)
+    return out
+
+
+def step_seed(base_seed: int, step: int) -> int:
+    """The seed of ZO step `step` of a run seeded with `base_seed` (SplitMix64, 63 bits): a run's seeds
+    are a function of (base_seed, step) alone, so a resumed run draws what an uninterrupted one would."""
+    x = (check_seed(base_seed) * 0x9E3779B97F4A7C15 + step + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
