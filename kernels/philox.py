@@ -46,11 +46,15 @@ def philox_calls(j, stream, domain, k0, k1):
 # docs/RANDOM.md asks for accurate float32 log/cos/sin. On NVIDIA, tl.cos/tl.sin lower to the
 # cos.approx/sin.approx instructions and tl.log to lg2.approx, so compiled kernels call libdevice
 # (__nv_logf/__nv_cosf/__nv_sinf, ≤ 2 ulp). The interpreter has no libdevice; there tl.log/tl.cos/tl.sin
-# are numpy's float32 functions, which are accurate. tl.sqrt_rn is IEEE-rounded on every target.
+# are numpy's functions. tl.sqrt_rn is IEEE-rounded on every target. The choice is made once, at import,
+# because triton.jit itself decides between compiling and interpreting at decoration time.
 if INTERPRET:
     @triton.jit
     def _log_cos_sin(u, t):
-        return tl.log(u), tl.cos(t), tl.sin(t)
+        # numpy's float32 log is off by up to 3.5 ulp; through float64 all three are correctly rounded.
+        u64 = u.to(tl.float64)
+        t64 = t.to(tl.float64)
+        return tl.log(u64).to(tl.float32), tl.cos(t64).to(tl.float32), tl.sin(t64).to(tl.float32)
 else:
     from triton.language.extra import libdevice
 
@@ -113,7 +117,9 @@ def fill_random_kernel(out, numel, offset, stream, domain, k0, k1, DIST: tl.cons
     an offset that is not a multiple of 4 only masks the edges."""
     R: tl.constexpr = BLOCK // 4
     offset = offset.to(tl.int64)
-    j = (offset >> 2) + tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    # `// 4`, not `>> 2`: the interpreter holds an int argument in [2^31, 2^32) as uint32 data under an
+    # int64 type, and its shift would reinterpret it as negative.
+    j = offset // 4 + tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
     idx = (j * 4)[:, None] + tl.arange(0, 4)[None, :] - offset
     mask = (idx >= 0) & (idx < numel)
     z = draw_rows(j, stream.to(tl.uint32, bitcast=True), domain.to(tl.uint32, bitcast=True),

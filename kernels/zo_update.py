@@ -66,7 +66,8 @@ def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr,
                      ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """perturb (FUSED=False): x + restore·z with restore = scale. fused_step (FUSED=True): restore, the MeZO
     update with per-tensor weight decay and, if HAS_NEXT, the next perturbation. Seeds arrive as int32
-    bit patterns of their 32-bit halves (k0, k1) and (nk0, nk1)."""
+    bit patterns of their 32-bit halves (k0, k1) and (nk0, nk1). ALIGNED promises that every tensor's
+    address is 16-byte aligned and its numel a multiple of 4."""
     pid = tl.program_id(0)
     t = tl.load(chunks + pid).to(tl.int64)
     addr = tl.load(tensors + 4 * t)
@@ -74,6 +75,10 @@ def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr,
     stream = tl.load(tensors + 4 * t + 2).to(tl.uint32)
     start = (pid - tl.load(tensors + 4 * t + 3)) * chunk
     end = tl.minimum(numel, start + chunk)
+    if ALIGNED:
+        # With end a multiple of 4 the mask is constant over each row's 4 elements, so masked accesses can
+        # still be vector accesses.
+        end = tl.multiple_of(end, 4)
     ptr0 = _pointer(addr, DTYPE, ALIGNED)
     key0 = k0.to(tl.uint32, bitcast=True)
     key1 = k1.to(tl.uint32, bitcast=True)
@@ -83,8 +88,11 @@ def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr,
         wd = tl.load(weight_decays + t)
     rows = tl.arange(0, BLOCK // 4)
     cols = tl.arange(0, 4)
-    # start and BLOCK are multiples of 4, so row r of a block is exactly Philox call (base >> 2) + r.
-    for base in range(start, end, BLOCK):
+    # start and BLOCK are multiples of 4, so row r of a block is exactly Philox call base / 4 + r. The loop
+    # runs over offsets within the chunk: the interpreter's loop variable is a Python int, and base must
+    # stay int64.
+    for off in range(0, end - start, BLOCK):
+        base = start + off
         j = (base >> 2) + rows
         i = (j * 4)[:, None] + cols[None, :]
         mask = i < end

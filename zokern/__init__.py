@@ -1,7 +1,8 @@
 """zokern: fused kernels for zeroth-order fine-tuning of large language models."""
 from zokern import ops, random
-from zokern.ops import fill_random_, fused_step_, perturb_
+from zokern.ops import *  # noqa: F401,F403  (the public ops)
+from zokern.ops import __all__ as _ops_all
 from zokern.random import Distribution, Domain, draw
 
 __version__ = "0.1.0"
-__all__ = ["ops", "random", "perturb_", "fused_step_", "fill_random_", "draw", "Distribution", "Domain"]
+__all__ = ["ops", "random", "draw", "Distribution", "Domain", *_ops_all]

@@ -1,67 +1,194 @@
 """The zokern custom ops: schemas, fake implementations and the device implementations, in one file.
 
-Each op mutates its tensors in place (alias-annotated `Tensor(a!)`), so it passes
-`torch.library.opcheck` and stays opaque under `torch.compile`. The device implementation validates
-the arguments, resolves the backend (`""` means automatic) and calls that backend's kernel; the
-kernels themselves live in zokern/backends (reference, Triton, CPU C++, CUDA C++).
+Each op mutates its tensors in place (alias-annotated `Tensor(a!)`), or returns a new tensor, so it
+passes `torch.library.opcheck` and stays opaque under `torch.compile`. The device implementation
+checks the arguments, resolves the backend (`""` means automatic) and calls that backend's kernel;
+the fake runs the same checks without touching memory. Kernels live in zokern/backends.
 """
 from __future__ import annotations
 
 import torch
 
 from zokern import backends
-from zokern.validation import check_fill_args, check_step_args, check_tensor_list
+from zokern.validation import (check_companions, check_fill_args, check_lowrank, check_per_tensor,
+                               check_step_args, check_tensor_list, mask_words)
 
+DEVICE_TYPES = ("cpu", "cuda")
+_STEP = "float restore, float lr, float grad, float[] weight_decays, int next_seed, float next_scale"
 SCHEMAS = {
     "fill_random_": "(Tensor(a!) out, int seed, int stream, int offset, int domain, int dist, str backend) -> ()",
     "perturb_": "(Tensor(a!)[] params, int[] streams, int seed, float scale, int dist, str backend) -> ()",
-    "fused_step_": ("(Tensor(a!)[] params, int[] streams, int seed, float restore, float lr, float grad, "
-                    "float[] weight_decays, int next_seed, float next_scale, int dist, str backend) -> ()"),
+    "fused_step_": f"(Tensor(a!)[] params, int[] streams, int seed, {_STEP}, int dist, str backend) -> ()",
+    "lowrank_apply_": "(Tensor(a!)[] weights, Tensor[] us, Tensor[] vs, Tensor[] cores, str backend) -> ()",
+    "masked_perturb_": ("(Tensor(a!)[] params, Tensor(b!)[] masks, Tensor thresholds, int[] streams, int seed, "
+                        "float scale, bool compute_mask, int dist, str backend) -> ()"),
+    "masked_fused_step_": ("(Tensor(a!)[] params, Tensor(b!)[] masks, Tensor thresholds, int[] streams, int seed, "
+                           f"{_STEP}, int dist, str backend) -> ()"),
+    "hessian_perturb_": ("(Tensor(a!)[] params, Tensor[] hessians, int[] streams, int seed, float scale, int dist, "
+                         "str backend) -> ()"),
+    "hessian_step_": ("(Tensor(a!)[] params, Tensor(b!)[] hessians, int[] streams, int seed, float restore, "
+                      "float lr, float grad, float hess_scale, float alpha, float[] weight_decays, int next_seed, "
+                      "float next_scale, int dist, str backend) -> ()"),
+    "distance_norms": "(Tensor[] params, Tensor[] anchors, str backend) -> Tensor",
+    "anchored_rescale_": ("(Tensor(a!)[] params, Tensor[] anchors, Tensor[]? sources, Tensor factors, "
+                          "str backend) -> ()"),
 }
-DEVICE_TYPES = ("cpu", "cuda")
 
 for _name, _schema in SCHEMAS.items():
     torch.library.define(f"zokern::{_name}", _schema)
 
 
-def _contiguous_run(params: list[torch.Tensor], kernel) -> None:
-    """Run `kernel` on contiguous stand-ins of non-contiguous tensors and copy the results back.
+def _contiguous(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
-    The stream is indexed by logical (row-major) position, so a contiguous copy sees the same z."""
-    work = [p if p.is_contiguous() else p.contiguous() for p in params]
-    kernel(work)
-    for p, w in zip(params, work):
-        if w is not p:
-            p.copy_(w)
 
+def _write_back(originals: list[torch.Tensor], work: list[torch.Tensor]) -> None:
+    """Kernels see contiguous stand-ins; the stream is indexed by logical (row-major) position, so a
+    contiguous copy of a strided view sees the same z. Copy results back into the views."""
+    for t, w in zip(originals, work):
+        if w is not t:
+            t.copy_(w)
+
+
+def _backend(name: str, device_type: str):
+    return backends.load(backends.resolve(name, device_type))
+
+
+def _mask_shape(p, m):
+    return (mask_words(p.numel()),)
+
+
+def _hessian_dtypes(p):
+    return (torch.float32, p.dtype)
+
+
+# --- checks shared by the device implementations and the fakes -----------------------------------------
+
+def _check_perturb(params, streams, seed, scale, dist, backend, real=True):
+    check_step_args(seed=seed, dist=dist, scale=scale)
+    return check_tensor_list(params, streams, check_aliasing=real)
+
+
+def _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, real=True,
+                **extra):
+    check_step_args(seed=seed, dist=dist, restore=restore, lr=lr, grad=grad, next_scale=next_scale,
+                    next_seed=next_seed, weight_decays=weight_decays, count=len(params), **extra)
+    return check_tensor_list(params, streams, check_aliasing=real)
+
+
+def _check_masked(params, masks, thresholds, streams, real=True):
+    device_type = check_tensor_list(params, streams, check_aliasing=real)
+    check_companions(params, masks, "masks", dtypes=(torch.int32,), shapes=_mask_shape)
+    check_per_tensor(params, thresholds, "thresholds")
+    return device_type
+
+
+def _check_anchored(params, anchors, sources, factors, real=True):
+    device_type = check_tensor_list(params, [0] * len(params), check_aliasing=real)
+    check_companions(params, anchors, "anchors", dtypes=lambda p: (p.dtype,))
+    if sources is not None:
+        check_companions(params, sources, "sources", dtypes=lambda p: (p.dtype,))
+    check_per_tensor(params, factors, "factors")
+    return device_type
+
+
+# --- device implementations ------------------------------------------------------------------------------
 
 @torch.library.impl("zokern::fill_random_", DEVICE_TYPES)
 def _fill_random(out, seed, stream, offset, domain, dist, backend):
     check_fill_args(out, seed, stream, offset, domain, dist)
-    impl = backends.load(backends.resolve(backend, out.device.type))
-    _contiguous_run([out], lambda work: impl.fill_random(work[0], seed, stream, offset, domain, dist))
+    work = _contiguous([out])
+    _backend(backend, out.device.type).fill_random(work[0], seed, stream, offset, domain, dist)
+    _write_back([out], work)
 
 
 @torch.library.impl("zokern::perturb_", DEVICE_TYPES)
 def _perturb(params, streams, seed, scale, dist, backend):
-    device_type = check_tensor_list(params, streams)
-    check_step_args(seed=seed, dist=dist, scale=scale)
-    impl = backends.load(backends.resolve(backend, device_type))
-    _contiguous_run(params, lambda work: impl.perturb(work, list(streams), seed, scale, dist))
+    impl = _backend(backend, _check_perturb(params, streams, seed, scale, dist, backend))
+    work = _contiguous(params)
+    impl.perturb(work, list(streams), seed, scale, dist)
+    _write_back(params, work)
 
 
 @torch.library.impl("zokern::fused_step_", DEVICE_TYPES)
 def _fused_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, backend):
-    device_type = check_tensor_list(params, streams)
-    check_step_args(seed=seed, dist=dist, restore=restore, lr=lr, grad=grad, next_scale=next_scale,
-                    next_seed=next_seed, weight_decays=weight_decays, count=len(params))
-    impl = backends.load(backends.resolve(backend, device_type))
-    _contiguous_run(params, lambda work: impl.fused_step(work, list(streams), seed, restore, lr, grad,
-                                                         list(weight_decays), next_seed, next_scale, dist))
+    impl = _backend(backend, _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed,
+                                         next_scale, dist))
+    work = _contiguous(params)
+    impl.fused_step(work, list(streams), seed, restore, lr, grad, list(weight_decays), next_seed, next_scale, dist)
+    _write_back(params, work)
 
 
-# The fakes run the same checks (without reading memory), so bad input fails at trace time too, and a
-# list mixing real and meta tensors, which dispatches here, is still rejected.
+@torch.library.impl("zokern::lowrank_apply_", DEVICE_TYPES)
+def _lowrank_apply(weights, us, vs, cores, backend):
+    device_type = check_tensor_list(weights, [0] * len(weights))
+    check_lowrank(weights, us, vs, cores)
+    work = _contiguous(weights)
+    _backend(backend, device_type).lowrank_apply(work, _contiguous(us), _contiguous(vs), _contiguous(cores))
+    _write_back(weights, work)
+
+
+@torch.library.impl("zokern::masked_perturb_", DEVICE_TYPES)
+def _masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist, backend):
+    device_type = _check_masked(params, masks, thresholds, streams)
+    check_step_args(seed=seed, dist=dist, scale=scale)
+    work = _contiguous(params)
+    _backend(backend, device_type).masked_perturb(work, masks, thresholds, list(streams), seed, scale,
+                                                  compute_mask, dist)
+    _write_back(params, work)
+
+
+@torch.library.impl("zokern::masked_fused_step_", DEVICE_TYPES)
+def _masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
+                       next_scale, dist, backend):
+    device_type = _check_masked(params, masks, thresholds, streams)
+    _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist)
+    work = _contiguous(params)
+    _backend(backend, device_type).masked_fused_step(work, masks, thresholds, list(streams), seed, restore, lr,
+                                                     grad, list(weight_decays), next_seed, next_scale, dist)
+    _write_back(params, work)
+
+
+@torch.library.impl("zokern::hessian_perturb_", DEVICE_TYPES)
+def _hessian_perturb(params, hessians, streams, seed, scale, dist, backend):
+    device_type = _check_perturb(params, streams, seed, scale, dist, backend)
+    check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
+    work = _contiguous(params)
+    _backend(backend, device_type).hessian_perturb(work, _contiguous(hessians), list(streams), seed, scale, dist)
+    _write_back(params, work)
+
+
+@torch.library.impl("zokern::hessian_step_", DEVICE_TYPES)
+def _hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays, next_seed,
+                  next_scale, dist, backend):
+    device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
+                              hess_scale=hess_scale, alpha=alpha)
+    check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
+    work, work_d = _contiguous(params), _contiguous(hessians)
+    _backend(backend, device_type).hessian_step(work, work_d, list(streams), seed, restore, lr, grad, hess_scale,
+                                                alpha, list(weight_decays), next_seed, next_scale, dist)
+    _write_back(params, work)
+    _write_back(hessians, work_d)
+
+
+@torch.library.impl("zokern::distance_norms", DEVICE_TYPES)
+def _distance_norms(params, anchors, backend):
+    device_type = check_tensor_list(params, [0] * len(params), check_aliasing=False)
+    check_companions(params, anchors, "anchors", dtypes=lambda p: (p.dtype,))
+    return _backend(backend, device_type).distance_norms(_contiguous(params), _contiguous(anchors))
+
+
+@torch.library.impl("zokern::anchored_rescale_", DEVICE_TYPES)
+def _anchored_rescale(params, anchors, sources, factors, backend):
+    device_type = _check_anchored(params, anchors, sources, factors)
+    work = _contiguous(params)
+    _backend(backend, device_type).anchored_rescale(work, _contiguous(anchors),
+                                                    None if sources is None else _contiguous(sources), factors)
+    _write_back(params, work)
+
+
+# --- fakes -------------------------------------------------------------------------------------------------
+
 @torch.library.register_fake("zokern::fill_random_")
 def _fill_random_fake(out, seed, stream, offset, domain, dist, backend):
     check_fill_args(out, seed, stream, offset, domain, dist)
@@ -69,12 +196,48 @@ def _fill_random_fake(out, seed, stream, offset, domain, dist, backend):
 
 @torch.library.register_fake("zokern::perturb_")
 def _perturb_fake(params, streams, seed, scale, dist, backend):
-    check_tensor_list(params, streams, check_aliasing=False)
-    check_step_args(seed=seed, dist=dist, scale=scale)
+    _check_perturb(params, streams, seed, scale, dist, backend, real=False)
 
 
 @torch.library.register_fake("zokern::fused_step_")
 def _fused_step_fake(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, backend):
-    check_tensor_list(params, streams, check_aliasing=False)
-    check_step_args(seed=seed, dist=dist, restore=restore, lr=lr, grad=grad, next_scale=next_scale,
-                    next_seed=next_seed, weight_decays=weight_decays, count=len(params))
+    _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, real=False)
+
+
+@torch.library.register_fake("zokern::lowrank_apply_")
+def _lowrank_apply_fake(weights, us, vs, cores, backend):
+    check_tensor_list(weights, [0] * len(weights), check_aliasing=False)
+    check_lowrank(weights, us, vs, cores)
+
+
+@torch.library.register_fake("zokern::masked_perturb_")
+def _masked_perturb_fake(params, masks, thresholds, streams, seed, scale, compute_mask, dist, backend):
+    _check_masked(params, masks, thresholds, streams, real=False)
+
+
+@torch.library.register_fake("zokern::masked_fused_step_")
+def _masked_fused_step_fake(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
+                            next_scale, dist, backend):
+    _check_masked(params, masks, thresholds, streams, real=False)
+
+
+@torch.library.register_fake("zokern::hessian_perturb_")
+def _hessian_perturb_fake(params, hessians, streams, seed, scale, dist, backend):
+    check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
+
+
+@torch.library.register_fake("zokern::hessian_step_")
+def _hessian_step_fake(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
+                       next_seed, next_scale, dist, backend):
+    check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
+
+
+@torch.library.register_fake("zokern::distance_norms")
+def _distance_norms_fake(params, anchors, backend):
+    check_companions(params, anchors, "anchors", dtypes=lambda p: (p.dtype,))
+    return params[0].new_empty(len(params), dtype=torch.float32)
+
+
+@torch.library.register_fake("zokern::anchored_rescale_")
+def _anchored_rescale_fake(params, anchors, sources, factors, backend):
+    _check_anchored(params, anchors, sources, factors, real=False)

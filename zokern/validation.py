@@ -70,3 +70,54 @@ def check_fill_args(out, seed: int, stream: int, offset: int, domain: int, dist:
     parse_distribution(dist)
     if offset < 0 or offset + out.numel() > 1 << 62:
         raise ValueError(f"offset must be in [0, 2**62 - numel], got {offset}")
+
+
+def check_companions(params, others, what: str, *, dtypes=None, shapes=None) -> None:
+    """Check tensors that go with params one to one (anchors, Hessians, masks, factors): a list of the same
+    length, on the same device, with the given dtypes and shapes (default: each param's own shape)."""
+    if isinstance(others, torch.Tensor) or not isinstance(others, (list, tuple)):
+        raise TypeError(f"{what} must be a list of tensors, got {type(others).__name__}")
+    if len(others) != len(params):
+        raise ValueError(f"got {len(params)} tensors but {len(others)} {what}")
+    for i, (p, o) in enumerate(zip(params, others)):
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"{what}[{i}] is a {type(o).__name__}, expected a torch.Tensor")
+        if o.device != p.device:
+            raise ValueError(f"{what}[{i}] is on {o.device} but params[{i}] is on {p.device}")
+        allowed = dtypes(p) if callable(dtypes) else (dtypes or FLOAT_DTYPES)
+        if o.dtype not in allowed:
+            raise TypeError(f"{what}[{i}] has dtype {o.dtype}; expected one of {', '.join(map(str, allowed))}")
+        shape = tuple(p.shape) if shapes is None else tuple(shapes(p, o))
+        if tuple(o.shape) != shape:
+            raise ValueError(f"{what}[{i}] has shape {tuple(o.shape)}; expected {shape}")
+
+
+def check_per_tensor(params, values: torch.Tensor, what: str) -> None:
+    """A float32 vector with one entry per tensor, on the tensors' device."""
+    if not isinstance(values, torch.Tensor) or values.dtype != torch.float32 or values.dim() != 1:
+        raise TypeError(f"{what} must be a 1-D float32 tensor with one entry per tensor")
+    if values.numel() != len(params):
+        raise ValueError(f"{what} has {values.numel()} entries for {len(params)} tensors")
+    if params and values.device != params[0].device:
+        raise ValueError(f"{what} is on {values.device} but the tensors are on {params[0].device}")
+
+
+def mask_words(numel: int) -> int:
+    return (numel + 31) // 32
+
+
+def check_lowrank(weights, us, vs, cores) -> None:
+    for i, w in enumerate(weights):
+        if w.dim() != 2:
+            raise ValueError(f"weights[{i}] has shape {tuple(w.shape)}; low-rank ops take 2-D views "
+                             "(see zokern.ops.lowrank_shape)")
+    check_companions(weights, us, "us", shapes=lambda w, u: (w.shape[0], u.shape[-1] if u.dim() == 2 else -1))
+    check_companions(weights, vs, "vs", shapes=lambda w, v: (w.shape[1], v.shape[-1] if v.dim() == 2 else -1))
+    for i, (u, v) in enumerate(zip(us, vs)):
+        if u.shape[1] != v.shape[1]:
+            raise ValueError(f"us[{i}] has rank {u.shape[1]} but vs[{i}] has rank {v.shape[1]}")
+    check_companions(weights, cores, "cores", dtypes=(torch.float32,),
+                     shapes=lambda w, c: (c.shape[0], c.shape[0]) if c.dim() == 2 else (-1, -1))
+    for i, (u, c) in enumerate(zip(us, cores)):
+        if c.shape[0] != u.shape[1]:
+            raise ValueError(f"cores[{i}] is {tuple(c.shape)} but the rank of us[{i}] is {u.shape[1]}")

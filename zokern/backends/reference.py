@@ -41,3 +41,86 @@ def fused_step(params: list[torch.Tensor], streams: list[int], seed: int, restor
         if next_seed >= 0:
             x = x + next_scale * _z(next_seed, stream, p, dist)
         p.copy_(x)
+
+
+# --- low-rank (SubZero) -----------------------------------------------------------------------------
+
+def lowrank_apply(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor],
+                  cores: list[torch.Tensor]) -> None:
+    """W += U·C·Vᵀ per tensor (W m×n, U m×r, V n×r, C r×r float32); the oracle may materialise U·C·Vᵀ."""
+    for w, u, v, c in zip(weights, us, vs, cores):
+        w.copy_(w.float() + (u.float() @ c) @ v.float().t())
+
+
+# --- magnitude mask (Sparse MeZO) --------------------------------------------------------------------
+
+def _unpack_mask(mask: torch.Tensor, numel: int) -> torch.Tensor:
+    bits = torch.arange(32, device=mask.device, dtype=torch.int64)
+    return (((mask.to(torch.int64).unsqueeze(-1) >> bits) & 1).reshape(-1)[:numel]).bool()
+
+
+def _pack_mask(m: torch.Tensor, mask: torch.Tensor) -> None:
+    padded = torch.zeros(mask.numel() * 32, dtype=torch.int64, device=m.device)
+    padded[:m.numel()] = m.reshape(-1).to(torch.int64)
+    words = (padded.view(-1, 32) << torch.arange(32, device=m.device, dtype=torch.int64)).sum(-1)
+    mask.copy_(((words + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32))  # uint32 bits as int32
+
+
+def masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist) -> None:
+    for t, (p, mask, stream) in enumerate(zip(params, masks, streams)):
+        if compute_mask:
+            _pack_mask(p.float().abs() <= thresholds[t], mask)
+        m = _unpack_mask(mask, p.numel()).view(p.shape)
+        p.copy_(p.float() + scale * (m * _z(seed, stream, p, dist)))
+
+
+def masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
+                      next_scale, dist) -> None:
+    for t, (p, mask, stream, wd) in enumerate(zip(params, masks, streams, weight_decays)):
+        mz = _unpack_mask(mask, p.numel()).view(p.shape) * _z(seed, stream, p, dist)
+        x = p.float() + restore * mz
+        x = x - lr * (grad * mz + wd * x)
+        if next_seed >= 0:
+            stored = x.to(p.dtype).float()  # the next mask comes from the weights this step would store
+            m_next = stored.abs() <= thresholds[t]
+            _pack_mask(m_next, mask)
+            x = stored + next_scale * (m_next * _z(next_seed, stream, p, dist))
+        p.copy_(x)
+
+
+# --- diagonal Hessian (HiZOO) ------------------------------------------------------------------------
+
+def hessian_perturb(params, hessians, streams, seed, scale, dist) -> None:
+    for p, d, stream in zip(params, hessians, streams):
+        p.copy_(p.float() + scale * (_z(seed, stream, p, dist) / torch.sqrt(d.float())))
+
+
+def hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays, next_seed,
+                 next_scale, dist) -> None:
+    for p, d, stream, wd in zip(params, hessians, streams, weight_decays):
+        z = _z(seed, stream, p, dist)
+        d_old = d.float()
+        x = p.float() + restore * (z / torch.sqrt(d_old))
+        d_new = (1 - alpha) * d_old + alpha * (hess_scale * d_old * (z * z))
+        x = x - lr * (grad * (z / torch.sqrt(d_new)) + wd * x)
+        if next_seed >= 0:
+            x = x + next_scale * (_z(next_seed, stream, p, dist) / torch.sqrt(d_new))
+        p.copy_(x)
+        d.copy_(d_new)
+
+
+# --- anchored rescale (DiZO) -------------------------------------------------------------------------
+
+def distance_norms(params, anchors) -> torch.Tensor:
+    """‖θ − θ0‖_F per tensor, float32, accumulated in float32."""
+    device = params[0].device if params else "cpu"
+    return torch.stack([torch.linalg.vector_norm(p.float() - a.float()) for p, a in zip(params, anchors)]) \
+        if params else torch.empty(0, device=device)
+
+
+def anchored_rescale(params, anchors, sources, factors) -> None:
+    """θ = θ0 + (src − θ0)·f per tensor; src defaults to θ itself."""
+    sources = params if sources is None else sources
+    for t, (p, a, s) in enumerate(zip(params, anchors, sources)):
+        anchor = a.float()
+        p.copy_(anchor + (s.float() - anchor) * factors[t])

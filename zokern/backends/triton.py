@@ -52,6 +52,10 @@ def _key(seed: int) -> tuple[int, int]:
     return _i32(seed & MASK32), _i32(seed >> 32)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _device_ctx(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -82,7 +86,7 @@ def philox_words(seed: int, stream: int, domain: int, first_call: int, n: int, d
     block = 16384 if kernels.INTERPRET else 1024
     k0, k1 = _key(seed)
     with _device_ctx(device):
-        kernels.philox_words_kernel[(triton_cdiv(n, block),)](
+        kernels.philox_words_kernel[(_cdiv(n, block),)](
             out, n, first_call, _i32(stream), _i32(domain), k0, k1, BLOCK=block, **_launch_options())
     record_launch(NAME, "philox_words")
     return out
@@ -96,14 +100,10 @@ def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: 
     calls = ((offset + numel - 1) >> 2) - (offset >> 2) + 1
     k0, k1 = _key(seed)
     with _device_ctx(out.device):
-        kernels.fill_random_kernel[(triton_cdiv(calls, block // 4),)](
+        kernels.fill_random_kernel[(_cdiv(calls, block // 4),)](
             out, numel, offset, _i32(stream), _i32(domain), k0, k1, DIST=int(dist), BLOCK=block,
             **_launch_options())
     record_launch(NAME, "fill_random")
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _tables(group: list[torch.Tensor], streams: list[int], wds: "list[float] | None", chunk: int,
@@ -116,7 +116,7 @@ def _tables(group: list[torch.Tensor], streams: list[int], wds: "list[float] | N
         return hit
     rows, counts, first = [], [], 0
     for p, stream in zip(group, streams):
-        count = triton_cdiv(p.numel(), chunk)
+        count = _cdiv(p.numel(), chunk)
         rows.append((p.data_ptr(), p.numel(), stream, first))
         counts.append(count)
         first += count
@@ -150,7 +150,7 @@ def _launch(kernel_name: str, params, streams, weight_decays, block, chunk, dist
             tensors, wds, chunks = _tables(group, [streams[i] for i in idxs],
                                            [float(weight_decays[i]) for i in idxs] if fused else None,
                                            chunk, device)
-            aligned = all(p.data_ptr() % 16 == 0 for p in group)
+            aligned = all(p.data_ptr() % 16 == 0 and p.numel() % 4 == 0 for p in group)
             kernels.zo_update_kernel[(chunks.numel(),)](
                 tensors, chunks, wds if fused else tensors, chunk, k0, k1, restore, lr, grad, nk0, nk1,
                 next_scale, DTYPE=codes[dtype], DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,

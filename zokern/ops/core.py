@@ -1,20 +1,15 @@
-"""Public functional ops: the API that optimizers (ours and other people's) call.
-
-Each function is a thin wrapper over one registered custom op (zokern/library.py); the math is in
-docs/OPS.md. `backend=None` picks the device's best backend, or $ZOKERN_BACKEND when set.
-"""
+"""MeZO's ops: perturb, the fused restore + update (+ next perturbation), and raw stream access."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence
 
 import torch
 
-import zokern.library  # noqa: F401  (registers torch.ops.zokern.*)
 from zokern.random import Distribution, Domain, parse_distribution
 from zokern.validation import check_finite, check_tensor_list
 
 
-def _checked(params: Iterable[torch.Tensor], stream_ids: Sequence[int]) -> tuple[list, list]:
+def checked(params: Iterable[torch.Tensor], stream_ids: Sequence[int]) -> tuple[list, list]:
     """Lists the op can take; checked here too because torch's schema cast rejects a non-tensor first,
     with a message that names nothing."""
     params = [params] if isinstance(params, torch.Tensor) else list(params)
@@ -23,7 +18,7 @@ def _checked(params: Iterable[torch.Tensor], stream_ids: Sequence[int]) -> tuple
     return params, stream_ids
 
 
-def _weight_decays(weight_decay: "float | Sequence[float]", count: int) -> list[float]:
+def weight_decays(weight_decay: "float | Sequence[float]", count: int) -> list[float]:
     if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
         return [check_finite("weight_decay", weight_decay)] * count
     return [float(wd) for wd in weight_decay]
@@ -32,7 +27,7 @@ def _weight_decays(weight_decay: "float | Sequence[float]", count: int) -> list[
 def perturb_(params: Iterable[torch.Tensor], seed: int, scale: float, *, stream_ids: Sequence[int],
              dist: "str | Distribution" = "normal", backend: "str | None" = None) -> None:
     """p += scale · z(seed, k) for every tensor p with stream id k, in place, in one call."""
-    params, stream_ids = _checked(params, stream_ids)
+    params, stream_ids = checked(params, stream_ids)
     if not params:  # an empty tensor list has no device to dispatch on
         return
     with torch.no_grad():
@@ -47,7 +42,7 @@ def fused_step_(params: Iterable[torch.Tensor], seed: int, *, stream_ids: Sequen
     """Restore, update and optionally re-perturb in one read-modify-write per element (docs/OPS.md).
 
     From θ − restore·z: x = θ + restore·z; x −= lr·(grad·z + wd·x); x += next_scale·z(next_seed)."""
-    params, stream_ids = _checked(params, stream_ids)
+    params, stream_ids = checked(params, stream_ids)
     if next_seed is not None and next_seed < 0:
         raise ValueError(f"next_seed must be non-negative, got {next_seed}")
     if not params:
@@ -55,7 +50,7 @@ def fused_step_(params: Iterable[torch.Tensor], seed: int, *, stream_ids: Sequen
     with torch.no_grad():
         torch.ops.zokern.fused_step_(
             params, stream_ids, seed, check_finite("restore", restore), check_finite("lr", lr),
-            check_finite("grad", grad), _weight_decays(weight_decay, len(params)),
+            check_finite("grad", grad), weight_decays(weight_decay, len(params)),
             -1 if next_seed is None else next_seed, check_finite("next_scale", next_scale),
             int(parse_distribution(dist)), backend or "")
 

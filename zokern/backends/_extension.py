@@ -1,0 +1,150 @@
+"""Builds and loads the C++ extensions on first use, and the Python side of the "cpp" and "cuda" backends.
+
+Each extension is compiled once per process (and cached on disk by torch.utils.cpp_extension, in
+$ZOKERN_BUILD_DIR if set, else torch's default cache) and registers its ops in its own namespace:
+torch.ops.zokern_cpp (CPU) and torch.ops.zokern_cuda (CUDA). The CUDA extension is a separate build, so
+the CPU one works on machines without CUDA. A failed build never raises at import: the reason is kept and
+reported by `availability`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+from zokern.backends import record_launch
+
+# -ffp-contract=off: the element math is separately rounded multiplies and adds, like the reference
+# (see csrc/include/zokern/element.h); never -ffast-math (accurate logf/sinf/cosf).
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
+# The kernels spell their multiplies/adds as __fmul_rn/__fadd_rn, so --fmad does not change them; it is
+# off anyway so that nothing else in the translation units is contracted behind our back.
+NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo"]
+
+
+def source_dir() -> Path:
+    import zokern
+
+    return Path(zokern.__file__).resolve().parent.parent / "csrc"
+
+
+class _Extension:
+    """One extension, built at most once per process (thread-safe); remembers why a build failed."""
+
+    def __init__(self, name: str, sources: list[str], cuda: bool):
+        self.name, self.sources, self.cuda = name, sources, cuda
+        self._lock = threading.Lock()
+        self._result: "tuple[bool, str] | None" = None
+
+    def _precheck(self) -> "str | None":
+        if self.cuda:
+            from torch.utils.cpp_extension import CUDA_HOME
+
+            if torch.version.cuda is None:
+                return "torch has no CUDA"
+            if CUDA_HOME is None:
+                return "CUDA_HOME not found"
+        if shutil.which(os.environ.get("CXX", "c++")) is None:
+            return "no C++ compiler"
+        return None
+
+    def _build(self) -> "tuple[bool, str]":
+        why = self._precheck()
+        if why is not None:
+            return False, why
+        from torch.utils.cpp_extension import load
+
+        src = source_dir()
+        build_directory = None
+        if os.environ.get("ZOKERN_BUILD_DIR"):
+            # One directory per extension and torch version: torch's cache keys on them, a plain dir does not.
+            build_directory = Path(os.environ["ZOKERN_BUILD_DIR"]) / f"{self.name}-torch{torch.__version__}"
+            build_directory.mkdir(parents=True, exist_ok=True)
+        try:
+            load(name=self.name, sources=[str(src / s) for s in self.sources],
+                 extra_include_paths=[str(src / "include")], extra_cflags=CXX_FLAGS,
+                 extra_cuda_cflags=NVCC_FLAGS, extra_ldflags=["-fopenmp"],
+                 build_directory=None if build_directory is None else str(build_directory),
+                 is_python_module=False, verbose=False)
+        except Exception as exc:  # compiler errors, missing toolchain pieces, loader errors
+            return False, f"build of {self.name} failed: {_first_error(str(exc))}"
+        return True, f"{self.name} built from {src}"
+
+    def ensure(self) -> "tuple[bool, str]":
+        with self._lock:
+            if self._result is None:
+                self._result = self._build()
+            return self._result
+
+
+def _first_error(text: str, lines: int = 4) -> str:
+    """The first few compiler error lines of a build log (else its first lines)."""
+    found = [ln.strip() for ln in text.splitlines() if re.search(r"\berror\b", ln, re.IGNORECASE)]
+    found = found or [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return " | ".join(found[:lines])
+
+
+CPU_EXTENSION = _Extension("zokern_cpp", ["cpu/zo_cpu.cpp"], cuda=False)
+CUDA_EXTENSION = _Extension("zokern_cuda", ["cuda/zo_cuda.cu"], cuda=True)
+
+
+class Backend:
+    """The backend interface of zokern/backends/reference.py over one extension's ops.
+
+    The CPU extension records one launch per call into it; the CUDA one launches one kernel per dtype
+    present in the list, which is what `launches` counts."""
+
+    def __init__(self, name: str, device_type: str, extension: _Extension, namespace: str):
+        self.name, self.device_type, self.extension, self.namespace = name, device_type, extension, namespace
+
+    def availability(self, device_type: str) -> "tuple[bool, str]":
+        if device_type != self.device_type:
+            return False, f"the {self.name} backend runs on {self.device_type} only"
+        if self.device_type == "cuda":
+            if torch.version.cuda is None:
+                return False, "torch has no CUDA"
+            if not torch.cuda.is_available():
+                return False, "no CUDA device"
+        return self.extension.ensure()
+
+    def _ops(self):
+        ok, why = self.extension.ensure()
+        if not ok:
+            raise RuntimeError(f"zokern backend {self.name!r} is not available: {why}")
+        return getattr(torch.ops, self.namespace)
+
+    def _record(self, kernel: str, tensors: list) -> None:
+        dtypes = {t.dtype for t in tensors if t.numel() > 0}
+        for _ in range(len(dtypes) if self.device_type == "cuda" else min(len(dtypes), 1)):
+            record_launch(self.name, kernel)
+
+    def philox_words(self, seed, stream, domain, first_call, n, device) -> torch.Tensor:
+        if n == 0:
+            return torch.empty((0, 4), dtype=torch.int64, device=device)
+        record_launch(self.name, "philox_words")
+        return self._ops().philox_words(seed, stream, int(domain), first_call, n, torch.device(device))
+
+    def fill_random(self, out, seed, stream, offset, domain, dist) -> None:
+        if out.numel() == 0:
+            return
+        self._record("fill_random", [out])
+        self._ops().fill_random_(out, seed, stream, offset, int(domain), int(dist))
+
+    def perturb(self, params, streams, seed, scale, dist, *, chunk=None) -> None:
+        if not any(p.numel() for p in params):
+            return
+        self._record("perturb", params)
+        self._ops().perturb_(params, list(streams), seed, float(scale), int(dist), chunk or 0)
+
+    def fused_step(self, params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
+                   *, chunk=None) -> None:
+        if not any(p.numel() for p in params):
+            return
+        self._record("fused_step", params)
+        self._ops().fused_step_(params, list(streams), seed, float(restore), float(lr), float(grad),
+                                [float(wd) for wd in weight_decays], next_seed, float(next_scale), int(dist),
+                                chunk or 0)

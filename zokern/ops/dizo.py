@@ -1,0 +1,30 @@
+"""DiZO's projection: distances from the anchor weights, and the anchored rescale θ = θ0 + (θ − θ0)·f."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from zokern.validation import check_tensor_list
+
+
+def distance_norms(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], *,
+                   backend: "str | None" = None) -> torch.Tensor:
+    """‖θ − θ0‖_F per tensor as a float32 tensor on the tensors' device (no host synchronisation)."""
+    params = list(params)
+    check_tensor_list(params, [0] * len(params), check_aliasing=False)
+    if not params:
+        return torch.empty(0)
+    return torch.ops.zokern.distance_norms(params, list(anchors), backend or "")
+
+
+def anchored_rescale_(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], factors: torch.Tensor, *,
+                      sources: "Sequence[torch.Tensor] | None" = None, backend: "str | None" = None) -> None:
+    """θ = θ0 + (src − θ0)·f per tensor, src = `sources` (a saved copy, for exact probes) or θ itself."""
+    params = list(params)
+    check_tensor_list(params, [0] * len(params))
+    if not params:
+        return
+    with torch.no_grad():
+        torch.ops.zokern.anchored_rescale_(params, list(anchors), None if sources is None else list(sources),
+                                           factors, backend or "")

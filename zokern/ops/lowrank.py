@@ -1,0 +1,66 @@
+"""SubZero's low-rank perturbations P = μ·U·Z0·Vᵀ, applied without materialising the m×n product."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from zokern.ops.core import fill_random_
+from zokern.random import Domain
+from zokern.validation import check_tensor_list
+
+
+def lowrank_shape(shape: Sequence[int], reshape: bool = False) -> "tuple[int, int] | None":
+    """The (m, n) a tensor is perturbed as, or None for the plain stream (vectors, scalars).
+
+    A tensor that is 2-D after squeeze keeps its shape; one with more dimensions, or any tensor when
+    `reshape` is set (LoRA and prefix tensors), becomes the most-square factorisation of its element
+    count (SubZero's rule: 8×5120 → 160×256)."""
+    dims = [d for d in shape if d != 1]
+    if len(dims) == 2 and not reshape:
+        return dims[0], dims[1]
+    if len(dims) < 2 and not reshape:
+        return None
+    numel = math.prod(shape)
+    m = next(d for d in range(math.isqrt(numel), 0, -1) if numel % d == 0)
+    return (m, numel // m) if m > 1 else None
+
+
+def lowrank_scale(m: int, n: int, rank: int) -> float:
+    """μ = √(mn)/r: SubZero's norm alignment, so that MeZO's lr and ε carry over."""
+    return math.sqrt(m * n) / rank
+
+
+def _orthonormal(seed: int, stream: int, rows: int, rank: int, domain: Domain, device, backend) -> torch.Tensor:
+    gaussian = fill_random_(torch.empty(rows, rank, device=device), seed, stream, domain=domain, backend=backend)
+    q, r = torch.linalg.qr(gaussian)
+    # Make the factorisation unique (diag(R) > 0), so U and V do not depend on the QR implementation's signs.
+    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
+
+
+def subspace_factors(seed: int, stream: int, m: int, n: int, rank: int, *, dtype=torch.float32, device="cpu",
+                     backend: "str | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column-orthonormal U (m×r) and V (n×r) of the reduced QR of Gaussian draws from domains SUBSPACE_U and
+    SUBSPACE_V under (seed, stream): a subspace is reproducible from the window's seed and the tensor id."""
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(m, n)}], got {rank}")
+    u = _orthonormal(seed, stream, m, rank, Domain.SUBSPACE_U, device, backend)
+    v = _orthonormal(seed, stream, n, rank, Domain.SUBSPACE_V, device, backend)
+    return u.to(dtype), v.to(dtype)
+
+
+def core_matrix(seed: int, stream: int, rank: int, *, device="cpu", backend: "str | None" = None) -> torch.Tensor:
+    """Z0: the r×r Gaussian core of step `seed` for tensor `stream` (domain CORE), float32."""
+    return fill_random_(torch.empty(rank, rank, device=device), seed, stream, domain=Domain.CORE, backend=backend)
+
+
+def lowrank_apply_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
+                   cores: Sequence[torch.Tensor], *, backend: "str | None" = None) -> None:
+    """W += U·C·Vᵀ for every (W, U, V, C), in place, tile by tile (docs/OPS.md)."""
+    weights = list(weights)
+    check_tensor_list(weights, [0] * len(weights))
+    if not weights:
+        return
+    with torch.no_grad():
+        torch.ops.zokern.lowrank_apply_(weights, list(us), list(vs), list(cores), backend or "")

@@ -1,0 +1,68 @@
+"""Sparse MeZO's magnitude mask: thresholds, a per-step bitmask, and the masked perturb and fused step."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from zokern.ops.core import checked, weight_decays
+from zokern.random import parse_distribution
+from zokern.validation import check_finite, mask_words
+
+
+def magnitude_thresholds(params: Sequence[torch.Tensor], sparsity: float) -> torch.Tensor:
+    """Per tensor, the exact k-th smallest |θ| with k = max(1, ceil((1 − sparsity)·numel)): the mask
+    |θ| ≤ h keeps the smallest (1 − sparsity) share of the weights. One float32 entry per tensor."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    values = []
+    for p in params:
+        flat = p.detach().reshape(-1).abs().float()
+        if flat.numel() == 0:
+            values.append(flat.new_zeros(()))
+            continue
+        k = max(1, math.ceil((1.0 - sparsity) * flat.numel()))
+        values.append(torch.kthvalue(flat, k).values)
+    device = params[0].device if params else "cpu"
+    return torch.stack(values) if values else torch.empty(0, device=device)
+
+
+def new_masks(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Bitmask buffers (one int32 word per 32 elements) for masked_perturb_."""
+    return [torch.zeros(mask_words(p.numel()), dtype=torch.int32, device=p.device) for p in params]
+
+
+def unpack_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The boolean mask a bitmask holds, shaped like `like`."""
+    bits = torch.arange(32, device=mask.device, dtype=torch.int64)
+    flat = ((mask.to(torch.int64).unsqueeze(-1) >> bits) & 1).reshape(-1)[:like.numel()]
+    return flat.bool().view(like.shape)
+
+
+def masked_perturb_(params, masks, thresholds: torch.Tensor, seed: int, scale: float, *,
+                    stream_ids: Sequence[int], compute_mask: bool, dist="normal",
+                    backend: "str | None" = None) -> None:
+    """p += scale·m·z; with compute_mask the mask m = |p| ≤ h is taken from p first and stored in `masks`."""
+    params, stream_ids = checked(params, stream_ids)
+    if not params:
+        return
+    with torch.no_grad():
+        torch.ops.zokern.masked_perturb_(params, list(masks), thresholds, stream_ids, seed,
+                                         check_finite("scale", scale), bool(compute_mask),
+                                         int(parse_distribution(dist)), backend or "")
+
+
+def masked_fused_step_(params, masks, thresholds: torch.Tensor, seed: int, *, stream_ids: Sequence[int],
+                       restore: float, lr: float, grad: float, weight_decay=0.0, next_seed: "int | None" = None,
+                       next_scale: float = 0.0, dist="normal", backend: "str | None" = None) -> None:
+    """Masked restore + update (+ the next step's mask and perturbation) in one pass (docs/OPS.md)."""
+    params, stream_ids = checked(params, stream_ids)
+    if not params:
+        return
+    with torch.no_grad():
+        torch.ops.zokern.masked_fused_step_(
+            params, list(masks), thresholds, stream_ids, seed, check_finite("restore", restore),
+            check_finite("lr", lr), check_finite("grad", grad), weight_decays(weight_decay, len(params)),
+            -1 if next_seed is None else next_seed, check_finite("next_scale", next_scale),
+            int(parse_distribution(dist)), backend or "")
