@@ -3,10 +3,9 @@
 Everything here is exact integer arithmetic except the Box–Muller transcendentals, which agree with the
 reference (`zokern.random`) to a few float32 ulps.
 """
-import os
-
 import triton
 import triton.language as tl
+from triton import knobs
 
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
@@ -16,7 +15,8 @@ PHILOX_W1 = tl.constexpr(0xBB67AE85)
 TWO_PI_2M24 = tl.constexpr(6.2831854820251465 / 16777216.0)
 TWO_M24 = tl.constexpr(1.0 / 16777216.0)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Whether triton.jit interprets (TRITON_INTERPRET), read the way triton.jit reads it when it decorates.
+INTERPRET = bool(knobs.runtime.interpret)
 
 
 @triton.jit
@@ -43,15 +43,15 @@ def philox_calls(j, stream, domain, k0, k1):
     return philox4x32_10(c0, c1, c2, c3, k0, k1)
 
 
-# docs/RANDOM.md asks for accurate float32 log/cos/sin. On NVIDIA, tl.cos/tl.sin lower to the
-# cos.approx/sin.approx instructions and tl.log to lg2.approx, so compiled kernels call libdevice
-# (__nv_logf/__nv_cosf/__nv_sinf, ≤ 2 ulp). The interpreter has no libdevice; there tl.log/tl.cos/tl.sin
-# are numpy's functions. tl.sqrt_rn is IEEE-rounded on every target. The choice is made once, at import,
-# because triton.jit itself decides between compiling and interpreting at decoration time.
+# docs/RANDOM.md asks for accurate float32 log/cos/sin, not fast-math approximations. Compiled, tl.log/tl.cos/
+# tl.sin may lower to approximate instructions (lg2.approx, cos.approx, sin.approx on NVIDIA), so compiled
+# kernels call libdevice (__nv_logf ≤ 1 ulp, __nv_cosf/__nv_sinf ≤ 2 ulp). The interpreter has no libdevice;
+# there tl.log/tl.cos/tl.sin are numpy's. tl.sqrt_rn is IEEE-rounded on every target. The choice is made
+# once, at import, as triton.jit decides between compiling and interpreting when it decorates.
 if INTERPRET:
     @triton.jit
     def _log_cos_sin(u, t):
-        # numpy's float32 log is off by up to 3.5 ulp; through float64 all three are correctly rounded.
+        # numpy's float32 log is off by up to 3.5 ulp; through float64 all three are within ~0.5 ulp.
         u64 = u.to(tl.float64)
         t64 = t.to(tl.float64)
         return tl.log(u64).to(tl.float32), tl.cos(t64).to(tl.float32), tl.sin(t64).to(tl.float32)

@@ -6,7 +6,6 @@ set before triton is imported). perturb and fused_step launch one multi-tensor k
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -31,7 +30,7 @@ def availability(device_type: str) -> tuple[bool, str]:
     if kernels is None:
         return False, f"cannot import triton kernels: {_IMPORT_ERROR}"
     if device_type == "cpu":
-        if kernels.INTERPRET and os.environ.get("TRITON_INTERPRET") == "1":
+        if kernels.INTERPRET:
             return True, "Triton interpreter (TRITON_INTERPRET=1)"
         return False, "Triton runs on CPU only in the interpreter: set TRITON_INTERPRET=1 before importing triton"
     if device_type == "cuda":
@@ -150,11 +149,11 @@ def _launch(kernel_name: str, params, streams, weight_decays, block, chunk, dist
             tensors, wds, chunks = _tables(group, [streams[i] for i in idxs],
                                            [float(weight_decays[i]) for i in idxs] if fused else None,
                                            chunk, device)
-            aligned = all(p.data_ptr() % 16 == 0 and p.numel() % 4 == 0 for p in group)
             kernels.zo_update_kernel[(chunks.numel(),)](
                 tensors, chunks, wds if fused else tensors, chunk, k0, k1, restore, lr, grad, nk0, nk1,
                 next_scale, DTYPE=codes[dtype], DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,
-                ALIGNED=aligned, BLOCK=block, **_launch_options())
+                ALIGNED_PTRS=all(p.data_ptr() % (4 * p.element_size()) == 0 for p in group),
+                ALIGNED_ENDS=all(p.numel() % 4 == 0 for p in group), BLOCK=block, **_launch_options())
             record_launch(NAME, kernel_name)
 
 

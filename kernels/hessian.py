@@ -1,0 +1,109 @@
+"""HiZOO's Hessian-scaled perturb and fused step (docs/OPS.md, "Diagonal Hessian").
+
+Multi-tensor like zo_update.py, one launch per (weight dtype, D dtype). z / sqrt(D) uses tl.sqrt_rn and
+tl.div_rn: on NVIDIA plain `/` and tl.sqrt are approximate for float32; these are IEEE-rounded everywhere
+(the interpreter included).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from zokern.backends import record_launch
+
+from .multi_tensor import CODES, alignment, backend, extras, groups
+from .philox import draw_rows
+from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32
+
+
+@triton.jit
+def _scaled(z, d):
+    return tl.div_rn(z, tl.sqrt_rn(d))
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
+def hessian_kernel(tensors, extra, chunks, weight_decays, chunk, k0, k1, restore, lr, grad, hess_scale, alpha,
+                   one_minus_alpha, nk0, nk1, next_scale, DTYPE: tl.constexpr, D_DTYPE: tl.constexpr,
+                   DIST: tl.constexpr, FUSED: tl.constexpr, HAS_NEXT: tl.constexpr, ALIGNED_PTRS: tl.constexpr,
+                   ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
+    """perturb (FUSED=False): x + restore·z/√D with restore = scale, D read only. fused step: restore with
+    the old D, D' = (1−α)·D + α·(hess_scale·D·z²), update and next perturbation with D', store x and D'.
+    `extra` rows: (D address,). The alignment flags cover θ and D. one_minus_alpha is 1 − α rounded once from
+    double, as the reference's Python scalar is."""
+    pid = tl.program_id(0)
+    t = tl.load(chunks + pid).to(tl.int64)
+    addr = tl.load(tensors + 4 * t)
+    numel = tl.load(tensors + 4 * t + 1)
+    stream = tl.load(tensors + 4 * t + 2).to(tl.uint32)
+    start = (pid - tl.load(tensors + 4 * t + 3)) * chunk
+    end = tl.minimum(numel, start + chunk)
+    if ALIGNED_ENDS:
+        end = tl.multiple_of(end, 4)
+    ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
+    d_ptr0 = _pointer(tl.load(extra + t), D_DTYPE, ALIGNED_PTRS)
+    key0 = k0.to(tl.uint32, bitcast=True)
+    key1 = k1.to(tl.uint32, bitcast=True)
+    next_key0 = nk0.to(tl.uint32, bitcast=True)
+    next_key1 = nk1.to(tl.uint32, bitcast=True)
+    if FUSED:
+        wd = tl.load(weight_decays + t)
+    rows = tl.arange(0, BLOCK // 4)
+    cols = tl.arange(0, 4)
+    for off in range(0, end - start, BLOCK):
+        j = ((start + off) >> 2) + rows
+        i = (j * 4)[:, None] + cols[None, :]
+        inside = i < end
+        ptr = ptr0 + i
+        d_ptr = d_ptr0 + i
+        x = _load_f32(ptr, inside, DTYPE)
+        # Masked-off lanes are never stored; 1.0 there spares the interpreter's numpy 0/0 warnings.
+        d = tl.where(inside, _load_f32(d_ptr, inside, D_DTYPE), 1.0)
+        z = draw_rows(j, stream, PERTURBATION, key0, key1, DIST)
+        x = x + restore * _scaled(z, d)
+        if FUSED:
+            d = one_minus_alpha * d + alpha * (hess_scale * d * (z * z))
+            x = x - lr * (grad * _scaled(z, d) + wd * x)
+            if HAS_NEXT:
+                x = x + next_scale * _scaled(draw_rows(j, stream, PERTURBATION, next_key0, next_key1, DIST), d)
+            _store_f32(d_ptr, d, inside, D_DTYPE)
+        _store_f32(ptr, x, inside, DTYPE)
+
+
+def _launch(kernel_name, params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
+            next_seed, next_scale, dist, fused, block, chunk) -> None:
+    block, chunk = backend._default_sizes(block, chunk)
+    by_dtypes = groups(params, lambda i: (params[i].dtype, hessians[i].dtype))
+    if not by_dtypes:
+        return
+    device = params[next(iter(by_dtypes.values()))[0]].device
+    k0, k1 = backend._key(seed)
+    nk0, nk1 = backend._key(next_seed) if next_seed >= 0 else (0, 0)
+    with backend._device_ctx(device):
+        for (dtype, d_dtype), idxs in by_dtypes.items():
+            group = [params[i] for i in idxs]
+            tensors, wds, chunks = backend._tables(group, [streams[i] for i in idxs],
+                                                   [float(weight_decays[i]) for i in idxs] if fused else None,
+                                                   chunk, device)
+            extra = extras([(hessians[i].data_ptr(),) for i in idxs], device)
+            hessian_kernel[(chunks.numel(),)](
+                tensors, extra, chunks, wds if fused else tensors, chunk, k0, k1, restore, lr, grad, hess_scale,
+                alpha, 1.0 - alpha, nk0, nk1, next_scale, DTYPE=CODES[dtype], D_DTYPE=CODES[d_dtype],
+                DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,
+                BLOCK=block, **alignment(group + [hessians[i] for i in idxs]), **backend._launch_options())
+            record_launch(backend.NAME, kernel_name)
+
+
+def hessian_perturb(params: list[torch.Tensor], hessians: list[torch.Tensor], streams: list[int], seed: int,
+                    scale: float, dist: int, *, block: "int | None" = None, chunk: "int | None" = None) -> None:
+    _launch("hessian_perturb", params, hessians, streams, seed, float(scale), 0.0, 0.0, 0.0, 0.0, None, -1, 0.0,
+            dist, fused=False, block=block, chunk=chunk)
+
+
+def hessian_step(params: list[torch.Tensor], hessians: list[torch.Tensor], streams: list[int], seed: int,
+                 restore: float, lr: float, grad: float, hess_scale: float, alpha: float, weight_decays: list[float],
+                 next_seed: int, next_scale: float, dist: int, *, block: "int | None" = None,
+                 chunk: "int | None" = None) -> None:
+    _launch("hessian_step", params, hessians, streams, seed, float(restore), float(lr), float(grad),
+            float(hess_scale), float(alpha), weight_decays, next_seed, float(next_scale), dist, fused=True,
+            block=block, chunk=chunk)

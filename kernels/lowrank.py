@@ -1,0 +1,86 @@
+"""SubZero's low-rank update W += U·C·Vᵀ (docs/OPS.md, "Low-rank perturbation"), tile by tile.
+
+A program owns BM rows of W and a run of COLS columns. It loads its U rows (BM × R_PAD, the rank padded
+with zeros to a power of two ≥ 16, the smallest K tl.dot takes on GPU), forms U·C once, then walks its
+columns BN at a time: (U·C)·V_tileᵀ in float32, added to the W tile and stored with round-to-nearest-even.
+Nothing of size m×n exists outside the tiles. One launch per matrix (matrices are large).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from zokern.backends import record_launch
+
+from .multi_tensor import CODES, backend, kernel_arg
+from .philox import INTERPRET
+from .zo_update import BFLOAT16, _load_f32, _store_f32
+
+# On GPU "ieee" dots run on the FMA units: 2r flops per W element, which at r = 64 outruns the FMA
+# throughput of an H100 for 16-bit weights, while the op should stay memory-bound. Plain "tf32" keeps only
+# 10 mantissa bits of U·C and V (≈1e-3 relative error in the update, visible on float32 weights and against
+# the other backends). "tf32x3" runs on tensor cores with an error near float32's (≈1e-6 relative).
+# The interpreter computes dots with numpy in float32 whatever the setting; "ieee" says so.
+DOT_PRECISION = tl.constexpr("ieee" if INTERPRET else "tf32x3")
+
+
+@triton.jit
+def _load_f32_zero(ptr, mask, DTYPE: tl.constexpr):
+    """Like zo_update._load_f32, with masked-off lanes 0: tl.dot must not see garbage in the padding."""
+    if DTYPE == BFLOAT16:
+        return (tl.load(ptr, mask=mask, other=0).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def lowrank_kernel(w, u, v, c, m, n, r, W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, COLS: tl.constexpr):
+    """W (m×n) += U (m×r) · C (r×r, float32) · Vᵀ (V n×r); all row-major contiguous."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    ks = tl.arange(0, R_PAD)
+    row_in = rows < m
+    k_in = ks < r
+    u_tile = _load_f32_zero(u + rows[:, None] * r + ks[None, :], row_in[:, None] & k_in[None, :], U_DTYPE)
+    core = tl.load(c + ks[:, None] * r + ks[None, :], mask=k_in[:, None] & k_in[None, :], other=0.0)
+    uc = tl.dot(u_tile, core, input_precision=DOT_PRECISION)
+    first = tl.program_id(1).to(tl.int64) * COLS
+    last = tl.minimum(n, first + COLS)
+    for off in range(0, last - first, BN):
+        cols = first + off + tl.arange(0, BN)
+        col_in = cols < last
+        v_t = _load_f32_zero(v + cols[None, :] * r + ks[:, None], k_in[:, None] & col_in[None, :], V_DTYPE)
+        update = tl.dot(uc, v_t, input_precision=DOT_PRECISION)
+        ptr = w + rows[:, None] * n + cols[None, :]
+        inside = row_in[:, None] & col_in[None, :]
+        _store_f32(ptr, _load_f32(ptr, inside, W_DTYPE) + update, inside, W_DTYPE)
+
+
+def _tiles(m: int, n: int, rank: int) -> tuple[int, int, int, int, dict]:
+    """(BM, BN, R_PAD, COLS, launch options)."""
+    r_pad = max(16, triton.next_power_of_2(rank))
+    if INTERPRET:
+        # Each interpreted op costs the same whatever its size: few, big tiles, one program per row block.
+        bn = 256
+        return 128, bn, r_pad, bn * backend._cdiv(n, bn), {}
+    # BM = 128 halves the (L2-served) re-reads of V against 64 (they are r/BM of the W traffic); BM·R_PAD
+    # ≤ 8192 keeps U·C at 32 float32 registers per thread over 8 warps. Four column tiles per program
+    # amortise forming U·C (BM·r² flops) over 4·BM·BN·r.
+    bm = max(16, min(128, 8192 // r_pad))
+    bn = 64
+    return bm, bn, r_pad, 4 * bn, {**backend._launch_options(), "num_warps": 8}
+
+
+def lowrank_apply(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor],
+                  cores: list[torch.Tensor]) -> None:
+    for w, u, v, core in zip(weights, us, vs, cores):
+        (m, n), rank = w.shape, u.shape[1]
+        if w.numel() == 0 or rank == 0:
+            continue
+        bm, bn, r_pad, cols, options = _tiles(m, n, rank)
+        with backend._device_ctx(w.device):
+            lowrank_kernel[(backend._cdiv(m, bm), backend._cdiv(n, cols))](
+                kernel_arg(w), kernel_arg(u), kernel_arg(v), core, m, n, rank, W_DTYPE=CODES[w.dtype],
+                U_DTYPE=CODES[u.dtype], V_DTYPE=CODES[v.dtype], BM=bm, BN=bn, R_PAD=r_pad, COLS=cols, **options)
+        record_launch(backend.NAME, "lowrank_apply")

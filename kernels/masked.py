@@ -1,0 +1,125 @@
+"""Sparse MeZO's masked perturb and masked fused step (docs/OPS.md, "Magnitude mask").
+
+Multi-tensor like zo_update.py: one launch per dtype. A program's chunk is a multiple of 32 elements, so
+a mask word never straddles two programs. Blocks are [WORDS, 32]: row w is mask word w, column b its bit
+b, i.e. element 32w + b. Mask words are built as uint32 (a sum of distinct bits << b, so bit 31 lands in
+the sign of the int32 word by bitcast) and read back with logical shifts.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from zokern.backends import record_launch
+
+from .multi_tensor import CODES, alignment, backend, extras, groups, round_to
+from .philox import draw_rows
+from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32
+
+
+@triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
+def masked_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1,
+                  next_scale, DTYPE: tl.constexpr, DIST: tl.constexpr, FUSED: tl.constexpr,
+                  COMPUTE_MASK: tl.constexpr, HAS_NEXT: tl.constexpr, ALIGNED_PTRS: tl.constexpr,
+                  ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
+    """perturb (FUSED=False): x + restore·(m·z) with restore = scale; m = |x| ≤ h written to the bitmask if
+    COMPUTE_MASK, else read from it. fused step (FUSED=True): restore and update with the stored mask; with
+    HAS_NEXT the next mask from the rounded result, written, then the next perturbation under it.
+    `extra` rows: (index into thresholds, mask address)."""
+    WORDS: tl.constexpr = BLOCK // 32
+    pid = tl.program_id(0)
+    t = tl.load(chunks + pid).to(tl.int64)
+    addr = tl.load(tensors + 4 * t)
+    numel = tl.load(tensors + 4 * t + 1)
+    stream = tl.load(tensors + 4 * t + 2).to(tl.uint32)
+    start = (pid - tl.load(tensors + 4 * t + 3)) * chunk
+    end = tl.minimum(numel, start + chunk)
+    if ALIGNED_ENDS:
+        end = tl.multiple_of(end, 4)
+    h = tl.load(thresholds + tl.load(extra + 2 * t))
+    mask_ptr = tl.load(extra + 2 * t + 1).to(tl.pointer_type(tl.int32))
+    ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
+    key0 = k0.to(tl.uint32, bitcast=True)
+    key1 = k1.to(tl.uint32, bitcast=True)
+    next_key0 = nk0.to(tl.uint32, bitcast=True)
+    next_key1 = nk1.to(tl.uint32, bitcast=True)
+    if FUSED:
+        wd = tl.load(weight_decays + t)
+    rows = tl.arange(0, WORDS)
+    bits = tl.arange(0, 32).to(tl.uint32)[None, :]
+    calls = tl.arange(0, BLOCK // 4)
+    for off in range(0, end - start, BLOCK):
+        base = start + off
+        w = (base >> 5) + rows                      # mask word (int64)
+        i = (w * 32)[:, None] + bits.to(tl.int64)
+        inside = i < end
+        word_inside = w * 32 < end
+        ptr = ptr0 + i
+        x = _load_f32(ptr, inside, DTYPE)
+        # draw_rows gives row r, column q = element 4·r + q of the block; row-major reshape keeps the order.
+        j = (base >> 2) + calls
+        z = tl.reshape(draw_rows(j, stream, PERTURBATION, key0, key1, DIST), (WORDS, 32))
+        if COMPUTE_MASK:
+            m = (tl.abs(x) <= h) & inside
+            tl.store(mask_ptr + w, tl.sum(m.to(tl.uint32) << bits, axis=1).to(tl.int32, bitcast=True),
+                     mask=word_inside)
+        else:
+            word = tl.load(mask_ptr + w, mask=word_inside, other=0).to(tl.uint32, bitcast=True)
+            m = ((word[:, None] >> bits) & 1) != 0
+        mz = m.to(tl.float32) * z
+        x = x + restore * mz
+        if FUSED:
+            x = x - lr * (grad * mz + wd * x)
+            if HAS_NEXT:
+                x = round_to(x, DTYPE)
+                m_next = (tl.abs(x) <= h) & inside
+                tl.store(mask_ptr + w, tl.sum(m_next.to(tl.uint32) << bits, axis=1).to(tl.int32, bitcast=True),
+                         mask=word_inside)
+                z_next = tl.reshape(draw_rows(j, stream, PERTURBATION, next_key0, next_key1, DIST), (WORDS, 32))
+                x = x + next_scale * (m_next.to(tl.float32) * z_next)
+        _store_f32(ptr, x, inside, DTYPE)
+
+
+def _launch(kernel_name, params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
+            next_scale, dist, fused, compute_mask, block, chunk) -> None:
+    block, chunk = backend._default_sizes(block, chunk)
+    if block < 32 or chunk % 32:
+        raise ValueError(f"masked kernels need block >= 32 and chunk a multiple of 32, got {block}, {chunk}")
+    by_dtype = groups(params, lambda i: params[i].dtype)
+    if not by_dtype:
+        return
+    device = params[next(iter(by_dtype.values()))[0]].device
+    if not all(m.is_contiguous() for m in masks):
+        raise ValueError("masks must be contiguous int32 tensors")
+    k0, k1 = backend._key(seed)
+    nk0, nk1 = backend._key(next_seed) if next_seed >= 0 else (0, 0)
+    with backend._device_ctx(device):
+        for dtype, idxs in by_dtype.items():
+            group = [params[i] for i in idxs]
+            tensors, wds, chunks = backend._tables(group, [streams[i] for i in idxs],
+                                                   [float(weight_decays[i]) for i in idxs] if fused else None,
+                                                   chunk, device)
+            extra = extras([(i, masks[i].data_ptr()) for i in idxs], device)
+            masked_kernel[(chunks.numel(),)](
+                tensors, extra, chunks, thresholds, wds if fused else tensors, chunk, k0, k1, restore, lr, grad,
+                nk0, nk1, next_scale, DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, COMPUTE_MASK=compute_mask,
+                HAS_NEXT=fused and next_seed >= 0, BLOCK=block, **alignment(group),
+                **backend._launch_options())
+            record_launch(backend.NAME, kernel_name)
+
+
+def masked_perturb(params: list[torch.Tensor], masks: list[torch.Tensor], thresholds: torch.Tensor,
+                   streams: list[int], seed: int, scale: float, compute_mask: bool, dist: int, *,
+                   block: "int | None" = None, chunk: "int | None" = None) -> None:
+    _launch("masked_perturb", params, masks, thresholds, streams, seed, float(scale), 0.0, 0.0, None, -1, 0.0,
+            dist, fused=False, compute_mask=bool(compute_mask), block=block, chunk=chunk)
+
+
+def masked_fused_step(params: list[torch.Tensor], masks: list[torch.Tensor], thresholds: torch.Tensor,
+                      streams: list[int], seed: int, restore: float, lr: float, grad: float,
+                      weight_decays: list[float], next_seed: int, next_scale: float, dist: int, *,
+                      block: "int | None" = None, chunk: "int | None" = None) -> None:
+    _launch("masked_fused_step", params, masks, thresholds, streams, seed, float(restore), float(lr), float(grad),
+            weight_decays, next_seed, float(next_scale), dist, fused=True, compute_mask=False, block=block,
+            chunk=chunk)

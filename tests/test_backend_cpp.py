@@ -1,0 +1,233 @@
+"""C++ backends specifically: the CPU extension against the reference stream, its invariances (chunking,
+grouping, order), its bf16/fp16 rounding, and the CUDA extension against the CPU one. The generic
+cross-backend tests (ops vs reference, opcheck, bad input) are in test_ops.py and test_random.py."""
+import pytest
+import torch
+
+from conftest import ulp_distance
+from zokern.backends import _extension, cpp_cpu, cpp_cuda
+from zokern.random import Domain, philox4x32, reference_draw
+
+CPU_OK, CPU_WHY = cpp_cpu.availability("cpu")
+pytestmark = pytest.mark.skipif(not CPU_OK, reason=f"cpp backend unavailable: {CPU_WHY}")
+
+SEED = 0x5EED_0123_4567_89AB  # uses both key words
+NORMAL, RADEMACHER = 0, 1
+LOW = [torch.bfloat16, torch.float16]
+# Shapes around the Philox call (4), the CUDA step (8) and chunk edges; one tensor spans several chunks
+# of the default size (2^16).
+SHAPES = [(0,), (1,), (3,), (5,), (8,), (9, 3), (4099,), (70001,)]
+
+
+def words_reference(seed, stream, domain, first_call, n):
+    j = torch.arange(first_call, first_call + n, dtype=torch.int64)
+    return torch.stack(philox4x32((j & 0xFFFFFFFF, j >> 32, stream, domain), (seed & 0xFFFFFFFF, seed >> 32)), 1)
+
+
+def mixed_params(seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    return [torch.randn(s, generator=g).to(dtypes[i % 3]).to(device) for i, s in enumerate(SHAPES)]
+
+
+def run_op(backend, op, params, streams, dist, chunk=None):
+    kw = {} if chunk is None else {"chunk": chunk}  # the reference backend has no chunks
+    if op == "perturb":
+        backend.perturb(params, streams, SEED, 0.37, dist, **kw)
+    elif op == "step":
+        wds = [0.1 * (k % 3) for k in streams]  # keyed by stream, so they follow their tensors when reordered
+        backend.fused_step(params, streams, SEED, 1e-3, 1e-2, -3.5, wds, 77, 1e-3, dist, **kw)
+    else:  # fused step without the next perturbation
+        backend.fused_step(params, streams, SEED, 0.5, 0.25, 2.0, [0.05] * len(params), -1, 0.0, dist, **kw)
+
+
+OPS = ["perturb", "step", "step_no_next"]
+
+
+def bits(t):
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+# --- the random stream ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("first_call", [0, 12345, (1 << 32) - 3, 1 << 32, (1 << 40) + 7, (1 << 60) - 1000])
+def test_philox_words_bitwise(first_call):
+    for seed, stream, domain in [(SEED, 0xFFFFFFFF, Domain.SUBSPACE_V), (0, 0, 0), ((1 << 63) - 1, 7, 0xFFFFFFFF)]:
+        got = cpp_cpu.philox_words(seed, stream, domain, first_call, 1000, "cpu")
+        assert got.dtype == torch.int64 and got.shape == (1000, 4)
+        assert torch.equal(got, words_reference(seed, stream, int(domain), first_call, 1000))
+
+
+def test_philox_known_answer():
+    # Random123's philox4x32-10 vector for counter 0, key 0.
+    assert cpp_cpu.philox_words(0, 0, 0, 0, 1, "cpu").tolist() == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]]
+
+
+@pytest.mark.parametrize("offset", [0, 1, 3, (1 << 31) + 5])
+def test_fill_random_matches_reference(offset):
+    n = (1 << 17) + 3  # several OpenMP chunks
+    for domain in (Domain.PERTURBATION, Domain.CORE):
+        out = torch.empty(n)
+        cpp_cpu.fill_random(out, SEED, 3, offset, domain, NORMAL)
+        ulps = ulp_distance(out, reference_draw(SEED, 3, n, offset, domain))
+        assert ulps.max() <= 4, f"max {ulps.max().item()} ulps"  # glibc vs SLEEF: 3 observed
+        cpp_cpu.fill_random(out, SEED, 3, offset, domain, RADEMACHER)
+        assert torch.equal(out, reference_draw(SEED, 3, n, offset, domain, dist=RADEMACHER))
+
+
+def test_fill_random_windows_are_one_stream():
+    whole = torch.empty((1 << 17) + 40)
+    cpp_cpu.fill_random(whole, SEED, 9, 0, 0, NORMAL)
+    for offset in (1, 3, 6, 65535):
+        part = torch.empty(1 << 16)
+        cpp_cpu.fill_random(part, SEED, 9, offset, 0, NORMAL)
+        assert torch.equal(part, whole[offset:offset + part.numel()])
+
+
+def test_perturb_adds_the_filled_stream():
+    """The fused ops use bit for bit the values fill_random writes (the public `draw`)."""
+    p = torch.zeros(70001)
+    cpp_cpu.perturb([p], [11], SEED, 1.0, NORMAL)
+    z = torch.empty_like(p)
+    cpp_cpu.fill_random(z, SEED, 11, 0, Domain.PERTURBATION, NORMAL)
+    assert torch.equal(p, z)
+
+
+# --- invariances ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dist", [NORMAL, RADEMACHER])
+def test_invariant_to_chunking_grouping_and_order(op, dist):
+    streams = [100 + k for k in range(len(SHAPES))]
+    base = mixed_params()
+    run_op(cpp_cpu, op, base, streams, dist)
+    for chunk in (1, 3, 8, 1000, 1 << 20):
+        params = mixed_params()
+        run_op(cpp_cpu, op, params, streams, dist, chunk=chunk)
+        assert all(torch.equal(a, b) for a, b in zip(params, base)), f"chunk={chunk}"
+    params = mixed_params()
+    for k, p in enumerate(params):
+        run_op(cpp_cpu, op, [p], [streams[k]], dist)
+    assert all(torch.equal(a, b) for a, b in zip(params, base)), "one call per tensor"
+    params = mixed_params()
+    run_op(cpp_cpu, op, params[::-1], streams[::-1], dist)
+    assert all(torch.equal(a, b) for a, b in zip(params, base)), "reversed order"
+
+
+# --- float32 arithmetic and bf16/fp16 stores ----------------------------------------------------------
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_low_precision_store_is_rne_of_float32_result(op, dtype):
+    g = torch.Generator().manual_seed(1)
+    narrow = (torch.randn(50000, generator=g) * 3).to(dtype)
+    wide = narrow.float()
+    run_op(cpp_cpu, op, [narrow], [5], NORMAL)
+    run_op(cpp_cpu, op, [wide], [5], NORMAL)
+    assert torch.equal(bits(narrow), bits(wide.to(dtype)))
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW, ids=str)
+def test_rademacher_equals_reference_bitwise(op, dtype):
+    """With exact ±1 draws, the element math is the reference's float32 composition bit for bit (no FMA)."""
+    from zokern.backends import reference
+
+    params = [(torch.randn(4099) * 10).to(dtype)]
+    expected = [params[0].clone()]
+    run_op(cpp_cpu, op, params, [3], RADEMACHER)
+    run_op(reference, op, expected, [3], RADEMACHER)
+    assert torch.equal(bits(params[0]), bits(expected[0]))
+
+
+# Scales that, added to every 16-bit value, hit ties, subnormals, overflow and the float32 subnormals.
+SCALES = {torch.float16: [0.0, 2.0**-25, 3 * 2.0**-26, 2.0**-24, 2.0**-14, 2.0**-11, 0.5, 16.0 + 2.0**-6, 2.0**15, 1e-30],
+          torch.bfloat16: [0.0, 2.0**-8, 3 * 2.0**-10, 1.0, 2.0**-133, 1e-40, 3e38, 2.0**120]}
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_store_rounding_over_all_16_bit_values(dtype):
+    x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    z = torch.empty(x.numel())
+    cpp_cpu.fill_random(z, SEED, 4, 0, Domain.PERTURBATION, RADEMACHER)
+    for scale in SCALES[dtype]:
+        p = x.clone()
+        cpp_cpu.perturb([p], [4], SEED, scale, RADEMACHER)
+        expected = (x.float() + scale * z).to(dtype)  # torch's float32 ops and RNE conversion
+        nan = expected.isnan()
+        assert torch.equal(p.isnan(), nan)
+        assert torch.equal(bits(p)[~nan], bits(expected)[~nan]), f"scale={scale}"
+        assert (bits(p)[nan] == 0x7FFF).all()  # the canonical NaN the GPU's conversions produce
+
+
+# --- build failures ---------------------------------------------------------------------------------
+
+def test_build_failure_is_reported_not_raised(tmp_path, monkeypatch):
+    (tmp_path / "broken.cpp").write_text("int f( {\n")
+    monkeypatch.setattr(_extension, "source_dir", lambda: tmp_path)
+    monkeypatch.setenv("ZOKERN_BUILD_DIR", str(tmp_path / "build"))
+    ok, why = _extension._Extension("zokern_broken_test", ["broken.cpp"], cuda=False).ensure()
+    assert not ok and "error" in why, why
+
+
+# --- CUDA against CPU -------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu():
+    ok, why = cpp_cuda.availability("cuda")
+    assert ok, why  # a CUDA machine must build the extension
+    for first_call in (0, (1 << 32) - 3, (1 << 40) + 7):
+        assert torch.equal(cpp_cuda.philox_words(SEED, 9, 2, first_call, 1000, "cuda").cpu(),
+                           cpp_cpu.philox_words(SEED, 9, 2, first_call, 1000, "cpu"))
+    for offset in (0, 1, 3, (1 << 31) + 5):
+        n = (1 << 17) + 3
+        cpu, gpu = torch.empty(n), torch.empty(n, device="cuda")
+        for dist in (NORMAL, RADEMACHER):
+            cpp_cpu.fill_random(cpu, SEED, 3, offset, 0, dist)
+            cpp_cuda.fill_random(gpu, SEED, 3, offset, 0, dist)
+            if dist == RADEMACHER:
+                assert torch.equal(gpu.cpu(), cpu)
+            else:
+                assert ulp_distance(gpu.cpu(), reference_draw(SEED, 3, n, offset)).max() <= 4
+        assert torch.equal(cpu, reference_draw(SEED, 3, n, offset, dist=RADEMACHER))
+
+    streams = [100 + k for k in range(len(SHAPES))]
+    for op in OPS:
+        # Rademacher: the same float32 composition and conversions, so CPU and GPU agree bit for bit.
+        cpu = mixed_params()
+        run_op(cpp_cpu, op, cpu, streams, RADEMACHER)
+        for chunk in (None, 1, 7, 8, 1000):
+            gpu = mixed_params(device="cuda")
+            run_op(cpp_cuda, op, gpu, streams, RADEMACHER, chunk=chunk)
+            assert all(torch.equal(bits(a.cpu()), bits(b)) for a, b in zip(gpu, cpu)), f"{op} chunk={chunk}"
+        gpu = mixed_params(device="cuda")
+        run_op(cpp_cuda, op, gpu[::-1], streams[::-1], RADEMACHER)
+        assert all(torch.equal(bits(a.cpu()), bits(b)) for a, b in zip(gpu, cpu)), f"{op} reversed"
+        # Normal: z agrees to a few ulps; the result is then invariant to chunking on the GPU itself.
+        base = mixed_params(device="cuda")
+        run_op(cpp_cuda, op, base, streams, NORMAL)
+        for chunk in (1, 7, 1000):
+            gpu = mixed_params(device="cuda")
+            run_op(cpp_cuda, op, gpu, streams, NORMAL, chunk=chunk)
+            assert all(torch.equal(a, b) for a, b in zip(gpu, base)), f"{op} chunk={chunk}"
+        cpu = mixed_params()
+        run_op(cpp_cpu, op, cpu, streams, NORMAL)
+        for a, b in zip(base, cpu):
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-2 if a.element_size() == 2 else 2e-6, atol=1e-2)
+
+    # Misaligned views take the element-wise path and give the same values as aligned tensors.
+    storage = torch.randn(70010, device="cuda").to(torch.bfloat16)
+    view, aligned = storage[3:70003], storage[3:70003].clone()
+    cpp_cuda.perturb([view], [1], SEED, 0.5, NORMAL)
+    cpp_cuda.perturb([aligned], [1], SEED, 0.5, NORMAL)
+    assert torch.equal(view, aligned)
+
+    # Stores over every 16-bit value, NaNs included, equal the CPU's.
+    for dtype in LOW:
+        x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+        for scale in SCALES[dtype]:
+            cpu, gpu = x.clone(), x.cuda()
+            cpp_cpu.perturb([cpu], [4], SEED, scale, RADEMACHER)
+            cpp_cuda.perturb([gpu], [4], SEED, scale, RADEMACHER)
+            assert torch.equal(bits(gpu.cpu()), bits(cpu)), f"{dtype} scale={scale}"

@@ -1,0 +1,100 @@
+"""DiZO: MeZO steps plus, every κ steps, a ZO search of each projected layer's distance from the
+pre-trained weights, applied as θ ← θ0 + (θ − θ0)·γ/t [ALGORITHMS.md §4]."""
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+
+from zokern import ops
+from zokern.optim.mezo import MeZO
+from zokern.random import Domain, step_seed
+
+
+class DiZO(MeZO):
+    """DiZO. Every step is MeZO's. Tensors whose names match `project_pattern` (default: attention k_proj and
+    v_proj weights, as the authors' code; selected by name so any architecture works) keep an anchor copy θ0
+    of their initial values, in the weight dtype. Every `project_every` (κ) steps, `project_iters` (J)
+    iterations each probe γ ± ε_γ·z on a fresh batch and update γ; the weights are finally rescaled.
+
+    Fresh batches: call `opt.step(closure, fresh_closure=make_closure)` where `make_closure()` returns a
+    new closure on a new batch; the search calls it once per iteration and evaluates both probes of that
+    iteration on its batch. Without it the search reuses the step's closure (one batch; a warning says so).
+    Probes read a saved copy of the projected weights, so probing never drifts θ.
+    Defaults (authors' code): κ 50, ε_γ 0.1, ζ 2.0, τ 0.2, J 10, lr 1e-7, eps 1e-3.
+    """
+
+    two_pass_supported = False
+
+    def __init__(self, params, lr: float = 1e-7, eps: float = 1e-3, weight_decay: float = 0.0,
+                 project_every: int = 50, project_iters: int = 10, gamma_eps: float = 0.1, gamma_lr: float = 2.0,
+                 gamma_range: float = 0.2, project_pattern: str = r"(k_proj|v_proj)\.weight$", **options):
+        self.project_every, self.project_iters = project_every, project_iters
+        self.gamma_eps, self.gamma_lr, self.gamma_range = gamma_eps, gamma_lr, gamma_range
+        self.project_pattern = re.compile(project_pattern)
+        self._fresh_closure = None
+        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, **options)
+
+    def _init_bucket(self, bucket):
+        projected = [i for i, name in enumerate(bucket.names) if name and self.project_pattern.search(name)]
+        bucket.extra["projected"] = projected
+        for i in projected:
+            self.state[bucket.params[i]]["anchor"] = bucket.params[i].detach().clone()
+
+    def step(self, closure=None, fresh_closure=None):
+        self._fresh_closure = fresh_closure
+        return super().step(closure)
+
+    def _after_step(self, closure):
+        if self.step_count % self.project_every == 0:
+            self.project(closure if self._fresh_closure is None else None, self._fresh_closure)
+
+    @torch.no_grad()
+    def project(self, closure=None, fresh_closure=None) -> None:
+        """The projection search on all projected tensors (one host sync per iteration)."""
+        buckets = [b for b in self.buckets if b.extra["projected"]]
+        if not buckets:
+            return
+        if fresh_closure is None:
+            warnings.warn("DiZO projection without fresh_closure: every iteration reuses the step's batch",
+                          stacklevel=3)
+            fresh_closure = lambda: closure  # noqa: E731
+        seed = step_seed(self.seed, self.step_count)
+        work = []
+        for b in buckets:
+            params = [b.params[i] for i in b.extra["projected"]]
+            anchors = [self.state[p]["anchor"] for p in params]
+            t = ops.distance_norms(params, anchors, backend=self.backend)
+            ids = [b.stream_ids[i] for i in b.extra["projected"]]
+            work.append((params, anchors, [p.clone() for p in params], t, t.clone(), ids))
+        tau, eg = self.gamma_range, self.gamma_eps
+        for j in range(self.project_iters):
+            batch = fresh_closure()
+            probes = []
+            for params, anchors, saved, t, gamma, ids in work:
+                z = torch.stack([ops.fill_random_(torch.empty(1, device=t.device), seed, k, offset=j,
+                                                  domain=Domain.DIZO, backend=self.backend)[0] for k in ids])
+                z = torch.maximum(torch.minimum(z, tau / eg * t), -tau / eg * t)
+                probes.append(z)
+            losses = []
+            for sign in (1.0, -1.0):
+                for (params, anchors, saved, t, gamma, _), z in zip(work, probes):
+                    ops.anchored_rescale_(params, anchors, _ratio(gamma + sign * eg * z, t), sources=saved,
+                                          backend=self.backend)
+                losses.append(batch())
+            plus, minus = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in losses]).tolist()
+            if not (abs(plus) < float("inf") and abs(minus) < float("inf")):
+                self.nonfinite_steps += 1
+                continue
+            g = (plus - minus) / (2 * eg)
+            for (params, anchors, saved, t, gamma, _), z in zip(work, probes):
+                gamma.copy_(torch.minimum(torch.maximum(gamma - self.gamma_lr * t * g * z, (1 - tau) * t),
+                                          (1 + tau) * t))
+        for params, anchors, saved, t, gamma, _ in work:
+            ops.anchored_rescale_(params, anchors, _ratio(gamma, t), sources=saved, backend=self.backend)
+
+
+def _ratio(gamma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """γ/t, and 1 where t = 0 (a tensor still at its anchor has no direction to rescale)."""
+    return torch.where(t > 0, gamma / torch.where(t > 0, t, 1.0), 1.0)

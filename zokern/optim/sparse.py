@@ -1,0 +1,83 @@
+"""Sparse MeZO: perturb and update only small-magnitude weights, through a per-step bitmask [ALGORITHMS.md §2]."""
+from __future__ import annotations
+
+import torch
+
+from zokern import ops
+from zokern.optim.base import ZOOptimizer
+
+
+class SparseMeZO(ZOOptimizer):
+    """Sparse MeZO. In each masked tensor only weights with |θ| ≤ h move, h being the tensor's magnitude
+    percentile at `sparsity` (default 0.8: the smallest 20% move). The mask is taken from the unperturbed
+    weights at the first pass of each step and kept as a bitmask (numel/8 bytes), so every pass of the
+    step uses the same mask.
+
+    Choices the paper leaves open [ALGORITHMS.md §2]: tensors with two or more dimensions are masked, and
+    vectors (biases, norms) are perturbed densely unless `mask_vectors=True`; thresholds are estimated at
+    the first step and re-estimated every `threshold_every` steps (0: never again).
+    """
+
+    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
+                 sparsity: float = 0.8, threshold_every: int = 0, mask_vectors: bool = False, **options):
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        self.sparsity, self.threshold_every, self.mask_vectors = sparsity, threshold_every, mask_vectors
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, **options)
+
+    def _init_bucket(self, bucket):
+        masked = [i for i, p in enumerate(bucket.params) if p.dim() >= 2 or self.mask_vectors]
+        dense = [i for i in range(len(bucket.params)) if i not in set(masked)]
+        bucket.extra.update(masked=masked, dense=dense, masks=ops.new_masks([bucket.params[i] for i in masked]),
+                            thresholds=None)
+
+    @staticmethod
+    def _select(bucket, key):
+        idx = bucket.extra[key]
+        return ([bucket.params[i] for i in idx], [bucket.stream_ids[i] for i in idx],
+                [bucket.weight_decays[i] for i in idx])
+
+    def _thresholds(self, bucket, params):
+        due = self.threshold_every and self.step_count % self.threshold_every == 0
+        if bucket.extra["thresholds"] is None or due:
+            bucket.extra["thresholds"] = ops.magnitude_thresholds(params, self.sparsity)
+        return bucket.extra["thresholds"]
+
+    def _perturb(self, seed, scale, first):
+        for b in self.buckets:
+            params, ids, _ = self._select(b, "masked")
+            if params:
+                thresholds = self._thresholds(b, params) if first else b.extra["thresholds"]
+                ops.masked_perturb_(params, b.extra["masks"], thresholds, seed, scale, stream_ids=ids,
+                                    compute_mask=first, dist=self.dist, backend=self.backend)
+            params, ids, _ = self._select(b, "dense")
+            ops.perturb_(params, seed, scale, stream_ids=ids, dist=self.dist, backend=self.backend)
+
+    def _update(self, seed, grad, next_seed, losses):
+        for b in self.buckets:
+            lr = b.group["lr"]
+            params, ids, wds = self._select(b, "masked")
+            if params:
+                # A threshold refresh due next step needs that step's own first pass: don't fold it in here.
+                fold = next_seed if not (self.threshold_every and (self.step_count + 1) % self.threshold_every == 0) \
+                    else None
+                ops.masked_fused_step_(params, b.extra["masks"], b.extra["thresholds"], seed, stream_ids=ids,
+                                       restore=self.eps, lr=lr, grad=grad, weight_decay=wds, next_seed=fold,
+                                       next_scale=self.eps, dist=self.dist, backend=self.backend)
+                if next_seed is not None and fold is None:
+                    b.extra["thresholds"] = ops.magnitude_thresholds(params, self.sparsity)
+                    ops.masked_perturb_(params, b.extra["masks"], b.extra["thresholds"], next_seed, self.eps,
+                                        stream_ids=ids, compute_mask=True, dist=self.dist, backend=self.backend)
+            params, ids, wds = self._select(b, "dense")
+            ops.fused_step_(params, seed, stream_ids=ids, restore=self.eps, lr=lr, grad=grad, weight_decay=wds,
+                            next_seed=next_seed, next_scale=self.eps, dist=self.dist, backend=self.backend)
+
+    def _extra_state(self):
+        return {"thresholds": [b.extra["thresholds"] for b in self.buckets],
+                "masks": [b.extra["masks"] for b in self.buckets]}
+
+    def _load_extra_state(self, extra):
+        for b, thresholds, masks in zip(self.buckets, extra["thresholds"], extra["masks"]):
+            b.extra["thresholds"] = None if thresholds is None else thresholds.to(b.params[0].device)
+            for mine, saved in zip(b.extra["masks"], masks):
+                mine.copy_(saved)

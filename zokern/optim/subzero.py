@@ -1,0 +1,97 @@
+"""SubZero: low-rank perturbations U·Z0·Vᵀ in a random subspace refreshed every T steps [ALGORITHMS.md §1]."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from zokern import ops
+from zokern.optim.base import ZOOptimizer
+from zokern.random import step_seed
+
+
+class SubZero(ZOOptimizer):
+    """SubZero. Matrices (and, reshaped, >2-D, LoRA and prefix tensors) get P = μ·U·Z0·Vᵀ with orthonormal
+    U (m×r), V (n×r) redrawn every `subspace_every` steps and a fresh r×r core Z0 each step, μ = √(mn)/r;
+    other tensors get MeZO's z. Plain SGD: no weight decay, as the authors. Defaults: rank 8,
+    subspace_every 1000 (the paper; the code uses 2000), eps 1e-3.
+
+    The subspace of window w is drawn from (step_seed(seed, w), tensor id), so it is rebuilt after a
+    resume instead of stored. `reshape_pattern` (a regex on parameter names, default LoRA/prefix names)
+    selects tensors reshaped to the most-square factorisation of their element count.
+    """
+
+    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, rank: int = 8, subspace_every: int = 1000,
+                 reshape_pattern: str = r"lora_|prefix|prompt", **options):
+        if rank < 1 or subspace_every < 1:
+            raise ValueError(f"rank and subspace_every must be positive, got {rank}, {subspace_every}")
+        self.rank, self.subspace_every, self.reshape_pattern = rank, subspace_every, reshape_pattern
+        super().__init__(params, dict(lr=lr, weight_decay=0.0), eps=eps, **options)
+
+    def _init_bucket(self, bucket):
+        matrices, vectors = [], []
+        for i, (p, name) in enumerate(zip(bucket.params, bucket.names)):
+            shape = ops.lowrank_shape(p.shape, reshape=bool(name and re.search(self.reshape_pattern, name)))
+            (matrices if shape else vectors).append((i, shape))
+        bucket.extra["matrices"] = [(i, shape, min(self.rank, *shape)) for i, shape in matrices]
+        bucket.extra["vectors"] = [i for i, _ in vectors]
+        bucket.extra["window"] = None
+
+    def _subspaces(self, bucket, step: int):
+        """U, V of every matrix for the window holding `step`, cached while the window lasts."""
+        window = step // self.subspace_every
+        if bucket.extra["window"] != window:
+            seed = step_seed(self.seed, window)
+            bucket.extra["factors"] = [
+                ops.subspace_factors(seed, bucket.stream_ids[i], m, n, r, dtype=bucket.params[i].dtype,
+                                     device=bucket.params[i].device, backend=self.backend)
+                for i, (m, n), r in bucket.extra["matrices"]]
+            bucket.extra["window"] = window
+        return bucket.extra["factors"]
+
+    def _cores(self, bucket, seed: int) -> list[torch.Tensor]:
+        """μ·Z0(seed) per matrix; the step's three passes share one draw."""
+        cached = bucket.extra.get("cores")
+        if cached is None or cached[0] != seed:
+            cores = [ops.core_matrix(seed, bucket.stream_ids[i], r, device=bucket.params[i].device,
+                                     backend=self.backend) * ops.lowrank_scale(m, n, r)
+                     for i, (m, n), r in bucket.extra["matrices"]]
+            bucket.extra["cores"] = cached = (seed, cores)
+        return cached[1]
+
+    def _apply(self, bucket, step: int, cores: list[torch.Tensor]) -> None:
+        matrices = bucket.extra["matrices"]
+        if not matrices:
+            return
+        factors = self._subspaces(bucket, step)
+        ops.lowrank_apply_([bucket.params[i].view(shape) for i, shape, _ in matrices], [u for u, _ in factors],
+                           [v for _, v in factors], cores, backend=self.backend)
+
+    def _vectors(self, bucket):
+        return ([bucket.params[i] for i in bucket.extra["vectors"]],
+                [bucket.stream_ids[i] for i in bucket.extra["vectors"]])
+
+    def _perturb(self, seed, scale, first):
+        # Every perturb pass belongs to step_count: the step's own passes, and the pending +εz of two-pass
+        # mode, which was drawn for the step that comes next.
+        for b in self.buckets:
+            self._apply(b, self.step_count, [scale * c for c in self._cores(b, seed)])
+            params, ids = self._vectors(b)
+            ops.perturb_(params, seed, scale, stream_ids=ids, dist=self.dist, backend=self.backend)
+
+    def _update(self, seed, grad, next_seed, losses):
+        step = self.step_count
+        # The next step's perturbation folds into this pass only while the subspace stays the same.
+        same_window = next_seed is not None and (step + 1) // self.subspace_every == step // self.subspace_every
+        for b in self.buckets:
+            lr = b.group["lr"]
+            cores = [(self.eps - lr * grad) * c for c in self._cores(b, seed)]
+            if same_window:
+                cores = [c + self.eps * c_next for c, c_next in zip(cores, self._cores(b, next_seed))]
+            self._apply(b, step, cores)
+            params, ids = self._vectors(b)
+            ops.fused_step_(params, seed, stream_ids=ids, restore=self.eps, lr=lr, grad=grad,
+                            next_seed=next_seed, next_scale=self.eps, dist=self.dist, backend=self.backend)
+        if next_seed is not None and not same_window:
+            for b in self.buckets:
+                self._apply(b, step + 1, [self.eps * c for c in self._cores(b, next_seed)])
