@@ -37,22 +37,30 @@ def _load_f32_zero(ptr, mask, DTYPE: tl.constexpr):
 @triton.jit
 def lowrank_kernel(w, u, v, c, m, n, r, W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, COLS: tl.constexpr):
-    """W (m×n) += U (m×r) · C (r×r, float32) · Vᵀ (V n×r); all row-major contiguous."""
-    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    """W (m×n) += U (m×r) · C (r×r, float32) · Vᵀ (V n×r); all row-major contiguous. Offsets within a tile
+    are int32 (the launcher checks BM·n < 2^31); only the tiles' base offsets are int64, which keeps
+    per-element pointer arithmetic (and registers) at 32 bits."""
+    row0 = tl.program_id(0) * BM
+    rows = tl.arange(0, BM)
     ks = tl.arange(0, R_PAD)
-    row_in = rows < m
+    row_in = rows < m - row0
     k_in = ks < r
-    u_tile = _load_f32_zero(u + rows[:, None] * r + ks[None, :], row_in[:, None] & k_in[None, :], U_DTYPE)
+    u_tile = _load_f32_zero(u + row0.to(tl.int64) * r + (rows[:, None] * r + ks[None, :]),
+                            row_in[:, None] & k_in[None, :], U_DTYPE)
     core = tl.load(c + ks[:, None] * r + ks[None, :], mask=k_in[:, None] & k_in[None, :], other=0.0)
     uc = tl.dot(u_tile, core, input_precision=DOT_PRECISION)
-    first = tl.program_id(1).to(tl.int64) * COLS
+    w_rows = w + row0.to(tl.int64) * n
+    first = tl.program_id(1) * COLS
     last = tl.minimum(n, first + COLS)
-    for off in range(0, last - first, BN):
-        cols = first + off + tl.arange(0, BN)
-        col_in = cols < last
-        v_t = _load_f32_zero(v + cols[None, :] * r + ks[:, None], k_in[:, None] & col_in[None, :], V_DTYPE)
-        update = tl.dot(uc, v_t, input_precision=DOT_PRECISION)
-        ptr = w + rows[:, None] * n + cols[None, :]
+    cols = tl.arange(0, BN)
+    for off in range(0, last - first, BN):  # over offsets: the interpreter's loop variable is a Python int
+        col0 = first + off
+        col_in = cols < last - col0
+        # V rows are contiguous: load the tile as [BN, R_PAD] (coalesced) and let the dot transpose it.
+        v_tile = _load_f32_zero(v + col0.to(tl.int64) * r + (cols[:, None] * r + ks[None, :]),
+                                col_in[:, None] & k_in[None, :], V_DTYPE)
+        update = tl.dot(uc, tl.trans(v_tile), input_precision=DOT_PRECISION)
+        ptr = w_rows + col0 + (rows[:, None] * n + cols[None, :])
         inside = row_in[:, None] & col_in[None, :]
         _store_f32(ptr, _load_f32(ptr, inside, W_DTYPE) + update, inside, W_DTYPE)
 

@@ -172,62 +172,82 @@ def test_build_failure_is_reported_not_raised(tmp_path, monkeypatch):
 
 # --- CUDA against CPU -------------------------------------------------------------------------------
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_matches_cpu():
+def cuda_test(f):
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")(f))
+
+
+CLOSE = {torch.float32: dict(rtol=2e-6, atol=2e-6), torch.bfloat16: dict(rtol=8e-3, atol=1e-2),
+         torch.float16: dict(rtol=1e-3, atol=2e-3)}
+
+
+@pytest.fixture
+def gpu_backend():
     ok, why = cpp_cuda.availability("cuda")
-    assert ok, why  # a CUDA machine must build the extension
+    assert ok, why  # on a CUDA machine the extension must build
+    return cpp_cuda
+
+
+@cuda_test
+@pytest.mark.parametrize("offset", [0, 1, 3, (1 << 31) + 5])
+def test_cuda_stream_matches_cpu(gpu_backend, offset):
     for first_call in (0, (1 << 32) - 3, (1 << 40) + 7):
-        assert torch.equal(cpp_cuda.philox_words(SEED, 9, 2, first_call, 1000, "cuda").cpu(),
-                           cpp_cpu.philox_words(SEED, 9, 2, first_call, 1000, "cpu"))
-    for offset in (0, 1, 3, (1 << 31) + 5):
-        n = (1 << 17) + 3
-        cpu, gpu = torch.empty(n), torch.empty(n, device="cuda")
-        for dist in (NORMAL, RADEMACHER):
-            cpp_cpu.fill_random(cpu, SEED, 3, offset, 0, dist)
-            cpp_cuda.fill_random(gpu, SEED, 3, offset, 0, dist)
-            if dist == RADEMACHER:
-                assert torch.equal(gpu.cpu(), cpu)
-            else:
-                assert ulp_distance(gpu.cpu(), reference_draw(SEED, 3, n, offset)).max() <= 4
-        assert torch.equal(cpu, reference_draw(SEED, 3, n, offset, dist=RADEMACHER))
+        assert torch.equal(gpu_backend.philox_words(SEED, 9, 2, first_call + offset, 1000, "cuda").cpu(),
+                           cpp_cpu.philox_words(SEED, 9, 2, first_call + offset, 1000, "cpu"))
+    n = (1 << 17) + 3
+    cpu, gpu = torch.empty(n), torch.empty(n, device="cuda")
+    gpu_backend.fill_random(gpu, SEED, 3, offset, 0, NORMAL)
+    assert ulp_distance(gpu.cpu(), reference_draw(SEED, 3, n, offset)).max() <= 4
+    cpp_cpu.fill_random(cpu, SEED, 3, offset, 0, RADEMACHER)
+    gpu_backend.fill_random(gpu, SEED, 3, offset, 0, RADEMACHER)
+    assert torch.equal(gpu.cpu(), cpu)
 
+
+@cuda_test
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_ops_match_cpu(gpu_backend, op):
     streams = [100 + k for k in range(len(SHAPES))]
-    for op in OPS:
-        # Rademacher: the same float32 composition and conversions, so CPU and GPU agree bit for bit.
-        cpu = mixed_params()
-        run_op(cpp_cpu, op, cpu, streams, RADEMACHER)
-        for chunk in (None, 1, 7, 8, 1000):
-            gpu = mixed_params(device="cuda")
-            run_op(cpp_cuda, op, gpu, streams, RADEMACHER, chunk=chunk)
-            assert all(torch.equal(bits(a.cpu()), bits(b)) for a, b in zip(gpu, cpu)), f"{op} chunk={chunk}"
+    # Rademacher: the same float32 composition and conversions, so CPU and GPU agree bit for bit, for
+    # every chunking (ragged chunk edges take the element-wise path) and order.
+    cpu = mixed_params()
+    run_op(cpp_cpu, op, cpu, streams, RADEMACHER)
+    for chunk in (None, 1, 7, 8, 1000):
         gpu = mixed_params(device="cuda")
-        run_op(cpp_cuda, op, gpu[::-1], streams[::-1], RADEMACHER)
-        assert all(torch.equal(bits(a.cpu()), bits(b)) for a, b in zip(gpu, cpu)), f"{op} reversed"
-        # Normal: z agrees to a few ulps; the result is then invariant to chunking on the GPU itself.
-        base = mixed_params(device="cuda")
-        run_op(cpp_cuda, op, base, streams, NORMAL)
-        for chunk in (1, 7, 1000):
-            gpu = mixed_params(device="cuda")
-            run_op(cpp_cuda, op, gpu, streams, NORMAL, chunk=chunk)
-            assert all(torch.equal(a, b) for a, b in zip(gpu, base)), f"{op} chunk={chunk}"
-        cpu = mixed_params()
-        run_op(cpp_cpu, op, cpu, streams, NORMAL)
-        for a, b in zip(base, cpu):
-            torch.testing.assert_close(a.cpu(), b, rtol=1e-2 if a.element_size() == 2 else 2e-6, atol=1e-2)
+        run_op(gpu_backend, op, gpu, streams, RADEMACHER, chunk=chunk)
+        assert all(torch.equal(bits(a.cpu()), bits(b)) for a, b in zip(gpu, cpu)), f"chunk={chunk}"
+    gpu = mixed_params(device="cuda")
+    run_op(gpu_backend, op, gpu[::-1], streams[::-1], RADEMACHER)
+    assert all(torch.equal(bits(a.cpu()), bits(b)) for a, b in zip(gpu, cpu)), "reversed"
+    # Normal: z agrees with the CPU's to a few ulps, and the GPU result is invariant to chunking.
+    base = mixed_params(device="cuda")
+    run_op(gpu_backend, op, base, streams, NORMAL)
+    for chunk in (1, 7, 1000):
+        gpu = mixed_params(device="cuda")
+        run_op(gpu_backend, op, gpu, streams, NORMAL, chunk=chunk)
+        assert all(torch.equal(a, b) for a, b in zip(gpu, base)), f"chunk={chunk}"
+    cpu = mixed_params()
+    run_op(cpp_cpu, op, cpu, streams, NORMAL)
+    for a, b in zip(base, cpu):
+        torch.testing.assert_close(a.cpu(), b, **CLOSE[b.dtype])
 
-    # Misaligned views take the element-wise path and give the same values as aligned tensors.
-    storage = torch.randn(70010, device="cuda").to(torch.bfloat16)
+
+@cuda_test
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW, ids=str)
+def test_cuda_misaligned_view_takes_element_path(gpu_backend, dtype):
+    storage = torch.randn(70010, device="cuda").to(dtype)
+    before = storage.clone()
     view, aligned = storage[3:70003], storage[3:70003].clone()
-    cpp_cuda.perturb([view], [1], SEED, 0.5, NORMAL)
-    cpp_cuda.perturb([aligned], [1], SEED, 0.5, NORMAL)
+    gpu_backend.perturb([view], [1], SEED, 0.5, NORMAL)
+    gpu_backend.perturb([aligned], [1], SEED, 0.5, NORMAL)
     assert torch.equal(view, aligned)
+    assert torch.equal(storage[:3], before[:3]) and torch.equal(storage[70003:], before[70003:])
 
-    # Stores over every 16-bit value, NaNs included, equal the CPU's.
-    for dtype in LOW:
-        x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
-        for scale in SCALES[dtype]:
-            cpu, gpu = x.clone(), x.cuda()
-            cpp_cpu.perturb([cpu], [4], SEED, scale, RADEMACHER)
-            cpp_cuda.perturb([gpu], [4], SEED, scale, RADEMACHER)
-            assert torch.equal(bits(gpu.cpu()), bits(cpu)), f"{dtype} scale={scale}"
+
+@cuda_test
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_cuda_stores_match_cpu_over_all_16_bit_values(gpu_backend, dtype):
+    x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    for scale in SCALES[dtype]:
+        cpu, gpu = x.clone(), x.cuda()
+        cpp_cpu.perturb([cpu], [4], SEED, scale, RADEMACHER)
+        gpu_backend.perturb([gpu], [4], SEED, scale, RADEMACHER)
+        assert torch.equal(bits(gpu.cpu()), bits(cpu)), f"scale={scale}"  # NaNs included: both 0x7FFF

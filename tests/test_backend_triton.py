@@ -193,3 +193,57 @@ def test_element_indices_beyond_2_31(device):
     tb.fill_random(z, seed, stream, k, 0, 0)
     assert _ulps(z, reference_draw(seed, stream, n, k)).max().item() <= 4.0
     assert torch.equal(got, p + scale * z)
+
+
+_COMPILE_FOR_CUDA = r"""
+import json, sys
+import triton
+from triton.backends import backends
+if "nvidia" not in backends:
+    sys.exit(3)
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from zokern import kernels
+
+def ptx(fn, signature, constexprs):
+    names = list(signature)
+    src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=4, enable_fp_fusion=False)).asm["ptx"]
+
+update = {"tensors": "*i64", "chunks": "*i32", "weight_decays": "*fp32", "chunk": "i32", "k0": "i32", "k1": "i32",
+          "restore": "fp32", "lr": "fp32", "grad": "fp32", "nk0": "i32", "nk1": "i32", "next_scale": "fp32",
+          "DTYPE": "constexpr", "DIST": "constexpr", "FUSED": "constexpr", "HAS_NEXT": "constexpr",
+          "ALIGNED_PTRS": "constexpr", "ALIGNED_ENDS": "constexpr", "BLOCK": "constexpr"}
+out = {}
+for name, dtype in (("float32", 0), ("bfloat16", 1), ("float16", 2)):
+    out[name] = ptx(kernels.zo_update_kernel, update, dict(DTYPE=dtype, DIST=0, FUSED=True, HAS_NEXT=True,
+                                                           ALIGNED_PTRS=True, ALIGNED_ENDS=True, BLOCK=1024))
+out["fill_random"] = ptx(kernels.fill_random_kernel,
+                         {"out": "*fp32", "numel": "i64", "offset": "i64", "stream": "i32", "domain": "i32",
+                          "k0": "i32", "k1": "i32", "DIST": "constexpr", "BLOCK": "constexpr"},
+                         dict(DIST=0, BLOCK=1024))
+print(json.dumps(out))
+"""
+
+
+def test_compiles_for_cuda_with_accurate_math():
+    """The compiled (non-interpreter) path, built for sm_90 in a subprocess without TRITON_INTERPRET: it must
+    compile, call no approximate transcendental (lg2/sin/cos.approx), contract none of our float arithmetic
+    into FMA (libdevice's own FMAs are the .ftz ones), and move fp32 data in 16-byte vectors."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_CUDA], env=env, capture_output=True, text=True,
+                         timeout=600)
+    if run.returncode == 3:
+        pytest.skip("this triton build has no NVIDIA backend")
+    assert run.returncode == 0, run.stderr[-4000:]
+    ptx = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, code in ptx.items():
+        assert ".approx." not in code, name
+        assert "fma.rn.f32" not in code, name
+    assert "ld.global.v4" in ptx["float32"] and "st.global.v4" in ptx["float32"]

@@ -119,33 +119,37 @@ class Backend:
         return getattr(torch.ops, self.namespace)
 
     def _record(self, kernel: str, tensors: list) -> None:
-        dtypes = {t.dtype for t in tensors if t.numel() > 0}
-        for _ in range(len(dtypes) if self.device_type == "cuda" else min(len(dtypes), 1)):
+        """Count the launches of one call into the extension (made only when some tensor is non-empty)."""
+        launches = len({t.dtype for t in tensors if t.numel() > 0}) if self.device_type == "cuda" else 1
+        for _ in range(launches):
             record_launch(self.name, kernel)
 
     def philox_words(self, seed, stream, domain, first_call, n, device) -> torch.Tensor:
         if n == 0:
             return torch.empty((0, 4), dtype=torch.int64, device=device)
+        ops = self._ops()
         record_launch(self.name, "philox_words")
-        return self._ops().philox_words(seed, stream, int(domain), first_call, n, torch.device(device))
+        return ops.philox_words(seed, stream, int(domain), first_call, n, torch.device(device))
 
     def fill_random(self, out, seed, stream, offset, domain, dist) -> None:
         if out.numel() == 0:
             return
+        ops = self._ops()
         self._record("fill_random", [out])
-        self._ops().fill_random_(out, seed, stream, offset, int(domain), int(dist))
+        ops.fill_random_(out, seed, stream, offset, int(domain), int(dist))
 
     def perturb(self, params, streams, seed, scale, dist, *, chunk=None) -> None:
         if not any(p.numel() for p in params):
             return
+        ops = self._ops()
         self._record("perturb", params)
-        self._ops().perturb_(params, list(streams), seed, float(scale), int(dist), chunk or 0)
+        ops.perturb_(params, list(streams), seed, float(scale), int(dist), chunk or 0)
 
     def fused_step(self, params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
                    *, chunk=None) -> None:
         if not any(p.numel() for p in params):
             return
+        ops = self._ops()
         self._record("fused_step", params)
-        self._ops().fused_step_(params, list(streams), seed, float(restore), float(lr), float(grad),
-                                [float(wd) for wd in weight_decays], next_seed, float(next_scale), int(dist),
-                                chunk or 0)
+        ops.fused_step_(params, list(streams), seed, float(restore), float(lr), float(grad),
+                        [float(wd) for wd in weight_decays], next_seed, float(next_scale), int(dist), chunk or 0)

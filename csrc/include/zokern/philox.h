@@ -8,9 +8,13 @@
 
 #ifdef __CUDACC__
 #define ZK_HD __host__ __device__
-#define ZK_UNROLL _Pragma("unroll")
 #else
 #define ZK_HD
+#endif
+// Unrolling hint for the device pass only: host compilers do not know "#pragma unroll".
+#ifdef __CUDA_ARCH__
+#define ZK_UNROLL _Pragma("unroll")
+#else
 #define ZK_UNROLL
 #endif
 
