@@ -60,7 +60,7 @@ def make_params(dtype) -> list[torch.Tensor]:
     return [torch.randn(s, generator=g, device=DEVICE, dtype=torch.float32).to(dtype) for s in model_shapes(SHAPES)]
 
 
-def record(benchmark, params, passes: int, copy_bandwidth: float, **info):
+def record(benchmark, params, passes: float, copy_bandwidth: float, **info):
     """Attach bytes moved and achieved bandwidth (from the benchmark's median) to the results."""
     numel = sum(p.numel() for p in params)
     moved = passes * 2 * sum(p.numel() * p.element_size() for p in params)  # each pass reads and writes once

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from zokern.backends import record_launch
 
-from .multi_tensor import CODES, alignment, backend, extras, groups
+from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, tables
 from .zo_update import _load_f32, _pointer, _store_f32
 
 
@@ -83,40 +83,40 @@ _PARTIALS_BLOCK = 1024
 
 def distance_norms(params: list[torch.Tensor], anchors: list[torch.Tensor], *, block: "int | None" = None,
                    chunk: "int | None" = None) -> torch.Tensor:
-    block, chunk = backend._default_sizes(block, chunk)
+    block, chunk = default_sizes(block, chunk)
     device = params[0].device if params else torch.device("cpu")
     out = torch.zeros(len(params), dtype=torch.float32, device=device)
-    with backend._device_ctx(device):
+    with device_ctx(device):
         for dtype, idxs in groups(params, lambda i: params[i].dtype).items():
             group = [params[i] for i in idxs]
-            tensors, _, chunks = backend._tables(group, [0] * len(idxs), None, chunk, device)
+            tensors, _, chunks = tables(group, [0] * len(idxs), None, chunk, device)
             extra = extras([(anchors[i].data_ptr(), i) for i in idxs], device)
             partials = torch.empty(chunks.numel(), dtype=torch.float32, device=device)
             square_sums_kernel[(chunks.numel(),)](
                 tensors, extra, chunks, partials, chunk, DTYPE=CODES[dtype],
-                BLOCK=block, **alignment(group + [anchors[i] for i in idxs]), **backend._launch_options())
+                BLOCK=block, **alignment(group + [anchors[i] for i in idxs]), **launch_options())
             norms_kernel[(len(idxs),)](tensors, extra, partials, out, chunk, BLOCK=_PARTIALS_BLOCK,
-                                       **backend._launch_options())
-            record_launch(backend.NAME, "distance_norms")
+                                       **launch_options())
+            record_launch("triton", "distance_norms")
     return out
 
 
 def anchored_rescale(params: list[torch.Tensor], anchors: list[torch.Tensor],
                      sources: "list[torch.Tensor] | None", factors: torch.Tensor, *, block: "int | None" = None,
                      chunk: "int | None" = None) -> None:
-    block, chunk = backend._default_sizes(block, chunk)
+    block, chunk = default_sizes(block, chunk)
     by_dtype = groups(params, lambda i: params[i].dtype)
     if not by_dtype:
         return
     device = params[next(iter(by_dtype.values()))[0]].device
-    with backend._device_ctx(device):
+    with device_ctx(device):
         for dtype, idxs in by_dtype.items():
             group = [params[i] for i in idxs]
             companions = [anchors[i] for i in idxs] + ([] if sources is None else [sources[i] for i in idxs])
-            tensors, _, chunks = backend._tables(group, [0] * len(idxs), None, chunk, device)
+            tensors, _, chunks = tables(group, [0] * len(idxs), None, chunk, device)
             extra = extras([(i, anchors[i].data_ptr(), (params if sources is None else sources)[i].data_ptr())
                             for i in idxs], device)
             anchored_rescale_kernel[(chunks.numel(),)](
                 tensors, extra, chunks, factors, chunk, DTYPE=CODES[dtype],
-                BLOCK=block, **alignment(group + companions), **backend._launch_options())
-            record_launch(backend.NAME, "anchored_rescale")
+                BLOCK=block, **alignment(group + companions), **launch_options())
+            record_launch("triton", "anchored_rescale")

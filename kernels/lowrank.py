@@ -13,7 +13,7 @@ import triton.language as tl
 
 from zokern.backends import record_launch
 
-from .multi_tensor import CODES, backend, kernel_arg
+from .multi_tensor import CODES, cdiv, device_ctx, kernel_arg, launch_options
 from .philox import INTERPRET
 from .zo_update import BFLOAT16, _load_f32, _store_f32
 
@@ -65,19 +65,20 @@ def lowrank_kernel(w, u, v, c, m, n, r, W_DTYPE: tl.constexpr, U_DTYPE: tl.const
         _store_f32(ptr, _load_f32(ptr, inside, W_DTYPE) + update, inside, W_DTYPE)
 
 
-def _tiles(m: int, n: int, rank: int) -> tuple[int, int, int, int, dict]:
+def _tiles(n: int, rank: int) -> tuple[int, int, int, int, dict]:
     """(BM, BN, R_PAD, COLS, launch options)."""
     r_pad = max(16, triton.next_power_of_2(rank))
     if INTERPRET:
         # Each interpreted op costs the same whatever its size: few, big tiles, one program per row block.
         bn = 256
-        return 128, bn, r_pad, bn * backend._cdiv(n, bn), {}
-    # BM = 128 halves the (L2-served) re-reads of V against 64 (they are r/BM of the W traffic); BM·R_PAD
-    # ≤ 8192 keeps U·C at 32 float32 registers per thread over 8 warps. Four column tiles per program
-    # amortise forming U·C (BM·r² flops) over 4·BM·BN·r.
-    bm = max(16, min(128, 8192 // r_pad))
+        return 128, bn, r_pad, bn * cdiv(n, bn), {}
+    # Register budget (ptxas for sm_90, tf32x3, 8 warps): U·C stays in registers across the column loop as
+    # the dot's A operand, so BM·R_PAD sets the pressure. 64×64 tiles take 210–241 registers without spills
+    # for R_PAD ≤ 32 and spill 72–192 bytes at R_PAD = 64; BM shrinks for larger ranks (BM ≥ 16 for
+    # tl.dot). Four column tiles per program amortise forming U·C (BM·r² flops) over 4·BM·BN·r.
+    bm = max(16, min(64, 4096 // r_pad))
     bn = 64
-    return bm, bn, r_pad, 4 * bn, {**backend._launch_options(), "num_warps": 8}
+    return bm, bn, r_pad, 4 * bn, {**launch_options(), "num_warps": 8}
 
 
 def lowrank_apply(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor],
@@ -86,9 +87,11 @@ def lowrank_apply(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[
         (m, n), rank = w.shape, u.shape[1]
         if w.numel() == 0 or rank == 0:
             continue
-        bm, bn, r_pad, cols, options = _tiles(m, n, rank)
-        with backend._device_ctx(w.device):
-            lowrank_kernel[(backend._cdiv(m, bm), backend._cdiv(n, cols))](
+        bm, bn, r_pad, cols, options = _tiles(n, rank)
+        if bm * n >= 1 << 31:
+            raise ValueError(f"lowrank_apply: {n} columns exceed the kernel's int32 tile offsets")
+        with device_ctx(w.device):
+            lowrank_kernel[(cdiv(m, bm), cdiv(n, cols))](
                 kernel_arg(w), kernel_arg(u), kernel_arg(v), core, m, n, rank, W_DTYPE=CODES[w.dtype],
                 U_DTYPE=CODES[u.dtype], V_DTYPE=CODES[v.dtype], BM=bm, BN=bn, R_PAD=r_pad, COLS=cols, **options)
-        record_launch(backend.NAME, "lowrank_apply")
+        record_launch("triton", "lowrank_apply")

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from zokern.backends import record_launch
 
-from .multi_tensor import CODES, alignment, backend, extras, groups, round_to
+from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, round_to, seed_words, tables
 from .philox import draw_rows
 from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32
 
@@ -83,7 +83,7 @@ def masked_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, 
 
 def _launch(kernel_name, params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
             next_scale, dist, fused, compute_mask, block, chunk) -> None:
-    block, chunk = backend._default_sizes(block, chunk)
+    block, chunk = default_sizes(block, chunk)
     if block < 32 or chunk % 32:
         raise ValueError(f"masked kernels need block >= 32 and chunk a multiple of 32, got {block}, {chunk}")
     by_dtype = groups(params, lambda i: params[i].dtype)
@@ -92,12 +92,12 @@ def _launch(kernel_name, params, masks, thresholds, streams, seed, restore, lr, 
     device = params[next(iter(by_dtype.values()))[0]].device
     if not all(m.is_contiguous() for m in masks):
         raise ValueError("masks must be contiguous int32 tensors")
-    k0, k1 = backend._key(seed)
-    nk0, nk1 = backend._key(next_seed) if next_seed >= 0 else (0, 0)
-    with backend._device_ctx(device):
+    k0, k1 = seed_words(seed)
+    nk0, nk1 = seed_words(next_seed) if next_seed >= 0 else (0, 0)
+    with device_ctx(device):
         for dtype, idxs in by_dtype.items():
             group = [params[i] for i in idxs]
-            tensors, wds, chunks = backend._tables(group, [streams[i] for i in idxs],
+            tensors, wds, chunks = tables(group, [streams[i] for i in idxs],
                                                    [float(weight_decays[i]) for i in idxs] if fused else None,
                                                    chunk, device)
             extra = extras([(i, masks[i].data_ptr()) for i in idxs], device)
@@ -105,8 +105,8 @@ def _launch(kernel_name, params, masks, thresholds, streams, seed, restore, lr, 
                 tensors, extra, chunks, thresholds, wds if fused else tensors, chunk, k0, k1, restore, lr, grad,
                 nk0, nk1, next_scale, DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, COMPUTE_MASK=compute_mask,
                 HAS_NEXT=fused and next_seed >= 0, BLOCK=block, **alignment(group),
-                **backend._launch_options())
-            record_launch(backend.NAME, kernel_name)
+                **launch_options())
+            record_launch("triton", kernel_name)
 
 
 def masked_perturb(params: list[torch.Tensor], masks: list[torch.Tensor], thresholds: torch.Tensor,

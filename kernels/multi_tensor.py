@@ -1,23 +1,92 @@
-"""Launcher plumbing shared by the method kernels (masked.py, hessian.py, dizo.py, lowrank.py).
+"""Launcher plumbing shared by every Triton launcher (zokern/backends/triton.py for the MeZO ops; masked.py,
+hessian.py, dizo.py, lowrank.py for the methods).
 
-The multi-tensor scheme is zo_update.py's: per dtype group, the tensor table and chunk table of
-zokern.backends.triton._tables (data_ptr, numel, stream, first chunk). Companion tensors (masks, Hessians,
+The multi-tensor scheme (apex multi_tensor_apply): per dtype group, a tensor table and a chunk table from
+tables() (data_ptr, numel, stream, first chunk). Companion tensors (masks, Hessians,
 anchors, sources) and the tensor's index in the caller's list (for per-tensor device vectors such as
 thresholds and factors) go in a second int64 table, `extras`, one row per tensor.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
-# Only used at call time: zokern.backends.triton imports this package, so it may be half-initialised here.
-from zokern.backends import triton as backend
-
+from .philox import INTERPRET
 from .zo_update import BFLOAT16, FLOAT16, FLOAT32, _bf16_bits_rne
 
 CODES = {torch.float32: FLOAT32.value, torch.bfloat16: BFLOAT16.value, torch.float16: FLOAT16.value}
+MASK32 = 0xFFFFFFFF
 _CACHE_SIZE = 16
+# Launch tables per (device, chunk, tensors, weight decays); parameters keep their storage across steps,
+# so a training loop reuses them instead of copying them to the device every call.
+_tables_cache: dict = {}
+
+
+def i32(v: int) -> int:
+    """A 32-bit value as the int32 with the same bits: every launch then sees int32, whatever the value."""
+    return v - (1 << 32) if v >= (1 << 31) else v
+
+
+def seed_words(seed: int) -> tuple[int, int]:
+    return i32(seed & MASK32), i32(seed >> 32)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def device_ctx(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch_options() -> dict:
+    # Without fusion the compiled code rounds every product and sum as docs/OPS.md writes them (no FMA).
+    return {} if INTERPRET else {"num_warps": 4, "enable_fp_fusion": False}
+
+
+def default_sizes(block: "int | None", chunk: "int | None") -> tuple[int, int]:
+    # Each interpreted program costs milliseconds of Python, so the interpreter takes big blocks. Compiled,
+    # 1024 elements over 4 warps gives each thread 2 Philox calls (8 elements); on sm_90 the fused step with a
+    # next perturbation then needs 68 registers and no spills (2048: 117).
+    if block is None:
+        block = 16384 if INTERPRET else 1024
+    if chunk is None:
+        chunk = max(65536, block)
+    if block < 4 or block & (block - 1) or block > 1 << 20:
+        raise ValueError(f"block must be a power of two in [4, 2**20], got {block}")
+    if chunk < 4 or chunk % 4:
+        raise ValueError(f"chunk must be a positive multiple of 4, got {chunk}")
+    return block, chunk
+
+
+def tables(group: list[torch.Tensor], streams: list[int], wds: "list[float] | None", chunk: int,
+            device: torch.device):
+    """(tensor table int64 [T, 4], weight decays float32 [T] or None, chunk table int32 [C]) on device."""
+    key = (device, chunk, tuple((p.data_ptr(), p.numel()) for p in group), tuple(streams),
+           None if wds is None else tuple(wds))
+    hit = _tables_cache.get(key)
+    if hit is not None:
+        return hit
+    rows, counts, first = [], [], 0
+    for p, stream in zip(group, streams):
+        count = cdiv(p.numel(), chunk)
+        rows.append((p.data_ptr(), p.numel(), stream, first))
+        counts.append(count)
+        first += count
+    tensors = torch.tensor(rows, dtype=torch.int64, device=device)
+    chunks = torch.repeat_interleave(torch.arange(len(group), dtype=torch.int32),
+                                     torch.tensor(counts, dtype=torch.int64)).to(device)
+    weight_decays = None if wds is None else torch.tensor(wds, dtype=torch.float32, device=device)
+    if len(_tables_cache) >= _CACHE_SIZE:
+        _tables_cache.pop(next(iter(_tables_cache)))
+    _tables_cache[key] = (tensors, weight_decays, chunks)
+    return tensors, weight_decays, chunks
+
+
+
 _extras_cache: dict = {}
 
 
@@ -31,7 +100,7 @@ def groups(params, key) -> dict:
 
 
 def extras(rows: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
-    """int64 [T, K] table of `rows` on device, cached like backend._tables: tensors keep their storage across
+    """int64 [T, K] table of `rows` on device, cached like tables(): tensors keep their storage across
     steps, so a training loop does not copy the table every call."""
     key = (device, tuple(rows))
     hit = _extras_cache.get(key)

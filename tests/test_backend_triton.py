@@ -19,6 +19,7 @@ if not DEVICES:
                 f"cuda: {tb.availability('cuda')[1]}", allow_module_level=True)
 
 from zokern import kernels  # noqa: E402  (only importable where triton is)
+from zokern.kernels import multi_tensor  # noqa: E402
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -184,11 +185,11 @@ def test_element_indices_beyond_2_31(device):
     tensors = torch.tensor([[got.data_ptr() - 4 * k, k + n, stream, -(k // chunk)]], dtype=torch.int64,
                            device=device)
     chunks = torch.zeros(triton.cdiv(n, chunk), dtype=torch.int32, device=device)
-    k0, k1 = tb._key(seed)
+    k0, k1 = multi_tensor.seed_words(seed)
     kernels.zo_update_kernel[(chunks.numel(),)](
         tensors, chunks, tensors, chunk, k0, k1, scale, 0.0, 0.0, 0, 0, 0.0, DTYPE=kernels.FLOAT32.value,
         DIST=0, FUSED=False, HAS_NEXT=False, ALIGNED_PTRS=False,
-        ALIGNED_ENDS=False, BLOCK=1024, **tb._launch_options())
+        ALIGNED_ENDS=False, BLOCK=1024, **multi_tensor.launch_options())
     z = torch.empty(n, device=device)
     tb.fill_random(z, seed, stream, k, 0, 0)
     assert _ulps(z, reference_draw(seed, stream, n, k)).max().item() <= 4.0

@@ -113,8 +113,9 @@ def test_lowrank_apply_several_tensors(device):
 
 def _masks(params, gen=None):
     """Bitmask buffers: zero, or with a generator random bits (a mask stored by an earlier pass)."""
-    return [_packed(torch.zeros(p.numel(), dtype=torch.bool) if gen is None else torch.rand(p.numel(), generator=gen) < 0.5,
-                    p.device) for p in params]
+    bits = [torch.zeros(p.numel(), dtype=torch.bool) if gen is None else torch.rand(p.numel(), generator=gen) < 0.5
+            for p in params]
+    return [_packed(b, p.device) for b, p in zip(bits, params)]
 
 
 def _packed(bits: torch.Tensor, device) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The zokern command line: `zokern info`, `zokern demo`."""
+"""The zokern command line: `zokern finetune`, `zokern info`, `zokern demo`."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,63 @@ def info() -> int:
     return 0
 
 
+def _add_finetune(sub) -> None:
+    from zokern.finetune.train import DTYPES, METHODS, FinetuneConfig
+
+    d = FinetuneConfig()
+    p = sub.add_parser("finetune", help="fine-tune a language model with a ZO method (default: the embedded "
+                                        "SmolLM2-135M on BBC News topics, offline)")
+    p.add_argument("--method", choices=sorted(METHODS), default=d.method)
+    p.add_argument("--model", default=None, help="a local Hugging Face model directory or .gguf file "
+                                                 "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--task", default=d.task, help="'bbc-news' or a JSONL file of {\"text\", \"label\"} lines")
+    p.add_argument("--template", default=None, help="prompt with {text}, for a JSONL task")
+    p.add_argument("--labels", default=None, help="class=word pairs, e.g. negative=terrible,positive=great")
+    for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("eps", float),
+                       ("weight-decay", float), ("eval-every", int), ("eval-examples", int), ("seed", int),
+                       ("checkpoint-every", int)):
+        p.add_argument(f"--{name}", type=kind, default=getattr(d, name.replace("-", "_")))
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
+    p.add_argument("--backend", choices=backends.BACKENDS, default=None)
+    p.add_argument("--output-dir", default=d.output_dir)
+    p.add_argument("--resume", action="store_true", help="continue from --output-dir's last checkpoint")
+    p.add_argument("--two-pass", action="store_true", help="fold the next perturbation into the update "
+                                                            "(MeZO, SubZero, Sparse MeZO)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method option, e.g. rank=8, sparsity=0.8, alpha=1e-8, project_every=50")
+
+
+def _parse_option(text: str):
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"--option takes NAME=VALUE, got {text!r}")
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
+def finetune_command(args) -> int:
+    from zokern.finetune.data import DataError
+    from zokern.finetune.model import ModelError, resolve_model_path
+    from zokern.finetune.train import FinetuneConfig, finetune, load_task
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "option")}
+    try:
+        config = FinetuneConfig(**fields, method_options=dict(_parse_option(o) for o in args.option))
+        load_task(config)  # bad data and bad paths fail here, before the model loads or training starts
+        resolve_model_path(config.model)
+    except (DataError, ModelError, ValueError) as exc:
+        print(f"zokern finetune: error: {exc}", file=sys.stderr)
+        return 2
+    summary = finetune(config)
+    print(f"\nzero-shot test accuracy {summary['zero_shot_accuracy']:.3f} -> fine-tuned {summary['final_accuracy']:.3f} "
+          f"({summary['steps']} steps, {summary['wall_seconds'] / 60:.1f} min); results in {config.output_dir}")
+    return 0
+
+
 def main(argv: "list[str] | None" = None) -> int:
     parser = argparse.ArgumentParser(prog="zokern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,9 +100,12 @@ def main(argv: "list[str] | None" = None) -> int:
     demo.add_argument("--eps", type=float, default=1e-3)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", choices=backends.BACKENDS, default=None)
+    _add_finetune(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "finetune":
+        return finetune_command(args)
     from zokern.demo import run_demo
 
     result = run_demo(steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed, backend=args.backend)

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "zokern/element.h"
@@ -21,6 +22,69 @@ inline void for_each_call(int64_t begin, int64_t end, F&& f) {
   for (int64_t j = begin >> 2; (j << 2) < end; ++j) f(j, std::max(begin, j << 2), std::min(end, (j << 2) + 4));
 }
 
+// Calls f with a value of the storage type of `dtype` (float32, bfloat16 or float16; checked by the caller).
+template <class F>
+inline void dispatch(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(bf16{}); break;
+    default: f(f16{}); break;
+  }
+}
+
+void check_params(at::TensorList params, const char* what = "params") {
+  for (const at::Tensor& p : params) {
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), "zokern_cpp: ", what, " must be contiguous CPU tensors");
+    const auto dtype = p.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                "zokern_cpp: ", what, " must be float32, bfloat16 or float16");
+  }
+}
+
+// Companions (Hessians, anchors, sources, masks) go with params one to one, `numel(p)` elements each.
+void check_companions(at::TensorList params, at::TensorList others, const char* what, bool words = false) {
+  TORCH_CHECK(others.size() == params.size(), "zokern_cpp: one ", what, " per tensor");
+  for (size_t t = 0; t < params.size(); ++t) {
+    const at::Tensor& o = others[t];
+    TORCH_CHECK(o.device().is_cpu() && o.is_contiguous(), "zokern_cpp: ", what, " must be contiguous CPU tensors");
+    if (words) {
+      TORCH_CHECK(o.scalar_type() == at::kInt && o.numel() == (params[t].numel() + 31) / 32,
+                  "zokern_cpp: masks must be int32 with one word per 32 elements");
+    } else {
+      TORCH_CHECK(o.numel() == params[t].numel(), "zokern_cpp: ", what, " must match their tensors' sizes");
+    }
+  }
+  if (!words) check_params(others, what);
+}
+
+const float* per_tensor(const at::Tensor& values, size_t count, const char* what) {
+  TORCH_CHECK(values.device().is_cpu() && values.is_contiguous() && values.scalar_type() == at::kFloat &&
+                  values.numel() == static_cast<int64_t>(count),
+              "zokern_cpp: ", what, " must be a contiguous float32 CPU tensor with one entry per tensor");
+  return values.data_ptr<float>();
+}
+
+// Runs f(t, begin, end) over chunks of `chunk` elements (default kDefaultChunk, rounded up to a multiple
+// of `align`) of every non-empty tensor t, in parallel.
+template <class F>
+void for_chunks(at::TensorList params, int64_t chunk, int64_t align, const F& f) {
+  chunk = chunk > 0 ? chunk : kDefaultChunk;
+  chunk = (chunk + align - 1) / align * align;
+  struct Chunk {
+    int64_t t, begin, end;
+  };
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < params.size(); ++t) {
+    const int64_t n = params[t].numel();
+    for (int64_t b = 0; b < n; b += chunk) chunks.push_back({static_cast<int64_t>(t), b, std::min(n, b + chunk)});
+  }
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t c = 0; c < num_chunks; ++c) f(chunks[c].t, chunks[c].begin, chunks[c].end);
+}
+
+// ---- MeZO ----
+
 template <class T, class Op>
 void apply_range(void* data, int64_t begin, int64_t end, uint32_t stream, float wd, const Op& op) {
   T* p = static_cast<T*>(data);
@@ -32,48 +96,16 @@ void apply_range(void* data, int64_t begin, int64_t end, uint32_t stream, float 
   });
 }
 
-struct Slot {
-  void* data;
-  at::ScalarType dtype;
-  uint32_t stream;
-  float wd;
-};
-
-struct Chunk {
-  int64_t slot, begin, end;
-};
-
-// Applies op to every element of every tensor, parallel over chunks of `chunk` elements.
 template <class Op>
-void apply_all(const at::TensorList params, at::IntArrayRef streams, const std::vector<float>& wds,
-               int64_t chunk, const Op& op) {
+void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<float>& wds, int64_t chunk,
+               const Op& op) {
   TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
-  chunk = chunk > 0 ? chunk : kDefaultChunk;
-  std::vector<Slot> slots;
-  std::vector<Chunk> chunks;
-  for (size_t t = 0; t < params.size(); ++t) {
-    const at::Tensor& p = params[t];
-    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), "zokern_cpp: params must be contiguous CPU tensors");
-    const auto dtype = p.scalar_type();
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-                "zokern_cpp: params must be float32, bfloat16 or float16");
-    const int64_t n = p.numel();
-    if (n == 0) continue;
-    const int64_t slot = static_cast<int64_t>(slots.size());
-    slots.push_back({p.data_ptr(), dtype, static_cast<uint32_t>(streams[t]), wds[t]});
-    for (int64_t b = 0; b < n; b += chunk) chunks.push_back({slot, b, std::min(n, b + chunk)});
-  }
-  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t c = 0; c < num_chunks; ++c) {
-    const Chunk& ch = chunks[c];
-    const Slot& s = slots[ch.slot];
-    switch (s.dtype) {
-      case at::kFloat: apply_range<float>(s.data, ch.begin, ch.end, s.stream, s.wd, op); break;
-      case at::kBFloat16: apply_range<bf16>(s.data, ch.begin, ch.end, s.stream, s.wd, op); break;
-      default: apply_range<f16>(s.data, ch.begin, ch.end, s.stream, s.wd, op); break;
-    }
-  }
+  check_params(params);
+  for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
+    dispatch(params[t].scalar_type(), [&](auto tag) {
+      apply_range<decltype(tag)>(params[t].data_ptr(), begin, end, static_cast<uint32_t>(streams[t]), wds[t], op);
+    });
+  });
 }
 
 void perturb_(at::TensorList params, at::IntArrayRef streams, int64_t seed, double scale, int64_t dist,
@@ -89,6 +121,266 @@ void fused_step_(at::TensorList params, at::IntArrayRef streams, int64_t seed, d
                   static_cast<float>(grad), next_seed, static_cast<float>(next_scale), static_cast<int>(dist)};
   apply_all(params, streams, std::vector<float>(weight_decays.begin(), weight_decays.end()), chunk, op);
 }
+
+// ---- low-rank (SubZero) ----
+
+constexpr int64_t kRowBlock = 16;   // rows of W per work item
+constexpr int64_t kColBlock = 256;  // columns of W per work item: Vᵀ's r×256 floats stay in L2
+
+// W += (U·C)·Vᵀ without an m×n temporary: float32 U·C (m×r) and Vᵀ (r×n) first, then tiles of W, each
+// row summing over the rank into kColBlock accumulators (vectorised over columns). Sums as element.h says.
+// Returns the kernel launches made, for the CUDA build's schema: 1 call here.
+int64_t lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores) {
+  const size_t count = weights.size();
+  TORCH_CHECK(us.size() == count && vs.size() == count && cores.size() == count, "zokern_cpp: list lengths differ");
+  check_params(weights, "weights");
+  check_params(us, "us");
+  check_params(vs, "vs");
+  std::vector<std::vector<float>> uc(count), vt(count);
+  struct Item {
+    int64_t t, row, col;  // col < 0: a block of rows of U·C and Vᵀ (phase 1); else a tile of W (phase 2)
+  };
+  std::vector<Item> prepare, tiles;
+  for (size_t t = 0; t < count; ++t) {
+    const at::Tensor &w = weights[t], &u = us[t], &v = vs[t], &c = cores[t];
+    TORCH_CHECK(w.dim() == 2 && u.dim() == 2 && v.dim() == 2 && u.size(0) == w.size(0) && v.size(0) == w.size(1) &&
+                    u.size(1) == v.size(1),
+                "zokern_cpp: W (m×n) needs U (m×r) and V (n×r)");
+    TORCH_CHECK(c.device().is_cpu() && c.is_contiguous() && c.scalar_type() == at::kFloat && c.dim() == 2 &&
+                    c.size(0) == u.size(1) && c.size(1) == u.size(1),
+                "zokern_cpp: cores must be contiguous float32 r×r CPU tensors");
+    const int64_t m = w.size(0), n = w.size(1), r = u.size(1);
+    if (m * n == 0) continue;
+    uc[t].resize(m * r);
+    vt[t].resize(n * r);
+    for (int64_t i = 0; i < std::max(m, n); i += kRowBlock) prepare.push_back({static_cast<int64_t>(t), i, -1});
+    for (int64_t i = 0; i < m; i += kRowBlock) {
+      for (int64_t j = 0; j < n; j += kColBlock) tiles.push_back({static_cast<int64_t>(t), i, j});
+    }
+  }
+
+  const int64_t num_prepare = static_cast<int64_t>(prepare.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t k = 0; k < num_prepare; ++k) {
+    const int64_t t = prepare[k].t, i0 = prepare[k].row;
+    const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
+    const float* core = cores[t].data_ptr<float>();
+    dispatch(us[t].scalar_type(), [&](auto tag) {
+      const auto* u = static_cast<const decltype(tag)*>(us[t].data_ptr());
+      for (int64_t i = i0; i < std::min(m, i0 + kRowBlock); ++i) {
+        for (int64_t a = 0; a < r; ++a) {
+          float acc = 0.f;
+          for (int64_t b = 0; b < r; ++b) acc = madd_rn(acc, to_float(u[i * r + b]), core[b * r + a]);
+          uc[t][i * r + a] = acc;
+        }
+      }
+    });
+    dispatch(vs[t].scalar_type(), [&](auto tag) {
+      const auto* v = static_cast<const decltype(tag)*>(vs[t].data_ptr());
+      for (int64_t j = i0; j < std::min(n, i0 + kRowBlock); ++j) {
+        for (int64_t a = 0; a < r; ++a) vt[t][a * n + j] = to_float(v[j * r + a]);
+      }
+    });
+  }
+
+  const int64_t num_tiles = static_cast<int64_t>(tiles.size());
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t k = 0; k < num_tiles; ++k) {
+    const int64_t t = tiles[k].t, i0 = tiles[k].row, j0 = tiles[k].col;
+    const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
+    const int64_t cols = std::min(kColBlock, n - j0);
+    dispatch(weights[t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* w = static_cast<T*>(weights[t].data_ptr());
+      float acc[kColBlock];
+      for (int64_t i = i0; i < std::min(m, i0 + kRowBlock); ++i) {
+        std::fill(acc, acc + cols, 0.f);
+        for (int64_t a = 0; a < r; ++a) {
+          const float ua = uc[t][i * r + a];
+          const float* va = vt[t].data() + a * n + j0;
+          for (int64_t jj = 0; jj < cols; ++jj) acc[jj] = madd_rn(acc[jj], ua, va[jj]);
+        }
+        T* row = w + i * n + j0;
+        for (int64_t jj = 0; jj < cols; ++jj) row[jj] = from_float<T>(add_rn(to_float(row[jj]), acc[jj]));
+      }
+    });
+  }
+  return 1;
+}
+
+// ---- magnitude mask (Sparse MeZO) ----
+
+// Whole mask words: chunks are multiples of 32 elements, word w covers elements 32w .. 32w+31, and the
+// bits past the tensor's end are stored as zeros (as the reference's packing).
+template <class T, class Op>
+void masked_range(void* data, uint32_t* words, int64_t begin, int64_t end, uint32_t stream, float wd, float h,
+                  const Op& op) {
+  T* p = static_cast<T*>(data);
+  for (int64_t w = begin >> 5; (w << 5) < end; ++w) {
+    const int64_t base = w << 5, hi = std::min(end, base + 32);
+    const uint32_t in = op.reads_mask() ? words[w] : 0u;
+    uint32_t out = 0;
+    for (int64_t j = base >> 2; (j << 2) < hi; ++j) {
+      const int shift = static_cast<int>((j << 2) - base);
+      const int64_t top = std::min(hi, (j << 2) + 4);
+      float x[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t i = j << 2; i < top; ++i) x[i & 3] = to_float(p[i]);
+      out |= op.template apply<T>(stream, wd, h, static_cast<uint64_t>(j), x, (in >> shift) & 0xFu) << shift;
+      for (int64_t i = j << 2; i < top; ++i) p[i] = from_float<T>(x[i & 3]);
+    }
+    if (op.writes_mask()) words[w] = hi - base == 32 ? out : out & ((1u << (hi - base)) - 1u);
+  }
+}
+
+template <class Op>
+void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds, at::IntArrayRef streams,
+                const std::vector<float>& wds, int64_t chunk, const Op& op) {
+  TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
+  check_params(params);
+  check_companions(params, masks, "masks", /*words=*/true);
+  const float* h = per_tensor(thresholds, params.size(), "thresholds");
+  for_chunks(params, chunk, 32, [&](int64_t t, int64_t begin, int64_t end) {
+    dispatch(params[t].scalar_type(), [&](auto tag) {
+      masked_range<decltype(tag)>(params[t].data_ptr(), static_cast<uint32_t*>(masks[t].data_ptr()), begin, end,
+                                  static_cast<uint32_t>(streams[t]), wds[t], h[t], op);
+    });
+  });
+}
+
+void masked_perturb_(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
+                     at::IntArrayRef streams, int64_t seed, double scale, bool compute_mask, int64_t dist,
+                     int64_t chunk) {
+  const MaskedPerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist),
+                           compute_mask};
+  masked_all(params, masks, thresholds, streams, std::vector<float>(params.size(), 0.f), chunk, op);
+}
+
+void masked_fused_step_(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
+                        at::IntArrayRef streams, int64_t seed, double restore, double lr, double grad,
+                        at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale, int64_t dist,
+                        int64_t chunk) {
+  const MaskedStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
+                        static_cast<float>(grad), next_seed, static_cast<float>(next_scale), static_cast<int>(dist)};
+  masked_all(params, masks, thresholds, streams, std::vector<float>(weight_decays.begin(), weight_decays.end()),
+             chunk, op);
+}
+
+// ---- diagonal Hessian (HiZOO) ----
+
+template <class T, class TD, class Op>
+void hessian_range(void* data, void* hess, int64_t begin, int64_t end, uint32_t stream, float wd, const Op& op) {
+  T* p = static_cast<T*>(data);
+  TD* dh = static_cast<TD*>(hess);
+  for_each_call(begin, end, [&](int64_t j, int64_t lo, int64_t hi) {
+    float x[4] = {0.f, 0.f, 0.f, 0.f}, d[4] = {1.f, 1.f, 1.f, 1.f};
+    for (int64_t i = lo; i < hi; ++i) {
+      x[i & 3] = to_float(p[i]);
+      d[i & 3] = to_float(dh[i]);
+    }
+    op(stream, wd, static_cast<uint64_t>(j), x, d);
+    for (int64_t i = lo; i < hi; ++i) {
+      p[i] = from_float<T>(x[i & 3]);
+      if (Op::writes_d) dh[i] = from_float<TD>(d[i & 3]);
+    }
+  });
+}
+
+template <class Op>
+void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
+                 const std::vector<float>& wds, int64_t chunk, const Op& op) {
+  TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
+  check_params(params);
+  check_companions(params, hessians, "hessians");
+  for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
+    dispatch(params[t].scalar_type(), [&](auto tag) {
+      dispatch(hessians[t].scalar_type(), [&](auto dtag) {
+        hessian_range<decltype(tag), decltype(dtag)>(params[t].data_ptr(), hessians[t].data_ptr(), begin, end,
+                                                     static_cast<uint32_t>(streams[t]), wds[t], op);
+      });
+    });
+  });
+}
+
+void hessian_perturb_(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams, int64_t seed,
+                      double scale, int64_t dist, int64_t chunk) {
+  const HessianPerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist)};
+  hessian_all(params, hessians, streams, std::vector<float>(params.size(), 0.f), chunk, op);
+}
+
+void hessian_step_(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams, int64_t seed,
+                   double restore, double lr, double grad, double hess_scale, double alpha,
+                   at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale, int64_t dist,
+                   int64_t chunk) {
+  const HessianStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
+                         static_cast<float>(grad), static_cast<float>(hess_scale), static_cast<float>(alpha),
+                         static_cast<float>(1.0 - alpha), next_seed, static_cast<float>(next_scale),
+                         static_cast<int>(dist)};
+  hessian_all(params, hessians, streams, std::vector<float>(weight_decays.begin(), weight_decays.end()), chunk, op);
+}
+
+// ---- anchored rescale (DiZO) ----
+
+constexpr int kLanes = 8;  // independent float32 partial sums per chunk: vectorisable, and a shorter error chain
+
+// ‖θ − θ0‖ per tensor: per-chunk sums (kLanes interleaved lanes, then the lanes in order), then each
+// tensor's chunk sums in chunk order: the result depends on the chunk size only, never on the threads.
+at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t chunk) {
+  check_params(params);
+  check_companions(params, anchors, "anchors");
+  chunk = chunk > 0 ? chunk : kDefaultChunk;
+  std::vector<int64_t> first(params.size() + 1, 0);
+  for (size_t t = 0; t < params.size(); ++t) first[t + 1] = first[t] + (params[t].numel() + chunk - 1) / chunk;
+  std::vector<float> partial(first.back());
+  for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
+    dispatch(params[t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      const T* p = static_cast<const T*>(params[t].data_ptr());
+      const T* a = static_cast<const T*>(anchors[t].data_ptr());
+      float lanes[kLanes] = {};
+      int64_t i = begin;
+      for (; i + kLanes <= end; i += kLanes) {
+        for (int k = 0; k < kLanes; ++k) lanes[k] = add_rn(lanes[k], square_diff(to_float(p[i + k]), to_float(a[i + k])));
+      }
+      for (int k = 0; i < end; ++i, ++k) lanes[k] = add_rn(lanes[k], square_diff(to_float(p[i]), to_float(a[i])));
+      float sum = 0.f;
+      for (int k = 0; k < kLanes; ++k) sum = add_rn(sum, lanes[k]);
+      partial[first[t] + begin / chunk] = sum;
+    });
+  });
+  at::Tensor out = at::empty({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for (size_t t = 0; t < params.size(); ++t) {
+    float sum = 0.f;
+    for (int64_t c = first[t]; c < first[t + 1]; ++c) sum = add_rn(sum, partial[c]);
+    o[t] = sqrt_rn(sum);
+  }
+  return out;
+}
+
+void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optional<at::TensorList> sources,
+                       const at::Tensor& factors, int64_t chunk) {
+  check_params(params);
+  check_companions(params, anchors, "anchors");
+  std::vector<at::Tensor> src;  // the source of each tensor: sources[t], or the tensor itself
+  if (sources.has_value()) {
+    check_companions(params, *sources, "sources");
+    src.assign(sources->begin(), sources->end());
+  } else {
+    src.assign(params.begin(), params.end());
+  }
+  const float* f = per_tensor(factors, params.size(), "factors");
+  for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
+    dispatch(params[t].scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      T* p = static_cast<T*>(params[t].data_ptr());
+      const T* a = static_cast<const T*>(anchors[t].data_ptr());
+      const T* s = static_cast<const T*>(src[t].data_ptr());
+      for (int64_t i = begin; i < end; ++i) p[i] = from_float<T>(rescale_value(to_float(a[i]), to_float(s[i]), f[t]));
+    });
+  });
+}
+
+// ---- the random stream ----
 
 void fill_random_(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset, int64_t domain, int64_t dist) {
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.scalar_type() == at::kFloat,
@@ -134,10 +426,31 @@ TORCH_LIBRARY(zokern_cpp, m) {
   m.def("perturb_(Tensor(a!)[] params, int[] streams, int seed, float scale, int dist, int chunk) -> ()");
   m.def("fused_step_(Tensor(a!)[] params, int[] streams, int seed, float restore, float lr, float grad, "
         "float[] weight_decays, int next_seed, float next_scale, int dist, int chunk) -> ()");
+  m.def("lowrank_apply_(Tensor(a!)[] weights, Tensor[] us, Tensor[] vs, Tensor[] cores) -> int");
+  m.def("masked_perturb_(Tensor(a!)[] params, Tensor(b!)[] masks, Tensor thresholds, int[] streams, int seed, "
+        "float scale, bool compute_mask, int dist, int chunk) -> ()");
+  m.def("masked_fused_step_(Tensor(a!)[] params, Tensor(b!)[] masks, Tensor thresholds, int[] streams, int seed, "
+        "float restore, float lr, float grad, float[] weight_decays, int next_seed, float next_scale, int dist, "
+        "int chunk) -> ()");
+  m.def("hessian_perturb_(Tensor(a!)[] params, Tensor[] hessians, int[] streams, int seed, float scale, int dist, "
+        "int chunk) -> ()");
+  m.def("hessian_step_(Tensor(a!)[] params, Tensor(b!)[] hessians, int[] streams, int seed, float restore, "
+        "float lr, float grad, float hess_scale, float alpha, float[] weight_decays, int next_seed, "
+        "float next_scale, int dist, int chunk) -> ()");
+  m.def("distance_norms(Tensor[] params, Tensor[] anchors, int chunk) -> Tensor");
+  m.def("anchored_rescale_(Tensor(a!)[] params, Tensor[] anchors, Tensor[]? sources, Tensor factors, "
+        "int chunk) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(zokern_cpp, CPU, m) {
   m.impl("fill_random_", &fill_random_);
   m.impl("perturb_", &perturb_);
   m.impl("fused_step_", &fused_step_);
+  m.impl("lowrank_apply_", &lowrank_apply_);
+  m.impl("masked_perturb_", &masked_perturb_);
+  m.impl("masked_fused_step_", &masked_fused_step_);
+  m.impl("hessian_perturb_", &hessian_perturb_);
+  m.impl("hessian_step_", &hessian_step_);
+  m.impl("distance_norms", &distance_norms);
+  m.impl("anchored_rescale_", &anchored_rescale_);
 }

@@ -97,7 +97,8 @@ class Backend:
     """The backend interface of zokern/backends/reference.py over one extension's ops.
 
     The CPU extension records one launch per call into it; the CUDA one launches one kernel per dtype
-    present in the list, which is what `launches` counts."""
+    present in the list (per dtype pair for the Hessian ops; the low-rank op returns its count), which is
+    what `launches` counts."""
 
     def __init__(self, name: str, device_type: str, extension: _Extension, namespace: str):
         self.name, self.device_type, self.extension, self.namespace = name, device_type, extension, namespace
@@ -153,3 +154,70 @@ class Backend:
         self._record("fused_step", params)
         ops.fused_step_(params, list(streams), seed, float(restore), float(lr), float(grad),
                         [float(wd) for wd in weight_decays], next_seed, float(next_scale), int(dist), chunk or 0)
+
+    def lowrank_apply(self, weights, us, vs, cores) -> None:
+        if not any(w.numel() for w in weights):
+            return
+        ops = self._ops()
+        launches = ops.lowrank_apply_(weights, us, vs, cores)
+        for _ in range(launches if self.device_type == "cuda" else 1):
+            record_launch(self.name, "lowrank_apply")
+
+    def masked_perturb(self, params, masks, thresholds, streams, seed, scale, compute_mask, dist, *,
+                       chunk=None) -> None:
+        if not any(p.numel() for p in params):
+            return
+        ops = self._ops()
+        self._record("masked_perturb", params)
+        ops.masked_perturb_(params, masks, thresholds.contiguous(), list(streams), seed, float(scale),
+                            bool(compute_mask), int(dist), chunk or 0)
+
+    def masked_fused_step(self, params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays,
+                          next_seed, next_scale, dist, *, chunk=None) -> None:
+        if not any(p.numel() for p in params):
+            return
+        ops = self._ops()
+        self._record("masked_fused_step", params)
+        ops.masked_fused_step_(params, masks, thresholds.contiguous(), list(streams), seed, float(restore),
+                               float(lr), float(grad), [float(wd) for wd in weight_decays], next_seed,
+                               float(next_scale), int(dist), chunk or 0)
+
+    def _record_hessian(self, kernel, params, hessians) -> None:
+        """One CUDA launch per (parameter dtype, Hessian dtype) pair present."""
+        pairs = {(p.dtype, d.dtype) for p, d in zip(params, hessians) if p.numel() > 0}
+        for _ in range(len(pairs) if self.device_type == "cuda" else 1):
+            record_launch(self.name, kernel)
+
+    def hessian_perturb(self, params, hessians, streams, seed, scale, dist, *, chunk=None) -> None:
+        if not any(p.numel() for p in params):
+            return
+        ops = self._ops()
+        self._record_hessian("hessian_perturb", params, hessians)
+        ops.hessian_perturb_(params, hessians, list(streams), seed, float(scale), int(dist), chunk or 0)
+
+    def hessian_step(self, params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
+                     next_seed, next_scale, dist, *, chunk=None) -> None:
+        if not any(p.numel() for p in params):
+            return
+        ops = self._ops()
+        self._record_hessian("hessian_step", params, hessians)
+        ops.hessian_step_(params, hessians, list(streams), seed, float(restore), float(lr), float(grad),
+                          float(hess_scale), float(alpha), [float(wd) for wd in weight_decays], next_seed,
+                          float(next_scale), int(dist), chunk or 0)
+
+    def distance_norms(self, params, anchors, *, chunk=None) -> torch.Tensor:
+        if not params:
+            return torch.empty(0)
+        ops = self._ops()
+        # CUDA: one partial-sum launch per dtype present, then one that sums each tensor's partials.
+        self._record("distance_norms", params)
+        if self.device_type == "cuda":
+            record_launch(self.name, "distance_norms")
+        return ops.distance_norms(params, anchors, chunk or 0)
+
+    def anchored_rescale(self, params, anchors, sources, factors, *, chunk=None) -> None:
+        if not any(p.numel() for p in params):
+            return
+        ops = self._ops()
+        self._record("anchored_rescale", params)
+        ops.anchored_rescale_(params, anchors, sources, factors.contiguous(), chunk or 0)

@@ -1,7 +1,6 @@
 """Sparse MeZO: perturb and update only small-magnitude weights, through a per-step bitmask [ALGORITHMS.md §2]."""
 from __future__ import annotations
 
-import torch
 
 from zokern import ops
 from zokern.optim.base import ZOOptimizer

@@ -1,6 +1,7 @@
 // Per-element math of the fused ops (docs/OPS.md), shared by the CPU extension and the CUDA kernels so
 // that the CPU build runs the very code the GPU runs: loads of float32/bfloat16/float16 as float32,
-// round-to-nearest-even stores, and the perturb / fused-step formulas. Torch-free.
+// round-to-nearest-even stores, and the formulas of every op (MeZO, low-rank, magnitude mask, diagonal
+// Hessian, anchored rescale). Torch-free.
 //
 // FMA contraction: the reference composes separately rounded float32 multiplies and adds, and so do we.
 // On the device every multiply/add below is an explicit __fmul_rn/__fadd_rn/__fsub_rn, which nvcc never
@@ -153,6 +154,26 @@ ZK_HD inline float sub_rn(float a, float b) {
 #endif
 }
 
+// IEEE (correctly rounded) division and square root: the device's defaults may be approximate.
+ZK_HD inline float div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+ZK_HD inline float sqrt_rn(float a) {
+#ifdef __CUDA_ARCH__
+  return __fsqrt_rn(a);
+#else
+  return sqrtf(a);
+#endif
+}
+
+// acc + a·b, two roundings: the low-rank sums accumulate in this fixed order on every backend.
+ZK_HD inline float madd_rn(float acc, float a, float b) { return add_rn(acc, mul_rn(a, b)); }
+
 // ---- the ops of docs/OPS.md ----
 
 // perturb: x + scale·z
@@ -199,5 +220,137 @@ struct StepOp {
     }
   }
 };
+
+// ---- low-rank perturbation (SubZero): W += (U·C)·Vᵀ ----
+// Both backends sum over the rank in index order, from 0, with madd_rn: (U·C)[i, a] = Σ_b U[i, b]·C[b, a],
+// then delta[i, j] = Σ_a (U·C)[i, a]·V[j, a], and W[i, j] = round(W[i, j] + delta[i, j]). So the CPU
+// and the GPU agree bit for bit (the reference's BLAS order differs by rounding only).
+
+// ---- magnitude mask (Sparse MeZO) ----
+// The masks are bit words: bit b of word w is element 32w + b. An op handles the four elements of one
+// Philox call and their four mask bits (bit q <-> element 4j + q); the caller assembles whole words.
+
+ZK_HD inline bool in_mask(float x, float h) { return fabsf(x) <= h; }  // NaN: out
+
+// m·z as the reference multiplies a bool by z: ±0 where m is off, so even the sign of a zero sum agrees.
+ZK_HD inline float masked_z(uint32_t m, float z) { return mul_rn(m ? 1.0f : 0.0f, z); }
+
+struct MaskedPerturbOp {
+  uint64_t seed;
+  float scale;
+  int dist;
+  bool compute_mask;
+
+  ZK_HD bool reads_mask() const { return !compute_mask; }
+  ZK_HD bool writes_mask() const { return compute_mask; }
+
+  // bits: the stored mask bits (ignored when computing); returns the bits used, to store if writes_mask.
+  template <class T>
+  ZK_HD uint32_t apply(uint32_t stream, float /*wd*/, float h, uint64_t j, float x[4], uint32_t bits) const {
+    float z[4];
+    draw4(seed, stream, kPerturbation, dist, j, z);
+    uint32_t used = 0;
+    ZK_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t m = compute_mask ? static_cast<uint32_t>(in_mask(x[q], h)) : (bits >> q) & 1u;
+      used |= m << q;
+      x[q] = perturb_value(x[q], scale, masked_z(m, z[q]));
+    }
+    return used;
+  }
+};
+
+struct MaskedStepOp {
+  uint64_t seed;
+  float restore, lr, grad;
+  int64_t next_seed;  // -1: no next perturbation (and no new mask)
+  float next_scale;
+  int dist;
+
+  ZK_HD bool reads_mask() const { return true; }
+  ZK_HD bool writes_mask() const { return next_seed >= 0; }
+
+  // T: the parameter dtype, whose rounding of the updated weights the next mask is taken from.
+  template <class T>
+  ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t j, float x[4], uint32_t bits) const {
+    float z[4];
+    draw4(seed, stream, kPerturbation, dist, j, z);
+    ZK_UNROLL
+    for (int q = 0; q < 4; ++q) x[q] = step_value(x[q], masked_z((bits >> q) & 1u, z[q]), restore, lr, grad, wd);
+    if (next_seed < 0) return bits;
+    draw4(static_cast<uint64_t>(next_seed), stream, kPerturbation, dist, j, z);
+    uint32_t next = 0;
+    ZK_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      x[q] = to_float(from_float<T>(x[q]));  // the weights this step stores
+      const uint32_t m = in_mask(x[q], h);
+      next |= m << q;
+      x[q] = perturb_value(x[q], next_scale, masked_z(m, z[q]));
+    }
+    return next;
+  }
+};
+
+// ---- diagonal Hessian (HiZOO) ----
+// The ops take the four elements x of one Philox call and their Hessian entries d (float32 values of D);
+// writes_d says whether d comes back updated.
+
+ZK_HD inline float hessian_z(float z, float d) { return div_rn(z, sqrt_rn(d)); }  // z / sqrt(D)
+
+struct HessianPerturbOp {
+  uint64_t seed;
+  float scale;
+  int dist;
+
+  static constexpr bool writes_d = false;
+
+  ZK_HD void operator()(uint32_t stream, float /*wd*/, uint64_t j, float x[4], float d[4]) const {
+    float z[4];
+    draw4(seed, stream, kPerturbation, dist, j, z);
+    ZK_UNROLL
+    for (int q = 0; q < 4; ++q) x[q] = perturb_value(x[q], scale, hessian_z(z[q], d[q]));
+  }
+};
+
+struct HessianStepOp {
+  uint64_t seed;
+  float restore, lr, grad, hess_scale, alpha;
+  float one_minus_alpha;  // float32(1 − alpha) of the double, as the reference's scalar
+  int64_t next_seed;      // -1: no next perturbation
+  float next_scale;
+  int dist;
+
+  static constexpr bool writes_d = true;
+
+  ZK_HD void operator()(uint32_t stream, float wd, uint64_t j, float x[4], float d[4]) const {
+    float z[4];
+    draw4(seed, stream, kPerturbation, dist, j, z);
+    ZK_UNROLL
+    for (int q = 0; q < 4; ++q) {
+      float v = add_rn(x[q], mul_rn(restore, hessian_z(z[q], d[q])));  // restore with the old D
+      const float dn = add_rn(mul_rn(one_minus_alpha, d[q]),
+                              mul_rn(alpha, mul_rn(mul_rn(hess_scale, d[q]), mul_rn(z[q], z[q]))));
+      v = sub_rn(v, mul_rn(lr, add_rn(mul_rn(grad, hessian_z(z[q], dn)), mul_rn(wd, v))));  // update: new D
+      x[q] = v;
+      d[q] = dn;
+    }
+    if (next_seed >= 0) {
+      draw4(static_cast<uint64_t>(next_seed), stream, kPerturbation, dist, j, z);
+      ZK_UNROLL
+      for (int q = 0; q < 4; ++q) x[q] = perturb_value(x[q], next_scale, hessian_z(z[q], d[q]));
+    }
+  }
+};
+
+// ---- anchored rescale (DiZO) ----
+
+// a + (s − a)·f
+ZK_HD inline float rescale_value(float a, float s, float f) { return add_rn(a, mul_rn(sub_rn(s, a), f)); }
+
+// (x − a)², one term of ‖θ − θ0‖²
+ZK_HD inline float square_diff(float x, float a) {
+  const float t = sub_rn(x, a);
+  return mul_rn(t, t);
+}
 
 }  // namespace zokern

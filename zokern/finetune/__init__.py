@@ -1,0 +1,1 @@
+"""Fine-tuning language models with zokern's optimizers: tasks, model loading, the training loop."""

@@ -1,0 +1,237 @@
+"""The fine-tuning loop behind `zokern finetune`: seeded batches, periodic evaluation, metrics, plots,
+atomic checkpoints and exact resume."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import zokern
+from zokern import optim
+from zokern.finetune.data import Example, Task, bbc_news, jsonl_task
+from zokern.finetune.model import load_model
+from zokern.finetune.prompts import PromptClassifier
+
+METHODS = {"mezo": optim.MeZO, "subzero": optim.SubZero, "sparse-mezo": optim.SparseMeZO, "hizoo": optim.HiZOO,
+           "dizo": optim.DiZO}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class FinetuneConfig:
+    method: str = "mezo"
+    model: "str | None" = None
+    task: str = "bbc-news"
+    template: "str | None" = None
+    labels: "str | None" = None
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-6
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    eval_examples: int = 111
+    seed: int = 0
+    dtype: str = "float32"
+    backend: "str | None" = None
+    output_dir: str = "runs/finetune"
+    resume: bool = False
+    checkpoint_every: int = 100
+    two_pass: bool = False
+    method_options: dict = field(default_factory=dict)
+
+
+def load_task(config: FinetuneConfig) -> Task:
+    if config.task == "bbc-news":
+        return bbc_news()
+    if not (config.template and config.labels):
+        from zokern.finetune.data import DataError
+
+        raise DataError("a JSONL --task needs --template (with {text}) and --labels (name=word,...)")
+    return jsonl_task(config.task, config.template, config.labels)
+
+
+def make_optimizer(config: FinetuneConfig, model):
+    if config.method not in METHODS:
+        raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
+    options = dict(config.method_options)
+    if config.weight_decay and config.method != "subzero":
+        options["weight_decay"] = config.weight_decay
+    if config.two_pass:
+        options["two_pass"] = True
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return METHODS[config.method](trainable, lr=config.lr, eps=config.eps, seed=config.seed,
+                                  backend=config.backend, **options)
+
+
+def sample(examples: list[Example], size: int, *key) -> list[Example]:
+    """A batch that depends only on (seed, step, ...): a resumed run sees the same batches."""
+    return random.Random(repr(key)).sample(examples, min(size, len(examples)))
+
+
+class Run:
+    """Files of one run in --output-dir: metrics.jsonl, summary.json, plots, checkpoint/."""
+
+    def __init__(self, directory: str):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.checkpoint = self.dir / "checkpoint"
+
+    def log(self, record: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_step: int) -> None:
+        kept = [r for r in self.records() if r.get("step", 0) <= last_step]
+        _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def save_checkpoint(self, model, optimizer, progress: dict) -> None:
+        from safetensors.torch import save_model
+
+        tmp = self.dir / "checkpoint.tmp"
+        tmp.mkdir(exist_ok=True)
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (lm_head = embedding)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "progress.json").write_text(json.dumps(progress))
+        old = self.dir / "checkpoint.old"
+        if self.checkpoint.exists():
+            self.checkpoint.rename(old)
+        tmp.rename(self.checkpoint)  # a killed run leaves either the old or the new checkpoint, whole
+        if old.exists():
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+    def load_checkpoint(self, model, optimizer) -> dict:
+        from safetensors.torch import load_model
+
+        load_model(model, str(self.checkpoint / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(self.checkpoint / "optimizer.pt", weights_only=False))
+        return json.loads((self.checkpoint / "progress.json").read_text())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def finetune(config: FinetuneConfig, progress_stream=sys.stderr) -> dict:
+    start_time = time.perf_counter()
+    task = load_task(config)
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(config.model, DTYPES[config.dtype])
+    model.requires_grad_(True)
+    classifier = PromptClassifier(task, tokenizer)
+    optimizer = make_optimizer(config, model)
+    run = Run(config.output_dir)
+    device = next(model.parameters()).device
+    eval_set = task.validation[:config.eval_examples]
+
+    state = {"step": 0, "best_validation_accuracy": None, "zero_shot_accuracy": None}
+    if config.resume and run.checkpoint.exists():
+        state = run.load_checkpoint(model, optimizer)
+        run.truncate_metrics(state["step"])
+    else:
+        if run.metrics_path.exists():
+            run.metrics_path.unlink()
+        state["zero_shot_accuracy"] = classifier.accuracy(model, task.test)
+        run.log({"step": 0, "zero_shot_test_accuracy": state["zero_shot_accuracy"]})
+
+    def closure_for(batch):
+        return lambda: classifier.loss(model, batch)
+
+    train_start, first_step = time.perf_counter(), state["step"]
+    for step in range(first_step, config.steps):
+        batch = classifier.batch(sample(task.train, config.batch_size, config.seed, step), device)
+        extra = {}
+        if config.method == "dizo":
+            counter = iter(range(1_000_000))
+            extra["fresh_closure"] = lambda: closure_for(classifier.batch(
+                sample(task.train, config.batch_size, config.seed, step, "probe", next(counter)), device))
+        loss = float(optimizer.step(closure_for(batch), **extra))
+        record = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"]}
+        done = step + 1 - first_step
+        rate = done / (time.perf_counter() - train_start)
+        _progress(progress_stream, step + 1, config.steps, loss, rate)
+        if config.eval_every and (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            with optimizer.unperturbed():
+                record["validation_accuracy"] = classifier.accuracy(model, eval_set)
+            best = state["best_validation_accuracy"]
+            state["best_validation_accuracy"] = max(best or 0.0, record["validation_accuracy"])
+            print(f"\nstep {step + 1}: validation accuracy {record['validation_accuracy']:.3f}", file=progress_stream)
+        run.log(record)
+        state["step"] = step + 1
+        if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            run.save_checkpoint(model, optimizer, state)
+
+    optimizer.restore_weights()
+    steps_per_second = (state["step"] - first_step) / max(1e-9, time.perf_counter() - train_start)
+    final = classifier.accuracy(model, task.test)
+    run.save_checkpoint(model, optimizer, state)
+    summary = {
+        "task": task.name, "method": config.method, "zero_shot_accuracy": state["zero_shot_accuracy"],
+        "final_accuracy": final, "best_validation_accuracy": state["best_validation_accuracy"],
+        "steps": state["step"], "steps_per_second": steps_per_second,
+        "wall_seconds": time.perf_counter() - start_time,
+        "peak_memory_bytes": _peak_memory(device), "nonfinite_steps": optimizer.nonfinite_steps,
+        "hyperparameters": asdict(config),
+        "versions": {"zokern": zokern.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "backend": zokern.backends.resolve(config.backend, device.type),
+    }
+    _atomic_write(run.dir / "summary.json", json.dumps(summary, indent=2).encode())
+    _plot(run)
+    return summary
+
+
+def _progress(stream, step: int, total: int, loss: float, rate: float) -> None:
+    left = (total - step) / rate if rate > 0 else float("nan")
+    width = 30
+    filled = int(width * step / total)
+    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] step {step}/{total}  loss {loss:.4f}  "
+                 f"{rate:.2f} steps/s  {left / 60:.1f} min left ")
+    stream.flush()
+
+
+def _peak_memory(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _plot(run: Run) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = run.records()
+    for key, name, ylabel in (("loss", "loss.png", "training loss"),
+                              ("validation_accuracy", "validation_accuracy.png", "validation accuracy")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*points), marker="o" if len(points) < 30 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run.dir / name, dpi=100)
+        plt.close(fig)
