@@ -67,6 +67,10 @@ def make_optimizer(config: FinetuneConfig, model):
     if config.two_pass:
         options["two_pass"] = True
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if config.method == "dizo" and getattr(model.config, "tie_word_embeddings", False):
+        # DiZO's authors leave the tied token embedding out of training [ALGORITHMS.md §4].
+        tied = model.get_input_embeddings().weight
+        trainable = [(n, p) for n, p in trainable if p is not tied]
     return METHODS[config.method](trainable, lr=config.lr, eps=config.eps, seed=config.seed,
                                   backend=config.backend, **options)
 

