@@ -14,7 +14,7 @@ from zokern.backends import record_launch
 
 from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, seed_words, tables
 from .philox import draw_rows
-from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32
+from .zo_update import chunk_of_program, PERTURBATION, _load_f32, _pointer, _store_f32
 
 
 @triton.jit
@@ -31,15 +31,7 @@ def hessian_kernel(tensors, extra, chunks, weight_decays, chunk, k0, k1, restore
     the old D, D' = (1−α)·D + α·(hess_scale·D·z²), update and next perturbation with D', store x and D'.
     `extra` rows: (D address,). The alignment flags cover θ and D. one_minus_alpha is 1 − α rounded once from
     double, as the reference's Python scalar is."""
-    pid = tl.program_id(0)
-    t = tl.load(chunks + pid).to(tl.int64)
-    addr = tl.load(tensors + 4 * t)
-    numel = tl.load(tensors + 4 * t + 1)
-    stream = tl.load(tensors + 4 * t + 2).to(tl.uint32)
-    start = (pid - tl.load(tensors + 4 * t + 3)) * chunk
-    end = tl.minimum(numel, start + chunk)
-    if ALIGNED_ENDS:
-        end = tl.multiple_of(end, 4)
+    t, addr, stream, start, end = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
     ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
     d_ptr0 = _pointer(tl.load(extra + t), D_DTYPE, ALIGNED_PTRS)
     key0 = k0.to(tl.uint32, bitcast=True)

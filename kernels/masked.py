@@ -15,7 +15,7 @@ from zokern.backends import record_launch
 
 from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, round_to, seed_words, tables
 from .philox import draw_rows
-from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32
+from .zo_update import chunk_of_program, PERTURBATION, _load_f32, _pointer, _store_f32
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
@@ -28,15 +28,7 @@ def masked_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, 
     HAS_NEXT the next mask from the rounded result, written, then the next perturbation under it.
     `extra` rows: (index into thresholds, mask address)."""
     WORDS: tl.constexpr = BLOCK // 32
-    pid = tl.program_id(0)
-    t = tl.load(chunks + pid).to(tl.int64)
-    addr = tl.load(tensors + 4 * t)
-    numel = tl.load(tensors + 4 * t + 1)
-    stream = tl.load(tensors + 4 * t + 2).to(tl.uint32)
-    start = (pid - tl.load(tensors + 4 * t + 3)) * chunk
-    end = tl.minimum(numel, start + chunk)
-    if ALIGNED_ENDS:
-        end = tl.multiple_of(end, 4)
+    t, addr, stream, start, end = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
     h = tl.load(thresholds + tl.load(extra + 2 * t))
     mask_ptr = tl.load(extra + 2 * t + 1).to(tl.pointer_type(tl.int32))
     ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)

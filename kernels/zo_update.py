@@ -62,6 +62,21 @@ def _store_f32(ptr, x, mask, DTYPE: tl.constexpr):
         tl.store(ptr, x, mask=mask)
 
 
+@triton.jit
+def chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS: tl.constexpr):
+    """This program's chunk of the multi-tensor launch: (tensor index t, address, stream, start, end), from
+    the chunk table (tensor index per program) and tensor table rows (address, numel, stream, first chunk)."""
+    pid = tl.program_id(0)
+    t = tl.load(chunks + pid).to(tl.int64)
+    start = (pid - tl.load(tensors + 4 * t + 3)) * chunk
+    end = tl.minimum(tl.load(tensors + 4 * t + 1), start + chunk)
+    if ALIGNED_ENDS:
+        # With end a multiple of 4 the mask is constant over each row's 4 elements, so masked accesses can
+        # still be vector accesses.
+        end = tl.multiple_of(end, 4)
+    return t, tl.load(tensors + 4 * t), tl.load(tensors + 4 * t + 2).to(tl.uint32), start, end
+
+
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
 def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
                      DTYPE: tl.constexpr, DIST: tl.constexpr, FUSED: tl.constexpr, HAS_NEXT: tl.constexpr,
@@ -70,17 +85,7 @@ def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr,
     update with per-tensor weight decay and, if HAS_NEXT, the next perturbation. Seeds arrive as int32
     bit patterns of their 32-bit halves (k0, k1) and (nk0, nk1). ALIGNED_PTRS promises that every tensor's
     address is aligned to 4 elements, ALIGNED_ENDS that every numel is a multiple of 4."""
-    pid = tl.program_id(0)
-    t = tl.load(chunks + pid).to(tl.int64)
-    addr = tl.load(tensors + 4 * t)
-    numel = tl.load(tensors + 4 * t + 1)
-    stream = tl.load(tensors + 4 * t + 2).to(tl.uint32)
-    start = (pid - tl.load(tensors + 4 * t + 3)) * chunk
-    end = tl.minimum(numel, start + chunk)
-    if ALIGNED_ENDS:
-        # With end a multiple of 4 the mask is constant over each row's 4 elements, so masked accesses can
-        # still be vector accesses.
-        end = tl.multiple_of(end, 4)
+    t, addr, stream, start, end = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
     ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
     key0 = k0.to(tl.uint32, bitcast=True)
     key1 = k1.to(tl.uint32, bitcast=True)
