@@ -41,9 +41,10 @@ def _matrices(dtype):
 
 def _lowrank_inputs(dtype):
     weights = _matrices(dtype)
-    factors = [zokern.subspace_factors(1, k, *w.shape, RANK, dtype=dtype, device=DEVICE, backend="reference")
-               for k, w in enumerate(weights)]
-    cores = [torch.randn(RANK, RANK, device=DEVICE) for _ in weights]
+    ranks = [min(RANK, *w.shape) for w in weights]
+    factors = [zokern.subspace_factors(1, k, *w.shape, r, dtype=dtype, device=DEVICE, backend="reference")
+               for k, (w, r) in enumerate(zip(weights, ranks))]
+    cores = [torch.randn(r, r, device=DEVICE) for r in ranks]
     return weights, [u for u, _ in factors], [v for _, v in factors], cores
 
 
@@ -63,7 +64,7 @@ def test_lowrank_subzero_reference(benchmark, copy_bandwidth, dtype):
 
     def run():
         for w, u, v, c in zip(weights, us, vs, cores):
-            scale = math.sqrt(w.numel()) / RANK
+            scale = math.sqrt(w.numel()) / c.shape[0]
             w.data = w.data + EPS * scale * (u @ c.to(u.dtype) @ v.t())
     _bench(benchmark, run)
     record(benchmark, weights, 1, copy_bandwidth, op="lowrank_apply", backend="subzero-reference", dtype=dtype,

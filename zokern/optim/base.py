@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import warnings
 import zlib
 from dataclasses import dataclass, field
 
@@ -142,9 +143,10 @@ class ZOOptimizer(torch.optim.Optimizer):
             self.pending_seed = None
             self.nonfinite_steps += 1
             self.step_count += 1
+            message = f"non-finite loss at step {self.step_count - 1}: {values}; weights restored, no update applied"
             if self.on_nonfinite == "raise":
-                raise NonFiniteLossError(f"non-finite loss at step {self.step_count - 1}: {values}; "
-                                         "weights restored, no update applied")
+                raise NonFiniteLossError(message)
+            warnings.warn(f"{message} ({self.nonfinite_steps} such steps so far)", RuntimeWarning, stacklevel=2)
             return losses["plus"]
         grad = (values["plus"] - values["minus"]) / (2 * self.eps)
         next_seed = step_seed(self.seed, self.step_count + 1) if self.two_pass else None
