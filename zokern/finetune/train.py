@@ -45,6 +45,9 @@ class FinetuneConfig:
     resume: bool = False
     checkpoint_every: int = 100
     two_pass: bool = False
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on lora_targets instead of all weights
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,v_proj"
     method_options: dict = field(default_factory=dict)
 
 
@@ -58,7 +61,27 @@ def load_task(config: FinetuneConfig) -> Task:
     return jsonl_task(config.task, config.template, config.labels)
 
 
-def make_optimizer(config: FinetuneConfig, model):
+def prepare_model(config: FinetuneConfig, model):
+    """Mark what trains: every weight, or LoRA adapters (MeZO's LoRA mode) on `lora_targets`."""
+    if config.lora_rank <= 0:
+        return model.requires_grad_(True)
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                      target_modules=[t.strip() for t in config.lora_targets.split(",") if t.strip()])
+    return get_peft_model(model, lora).eval()
+
+
+def trainable_parameters(config: FinetuneConfig, model) -> list:
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if config.method == "dizo" and getattr(model.config, "tie_word_embeddings", False):
+        # DiZO's authors leave the tied token embedding out of training [ALGORITHMS.md §4].
+        tied = model.get_input_embeddings().weight
+        trainable = [(n, p) for n, p in trainable if p is not tied]
+    return trainable
+
+
+def make_optimizer(config: FinetuneConfig, trainable: list):
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
     options = dict(config.method_options)
@@ -66,11 +89,6 @@ def make_optimizer(config: FinetuneConfig, model):
         options["weight_decay"] = config.weight_decay
     if config.two_pass:
         options["two_pass"] = True
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if config.method == "dizo" and getattr(model.config, "tie_word_embeddings", False):
-        # DiZO's authors leave the tied token embedding out of training [ALGORITHMS.md §4].
-        tied = model.get_input_embeddings().weight
-        trainable = [(n, p) for n, p in trainable if p is not tied]
     return METHODS[config.method](trainable, lr=config.lr, eps=config.eps, seed=config.seed,
                                   backend=config.backend, **options)
 
@@ -102,12 +120,14 @@ class Run:
         kept = [r for r in self.records() if r.get("step", 0) <= last_step]
         _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
-    def save_checkpoint(self, model, optimizer, progress: dict) -> None:
-        from safetensors.torch import save_model
+    def save_checkpoint(self, trainable: list, optimizer, progress: dict) -> None:
+        """The trained tensors (all weights, or the LoRA adapters), optimizer state and progress, written to a
+        temporary directory and renamed into place."""
+        from safetensors.torch import save_file
 
         tmp = self.dir / "checkpoint.tmp"
         tmp.mkdir(exist_ok=True)
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (lm_head = embedding)
+        save_file({name: p.detach().contiguous() for name, p in trainable}, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "progress.json").write_text(json.dumps(progress))
         old = self.dir / "checkpoint.old"
@@ -119,10 +139,13 @@ class Run:
                 f.unlink()
             old.rmdir()
 
-    def load_checkpoint(self, model, optimizer) -> dict:
-        from safetensors.torch import load_model
+    def load_checkpoint(self, trainable: list, optimizer) -> dict:
+        from safetensors.torch import load_file
 
-        load_model(model, str(self.checkpoint / "model.safetensors"))
+        saved = load_file(str(self.checkpoint / "model.safetensors"))
+        with torch.no_grad():
+            for name, p in trainable:
+                p.copy_(saved[name])
         optimizer.load_state_dict(torch.load(self.checkpoint / "optimizer.pt", weights_only=False))
         return json.loads((self.checkpoint / "progress.json").read_text())
 
@@ -138,16 +161,17 @@ def finetune(config: FinetuneConfig, progress_stream=sys.stderr) -> dict:
     task = load_task(config)
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.model, DTYPES[config.dtype])
-    model.requires_grad_(True)
+    model = prepare_model(config, model)
     classifier = PromptClassifier(task, tokenizer)
-    optimizer = make_optimizer(config, model)
+    trainable = trainable_parameters(config, model)
+    optimizer = make_optimizer(config, trainable)
     run = Run(config.output_dir)
     device = next(model.parameters()).device
     eval_set = task.validation[:config.eval_examples]
 
     state = {"step": 0, "best_validation_accuracy": None, "zero_shot_accuracy": None}
     if config.resume and run.checkpoint.exists():
-        state = run.load_checkpoint(model, optimizer)
+        state = run.load_checkpoint(trainable, optimizer)
         run.truncate_metrics(state["step"])
     else:
         if run.metrics_path.exists():
@@ -180,12 +204,12 @@ def finetune(config: FinetuneConfig, progress_stream=sys.stderr) -> dict:
         run.log(record)
         state["step"] = step + 1
         if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            run.save_checkpoint(model, optimizer, state)
+            run.save_checkpoint(trainable, optimizer, state)
 
     optimizer.restore_weights()
     steps_per_second = (state["step"] - first_step) / max(1e-9, time.perf_counter() - train_start)
     final = classifier.accuracy(model, task.test)
-    run.save_checkpoint(model, optimizer, state)
+    run.save_checkpoint(trainable, optimizer, state)
     summary = {
         "task": task.name, "method": config.method, "zero_shot_accuracy": state["zero_shot_accuracy"],
         "final_accuracy": final, "best_validation_accuracy": state["best_validation_accuracy"],
