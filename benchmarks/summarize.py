@@ -13,12 +13,38 @@ def rows(report: dict):
             yield info, bench["stats"]["median"]
 
 
+def step_table(report: dict) -> list[str]:
+    """End-to-end steps: (b)/(c) overhead over the forward floor, (a)/(b) speed-up over the MeZO reference."""
+    steps = [(b["extra_info"], b["stats"]["median"]) for b in report["benchmarks"]
+             if b.get("extra_info", {}).get("op") == "zo_step"]
+    if not steps:
+        return []
+    floor = {i["step_kind"]: t for i, t in steps if i["step_kind"].startswith("forward-x")}
+    inference_peak = next((i["peak_memory_bytes"] for i, _ in steps if i["step_kind"] == "forward-x2"), None)
+    reference = next((t for i, t in steps if i["step_kind"] == "mezo-reference"), None)
+    env = steps[0][0]
+    lines = ["", f"### End-to-end ZO step: `{env['model']}` model, {env['model_dtype']}, "
+                 f"{env['tokens_per_step']} tokens per step", "",
+             "| step | median ms | tokens/s | × forward floor | speed-up vs MeZO reference | peak memory / inference |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for info, median in steps:
+        forwards = info.get("forwards", 2)
+        over = f"{median / floor[f'forward-x{forwards}']:.2f}" if info["step_kind"] in ("zokern", "mezo-reference") \
+            and f"forward-x{forwards}" in floor else "—"
+        speedup = f"{reference / median:.2f}×" if reference and info["step_kind"] == "zokern" else "—"
+        peak = f"{info['peak_memory_bytes'] / inference_peak:.2f}" if inference_peak and info.get("peak_memory_bytes") \
+            else "—"
+        lines.append(f"| {info['method']} ({info['step_kind']}) | {median * 1e3:.1f} | {info['tokens_per_s']:.0f} | "
+                     f"{over} | {speedup} | {peak} |")
+    return lines
+
+
 def table(path: str) -> str:
     with open(path) as f:
         report = json.load(f)
     entries = list(rows(report))
     if not entries:
-        return f"## {path}\n\nno timed results\n"
+        return "\n".join([f"## {path}", ""] + step_table(report)) + "\n"
     env = entries[0][0]
     baseline = {(i["op"], i["dtype"]): t for i, t in entries if i["backend"] == "mezo-reference"}
     lines = [f"## {env['device']} — {env['date']}", "",
@@ -33,7 +59,7 @@ def table(path: str) -> str:
         lines.append(f"| {info['op']} | {info['backend']} | {info['dtype']} | {median * 1e3:.3f} | "
                      f"{info['gb_per_s']:.1f} | {100 * info['fraction_of_copy']:.1f}% | "
                      f"{info['elements_per_s'] / 1e9:.3f} | {speedup} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + step_table(report)) + "\n"
 
 
 def main(paths: list[str]) -> None:

@@ -1,0 +1,115 @@
+"""One ZO step end to end on a Llama-architecture model built from a config with random weights (no download):
+(a) the MeZO reference step (the authors' eager loop), (b) zokern's step for each method, (c) the forward
+passes alone (2, HiZOO 3): the floor no ZO method can beat.
+
+ZOKERN_BENCH_MODEL picks the model (MODELS below; default 1b on CUDA, cpu-small on CPU). Step rows carry
+`step_kind`, tokens/s and, on CUDA, peak memory next to the inference peak; summarize.py derives the
+ratios (b)/(c) and (a)/(b).
+"""
+import os
+
+import pytest
+import torch
+
+from zokern import optim
+from bench_utils import DEVICE, environment, synchronize
+
+pytest.importorskip("transformers")
+
+MODELS = {  # (hidden, intermediate, layers, heads, kv heads, vocab, batch, sequence)
+    "tiny": (64, 128, 2, 4, 2, 1000, 2, 16),
+    "cpu-small": (256, 688, 4, 8, 4, 8000, 4, 64),
+    "1b": (2048, 8192, 16, 32, 8, 128256, 16, 256),       # Llama-3.2-1B shapes
+    "8b": (4096, 14336, 32, 32, 8, 128256, 16, 256),      # Llama-3-8B shapes
+}
+MODEL = os.environ.get("ZOKERN_BENCH_MODEL", "1b" if DEVICE == "cuda" else "cpu-small")
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+METHODS = {"mezo": (optim.MeZO, {}), "subzero": (optim.SubZero, {}), "sparse-mezo": (optim.SparseMeZO, {}),
+           "hizoo": (optim.HiZOO, {}), "dizo": (optim.DiZO, {"project_every": 10**9})}
+EPS, LR = 1e-3, 1e-6
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv, vocab, batch, seq = MODELS[MODEL]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         tie_word_embeddings=MODEL != "8b")
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM(config).to(DTYPE).eval()
+    g = torch.Generator(device="cpu").manual_seed(1)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g).to(DEVICE)
+    return model, tokens
+
+
+def loss_fn(model, tokens):
+    with torch.inference_mode():
+        return model(input_ids=tokens, labels=tokens).loss
+
+
+def mezo_reference_step(model, tokens, seed):
+    """MeZO's trainer (zo_step / zo_perturb_parameters / zo_update): four eager passes, z regenerated each."""
+    named = [p for p in model.parameters() if p.requires_grad]
+
+    def perturb(scale):
+        torch.manual_seed(seed)
+        for p in named:
+            z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+            p.data = p.data + scale * z * EPS
+
+    perturb(1)
+    loss_plus = loss_fn(model, tokens)
+    perturb(-2)
+    loss_minus = loss_fn(model, tokens)
+    grad = ((loss_plus - loss_minus) / (2 * EPS)).item()
+    perturb(1)
+    torch.manual_seed(seed)
+    for p in named:
+        z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
+        p.data = p.data - LR * grad * z
+
+
+def _measure(benchmark, fn, kind, tokens, **info):
+    def run():
+        fn()
+        synchronize()
+    run()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(run, rounds=3 if MODEL in ("1b", "8b") else 5, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:
+        return
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(environment())
+    benchmark.extra_info.update(info)
+    benchmark.extra_info.update({
+        "op": "zo_step", "step_kind": kind, "model": MODEL, "model_dtype": str(DTYPE).replace("torch.", ""),
+        "tokens_per_step": tokens.numel(), "tokens_per_s": tokens.numel() / median,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None})
+
+
+@pytest.mark.parametrize("forwards", [2, 3])
+def test_forward_floor(benchmark, setup, forwards):
+    model, tokens = setup
+    _measure(benchmark, lambda: [loss_fn(model, tokens) for _ in range(forwards)], f"forward-x{forwards}", tokens,
+             backend="torch", method=f"forwards-{forwards}")
+
+
+def test_mezo_reference_step(benchmark, setup):
+    model, tokens = setup
+    seeds = iter(range(10**6))
+    _measure(benchmark, lambda: mezo_reference_step(model, tokens, next(seeds)), "mezo-reference", tokens,
+             backend="mezo-reference", method="mezo")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zokern_step(benchmark, setup, method):
+    model, tokens = setup
+    cls, options = METHODS[method]
+    opt = cls(model.named_parameters(), lr=LR, eps=EPS, **options)
+    _measure(benchmark, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern", tokens,
+             backend=opt.backend or "auto", method=method,
+             forwards=opt.forwards_per_step)
