@@ -58,6 +58,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="> 0: train LoRA adapters of this rank")
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     p.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated module names for LoRA")
+    p.add_argument("--train-pattern", default=None, help="train only parameters whose names match this regex")
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                    help="a method option, e.g. rank=8, sparsity=0.8, alpha=1e-8, project_every=50")
 

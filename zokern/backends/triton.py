@@ -19,6 +19,7 @@ except ImportError as exc:  # triton is optional
     kernels = None
     _IMPORT_ERROR = str(exc)
 
+
 def availability(device_type: str) -> tuple[bool, str]:
     if kernels is None:
         return False, f"cannot import triton kernels: {_IMPORT_ERROR}"

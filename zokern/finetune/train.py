@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,7 @@ class FinetuneConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on lora_targets instead of all weights
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,v_proj"
+    train_pattern: "str | None" = None  # regex: train only parameters whose names match (e.g. "norm")
     method_options: dict = field(default_factory=dict)
 
 
@@ -74,6 +76,10 @@ def prepare_model(config: FinetuneConfig, model):
 
 def trainable_parameters(config: FinetuneConfig, model) -> list:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if config.train_pattern:
+        trainable = [(n, p) for n, p in trainable if re.search(config.train_pattern, n)]
+        if not trainable:
+            raise ValueError(f"--train-pattern {config.train_pattern!r} matches no trainable parameter")
     if config.method == "dizo" and getattr(model.config, "tie_word_embeddings", False):
         # DiZO's authors leave the tied token embedding out of training [ALGORITHMS.md §4].
         tied = model.get_input_embeddings().weight
