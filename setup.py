@@ -5,5 +5,5 @@ from setuptools import setup
 setup(
     packages=["zokern", "zokern.backends", "zokern.kernels", "zokern._csrc"],
     package_dir={"zokern.kernels": "kernels", "zokern._csrc": "csrc"},
-    package_data={"zokern._csrc": ["include/zokern/*.h", "cpu/*.cpp", "cuda/*.cu", "cuda/*.cuh"]},
+    package_data={"zokern._csrc": ["include/zokern/*.h", "cpu/*.cpp", "cpu/*.h", "cpu/*.inc", "cuda/*.cu", "cuda/*.cuh"]},
 )

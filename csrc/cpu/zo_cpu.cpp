@@ -1,14 +1,48 @@
 // CPU ops of zokern (namespace zokern_cpp): a whole list of tensors per call, OpenMP-parallel over a table
-// of chunks that covers all of them. The math is csrc/include/zokern/{philox,element}.h, shared with CUDA.
+// of chunks that covers all of them. The element math is csrc/include/zokern/{philox,element}.h, shared
+// with CUDA; the kernels that draw random numbers do it in SIMD blocks (zo_cpu_kernels.inc).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <vector>
 
+#include "zo_simd.h"
 #include "zokern/backend_ops.h"
 #include "zokern/element.h"
+
+// ---- the kernels that draw, one copy per ISA level; the widest the CPU has runs (all give the same bits) ----
+
+namespace zokern {
+namespace simd {
+#define ZK_LEVEL 0
+#define ZK_TARGET
+namespace generic {
+#include "zo_cpu_kernels.inc"
+}
+#undef ZK_TARGET
+#undef ZK_LEVEL
+#ifdef ZK_X86
+#define ZK_LEVEL 1
+#define ZK_TARGET ZK_TARGET_AVX2
+namespace avx2 {
+#include "zo_cpu_kernels.inc"
+}
+#undef ZK_TARGET
+#undef ZK_LEVEL
+#define ZK_LEVEL 2
+#define ZK_TARGET ZK_TARGET_AVX512
+namespace avx512 {
+#include "zo_cpu_kernels.inc"
+}
+#undef ZK_TARGET
+#undef ZK_LEVEL
+#endif
+}  // namespace simd
+}  // namespace zokern
 
 namespace {
 
@@ -16,12 +50,43 @@ using namespace zokern;
 
 constexpr int64_t kDefaultChunk = int64_t(1) << 16;
 
-// Calls f(j, lo, hi) for every Philox call j touching elements [begin, end), with [lo, hi) the elements
-// of that call inside the range.
-template <class F>
-inline void for_each_call(int64_t begin, int64_t end, F&& f) {
-  for (int64_t j = begin >> 2; (j << 2) < end; ++j) f(j, std::max(begin, j << 2), std::min(end, (j << 2) + 4));
+enum class Level { kGeneric, kAvx2, kAvx512 };
+
+// ZOKERN_CPU_SIMD=generic|avx2 caps the level (to test the narrower paths on a wider CPU).
+Level detect_level() {
+  Level level = Level::kGeneric;
+#ifdef ZK_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    level = Level::kAvx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+      level = Level::kAvx512;
+    }
+  }
+#endif
+  const char* cap = std::getenv("ZOKERN_CPU_SIMD");
+  if (cap != nullptr && std::strcmp(cap, "generic") == 0) level = Level::kGeneric;
+  if (cap != nullptr && std::strcmp(cap, "avx2") == 0) level = std::min(level, Level::kAvx2);
+  return level;
 }
+
+Level simd_level() {
+  static const Level level = detect_level();
+  return level;
+}
+
+// Calls simd::<level>::kernel(args...) for the CPU's level.
+#ifdef ZK_X86
+#define ZK_RUN(kernel, ...)                                                 \
+  switch (simd_level()) {                                                   \
+    case Level::kAvx512: simd::avx512::kernel(__VA_ARGS__); break;          \
+    case Level::kAvx2: simd::avx2::kernel(__VA_ARGS__); break;              \
+    default: simd::generic::kernel(__VA_ARGS__);                            \
+  }
+#else
+#define ZK_RUN(kernel, ...) simd::generic::kernel(__VA_ARGS__)
+#endif
 
 // Calls f with a value of the storage type of `dtype` (float32, bfloat16 or float16; checked by the caller).
 template <class F>
@@ -86,17 +151,6 @@ void for_chunks(at::TensorList params, int64_t chunk, int64_t align, const F& f)
 
 // ---- MeZO ----
 
-template <class T, class Op>
-void apply_range(void* data, int64_t begin, int64_t end, uint32_t stream, float wd, const Op& op) {
-  T* p = static_cast<T*>(data);
-  for_each_call(begin, end, [&](int64_t j, int64_t lo, int64_t hi) {
-    float x[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int64_t i = lo; i < hi; ++i) x[i & 3] = to_float(p[i]);
-    op(stream, wd, static_cast<uint64_t>(j), x);
-    for (int64_t i = lo; i < hi; ++i) p[i] = from_float<T>(x[i & 3]);
-  });
-}
-
 template <class Op>
 void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<float>& wds, int64_t chunk,
                const Op& op) {
@@ -104,7 +158,9 @@ void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector
   check_params(params);
   for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
     dispatch(params[t].scalar_type(), [&](auto tag) {
-      apply_range<decltype(tag)>(params[t].data_ptr(), begin, end, static_cast<uint32_t>(streams[t]), wds[t], op);
+      using T = decltype(tag);
+      ZK_RUN(apply_range, static_cast<T*>(params[t].data_ptr()), begin, end, static_cast<uint32_t>(streams[t]), wds[t],
+             op);
     });
   });
 }
@@ -211,28 +267,6 @@ int64_t lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList
 
 // ---- magnitude mask (Sparse MeZO) ----
 
-// Whole mask words: chunks are multiples of 32 elements, word w covers elements 32w .. 32w+31, and the
-// bits past the tensor's end are stored as zeros (as the reference's packing).
-template <class T, class Op>
-void masked_range(void* data, uint32_t* words, int64_t begin, int64_t end, uint32_t stream, float wd, float h,
-                  const Op& op) {
-  T* p = static_cast<T*>(data);
-  for (int64_t w = begin >> 5; (w << 5) < end; ++w) {
-    const int64_t base = w << 5, hi = std::min(end, base + 32);
-    const uint32_t in = op.reads_mask() ? words[w] : 0u;
-    uint32_t out = 0;
-    for (int64_t j = base >> 2; (j << 2) < hi; ++j) {
-      const int shift = static_cast<int>((j << 2) - base);
-      const int64_t top = std::min(hi, (j << 2) + 4);
-      float x[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int64_t i = j << 2; i < top; ++i) x[i & 3] = to_float(p[i]);
-      out |= op.template apply<T>(stream, wd, h, static_cast<uint64_t>(j), x, (in >> shift) & 0xFu) << shift;
-      for (int64_t i = j << 2; i < top; ++i) p[i] = from_float<T>(x[i & 3]);
-    }
-    if (op.writes_mask()) words[w] = hi - base == 32 ? out : out & ((1u << (hi - base)) - 1u);
-  }
-}
-
 template <class Op>
 void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds, at::IntArrayRef streams,
                 const std::vector<float>& wds, int64_t chunk, const Op& op) {
@@ -242,8 +276,9 @@ void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& t
   const float* h = per_tensor(thresholds, params.size(), "thresholds");
   for_chunks(params, chunk, 32, [&](int64_t t, int64_t begin, int64_t end) {
     dispatch(params[t].scalar_type(), [&](auto tag) {
-      masked_range<decltype(tag)>(params[t].data_ptr(), static_cast<uint32_t*>(masks[t].data_ptr()), begin, end,
-                                  static_cast<uint32_t>(streams[t]), wds[t], h[t], op);
+      using T = decltype(tag);
+      ZK_RUN(masked_range, static_cast<T*>(params[t].data_ptr()), static_cast<uint32_t*>(masks[t].data_ptr()), begin,
+             end, static_cast<uint32_t>(streams[t]), wds[t], h[t], op);
     });
   });
 }
@@ -268,24 +303,6 @@ void masked_fused_step_(at::TensorList params, at::TensorList masks, const at::T
 
 // ---- diagonal Hessian (HiZOO) ----
 
-template <class T, class TD, class Op>
-void hessian_range(void* data, void* hess, int64_t begin, int64_t end, uint32_t stream, float wd, const Op& op) {
-  T* p = static_cast<T*>(data);
-  TD* dh = static_cast<TD*>(hess);
-  for_each_call(begin, end, [&](int64_t j, int64_t lo, int64_t hi) {
-    float x[4] = {0.f, 0.f, 0.f, 0.f}, d[4] = {1.f, 1.f, 1.f, 1.f};
-    for (int64_t i = lo; i < hi; ++i) {
-      x[i & 3] = to_float(p[i]);
-      d[i & 3] = to_float(dh[i]);
-    }
-    op(stream, wd, static_cast<uint64_t>(j), x, d);
-    for (int64_t i = lo; i < hi; ++i) {
-      p[i] = from_float<T>(x[i & 3]);
-      if (Op::writes_d) dh[i] = from_float<TD>(d[i & 3]);
-    }
-  });
-}
-
 template <class Op>
 void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
                  const std::vector<float>& wds, int64_t chunk, const Op& op) {
@@ -295,8 +312,10 @@ void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef
   for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
     dispatch(params[t].scalar_type(), [&](auto tag) {
       dispatch(hessians[t].scalar_type(), [&](auto dtag) {
-        hessian_range<decltype(tag), decltype(dtag)>(params[t].data_ptr(), hessians[t].data_ptr(), begin, end,
-                                                     static_cast<uint32_t>(streams[t]), wds[t], op);
+        using T = decltype(tag);
+        using TD = decltype(dtag);
+        ZK_RUN(hessian_range, static_cast<T*>(params[t].data_ptr()), static_cast<TD*>(hessians[t].data_ptr()), begin,
+               end, static_cast<uint32_t>(streams[t]), wds[t], op);
       });
     });
   });
@@ -391,14 +410,9 @@ void fill_random_(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset,
   const int64_t num_chunks = (n + kDefaultChunk - 1) / kDefaultChunk;
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < num_chunks; ++c) {
-    // Stream positions offset + [begin, end) go to out[begin, end).
-    const int64_t begin = offset + c * kDefaultChunk, end = offset + std::min(n, (c + 1) * kDefaultChunk);
-    for_each_call(begin, end, [&](int64_t j, int64_t lo, int64_t hi) {
-      float z[4];
-      draw4(static_cast<uint64_t>(seed), static_cast<uint32_t>(stream), static_cast<uint32_t>(domain),
-            static_cast<int>(dist), static_cast<uint64_t>(j), z);
-      for (int64_t i = lo; i < hi; ++i) o[i - offset] = z[i & 3];
-    });
+    const int64_t first = c * kDefaultChunk, last = std::min(n, first + kDefaultChunk);
+    ZK_RUN(fill_range, o + first, offset + first, offset + last, static_cast<uint64_t>(seed),
+           static_cast<uint32_t>(stream), static_cast<uint32_t>(domain), static_cast<int>(dist));
   }
 }
 

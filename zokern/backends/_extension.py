@@ -19,8 +19,11 @@ import torch
 from zokern.backends import record_launch
 
 # -ffp-contract=off: the element math is separately rounded multiplies and adds, like the reference
-# (see csrc/include/zokern/element.h); never -ffast-math (accurate logf/sinf/cosf).
-CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math"]
+# (see csrc/include/zokern/element.h); never -ffast-math. -fno-math-errno (no precision change) lets the
+# SIMD Box–Muller's square roots vectorise (csrc/cpu/zo_simd.h); -Wno-psabi: its vector helpers are all
+# inlined, so GCC's notes on their calling convention are noise. No -march: the CPU kernels pick their ISA
+# (AVX-512 / AVX2 / baseline) at run time, so a cached build runs on any x86-64 or other CPU.
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-Wno-psabi"]
 # No --fmad=false: the kernels spell their multiplies/adds as __fmul_rn/__fadd_rn, which are never fused
 # whatever the flags (also in CI's plain nvcc_check build), and CUDA's logf/sinf/cosf keep the default
 # code their documented accuracy refers to.

@@ -185,19 +185,40 @@ ZK_HD inline float step_value(float x, float z, float restore, float lr, float g
   return sub_rn(x, mul_rn(lr, add_rn(mul_rn(grad, z), mul_rn(wd, x))));
 }
 
-// The ops work on the four elements 4j .. 4j+3 of one Philox call, x in float32; slots outside the
-// tensor carry junk that the caller never stores. wd is the tensor's weight decay.
+// Each op has a per-element form, element(x, z, zn, ...): x in float32, z its perturbation, zn the next
+// perturbation's (used only where next() >= 0; next() is that draw's seed, −1 for none). The CPU draws z
+// and zn for whole blocks (csrc/cpu/zo_simd.h) and calls it per element; the four-element form below, one
+// Philox call j, draws them itself (the CUDA kernels). Slots outside the tensor carry junk that the caller
+// never stores. wd is the tensor's weight decay.
+
+// z and zn (zeros where op.next() < 0) of Philox call j.
+template <class Op>
+ZK_HD inline void draw_z(const Op& op, uint32_t stream, uint64_t j, float z[4], float zn[4]) {
+  draw4(op.seed, stream, kPerturbation, op.dist, j, z);
+  if (op.next() >= 0) {
+    draw4(static_cast<uint64_t>(op.next()), stream, kPerturbation, op.dist, j, zn);
+  } else {
+    ZK_UNROLL
+    for (int q = 0; q < 4; ++q) zn[q] = 0.f;
+  }
+}
+
 struct PerturbOp {
   uint64_t seed;
   float scale;
   int dist;
 
-  ZK_HD void operator()(uint32_t stream, float /*wd: no decay in a perturbation*/, uint64_t j,
-                        float x[4]) const {
-    float z[4];
-    draw4(seed, stream, kPerturbation, dist, j, z);
+  ZK_HD int64_t next() const { return -1; }
+
+  ZK_HD float element(float x, float z, float /*zn*/, float /*wd: no decay in a perturbation*/) const {
+    return perturb_value(x, scale, z);
+  }
+
+  ZK_HD void operator()(uint32_t stream, float wd, uint64_t j, float x[4]) const {
+    float z[4], zn[4];
+    draw_z(*this, stream, j, z, zn);
     ZK_UNROLL
-    for (int q = 0; q < 4; ++q) x[q] = perturb_value(x[q], scale, z[q]);
+    for (int q = 0; q < 4; ++q) x[q] = element(x[q], z[q], zn[q], wd);
   }
 };
 
@@ -208,16 +229,18 @@ struct StepOp {
   float next_scale;
   int dist;
 
+  ZK_HD int64_t next() const { return next_seed; }
+
+  ZK_HD float element(float x, float z, float zn, float wd) const {
+    x = step_value(x, z, restore, lr, grad, wd);
+    return next_seed >= 0 ? perturb_value(x, next_scale, zn) : x;
+  }
+
   ZK_HD void operator()(uint32_t stream, float wd, uint64_t j, float x[4]) const {
-    float z[4];
-    draw4(seed, stream, kPerturbation, dist, j, z);
+    float z[4], zn[4];
+    draw_z(*this, stream, j, z, zn);
     ZK_UNROLL
-    for (int q = 0; q < 4; ++q) x[q] = step_value(x[q], z[q], restore, lr, grad, wd);
-    if (next_seed >= 0) {
-      draw4(static_cast<uint64_t>(next_seed), stream, kPerturbation, dist, j, z);
-      ZK_UNROLL
-      for (int q = 0; q < 4; ++q) x[q] = perturb_value(x[q], next_scale, z[q]);
-    }
+    for (int q = 0; q < 4; ++q) x[q] = element(x[q], z[q], zn[q], wd);
   }
 };
 
@@ -235,28 +258,42 @@ ZK_HD inline bool in_mask(float x, float h) { return fabsf(x) <= h; }  // NaN: o
 // m·z as the reference multiplies a bool by z: ±0 where m is off, so even the sign of a zero sum agrees.
 ZK_HD inline float masked_z(uint32_t m, float z) { return mul_rn(m ? 1.0f : 0.0f, z); }
 
+// The four-element form takes the four mask bits (bit q <-> element 4j + q) and returns the four to store.
+template <class T, class Op>
+ZK_HD inline uint32_t masked_apply4(const Op& op, uint32_t stream, float wd, float h, uint64_t j, float x[4],
+                                    uint32_t bits) {
+  float z[4], zn[4];
+  draw_z(op, stream, j, z, zn);
+  uint32_t out = 0;
+  ZK_UNROLL
+  for (int q = 0; q < 4; ++q) {
+    uint32_t m = (bits >> q) & 1u;
+    x[q] = op.template element<T>(x[q], z[q], zn[q], wd, h, m);
+    out |= m << q;
+  }
+  return out;
+}
+
 struct MaskedPerturbOp {
   uint64_t seed;
   float scale;
   int dist;
   bool compute_mask;
 
+  ZK_HD int64_t next() const { return -1; }
   ZK_HD bool reads_mask() const { return !compute_mask; }
   ZK_HD bool writes_mask() const { return compute_mask; }
 
-  // bits: the stored mask bits (ignored when computing); returns the bits used, to store if writes_mask.
+  // m: the stored mask bit (ignored when computing); becomes the bit used, to store if writes_mask.
   template <class T>
-  ZK_HD uint32_t apply(uint32_t stream, float /*wd*/, float h, uint64_t j, float x[4], uint32_t bits) const {
-    float z[4];
-    draw4(seed, stream, kPerturbation, dist, j, z);
-    uint32_t used = 0;
-    ZK_UNROLL
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t m = compute_mask ? static_cast<uint32_t>(in_mask(x[q], h)) : (bits >> q) & 1u;
-      used |= m << q;
-      x[q] = perturb_value(x[q], scale, masked_z(m, z[q]));
-    }
-    return used;
+  ZK_HD float element(float x, float z, float /*zn*/, float /*wd*/, float h, uint32_t& m) const {
+    if (compute_mask) m = in_mask(x, h);
+    return perturb_value(x, scale, masked_z(m, z));
+  }
+
+  template <class T>
+  ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t j, float x[4], uint32_t bits) const {
+    return masked_apply4<T>(*this, stream, wd, h, j, x, bits);
   }
 };
 
@@ -267,27 +304,24 @@ struct MaskedStepOp {
   float next_scale;
   int dist;
 
+  ZK_HD int64_t next() const { return next_seed; }
   ZK_HD bool reads_mask() const { return true; }
   ZK_HD bool writes_mask() const { return next_seed >= 0; }
 
   // T: the parameter dtype, whose rounding of the updated weights the next mask is taken from.
+  // m: the stored mask bit; becomes the next perturbation's bit if there is one.
+  template <class T>
+  ZK_HD float element(float x, float z, float zn, float wd, float h, uint32_t& m) const {
+    x = step_value(x, masked_z(m, z), restore, lr, grad, wd);
+    if (next_seed < 0) return x;
+    x = to_float(from_float<T>(x));  // the weights this step stores
+    m = in_mask(x, h);
+    return perturb_value(x, next_scale, masked_z(m, zn));
+  }
+
   template <class T>
   ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t j, float x[4], uint32_t bits) const {
-    float z[4];
-    draw4(seed, stream, kPerturbation, dist, j, z);
-    ZK_UNROLL
-    for (int q = 0; q < 4; ++q) x[q] = step_value(x[q], masked_z((bits >> q) & 1u, z[q]), restore, lr, grad, wd);
-    if (next_seed < 0) return bits;
-    draw4(static_cast<uint64_t>(next_seed), stream, kPerturbation, dist, j, z);
-    uint32_t next = 0;
-    ZK_UNROLL
-    for (int q = 0; q < 4; ++q) {
-      x[q] = to_float(from_float<T>(x[q]));  // the weights this step stores
-      const uint32_t m = in_mask(x[q], h);
-      next |= m << q;
-      x[q] = perturb_value(x[q], next_scale, masked_z(m, z[q]));
-    }
-    return next;
+    return masked_apply4<T>(*this, stream, wd, h, j, x, bits);
   }
 };
 
@@ -303,12 +337,17 @@ struct HessianPerturbOp {
   int dist;
 
   static constexpr bool writes_d = false;
+  ZK_HD int64_t next() const { return -1; }
 
-  ZK_HD void operator()(uint32_t stream, float /*wd*/, uint64_t j, float x[4], float d[4]) const {
-    float z[4];
-    draw4(seed, stream, kPerturbation, dist, j, z);
+  ZK_HD float element(float x, float& d, float z, float /*zn*/, float /*wd*/) const {
+    return perturb_value(x, scale, hessian_z(z, d));
+  }
+
+  ZK_HD void operator()(uint32_t stream, float wd, uint64_t j, float x[4], float d[4]) const {
+    float z[4], zn[4];
+    draw_z(*this, stream, j, z, zn);
     ZK_UNROLL
-    for (int q = 0; q < 4; ++q) x[q] = perturb_value(x[q], scale, hessian_z(z[q], d[q]));
+    for (int q = 0; q < 4; ++q) x[q] = element(x[q], d[q], z[q], zn[q], wd);
   }
 };
 
@@ -321,24 +360,20 @@ struct HessianStepOp {
   int dist;
 
   static constexpr bool writes_d = true;
+  ZK_HD int64_t next() const { return next_seed; }
+
+  ZK_HD float element(float x, float& d, float z, float zn, float wd) const {
+    x = add_rn(x, mul_rn(restore, hessian_z(z, d)));  // restore with the old D
+    d = add_rn(mul_rn(one_minus_alpha, d), mul_rn(alpha, mul_rn(mul_rn(hess_scale, d), mul_rn(z, z))));
+    x = sub_rn(x, mul_rn(lr, add_rn(mul_rn(grad, hessian_z(z, d)), mul_rn(wd, x))));  // update: new D
+    return next_seed >= 0 ? perturb_value(x, next_scale, hessian_z(zn, d)) : x;
+  }
 
   ZK_HD void operator()(uint32_t stream, float wd, uint64_t j, float x[4], float d[4]) const {
-    float z[4];
-    draw4(seed, stream, kPerturbation, dist, j, z);
+    float z[4], zn[4];
+    draw_z(*this, stream, j, z, zn);
     ZK_UNROLL
-    for (int q = 0; q < 4; ++q) {
-      float v = add_rn(x[q], mul_rn(restore, hessian_z(z[q], d[q])));  // restore with the old D
-      const float dn = add_rn(mul_rn(one_minus_alpha, d[q]),
-                              mul_rn(alpha, mul_rn(mul_rn(hess_scale, d[q]), mul_rn(z[q], z[q]))));
-      v = sub_rn(v, mul_rn(lr, add_rn(mul_rn(grad, hessian_z(z[q], dn)), mul_rn(wd, v))));  // update: new D
-      x[q] = v;
-      d[q] = dn;
-    }
-    if (next_seed >= 0) {
-      draw4(static_cast<uint64_t>(next_seed), stream, kPerturbation, dist, j, z);
-      ZK_UNROLL
-      for (int q = 0; q < 4; ++q) x[q] = perturb_value(x[q], next_scale, hessian_z(z[q], d[q]));
-    }
+    for (int q = 0; q < 4; ++q) x[q] = element(x[q], d[q], z[q], zn[q], wd);
   }
 };
 
