@@ -251,3 +251,36 @@ def test_cuda_stores_match_cpu_over_all_16_bit_values(gpu_backend, dtype):
         cpp_cpu.perturb([cpu], [4], SEED, scale, RADEMACHER)
         gpu_backend.perturb([gpu], [4], SEED, scale, RADEMACHER)
         assert torch.equal(bits(gpu.cpu()), bits(cpu)), f"scale={scale}"  # NaNs included: both 0x7FFF
+
+
+_SIMD_PROBE = """
+import sys, torch, zokern
+g = torch.Generator().manual_seed(0)
+p = [torch.randn(1031, generator=g), torch.randn(77, generator=g).bfloat16(), torch.randn(45, generator=g).half()]
+zokern.perturb_(p, 5, 0.5, stream_ids=[1, 2, 3], backend="cpp")
+zokern.fused_step_(p, 6, stream_ids=[1, 2, 3], restore=0.1, lr=0.2, grad=0.3, next_seed=7, next_scale=0.01,
+                   backend="cpp")
+masks = zokern.new_masks(p)
+zokern.masked_perturb_(p, masks, zokern.magnitude_thresholds(p, 0.5), 8, 0.1, stream_ids=[1, 2, 3],
+                       compute_mask=True, backend="cpp")
+torch.save(p + masks, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("level", ["generic", "avx2"])
+def test_narrower_simd_paths_give_the_same_bits(tmp_path, level):
+    """The ISA chosen at run time (baseline, AVX2, AVX-512) changes speed, never results."""
+    import os
+    import subprocess
+    import sys
+
+    results = {}
+    for name, cap in (("default", None), (level, level)):
+        env = {k: v for k, v in os.environ.items() if k != "ZOKERN_CPU_SIMD"}
+        if cap:
+            env["ZOKERN_CPU_SIMD"] = cap
+        out = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-c", _SIMD_PROBE, str(out)], env=env, check=True, timeout=300)
+        results[name] = torch.load(out)
+    for a, b in zip(results["default"], results[level]):
+        assert torch.equal(a, b)
