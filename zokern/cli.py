@@ -1,4 +1,4 @@
-"""The zokern command line: `zokern finetune`, `zokern info`, `zokern demo`."""
+"""The zokern command line: `zokern finetune`, `zokern replay`, `zokern info`, `zokern demo`."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +63,28 @@ def _add_finetune(sub) -> None:
                    help="a method option, e.g. rank=8, sparsity=0.8, alpha=1e-8, project_every=50")
 
 
+def _add_replay(sub) -> None:
+    p = sub.add_parser("replay", help="rebuild a finetune run's weights from the base model and its seed log "
+                                      "(docs/SEEDLOG.md)")
+    p.add_argument("--log", required=True, help="the run's seedlog.jsonl")
+    p.add_argument("--model", default=None, help="the base model, if not where the log says")
+    p.add_argument("--output", default=None, help="safetensors file (default: replayed.safetensors beside the log)")
+    p.add_argument("--steps", type=int, default=None, help="replay only the first N steps")
+
+
+def replay_command(args) -> int:
+    from zokern.finetune.model import ModelError
+    from zokern.finetune.replay import replay_run
+    from zokern.seedlog import SeedLogError
+
+    try:
+        replay_run(args.log, model=args.model, output=args.output, steps=args.steps)
+    except (SeedLogError, ModelError) as exc:
+        print(f"zokern replay: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _parse_option(text: str):
     name, sep, value = text.partition("=")
     if not sep:
@@ -105,11 +127,14 @@ def main(argv: "list[str] | None" = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", choices=backends.BACKENDS, default=None)
     _add_finetune(sub)
+    _add_replay(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
     if args.command == "finetune":
         return finetune_command(args)
+    if args.command == "replay":
+        return replay_command(args)
     from zokern.demo import run_demo
 
     result = run_demo(steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed, backend=args.backend)

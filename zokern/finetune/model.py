@@ -49,6 +49,11 @@ def load_model(path: "str | None" = None, dtype: torch.dtype = torch.float32):
         directory = resolved
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and all(p.dtype == dtype for p in model.parameters()):
+        # Some transformers versions keep the GGUF quantizer on a model whose weights they dequantized, and
+        # Trainer then refuses it as "purely quantized": the weights are plain `dtype` tensors, drop the marker.
+        quantizer.remove_quantization_config(model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

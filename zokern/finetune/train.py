@@ -1,5 +1,5 @@
 """The fine-tuning loop behind `zokern finetune`: seeded batches, periodic evaluation, metrics, plots,
-atomic checkpoints and exact resume."""
+atomic checkpoints, exact resume, and the seed log that `zokern replay` rebuilds the weights from."""
 from __future__ import annotations
 
 import json
@@ -17,8 +17,9 @@ import torch
 import zokern
 from zokern import optim
 from zokern.finetune.data import Example, Task, bbc_news, jsonl_task
-from zokern.finetune.model import load_model
+from zokern.finetune.model import load_model, resolve_model_path
 from zokern.finetune.prompts import PromptClassifier
+from zokern.seedlog import SeedLogWriter, weights_sha256
 
 METHODS = {"mezo": optim.MeZO, "subzero": optim.SubZero, "sparse-mezo": optim.SparseMeZO, "hizoo": optim.HiZOO,
            "dizo": optim.DiZO}
@@ -74,6 +75,23 @@ def prepare_model(config: FinetuneConfig, model):
     return get_peft_model(model, lora).eval()
 
 
+def build_model(config: FinetuneConfig):
+    """(model, tokenizer, trained (name, tensor) pairs), always in this order from a seeded torch RNG: LoRA
+    adapters are initialised from it, and `zokern replay` must start from the same ones."""
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(config.model, DTYPES[config.dtype])
+    model = prepare_model(config, model)
+    return model, tokenizer, trainable_parameters(config, model)
+
+
+def seedlog_header(config: FinetuneConfig, model, trainable: list, device: torch.device) -> dict:
+    """What replay needs to rebuild the run's starting point and optimizer, and to refuse a different one:
+    the hash covers every parameter, so a LoRA run also pins its frozen base."""
+    return {"method": config.method, "config": asdict(config), "model": str(resolve_model_path(config.model)),
+            "backend": zokern.backends.resolve(config.backend, device.type), "versions": _versions(),
+            "trainable": [name for name, _ in trainable], "base_sha256": weights_sha256(model.named_parameters())}
+
+
 def trainable_parameters(config: FinetuneConfig, model) -> list:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if config.train_pattern:
@@ -111,6 +129,7 @@ class Run:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
+        self.seedlog_path = self.dir / "seedlog.jsonl"
         self.checkpoint = self.dir / "checkpoint"
 
     def log(self, record: dict) -> None:
@@ -165,11 +184,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def finetune(config: FinetuneConfig, progress_stream=sys.stderr) -> dict:
     start_time = time.perf_counter()
     task = load_task(config)
-    torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model, DTYPES[config.dtype])
-    model = prepare_model(config, model)
+    model, tokenizer, trainable = build_model(config)
     classifier = PromptClassifier(task, tokenizer)
-    trainable = trainable_parameters(config, model)
     optimizer = make_optimizer(config, trainable)
     run = Run(config.output_dir)
     device = next(model.parameters()).device
@@ -179,11 +195,19 @@ def finetune(config: FinetuneConfig, progress_stream=sys.stderr) -> dict:
     if config.resume and run.checkpoint.exists():
         state = run.load_checkpoint(trainable, optimizer)
         run.truncate_metrics(state["step"])
+        if run.seedlog_path.exists():
+            seedlog = SeedLogWriter.resume(run.seedlog_path, state["step"])
+        else:
+            seedlog = None
+            print(f"{run.seedlog_path} is missing: this run will have no seed log", file=progress_stream)
     else:
+        seedlog = SeedLogWriter(run.seedlog_path, seedlog_header(config, model, trainable, device))
         if run.metrics_path.exists():
             run.metrics_path.unlink()
         state["zero_shot_accuracy"] = classifier.accuracy(model, task.test)
         run.log({"step": 0, "zero_shot_test_accuracy": state["zero_shot_accuracy"]})
+    if seedlog is not None:
+        optimizer.record_hook = seedlog.write
 
     def closure_for(batch):
         return lambda: classifier.loss(model, batch)
@@ -213,6 +237,8 @@ def finetune(config: FinetuneConfig, progress_stream=sys.stderr) -> dict:
             run.save_checkpoint(trainable, optimizer, state)
 
     optimizer.restore_weights()
+    if seedlog is not None:
+        seedlog.close()
     steps_per_second = (state["step"] - first_step) / max(1e-9, time.perf_counter() - train_start)
     final = classifier.accuracy(model, task.test)
     run.save_checkpoint(trainable, optimizer, state)
@@ -223,13 +249,17 @@ def finetune(config: FinetuneConfig, progress_stream=sys.stderr) -> dict:
         "wall_seconds": time.perf_counter() - start_time,
         "peak_memory_bytes": _peak_memory(device), "nonfinite_steps": optimizer.nonfinite_steps,
         "hyperparameters": asdict(config),
-        "versions": {"zokern": zokern.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": _versions(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "backend": zokern.backends.resolve(config.backend, device.type),
     }
     _atomic_write(run.dir / "summary.json", json.dumps(summary, indent=2).encode())
     _plot(run)
     return summary
+
+
+def _versions() -> dict:
+    return {"zokern": zokern.__version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _progress(stream, step: int, total: int, loss: float, rate: float) -> None:

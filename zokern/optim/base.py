@@ -1,5 +1,6 @@
 """The machinery every zokern optimizer shares: step seeds, per-tensor stream ids, device buckets, the
-± probes with one host synchronisation, non-finite losses, the two-pass mode and resumable state.
+± probes with one host synchronisation, non-finite losses, the two-pass mode, resumable state, and the
+seed log: one small record per step from which `replay_step` redoes the step without forward passes.
 
 A subclass says how to perturb (`_perturb`) and how to restore + update (`_update`); everything else
 lives here once.
@@ -11,6 +12,7 @@ import math
 import re
 import warnings
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +73,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._next_stream = 0
         self._used_streams: set[int] = set()
         self.buckets: list[Bucket] = []
+        # Called with each step's record (docs/SEEDLOG.md), e.g. `opt.record_hook = records.append`.
+        self.record_hook: "Callable[[dict], None] | None" = None
         super().__init__(params, defaults)
 
     # --- construction -----------------------------------------------------------------------------------
@@ -115,12 +119,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         """θ += scale·P(seed) on every bucket; `first` marks the first pass of a step (at unperturbed θ)."""
         raise NotImplementedError
 
-    def _update(self, seed: int, grad: float, next_seed: "int | None", losses: dict) -> None:
-        """From θ − εP(seed): restore, update with the projected gradient, and add +εP(next_seed) if given."""
+    def _measure(self, losses: dict) -> dict:
+        """What the update needs from the step's losses besides ρ (HiZOO's curvature), as floats: it goes
+        into the step's record, so replay needs no forward pass."""
+        return {}
+
+    def _update(self, seed: int, grad: float, next_seed: "int | None", record: dict) -> None:
+        """From θ − εP(seed): restore, update with the projected gradient, and add +εP(next_seed) if given.
+        `record` holds what `_measure` returned."""
         raise NotImplementedError
 
-    def _after_step(self, closure) -> None:
-        """Work after the update (DiZO's projection)."""
+    def _after_step(self, closure, record: dict) -> None:
+        """Work after the update (DiZO's projection). When replaying, `closure` is None and what the work
+        decided is read from `record`; when training, it is written there."""
 
     # --- the step -----------------------------------------------------------------------------------------
 
@@ -128,32 +139,70 @@ class ZOOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
+        return self._step(closure, None)
+
+    @torch.no_grad()
+    def replay_step(self, record: dict) -> None:
+        """Redo a logged step: the weight operations of training in the same order, with ρ, the learning
+        rates and the method's measured quantities taken from `record` instead of forward passes. On the
+        same backend, from the same weights and optimizer configuration, the result is bitwise the trained
+        one."""
         seed = step_seed(self.seed, self.step_count)
+        if record["step"] != self.step_count or record["seed"] != seed:
+            raise ValueError(f"record of step {record['step']} (seed {record['seed']}) does not follow step "
+                             f"{self.step_count} (seed {seed}): wrong log, or a different base seed")
+        for group, lr, wd in zip(self.param_groups, record["lr"], record["weight_decay"], strict=True):
+            group["lr"], group["weight_decay"] = lr, wd
+        if self.pending_seed is not None and not record.get("pending"):
+            self.restore_weights()  # training took the weights out of two-pass mode's +εz before this step
+        self._step(None, record)
+
+    def _step(self, closure, logged: "dict | None"):
+        """One step, shared by training (`closure`: measure the losses, emit the record) and replay
+        (`logged`: the record measured in training); both run the same weight operations."""
+        forward = closure or (lambda: None)
+        emit = (self.record_hook if logged is None else None) or (lambda record: None)
+        seed = step_seed(self.seed, self.step_count)
+        record = logged or {"step": self.step_count, "seed": seed,
+                            "lr": [float(g["lr"]) for g in self.param_groups],
+                            "weight_decay": [float(g["weight_decay"]) for g in self.param_groups]}
+        if self.two_pass and logged is None:
+            record["pending"] = self.pending_seed == seed
         losses = {}
         if self.forwards_per_step == 3:
-            losses["center"] = closure()
+            losses["center"] = forward()
         if self.pending_seed != seed:
             self._perturb(seed, self.eps, first=True)
-        losses["plus"] = closure()
+        losses["plus"] = forward()
         self._perturb(seed, -2 * self.eps, first=False)
-        losses["minus"] = closure()
-        values = _read_losses(losses)
-        if not all(math.isfinite(v) for v in values.values()):
+        losses["minus"] = forward()
+        if logged is None:
+            values = _read_losses(losses)
+            if all(math.isfinite(v) for v in values.values()):
+                record["grad"] = (values["plus"] - values["minus"]) / (2 * self.eps)
+                record.update(self._measure(values))
+            else:
+                record["skipped"] = True
+        if record.get("skipped"):
             self._perturb(seed, self.eps, first=False)  # back to θ, nothing applied
             self.pending_seed = None
             self.nonfinite_steps += 1
             self.step_count += 1
-            message = f"non-finite loss at step {self.step_count - 1}: {values}; weights restored, no update applied"
-            if self.on_nonfinite == "raise":
-                raise NonFiniteLossError(message)
-            warnings.warn(f"{message} ({self.nonfinite_steps} such steps so far)", RuntimeWarning, stacklevel=2)
+            emit(record)
+            if logged is None:
+                message = (f"non-finite loss at step {self.step_count - 1}: {values}; weights restored, "
+                           "no update applied")
+                if self.on_nonfinite == "raise":
+                    raise NonFiniteLossError(message)
+                warnings.warn(f"{message} ({self.nonfinite_steps} such steps so far)", RuntimeWarning,
+                              stacklevel=3)
             return losses["plus"]
-        grad = (values["plus"] - values["minus"]) / (2 * self.eps)
         next_seed = step_seed(self.seed, self.step_count + 1) if self.two_pass else None
-        self._update(seed, grad, next_seed, values)
+        self._update(seed, record["grad"], next_seed, record)
         self.pending_seed = next_seed
         self.step_count += 1
-        self._after_step(closure)
+        self._after_step(closure, record)
+        emit(record)
         return losses["plus"]
 
     # --- two-pass mode ------------------------------------------------------------------------------------
@@ -190,7 +239,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo")
+        index = {id(group): i for i, group in enumerate(self.param_groups)}
+        groups = [index[id(b.group)] for b in self.buckets]
         super().load_state_dict(state_dict)
+        for b, i in zip(self.buckets, groups):
+            b.group = self.param_groups[i]  # torch replaced the group dicts: follow them (lr, schedulers)
         self.seed, self.eps, self.step_count = zo["seed"], zo["eps"], zo["step_count"]
         self.nonfinite_steps, self.pending_seed = zo["nonfinite_steps"], zo["pending_seed"]
         self._load_extra_state(zo["method"])

@@ -46,27 +46,37 @@ class DiZO(MeZO):
         self._fresh_closure = fresh_closure
         return super().step(closure)
 
-    def _after_step(self, closure):
-        if self.step_count % self.project_every == 0:
-            self.project(closure if self._fresh_closure is None else None, self._fresh_closure)
+    def _after_step(self, closure, record):
+        if self.step_count % self.project_every:
+            return
+        if closure is None:
+            self._rescale(record.get("rescale", []))
+        else:
+            record["rescale"] = self.project(closure if self._fresh_closure is None else None, self._fresh_closure)
+
+    def _projected(self):
+        """(params, anchors, stream ids) of the projected tensors, per bucket that has any."""
+        for b in self.buckets:
+            if b.extra["projected"]:
+                idx = b.extra["projected"]
+                params = [b.params[i] for i in idx]
+                yield params, [self.state[p]["anchor"] for p in params], [b.stream_ids[i] for i in idx]
 
     @torch.no_grad()
-    def project(self, closure=None, fresh_closure=None) -> None:
-        """The projection search on all projected tensors (one host sync per iteration)."""
-        buckets = [b for b in self.buckets if b.extra["projected"]]
-        if not buckets:
-            return
+    def project(self, closure=None, fresh_closure=None) -> list[list[float]]:
+        """The projection search on all projected tensors (one host sync per iteration). Returns the final
+        factors γ/t, per bucket (a host sync each), which replay applies instead of searching."""
+        projected = list(self._projected())
+        if not projected:
+            return []
         if fresh_closure is None:
             warnings.warn("DiZO projection without fresh_closure: every iteration reuses the step's batch",
                           stacklevel=3)
             fresh_closure = lambda: closure  # noqa: E731
         seed = step_seed(self.seed, self.step_count)
         work = []
-        for b in buckets:
-            params = [b.params[i] for i in b.extra["projected"]]
-            anchors = [self.state[p]["anchor"] for p in params]
+        for params, anchors, ids in projected:
             t = ops.distance_norms(params, anchors, backend=self.backend)
-            ids = [b.stream_ids[i] for i in b.extra["projected"]]
             work.append((params, anchors, [p.clone() for p in params], t, t.clone(), ids))
         tau, eg = self.gamma_range, self.gamma_eps
         for j in range(self.project_iters):
@@ -91,8 +101,18 @@ class DiZO(MeZO):
             for (params, anchors, saved, t, gamma, _), z in zip(work, probes):
                 gamma.copy_(torch.minimum(torch.maximum(gamma - self.gamma_lr * t * g * z, (1 - tau) * t),
                                           (1 + tau) * t))
+        factors = []
         for params, anchors, saved, t, gamma, _ in work:
-            ops.anchored_rescale_(params, anchors, _ratio(gamma, t), sources=saved, backend=self.backend)
+            factors.append(_ratio(gamma, t))
+            ops.anchored_rescale_(params, anchors, factors[-1], sources=saved, backend=self.backend)
+        return [f.tolist() for f in factors]
+
+    def _rescale(self, factors: list[list[float]]) -> None:
+        """Replay of a projection: the search's final rescale with its logged factors, from a saved copy as
+        there (float32 factors survive the log exactly)."""
+        for (params, anchors, _), f in zip(self._projected(), factors, strict=True):
+            ops.anchored_rescale_(params, anchors, torch.tensor(f, dtype=torch.float32, device=params[0].device),
+                                  sources=[p.clone() for p in params], backend=self.backend)
 
 
 def _ratio(gamma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -42,10 +42,12 @@ class HiZOO(ZOOptimizer):
             ops.hessian_perturb_(b.params, self._hessians(b), seed, scale, stream_ids=b.stream_ids, dist=self.dist,
                                  backend=self.backend)
 
-    def _update(self, seed, grad, next_seed, losses):
-        hess_scale = abs(losses["plus"] + losses["minus"] - 2 * losses["center"]) / (2 * self.eps ** 2)
+    def _measure(self, losses):
+        return {"hess_scale": abs(losses["plus"] + losses["minus"] - 2 * losses["center"]) / (2 * self.eps ** 2)}
+
+    def _update(self, seed, grad, next_seed, record):
         for b in self.buckets:
             wd = b.group["weight_decay"]
             ops.hessian_step_(b.params, self._hessians(b), seed, stream_ids=b.stream_ids, restore=self.eps,
-                              lr=b.group["lr"], grad=grad, hess_scale=hess_scale, alpha=self.alpha,
+                              lr=b.group["lr"], grad=grad, hess_scale=record["hess_scale"], alpha=self.alpha,
                               weight_decay=wd, dist=self.dist, backend=self.backend)

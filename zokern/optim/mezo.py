@@ -20,7 +20,7 @@ class MeZO(ZOOptimizer):
         for b in self.buckets:
             ops.perturb_(b.params, seed, scale, stream_ids=b.stream_ids, dist=self.dist, backend=self.backend)
 
-    def _update(self, seed, grad, next_seed, losses):
+    def _update(self, seed, grad, next_seed, record):
         for b in self.buckets:
             ops.fused_step_(b.params, seed, stream_ids=b.stream_ids, restore=self.eps, lr=b.group["lr"], grad=grad,
                             weight_decay=b.weight_decays, next_seed=next_seed, next_scale=self.eps,

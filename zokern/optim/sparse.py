@@ -52,7 +52,7 @@ class SparseMeZO(ZOOptimizer):
             params, ids, _ = self._select(b, "dense")
             ops.perturb_(params, seed, scale, stream_ids=ids, dist=self.dist, backend=self.backend)
 
-    def _update(self, seed, grad, next_seed, losses):
+    def _update(self, seed, grad, next_seed, record):
         for b in self.buckets:
             lr = b.group["lr"]
             params, ids, wds = self._select(b, "masked")

@@ -79,7 +79,7 @@ class SubZero(ZOOptimizer):
             params, ids = self._vectors(b)
             ops.perturb_(params, seed, scale, stream_ids=ids, dist=self.dist, backend=self.backend)
 
-    def _update(self, seed, grad, next_seed, losses):
+    def _update(self, seed, grad, next_seed, record):
         step = self.step_count
         # The next step's perturbation folds into this pass only while the subspace stays the same.
         same_window = next_seed is not None and (step + 1) // self.subspace_every == step // self.subspace_every
