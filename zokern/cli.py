@@ -55,7 +55,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --output-dir's last checkpoint")
     p.add_argument("--two-pass", action="store_true", help="fold the next perturbation into the update "
                                                             "(MeZO, SubZero, Sparse MeZO)")
-    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="> 0: train LoRA adapters of this rank")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="> 0: train LoRA adapters of this rank; 0: all weights")
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     p.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated module names for LoRA")
     p.add_argument("--train-pattern", default=None, help="train only parameters whose names match this regex")
