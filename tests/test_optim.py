@@ -260,3 +260,17 @@ def test_bad_configuration_is_rejected():
         optim.HiZOO(model.parameters(), two_pass=True)
     with pytest.raises(ValueError, match="closure"):
         optim.MeZO(model.parameters()).step()
+
+
+def test_hizoo_keeps_a_float32_hessian_through_resume_of_a_bf16_model():
+    model = fresh_model().to(torch.bfloat16)
+    tokens = make_task(0)
+    opt = optim.HiZOO(model.named_parameters(), lr=1e-3, eps=1e-2, alpha=0.5)
+    for _ in range(2):
+        opt.step(lambda: lm_loss(model, tokens).float())
+    saved = copy.deepcopy(opt.state_dict())
+    opt2 = optim.HiZOO(model.named_parameters(), lr=1e-3, eps=1e-2, alpha=0.5)
+    opt2.load_state_dict(saved)
+    for a, b in zip(opt._hessians(opt.buckets[0]), opt2._hessians(opt2.buckets[0])):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+    assert any(not torch.equal(d, torch.ones_like(d)) for d in opt2._hessians(opt2.buckets[0]))

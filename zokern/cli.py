@@ -34,7 +34,8 @@ def info() -> int:
 
 
 def _add_finetune(sub) -> None:
-    from zokern.finetune.train import DTYPES, METHODS, FinetuneConfig
+    from zokern.finetune.train import DTYPES, FinetuneConfig
+    from zokern.optim import METHODS
 
     d = FinetuneConfig()
     p = sub.add_parser("finetune", help="fine-tune a language model with a ZO method (default: the embedded "

@@ -15,14 +15,12 @@ from pathlib import Path
 import torch
 
 import zokern
-from zokern import optim
+from zokern.optim import METHODS
 from zokern.finetune.data import Example, Task, bbc_news, jsonl_task
 from zokern.finetune.model import load_model, resolve_model_path
 from zokern.finetune.prompts import PromptClassifier
 from zokern.seedlog import SeedLogWriter, weights_sha256
 
-METHODS = {"mezo": optim.MeZO, "subzero": optim.SubZero, "sparse-mezo": optim.SparseMeZO, "hizoo": optim.HiZOO,
-           "dizo": optim.DiZO}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -6,4 +6,7 @@ from zokern.optim.mezo import MeZO
 from zokern.optim.sparse import SparseMeZO
 from zokern.optim.subzero import SubZero
 
-__all__ = ["ZOOptimizer", "NonFiniteLossError", "MeZO", "SubZero", "SparseMeZO", "HiZOO", "DiZO"]
+# The methods by their command-line names (zokern finetune, ZOTrainer).
+METHODS = {"mezo": MeZO, "subzero": SubZero, "sparse-mezo": SparseMeZO, "hizoo": HiZOO, "dizo": DiZO}
+
+__all__ = ["ZOOptimizer", "NonFiniteLossError", "MeZO", "SubZero", "SparseMeZO", "HiZOO", "DiZO", "METHODS"]

@@ -30,12 +30,22 @@ class HiZOO(ZOOptimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, **options)
 
     def _init_bucket(self, bucket):
-        for p in bucket.params:
-            dtype = p.dtype if self.hessian_dtype == "param" else torch.float32
-            self.state[p]["hessian"] = torch.ones_like(p, dtype=dtype)
+        # Kept with the bucket, not in per-parameter state: torch's load_state_dict casts per-parameter state to
+        # the parameter's dtype, which would round a float32 D of a bf16 model.
+        bucket.extra["hessians"] = [
+            torch.ones_like(p, dtype=p.dtype if self.hessian_dtype == "param" else torch.float32)
+            for p in bucket.params]
 
     def _hessians(self, bucket):
-        return [self.state[p]["hessian"] for p in bucket.params]
+        return bucket.extra["hessians"]
+
+    def _extra_state(self):
+        return {"hessians": [b.extra["hessians"] for b in self.buckets]}
+
+    def _load_extra_state(self, extra):
+        for b, saved in zip(self.buckets, extra["hessians"]):
+            for mine, d in zip(b.extra["hessians"], saved):
+                mine.copy_(d)
 
     def _perturb(self, seed, scale, first):
         for b in self.buckets:
