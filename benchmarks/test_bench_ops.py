@@ -81,3 +81,25 @@ def test_mezo_reference_step_tail(benchmark, copy_bandwidth, dtype):
     _bench(benchmark, lambda: mezo_reference_step_tail(params, 1))
     # Counted as the one pass's worth of bytes the fused step moves, so GB/s compare as useful work per second.
     record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend="mezo-reference", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_foreach_perturb(benchmark, copy_bandwidth, dtype):
+    """The best eager PyTorch can do: z drawn per tensor, then one torch._foreach_add_ over the list."""
+    params = make_params(DTYPES[dtype])
+
+    def run():
+        torch.manual_seed(1)
+        zs = [torch.randn_like(p) for p in params]
+        torch._foreach_add_(params, zs, alpha=EPS)
+    _bench(benchmark, run)
+    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="torch-foreach", dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_copy_same_bytes(benchmark, copy_bandwidth, dtype):
+    """The physical reference: a device copy of the same tensors (one read and one write per element)."""
+    params = make_params(DTYPES[dtype])
+    targets = [torch.empty_like(p) for p in params]
+    _bench(benchmark, lambda: torch._foreach_copy_(targets, params))
+    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="copy", dtype=dtype)
