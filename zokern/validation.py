@@ -40,6 +40,17 @@ def check_tensor_list(params, streams, check_aliasing: bool = True) -> "str | No
     return None if device is None else device.type
 
 
+def check_is_tensor_list(params) -> list:
+    """The one check the public functions make before calling an op: torch's schema cast would reject a
+    non-tensor first, with a message that names nothing. Every other check runs once, inside the op."""
+    if isinstance(params, torch.Tensor) or not isinstance(params, (list, tuple)):
+        raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor")
+    return list(params)
+
+
 def check_finite(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")

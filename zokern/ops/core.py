@@ -6,16 +6,13 @@ from typing import Iterable, Sequence
 import torch
 
 from zokern.random import Distribution, Domain, parse_distribution
-from zokern.validation import check_finite, check_tensor_list
+from zokern.validation import check_finite, check_is_tensor_list
 
 
 def checked(params: Iterable[torch.Tensor], stream_ids: Sequence[int]) -> tuple[list, list]:
-    """Lists the op can take; checked here too because torch's schema cast rejects a non-tensor first,
-    with a message that names nothing."""
-    params = [params] if isinstance(params, torch.Tensor) else list(params)
-    stream_ids = list(stream_ids)
-    check_tensor_list(params, stream_ids)
-    return params, stream_ids
+    """Lists the op can take (the op itself checks devices, dtypes, stream ids and aliasing)."""
+    params = check_is_tensor_list([params] if isinstance(params, torch.Tensor) else list(params))
+    return params, list(stream_ids)
 
 
 def weight_decays(weight_decay: "float | Sequence[float]", count: int) -> list[float]:

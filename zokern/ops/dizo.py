@@ -5,14 +5,13 @@ from typing import Sequence
 
 import torch
 
-from zokern.validation import check_tensor_list
+from zokern.validation import check_is_tensor_list
 
 
 def distance_norms(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], *,
                    backend: "str | None" = None) -> torch.Tensor:
     """‖θ − θ0‖_F per tensor as a float32 tensor on the tensors' device (no host synchronisation)."""
-    params = list(params)
-    check_tensor_list(params, [0] * len(params), check_aliasing=False)
+    params = check_is_tensor_list(list(params))
     if not params:
         return torch.empty(0)
     return torch.ops.zokern.distance_norms(params, list(anchors), backend or "")
@@ -21,8 +20,7 @@ def distance_norms(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tenso
 def anchored_rescale_(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], factors: torch.Tensor, *,
                       sources: "Sequence[torch.Tensor] | None" = None, backend: "str | None" = None) -> None:
     """θ = θ0 + (src − θ0)·f per tensor, src = `sources` (a saved copy, for exact probes) or θ itself."""
-    params = list(params)
-    check_tensor_list(params, [0] * len(params))
+    params = check_is_tensor_list(list(params))
     if not params:
         return
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 
 from zokern.ops.core import fill_random_
 from zokern.random import Domain
-from zokern.validation import check_tensor_list
+from zokern.validation import check_is_tensor_list
 
 
 def lowrank_shape(shape: Sequence[int], reshape: bool = False) -> "tuple[int, int] | None":
@@ -58,8 +58,7 @@ def core_matrix(seed: int, stream: int, rank: int, *, device="cpu", backend: "st
 def lowrank_apply_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
                    cores: Sequence[torch.Tensor], *, backend: "str | None" = None) -> None:
     """W += U·C·Vᵀ for every (W, U, V, C), in place, tile by tile (docs/OPS.md)."""
-    weights = list(weights)
-    check_tensor_list(weights, [0] * len(weights))
+    weights = check_is_tensor_list(list(weights))
     if not weights:
         return
     with torch.no_grad():
