@@ -72,9 +72,10 @@ def _tiles(n: int, rank: int) -> tuple[int, int, int, int, dict]:
         # Each interpreted op costs the same whatever its size: few, big tiles, one program per row block.
         bn = 256
         return 128, bn, r_pad, bn * cdiv(n, bn), {}
-    # Register budget (ptxas for sm_90, tf32x3, 8 warps): U·C stays in registers across the column loop as
-    # the dot's A operand, so BM·R_PAD sets the pressure. 64×64 tiles take 210–241 registers without spills
-    # for R_PAD ≤ 32 and spill 72–192 bytes at R_PAD = 64; BM shrinks for larger ranks (BM ≥ 16 for
+    # Register budget (ptxas for sm_90, tf32x3, 8 warps; scripts/compile_triton.py): U·C stays in registers
+    # across the column loop as the dot's A operand, so BM·R_PAD sets the pressure. With n divisible by 16
+    # (Triton specialises on it) 64×64 tiles take 110–250 registers, never spill and move W in 16-byte
+    # vectors; for other n, R_PAD = 64 spills up to 192 bytes. BM shrinks for larger ranks (BM ≥ 16 for
     # tl.dot). Four column tiles per program amortise forming U·C (BM·r² flops) over 4·BM·BN·r.
     bm = max(16, min(64, 4096 // r_pad))
     bn = 64
