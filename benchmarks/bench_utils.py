@@ -1,7 +1,8 @@
 """Shared benchmark helpers: device, tensor set, timing, and the results schema (extra_info).
 
-Environment: ZOKERN_BENCH_DEVICE (cpu|cuda, default cuda when present), ZOKERN_BENCH_SHAPES (see
-shapes.py; default llama7b-layer*2 on CUDA, smollm2-layer on CPU).
+Environment: ZOKERN_BENCH_DEVICE (cpu|cuda, default cuda when present), ZOKERN_BENCH_SHAPES (comma-separated
+shape sets from shapes.py, each a parameter of every kernel benchmark; default llama7b-layer*2 on CUDA,
+smollm2-layer on CPU).
 """
 import os
 import platform
@@ -10,10 +11,11 @@ from datetime import datetime, timezone
 
 import torch
 
-from shapes import model_shapes
+from shapes import model_shapes, shape_sets
 
 DEVICE = os.environ.get("ZOKERN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
-SHAPES = os.environ.get("ZOKERN_BENCH_SHAPES", "llama7b-layer*2" if DEVICE == "cuda" else "smollm2-layer")
+SHAPE_SETS = shape_sets(os.environ.get("ZOKERN_BENCH_SHAPES",
+                                        "llama7b-layer*2" if DEVICE == "cuda" else "smollm2-layer"))
 
 
 def synchronize():
@@ -33,8 +35,7 @@ def environment() -> dict:
     except ImportError:
         triton_version = None
     return {"device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
-            "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "shapes": SHAPES}
+            "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
 
 
 def median_seconds(fn, repeats: int = 7) -> float:
@@ -55,13 +56,14 @@ def median_seconds(fn, repeats: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def make_params(dtype) -> list[torch.Tensor]:
+def make_params(dtype, shapes: str) -> list[torch.Tensor]:
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    return [torch.randn(s, generator=g, device=DEVICE, dtype=torch.float32).to(dtype) for s in model_shapes(SHAPES)]
+    return [torch.randn(s, generator=g, device=DEVICE, dtype=torch.float32).to(dtype) for s in model_shapes(shapes)]
 
 
 def record(benchmark, params, passes: float, copy_bandwidth: float, **info):
-    """Attach bytes moved and achieved bandwidth (from the benchmark's median) to the results."""
+    """Attach bytes moved and achieved bandwidth (from the benchmark's median) to the results; info names the
+    op, backend, dtype and shape set."""
     numel = sum(p.numel() for p in params)
     moved = passes * 2 * sum(p.numel() * p.element_size() for p in params)  # each pass reads and writes once
     if benchmark.stats is None:  # --benchmark-disable: the smoke run checks that it runs, times nothing

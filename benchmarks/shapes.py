@@ -12,6 +12,11 @@ LAYER_SHAPES = {
     # OPT-13B (hidden 5120, MLP 20480, biases).
     "opt13b-layer": [(5120, 5120), (5120,)] * 4 + [(20480, 5120), (20480,), (5120, 20480), (5120,), (5120,), (5120,),
                                                    (5120,), (5120,)],
+    # Llama-3-70B (hidden 8192, 8 KV heads of 128, MLP 28672): 856M elements per layer.
+    "llama70b-layer": [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192), (28672, 8192), (28672, 8192),
+                       (8192, 28672), (8192,), (8192,)],
+    # One flat buffer past 2^31 elements (64-bit indexing; 4.3 GB in bf16): a 70B model viewed flat is larger.
+    "flat-2g": [((1 << 31) + 8,)],
     # CI smoke run.
     "tiny": [(64, 48), (48,), (7, 5)],
 }
@@ -21,3 +26,11 @@ def model_shapes(name: str) -> list[tuple[int, ...]]:
     """'<layer>' or '<layer>*N': N copies of the layer (llama7b-layer*2 is 404M elements)."""
     layer, _, copies = name.partition("*")
     return LAYER_SHAPES[layer] * int(copies or 1)
+
+
+def shape_sets(spec: str) -> list[str]:
+    """A comma-separated list of shape sets (ZOKERN_BENCH_SHAPES), each checked against LAYER_SHAPES."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    for name in names:
+        model_shapes(name)  # KeyError names an unknown set
+    return names

@@ -39,26 +39,36 @@ def step_table(report: dict) -> list[str]:
     return lines
 
 
+def _label(info: dict) -> str:
+    return f"{info['op']} (r={info['rank']})" if "rank" in info else info["op"]
+
+
 def table(path: str) -> str:
+    """One table per shape set of a results file (files from before shape sets were a parameter name theirs
+    in the environment)."""
     with open(path) as f:
         report = json.load(f)
     entries = list(rows(report))
     if not entries:
         return "\n".join([f"## {path}", ""] + step_table(report)) + "\n"
     env = entries[0][0]
-    baseline = {(i["op"], i["dtype"]): t for i, t in entries if i["backend"] == "mezo-reference"}
     lines = [f"## {env['device']} — {env['date']}", "",
-             f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, python {env['python']}; "
-             f"tensors: `{env['shapes']}` ({env['elements'] / 1e6:.1f}M elements); measured copy bandwidth "
-             f"{env['copy_gb_per_s']:.0f} GB/s (read + write). Source: `{path}`.", "",
-             "| op | backend | dtype | median ms | GB/s | % of copy | Gelem/s | speed-up vs MeZO reference |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
-    for info, median in sorted(entries, key=lambda e: (e[0]["op"], e[0]["dtype"], e[0]["backend"])):
-        base = baseline.get((info["op"], info["dtype"]))
-        speedup = f"{base / median:.2f}×" if base else "—"
-        lines.append(f"| {info['op']} | {info['backend']} | {info['dtype']} | {median * 1e3:.3f} | "
-                     f"{info['gb_per_s']:.1f} | {100 * info['fraction_of_copy']:.1f}% | "
-                     f"{info['elements_per_s'] / 1e9:.3f} | {speedup} |")
+             f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, python {env['python']}; measured "
+             f"copy bandwidth {env['copy_gb_per_s']:.0f} GB/s (read + write). Source: `{path}`."]
+    by_shapes: dict = {}
+    for info, median in entries:
+        by_shapes.setdefault(info["shapes"], []).append((info, median))
+    for shapes, group in by_shapes.items():
+        baseline = {(_label(i), i["dtype"]): t for i, t in group if i["backend"].endswith("-reference")}
+        lines += ["", f"### `{shapes}` ({group[0][0]['elements'] / 1e6:.1f}M elements)", "",
+                  "| op | backend | dtype | median ms | GB/s | % of copy | Gelem/s | speed-up vs authors' reference |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for info, median in sorted(group, key=lambda e: (_label(e[0]), e[0]["dtype"], e[0]["backend"])):
+            base = baseline.get((_label(info), info["dtype"]))
+            speedup = f"{base / median:.2f}×" if base else "—"
+            lines.append(f"| {_label(info)} | {info['backend']} | {info['dtype']} | {median * 1e3:.3f} | "
+                         f"{info['gb_per_s']:.1f} | {100 * info['fraction_of_copy']:.1f}% | "
+                         f"{info['elements_per_s'] / 1e9:.3f} | {speedup} |")
     return "\n".join(lines + step_table(report)) + "\n"
 
 

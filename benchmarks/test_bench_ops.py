@@ -7,7 +7,7 @@ import torch
 
 import zokern
 from zokern import backends
-from bench_utils import DEVICE, make_params, record, synchronize
+from bench_utils import DEVICE, SHAPE_SETS, make_params, record, synchronize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The Triton interpreter is a test vehicle, not something to time.
@@ -47,59 +47,65 @@ def _skip_unavailable(backend):
         pytest.skip(f"{backend} unavailable on {DEVICE}: {why}")
 
 
+@pytest.mark.parametrize("shapes", SHAPE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_perturb(benchmark, copy_bandwidth, backend, dtype):
+def test_perturb(benchmark, copy_bandwidth, shapes, backend, dtype):
     _skip_unavailable(backend)
-    params = make_params(DTYPES[dtype])
+    params = make_params(DTYPES[dtype], shapes)
     ids = list(range(len(params)))
     _bench(benchmark, lambda: zokern.perturb_(params, 1, EPS, stream_ids=ids, backend=backend))
-    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend=backend, dtype=dtype)
+    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend=backend, dtype=dtype, shapes=shapes)
 
 
+@pytest.mark.parametrize("shapes", SHAPE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_step(benchmark, copy_bandwidth, backend, dtype):
+def test_fused_step(benchmark, copy_bandwidth, shapes, backend, dtype):
     _skip_unavailable(backend)
-    params = make_params(DTYPES[dtype])
+    params = make_params(DTYPES[dtype], shapes)
     ids = list(range(len(params)))
     _bench(benchmark, lambda: zokern.fused_step_(params, 1, stream_ids=ids, restore=EPS, lr=LR, grad=GRAD,
                                                  next_seed=2, next_scale=EPS, backend=backend))
-    record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend=backend, dtype=dtype)
+    record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend=backend, dtype=dtype, shapes=shapes)
 
 
+@pytest.mark.parametrize("shapes", SHAPE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mezo_reference_perturb(benchmark, copy_bandwidth, dtype):
-    params = make_params(DTYPES[dtype])
+def test_mezo_reference_perturb(benchmark, copy_bandwidth, shapes, dtype):
+    params = make_params(DTYPES[dtype], shapes)
     _bench(benchmark, lambda: mezo_reference_perturb(params, 1, EPS))
-    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="mezo-reference", dtype=dtype)
+    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="mezo-reference", dtype=dtype, shapes=shapes)
 
 
+@pytest.mark.parametrize("shapes", SHAPE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mezo_reference_step_tail(benchmark, copy_bandwidth, dtype):
-    params = make_params(DTYPES[dtype])
+def test_mezo_reference_step_tail(benchmark, copy_bandwidth, shapes, dtype):
+    params = make_params(DTYPES[dtype], shapes)
     _bench(benchmark, lambda: mezo_reference_step_tail(params, 1))
     # Counted as the one pass's worth of bytes the fused step moves, so GB/s compare as useful work per second.
-    record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend="mezo-reference", dtype=dtype)
+    record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend="mezo-reference", dtype=dtype, shapes=shapes)
 
 
+@pytest.mark.parametrize("shapes", SHAPE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_foreach_perturb(benchmark, copy_bandwidth, dtype):
+def test_foreach_perturb(benchmark, copy_bandwidth, shapes, dtype):
     """The best eager PyTorch can do: z drawn per tensor, then one torch._foreach_add_ over the list."""
-    params = make_params(DTYPES[dtype])
+    params = make_params(DTYPES[dtype], shapes)
 
     def run():
         torch.manual_seed(1)
         zs = [torch.randn_like(p) for p in params]
         torch._foreach_add_(params, zs, alpha=EPS)
     _bench(benchmark, run)
-    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="torch-foreach", dtype=dtype)
+    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="torch-foreach", dtype=dtype, shapes=shapes)
 
 
+@pytest.mark.parametrize("shapes", SHAPE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_copy_same_bytes(benchmark, copy_bandwidth, dtype):
+def test_copy_same_bytes(benchmark, copy_bandwidth, shapes, dtype):
     """The physical reference: a device copy of the same tensors (one read and one write per element)."""
-    params = make_params(DTYPES[dtype])
+    params = make_params(DTYPES[dtype], shapes)
     targets = [torch.empty_like(p) for p in params]
     _bench(benchmark, lambda: torch._foreach_copy_(targets, params))
-    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="copy", dtype=dtype)
+    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="copy", dtype=dtype, shapes=shapes)

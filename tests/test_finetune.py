@@ -84,3 +84,52 @@ def test_cli_rejects_bad_input_before_training(args, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "steps/s" not in result.stderr and "zero-shot" not in result.stdout  # nothing trained
+
+
+@pytest.mark.parametrize("method,per_step", [("mezo", 2), ("hizoo", 3)])
+def test_forward_budget_sets_the_steps_and_every_forward_is_counted(tiny_model_dir, tmp_path, method, per_step):
+    summary = finetune(_config(tiny_model_dir, tmp_path, method=method, forward_budget=12, evaluations=2),
+                       progress_stream=open("/dev/null", "w"))
+    assert summary["steps"] == 12 // per_step and summary["forwards"] == 12
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["forwards"] for r in records if "loss" in r] == [per_step * s for s in range(1, 12 // per_step + 1)]
+    assert sum("validation_accuracy" in r for r in records) == 2
+
+
+def test_dizo_forward_budget_counts_its_search(tiny_model_dir, tmp_path):
+    options = {"project_every": 2, "project_iters": 1, "project_pattern": r"k_proj\.weight$"}
+    summary = finetune(_config(tiny_model_dir, tmp_path, method="dizo", forward_budget=15, method_options=options),
+                       progress_stream=open("/dev/null", "w"))
+    assert summary["steps"] == 5  # 15 / (2 + 2·1/2)
+    assert summary["forwards"] == 2 * 5 + 2 * (5 // 2)  # two probes per search, every second step
+
+
+def test_compare_runs_each_method_on_an_equal_budget(tiny_model_dir, tmp_path):
+    from zokern.finetune.compare import compare
+
+    result = compare(_config(tiny_model_dir, tmp_path), ["mezo", "hizoo"], forward_budget=12, evaluations=2,
+                     method_options={"hizoo": {"alpha": 1e-6}}, progress_stream=open("/dev/null", "w"))
+    assert [(r["method"], r["steps"], r["forwards"]) for r in result["runs"]] == [("mezo", 6, 12), ("hizoo", 4, 12)]
+    assert 0.0 <= result["zero_shot_accuracy"] <= 1.0
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert saved["runs"] == result["runs"] and saved["hyperparameters"]["lr"] == 1e-3
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| mezo | 6 | 12 |" in table and "| hizoo | 4 | 12 |" in table
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    # The zero-shot evaluation runs once, in the first method's run.
+    assert "zero_shot_test_accuracy" in (tmp_path / "mezo" / "metrics.jsonl").read_text()
+    assert "zero_shot_test_accuracy" not in (tmp_path / "hizoo" / "metrics.jsonl").read_text()
+    hizoo = json.loads((tmp_path / "hizoo" / "summary.json").read_text())
+    assert hizoo["hyperparameters"]["method_options"] == {"alpha": 1e-6}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "mezo,adam"], "unknown method(s) adam"),
+    (["--option", "rank=4"], "METHOD.NAME=VALUE"),
+    (["--model", "/no/such/model"], "does not exist"),
+])
+def test_compare_rejects_bad_input_before_training(args, message):
+    result = subprocess.run([sys.executable, "-m", "zokern.cli", "compare", *args], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr

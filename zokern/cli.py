@@ -1,9 +1,10 @@
-"""The zokern command line: `zokern finetune`, `zokern replay`, `zokern info`, `zokern demo`."""
+"""The zokern command line: `zokern finetune`, `zokern compare`, `zokern replay`, `zokern info`, `zokern demo`."""
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -33,35 +34,64 @@ def info() -> int:
     return 0
 
 
-def _add_finetune(sub) -> None:
-    from zokern.finetune.train import DTYPES, FinetuneConfig
-    from zokern.optim import METHODS
+def _add_training_options(p, d, *, per_run: bool) -> None:
+    """The options `zokern finetune` and `zokern compare` share; per_run: finetune's own (one method, steps,
+    evaluation interval, resume)."""
+    from zokern.finetune.train import DTYPES
 
-    d = FinetuneConfig()
-    p = sub.add_parser("finetune", help="fine-tune a language model with a ZO method (default: the embedded "
-                                        "SmolLM2-135M on BBC News topics, offline)")
-    p.add_argument("--method", choices=sorted(METHODS), default=d.method)
     p.add_argument("--model", default=None, help="a local Hugging Face model directory or .gguf file "
                                                  "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--task", default=d.task, help="'bbc-news' or a JSONL file of {\"text\", \"label\"} lines")
     p.add_argument("--template", default=None, help="prompt with {text}, for a JSONL task")
     p.add_argument("--labels", default=None, help="class=word pairs, e.g. negative=terrible,positive=great")
-    for name, kind in (("steps", int), ("batch-size", int), ("lr", float), ("eps", float),
-                       ("weight-decay", float), ("eval-every", int), ("eval-examples", int), ("seed", int),
-                       ("checkpoint-every", int)):
+    numbers = [("batch-size", int), ("lr", float), ("eps", float), ("weight-decay", float), ("eval-examples", int),
+               ("seed", int), ("checkpoint-every", int)]
+    if per_run:
+        numbers += [("steps", int), ("eval-every", int)]
+    for name, kind in numbers:
         p.add_argument(f"--{name}", type=kind, default=getattr(d, name.replace("-", "_")))
     p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
     p.add_argument("--backend", choices=backends.BACKENDS, default=None)
-    p.add_argument("--output-dir", default=d.output_dir)
-    p.add_argument("--resume", action="store_true", help="continue from --output-dir's last checkpoint")
+    if per_run:
+        p.add_argument("--forward-budget", type=int, default=d.forward_budget,
+                       help="> 0: train for this many forward passes instead of --steps")
+        p.add_argument("--output-dir", default=d.output_dir)
+        p.add_argument("--resume", action="store_true", help="continue from --output-dir's last checkpoint")
     p.add_argument("--two-pass", action="store_true", help="fold the next perturbation into the update "
                                                             "(MeZO, SubZero, Sparse MeZO)")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="> 0: train LoRA adapters of this rank; 0: all weights")
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     p.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated module names for LoRA")
     p.add_argument("--train-pattern", default=None, help="train only parameters whose names match this regex")
+
+
+def _add_finetune(sub) -> None:
+    from zokern.finetune.train import FinetuneConfig
+    from zokern.optim import METHODS
+
+    d = FinetuneConfig()
+    p = sub.add_parser("finetune", help="fine-tune a language model with a ZO method (default: the embedded "
+                                        "SmolLM2-135M on BBC News topics, offline)")
+    p.add_argument("--method", choices=sorted(METHODS), default=d.method)
+    _add_training_options(p, d, per_run=True)
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                    help="a method option, e.g. rank=8, sparsity=0.8, alpha=1e-8, project_every=50")
+
+
+def _add_compare(sub) -> None:
+    from zokern.finetune.compare import METHOD_ORDER
+    from zokern.finetune.train import FinetuneConfig
+
+    d = FinetuneConfig()
+    p = sub.add_parser("compare", help="fine-tune with several ZO methods at an equal budget of forward passes "
+                                       "and tabulate and plot the results")
+    p.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma-separated (default: all five)")
+    p.add_argument("--forward-budget", type=int, default=600, help="forward passes per method (default 600)")
+    p.add_argument("--evaluations", type=int, default=6, help="validation evaluations per run")
+    p.add_argument("--output-dir", default="runs/compare")
+    _add_training_options(p, d, per_run=False)
+    p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                   help="a method's option, e.g. subzero.rank=4, dizo.project_pattern=k_proj")
 
 
 def _add_replay(sub) -> None:
@@ -117,6 +147,38 @@ def finetune_command(args) -> int:
     return 0
 
 
+def compare_command(args) -> int:
+    from zokern.finetune.compare import compare
+    from zokern.finetune.data import DataError
+    from zokern.finetune.model import ModelError, resolve_model_path
+    from zokern.finetune.train import FinetuneConfig, load_task
+    from zokern.optim import METHODS
+
+    fields = {k: v for k, v in vars(args).items()
+              if k not in ("command", "option", "methods", "forward_budget", "evaluations")}
+    try:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
+                             f"{', '.join(METHODS)}")
+        options: dict = {m: {} for m in methods}
+        for text in args.option:
+            method, dot, rest = text.partition(".")
+            if not dot or method not in options:
+                raise ValueError(f"--option takes METHOD.NAME=VALUE for one of {', '.join(methods)}, got {text!r}")
+            options[method].update([_parse_option(rest)])
+        base = FinetuneConfig(**fields)
+        load_task(base)
+        resolve_model_path(base.model)
+    except (DataError, ModelError, ValueError) as exc:
+        print(f"zokern compare: error: {exc}", file=sys.stderr)
+        return 2
+    result = compare(base, methods, args.forward_budget, evaluations=args.evaluations, method_options=options)
+    print("\n" + (Path(base.output_dir) / "comparison.md").read_text())
+    return 0 if result["runs"] else 1
+
+
 def main(argv: "list[str] | None" = None) -> int:
     parser = argparse.ArgumentParser(prog="zokern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +190,7 @@ def main(argv: "list[str] | None" = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--backend", choices=backends.BACKENDS, default=None)
     _add_finetune(sub)
+    _add_compare(sub)
     _add_replay(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -136,6 +199,8 @@ def main(argv: "list[str] | None" = None) -> int:
         return finetune_command(args)
     if args.command == "replay":
         return replay_command(args)
+    if args.command == "compare":
+        return compare_command(args)
     from zokern.demo import run_demo
 
     result = run_demo(steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed, backend=args.backend)

