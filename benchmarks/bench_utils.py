@@ -9,13 +9,21 @@ import platform
 import time
 from datetime import datetime, timezone
 
+import pytest
 import torch
 
 from shapes import model_shapes, shape_sets
+from zokern import backends
 
 DEVICE = os.environ.get("ZOKERN_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 SHAPE_SETS = shape_sets(os.environ.get("ZOKERN_BENCH_SHAPES",
                                         "llama7b-layer*2" if DEVICE == "cuda" else "smollm2-layer"))
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The kernel benchmarks' backends; the Triton interpreter is a test vehicle, not something to time.
+BACKENDS = [b for b in backends.SUPPORTED[DEVICE] if b != "reference" and (DEVICE, b) != ("cpu", "triton")]
+EPS, LR, GRAD = 1e-3, 1e-6, 0.5  # a ZO step's scalars: only their being nonzero matters to the time
 
 
 def synchronize():
@@ -54,6 +62,21 @@ def median_seconds(fn, repeats: int = 7) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def bench(benchmark, fn):
+    """Times fn (synchronised) after an untimed run: compilation, extension load and caches stay out."""
+    def run():
+        fn()
+        synchronize()
+    run()
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+
+
+def skip_unavailable(backend):
+    ok, why = backends.availability(backend, DEVICE)
+    if not ok:
+        pytest.skip(f"{backend} unavailable on {DEVICE}: {why}")
 
 
 def make_params(dtype, shapes: str) -> list[torch.Tensor]:

@@ -11,28 +11,10 @@ import pytest
 import torch
 
 import zokern
-from zokern import backends
-from bench_utils import DEVICE, SHAPE_SETS, make_params, record, synchronize
+from bench_utils import (BACKENDS, DEVICE, DTYPES, EPS, GRAD, LR, SHAPE_SETS, bench, make_params, record,
+                         skip_unavailable)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The Triton interpreter is a test vehicle, not something to time.
-BACKENDS = [b for b in backends.SUPPORTED[DEVICE] if b != "reference" and (DEVICE, b) != ("cpu", "triton")]
-EPS, LR, GRAD = 1e-3, 1e-6, 0.5
 RANKS = [16, 64]  # SubZero's rank range: the targets hold up to r = 64
-
-
-def _bench(benchmark, fn):
-    def run():
-        fn()
-        synchronize()
-    run()
-    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-
-
-def _skip_unavailable(backend):
-    ok, why = backends.availability(backend, DEVICE)
-    if not ok:
-        pytest.skip(f"{backend} unavailable on {DEVICE}: {why}")
 
 
 def _matrices(dtype, shapes):
@@ -55,9 +37,9 @@ def _lowrank_inputs(dtype, shapes, rank):
 @pytest.mark.parametrize("rank", RANKS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lowrank_apply(benchmark, copy_bandwidth, shapes, backend, rank, dtype):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     weights, us, vs, cores = _lowrank_inputs(DTYPES[dtype], shapes, rank)
-    _bench(benchmark, lambda: zokern.lowrank_apply_(weights, us, vs, cores, backend=backend))
+    bench(benchmark, lambda: zokern.lowrank_apply_(weights, us, vs, cores, backend=backend))
     record(benchmark, weights, 1, copy_bandwidth, op="lowrank_apply", backend=backend, dtype=dtype, shapes=shapes,
            rank=rank)
 
@@ -73,7 +55,7 @@ def test_lowrank_subzero_reference(benchmark, copy_bandwidth, shapes, rank, dtyp
         for w, u, v, c in zip(weights, us, vs, cores):
             scale = math.sqrt(w.numel()) / c.shape[0]
             w.data = w.data + EPS * scale * (u @ c.to(u.dtype) @ v.t())
-    _bench(benchmark, run)
+    bench(benchmark, run)
     record(benchmark, weights, 1, copy_bandwidth, op="lowrank_apply", backend="subzero-reference", dtype=dtype,
            shapes=shapes, rank=rank)
 
@@ -84,12 +66,12 @@ def test_lowrank_subzero_reference(benchmark, copy_bandwidth, shapes, rank, dtyp
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_fused_step(benchmark, copy_bandwidth, shapes, backend, dtype):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     params = make_params(DTYPES[dtype], shapes)
     ids, masks = list(range(len(params))), zokern.new_masks(params)
     h = zokern.magnitude_thresholds(params, 0.8)
     zokern.masked_perturb_(params, masks, h, 1, EPS, stream_ids=ids, compute_mask=True, backend=backend)
-    _bench(benchmark, lambda: zokern.masked_fused_step_(params, masks, h, 1, stream_ids=ids, restore=EPS, lr=LR,
+    bench(benchmark, lambda: zokern.masked_fused_step_(params, masks, h, 1, stream_ids=ids, restore=EPS, lr=LR,
                                                         grad=GRAD, next_seed=2, next_scale=EPS, backend=backend))
     record(benchmark, params, 1, copy_bandwidth, op="masked_fused_step", backend=backend, dtype=dtype, shapes=shapes)
 
@@ -108,7 +90,7 @@ def test_masked_sparse_mezo_reference(benchmark, copy_bandwidth, shapes, dtype):
             z = torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
             p.data = p.data + EPS * z * mask
             p.data = p.data - LR * GRAD * z * mask
-    _bench(benchmark, run)
+    bench(benchmark, run)
     record(benchmark, params, 1, copy_bandwidth, op="masked_fused_step", backend="sparse-mezo-reference", dtype=dtype,
            shapes=shapes)
 
@@ -119,10 +101,10 @@ def test_masked_sparse_mezo_reference(benchmark, copy_bandwidth, shapes, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hessian_step(benchmark, copy_bandwidth, shapes, backend, dtype):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     params = make_params(DTYPES[dtype], shapes)
     ids, hessians = list(range(len(params))), [torch.ones_like(p, dtype=torch.float32) for p in params]
-    _bench(benchmark, lambda: zokern.hessian_step_(params, hessians, 1, stream_ids=ids, restore=EPS, lr=LR,
+    bench(benchmark, lambda: zokern.hessian_step_(params, hessians, 1, stream_ids=ids, restore=EPS, lr=LR,
                                                    grad=GRAD, hess_scale=1.0, alpha=1e-6, backend=backend))
     record(benchmark, params + hessians, 1, copy_bandwidth, op="hessian_step", backend=backend, dtype=dtype,
            shapes=shapes)
@@ -142,7 +124,7 @@ def test_hessian_hizoo_reference(benchmark, copy_bandwidth, shapes, dtype):
             p.data = p.data + EPS * z / torch.sqrt(d)
             d.mul_(1 - 1e-6).add_(1e-6 * 1.0 * d * z.float() ** 2)
             p.data = p.data - LR * GRAD * z / torch.sqrt(d)
-    _bench(benchmark, run)
+    bench(benchmark, run)
     record(benchmark, params + hessians, 1, copy_bandwidth, op="hessian_step", backend="hizoo-reference", dtype=dtype,
            shapes=shapes)
 
@@ -153,11 +135,11 @@ def test_hessian_hizoo_reference(benchmark, copy_bandwidth, shapes, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_anchored_rescale(benchmark, copy_bandwidth, shapes, backend, dtype):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     params = _matrices(DTYPES[dtype], shapes)
     anchors = [p + 0.01 for p in params]
     factors = torch.full((len(params),), 0.9, device=DEVICE)
-    _bench(benchmark, lambda: (zokern.distance_norms(params, anchors, backend=backend),
+    bench(benchmark, lambda: (zokern.distance_norms(params, anchors, backend=backend),
                                zokern.anchored_rescale_(params, anchors, factors, backend=backend)))
     # norms read θ and θ0; the rescale reads θ0 and θ and writes θ: 5 tensor-sized transfers in all
     record(benchmark, params, 2.5, copy_bandwidth, op="distance_and_rescale", backend=backend, dtype=dtype,
@@ -174,6 +156,6 @@ def test_anchored_dizo_reference(benchmark, copy_bandwidth, shapes, dtype):
         for p, a in zip(params, anchors):
             t = torch.norm(p.float() - a.float())
             p.data = a + (p - a) * (0.9 * t / t).to(p.dtype)
-    _bench(benchmark, run)
+    bench(benchmark, run)
     record(benchmark, params, 2.5, copy_bandwidth, op="distance_and_rescale", backend="dizo-reference", dtype=dtype,
            shapes=shapes)

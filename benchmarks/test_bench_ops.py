@@ -6,13 +6,7 @@ import pytest
 import torch
 
 import zokern
-from zokern import backends
-from bench_utils import DEVICE, SHAPE_SETS, make_params, record, synchronize
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The Triton interpreter is a test vehicle, not something to time.
-BACKENDS = [b for b in backends.SUPPORTED[DEVICE] if b != "reference" and (DEVICE, b) != ("cpu", "triton")]
-EPS, LR, GRAD = 1e-3, 1e-6, 0.5
+from bench_utils import BACKENDS, DTYPES, EPS, GRAD, LR, SHAPE_SETS, bench, make_params, record, skip_unavailable
 
 
 def mezo_reference_perturb(params, seed, scale):
@@ -33,28 +27,14 @@ def mezo_reference_step_tail(params, seed):
     mezo_reference_perturb(params, seed + 1, EPS)
 
 
-def _bench(benchmark, fn):
-    def run():
-        fn()
-        synchronize()
-    run()  # warm-up: compilation, extension load, caches
-    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-
-
-def _skip_unavailable(backend):
-    ok, why = backends.availability(backend, DEVICE)
-    if not ok:
-        pytest.skip(f"{backend} unavailable on {DEVICE}: {why}")
-
-
 @pytest.mark.parametrize("shapes", SHAPE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_perturb(benchmark, copy_bandwidth, shapes, backend, dtype):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     params = make_params(DTYPES[dtype], shapes)
     ids = list(range(len(params)))
-    _bench(benchmark, lambda: zokern.perturb_(params, 1, EPS, stream_ids=ids, backend=backend))
+    bench(benchmark, lambda: zokern.perturb_(params, 1, EPS, stream_ids=ids, backend=backend))
     record(benchmark, params, 1, copy_bandwidth, op="perturb", backend=backend, dtype=dtype, shapes=shapes)
 
 
@@ -62,10 +42,10 @@ def test_perturb(benchmark, copy_bandwidth, shapes, backend, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_step(benchmark, copy_bandwidth, shapes, backend, dtype):
-    _skip_unavailable(backend)
+    skip_unavailable(backend)
     params = make_params(DTYPES[dtype], shapes)
     ids = list(range(len(params)))
-    _bench(benchmark, lambda: zokern.fused_step_(params, 1, stream_ids=ids, restore=EPS, lr=LR, grad=GRAD,
+    bench(benchmark, lambda: zokern.fused_step_(params, 1, stream_ids=ids, restore=EPS, lr=LR, grad=GRAD,
                                                  next_seed=2, next_scale=EPS, backend=backend))
     record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend=backend, dtype=dtype, shapes=shapes)
 
@@ -74,7 +54,7 @@ def test_fused_step(benchmark, copy_bandwidth, shapes, backend, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mezo_reference_perturb(benchmark, copy_bandwidth, shapes, dtype):
     params = make_params(DTYPES[dtype], shapes)
-    _bench(benchmark, lambda: mezo_reference_perturb(params, 1, EPS))
+    bench(benchmark, lambda: mezo_reference_perturb(params, 1, EPS))
     record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="mezo-reference", dtype=dtype, shapes=shapes)
 
 
@@ -82,7 +62,7 @@ def test_mezo_reference_perturb(benchmark, copy_bandwidth, shapes, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mezo_reference_step_tail(benchmark, copy_bandwidth, shapes, dtype):
     params = make_params(DTYPES[dtype], shapes)
-    _bench(benchmark, lambda: mezo_reference_step_tail(params, 1))
+    bench(benchmark, lambda: mezo_reference_step_tail(params, 1))
     # Counted as the one pass's worth of bytes the fused step moves, so GB/s compare as useful work per second.
     record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend="mezo-reference", dtype=dtype, shapes=shapes)
 
@@ -97,7 +77,7 @@ def test_foreach_perturb(benchmark, copy_bandwidth, shapes, dtype):
         torch.manual_seed(1)
         zs = [torch.randn_like(p) for p in params]
         torch._foreach_add_(params, zs, alpha=EPS)
-    _bench(benchmark, run)
+    bench(benchmark, run)
     record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="torch-foreach", dtype=dtype, shapes=shapes)
 
 
@@ -107,5 +87,5 @@ def test_copy_same_bytes(benchmark, copy_bandwidth, shapes, dtype):
     """The physical reference: a device copy of the same tensors (one read and one write per element)."""
     params = make_params(DTYPES[dtype], shapes)
     targets = [torch.empty_like(p) for p in params]
-    _bench(benchmark, lambda: torch._foreach_copy_(targets, params))
+    bench(benchmark, lambda: torch._foreach_copy_(targets, params))
     record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="copy", dtype=dtype, shapes=shapes)

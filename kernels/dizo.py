@@ -14,18 +14,7 @@ import triton.language as tl
 from zokern.backends import record_launch
 
 from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, tables
-from .zo_update import _load_f32, _pointer, _store_f32
-
-
-@triton.jit
-def _chunk_range(tensors, chunks, chunk, ALIGNED_ENDS: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(chunks + pid).to(tl.int64)
-    start = (pid - tl.load(tensors + 4 * t + 3)) * chunk
-    end = tl.minimum(tl.load(tensors + 4 * t + 1), start + chunk)
-    if ALIGNED_ENDS:
-        end = tl.multiple_of(end, 4)
-    return t, start, end
+from .zo_update import _load_f32, _pointer, _store_f32, chunk_of_program
 
 
 @triton.jit
@@ -33,8 +22,8 @@ def square_sums_kernel(tensors, extra, chunks, partials, chunk, DTYPE: tl.conste
                        ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
     """partials[pid] = Σ (θ − θ0)² over this program's chunk, in float32. `extra` rows: (anchor address,
     index into the output)."""
-    t, start, end = _chunk_range(tensors, chunks, chunk, ALIGNED_ENDS)
-    ptr0 = _pointer(tl.load(tensors + 4 * t), DTYPE, ALIGNED_PTRS)
+    t, addr, _, start, end = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
+    ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
     anchor0 = _pointer(tl.load(extra + 2 * t), DTYPE, ALIGNED_PTRS)
     acc = tl.zeros((BLOCK,), tl.float32)
     for off in range(0, end - start, BLOCK):
@@ -64,8 +53,8 @@ def anchored_rescale_kernel(tensors, extra, chunks, factors, chunk, DTYPE: tl.co
                             ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
     """θ = θ0 + (src − θ0)·f. `extra` rows: (index into factors, anchor address, source address); without
     sources the source address is θ's own."""
-    t, start, end = _chunk_range(tensors, chunks, chunk, ALIGNED_ENDS)
-    ptr0 = _pointer(tl.load(tensors + 4 * t), DTYPE, ALIGNED_PTRS)
+    t, addr, _, start, end = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
+    ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
     anchor0 = _pointer(tl.load(extra + 3 * t + 1), DTYPE, ALIGNED_PTRS)
     source0 = _pointer(tl.load(extra + 3 * t + 2), DTYPE, ALIGNED_PTRS)
     f = tl.load(factors + tl.load(extra + 3 * t))

@@ -15,7 +15,7 @@ from zokern.backends import record_launch
 
 from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, round_to, seed_words, tables
 from .philox import draw_rows
-from .zo_update import chunk_of_program, PERTURBATION, _load_f32, _pointer, _store_f32
+from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
@@ -32,10 +32,7 @@ def masked_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, 
     h = tl.load(thresholds + tl.load(extra + 2 * t))
     mask_ptr = tl.load(extra + 2 * t + 1).to(tl.pointer_type(tl.int32))
     ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
-    key0 = k0.to(tl.uint32, bitcast=True)
-    key1 = k1.to(tl.uint32, bitcast=True)
-    next_key0 = nk0.to(tl.uint32, bitcast=True)
-    next_key1 = nk1.to(tl.uint32, bitcast=True)
+    key0, key1, next_key0, next_key1 = seed_keys(k0, k1, nk0, nk1)
     if FUSED:
         wd = tl.load(weight_decays + t)
     rows = tl.arange(0, WORDS)

@@ -77,6 +77,13 @@ def chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS: tl.constexpr):
     return t, tl.load(tensors + 4 * t), tl.load(tensors + 4 * t + 2).to(tl.uint32), start, end
 
 
+@triton.jit
+def seed_keys(k0, k1, nk0, nk1):
+    """The Philox keys of this step's seed and the next step's, from the int32 bit patterns of their halves."""
+    return (k0.to(tl.uint32, bitcast=True), k1.to(tl.uint32, bitcast=True), nk0.to(tl.uint32, bitcast=True),
+            nk1.to(tl.uint32, bitcast=True))
+
+
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
 def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
                      DTYPE: tl.constexpr, DIST: tl.constexpr, FUSED: tl.constexpr, HAS_NEXT: tl.constexpr,
@@ -87,10 +94,7 @@ def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr,
     address is aligned to 4 elements, ALIGNED_ENDS that every numel is a multiple of 4."""
     t, addr, stream, start, end = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
     ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
-    key0 = k0.to(tl.uint32, bitcast=True)
-    key1 = k1.to(tl.uint32, bitcast=True)
-    next_key0 = nk0.to(tl.uint32, bitcast=True)
-    next_key1 = nk1.to(tl.uint32, bitcast=True)
+    key0, key1, next_key0, next_key1 = seed_keys(k0, k1, nk0, nk1)
     if FUSED:
         wd = tl.load(weight_decays + t)
     rows = tl.arange(0, BLOCK // 4)

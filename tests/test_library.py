@@ -133,3 +133,14 @@ def test_required_backends_available():
     for name in filter(None, os.environ.get("ZOKERN_REQUIRE_BACKENDS", "").split(",")):
         ok, why = backends.availability(name, "cpu")
         assert ok, f"backend {name} must be available in this run: {why}"
+
+
+def test_every_backend_module_has_the_whole_interface():
+    from zokern import backends
+    from zokern.backends._extension import KERNELS
+
+    for name in backends.BACKENDS:
+        module = backends.load(name)
+        assert module.NAME == name
+        missing = [k for k in KERNELS if not callable(getattr(module, k, None))]
+        assert not missing, f"backend {name} lacks {missing}"

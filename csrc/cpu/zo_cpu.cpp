@@ -149,35 +149,59 @@ void for_chunks(at::TensorList params, int64_t chunk, int64_t align, const F& f)
   for (int64_t c = 0; c < num_chunks; ++c) f(chunks[c].t, chunks[c].begin, chunks[c].end);
 }
 
-// ---- MeZO ----
+// ---- the element-wise ops' loops (backend_ops.h turns the schemas' scalars into their Ops) ----
 
-template <class Op>
-void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<float>& wds, int64_t chunk,
-               const Op& op) {
-  TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
-  check_params(params);
-  for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
-    dispatch(params[t].scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      ZK_RUN(apply_range, static_cast<T*>(params[t].data_ptr()), begin, end, static_cast<uint32_t>(streams[t]), wds[t],
-             op);
+struct Loops {
+  template <class Op>
+  static void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<float>& wds,
+                        int64_t chunk, const Op& op) {
+    TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
+    check_params(params);
+    for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
+      dispatch(params[t].scalar_type(), [&](auto tag) {
+        using T = decltype(tag);
+        ZK_RUN(apply_range, static_cast<T*>(params[t].data_ptr()), begin, end, static_cast<uint32_t>(streams[t]),
+               wds[t], op);
+      });
     });
-  });
-}
+  }
 
-void perturb_(at::TensorList params, at::IntArrayRef streams, int64_t seed, double scale, int64_t dist,
-              int64_t chunk) {
-  const PerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist)};
-  apply_all(params, streams, std::vector<float>(params.size(), 0.f), chunk, op);
-}
+  // Sparse MeZO: chunks of whole mask words.
+  template <class Op>
+  static void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
+                         at::IntArrayRef streams, const std::vector<float>& wds, int64_t chunk, const Op& op) {
+    TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
+    check_params(params);
+    check_companions(params, masks, "masks", /*words=*/true);
+    const float* h = per_tensor(thresholds, params.size(), "thresholds");
+    for_chunks(params, chunk, 32, [&](int64_t t, int64_t begin, int64_t end) {
+      dispatch(params[t].scalar_type(), [&](auto tag) {
+        using T = decltype(tag);
+        ZK_RUN(masked_range, static_cast<T*>(params[t].data_ptr()), static_cast<uint32_t*>(masks[t].data_ptr()),
+               begin, end, static_cast<uint32_t>(streams[t]), wds[t], h[t], op);
+      });
+    });
+  }
 
-void fused_step_(at::TensorList params, at::IntArrayRef streams, int64_t seed, double restore, double lr,
-                 double grad, at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale,
-                 int64_t dist, int64_t chunk) {
-  const StepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
-                  static_cast<float>(grad), next_seed, static_cast<float>(next_scale), static_cast<int>(dist)};
-  apply_all(params, streams, std::vector<float>(weight_decays.begin(), weight_decays.end()), chunk, op);
-}
+  // HiZOO: D in float32 or in the parameter's dtype.
+  template <class Op>
+  static void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
+                          const std::vector<float>& wds, int64_t chunk, const Op& op) {
+    TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
+    check_params(params);
+    check_companions(params, hessians, "hessians");
+    for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
+      dispatch(params[t].scalar_type(), [&](auto tag) {
+        dispatch(hessians[t].scalar_type(), [&](auto dtag) {
+          using T = decltype(tag);
+          using TD = decltype(dtag);
+          ZK_RUN(hessian_range, static_cast<T*>(params[t].data_ptr()), static_cast<TD*>(hessians[t].data_ptr()),
+                 begin, end, static_cast<uint32_t>(streams[t]), wds[t], op);
+        });
+      });
+    });
+  }
+};
 
 // ---- low-rank (SubZero) ----
 
@@ -263,79 +287,6 @@ int64_t lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList
     });
   }
   return 1;
-}
-
-// ---- magnitude mask (Sparse MeZO) ----
-
-template <class Op>
-void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds, at::IntArrayRef streams,
-                const std::vector<float>& wds, int64_t chunk, const Op& op) {
-  TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
-  check_params(params);
-  check_companions(params, masks, "masks", /*words=*/true);
-  const float* h = per_tensor(thresholds, params.size(), "thresholds");
-  for_chunks(params, chunk, 32, [&](int64_t t, int64_t begin, int64_t end) {
-    dispatch(params[t].scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
-      ZK_RUN(masked_range, static_cast<T*>(params[t].data_ptr()), static_cast<uint32_t*>(masks[t].data_ptr()), begin,
-             end, static_cast<uint32_t>(streams[t]), wds[t], h[t], op);
-    });
-  });
-}
-
-void masked_perturb_(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
-                     at::IntArrayRef streams, int64_t seed, double scale, bool compute_mask, int64_t dist,
-                     int64_t chunk) {
-  const MaskedPerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist),
-                           compute_mask};
-  masked_all(params, masks, thresholds, streams, std::vector<float>(params.size(), 0.f), chunk, op);
-}
-
-void masked_fused_step_(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
-                        at::IntArrayRef streams, int64_t seed, double restore, double lr, double grad,
-                        at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale, int64_t dist,
-                        int64_t chunk) {
-  const MaskedStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
-                        static_cast<float>(grad), next_seed, static_cast<float>(next_scale), static_cast<int>(dist)};
-  masked_all(params, masks, thresholds, streams, std::vector<float>(weight_decays.begin(), weight_decays.end()),
-             chunk, op);
-}
-
-// ---- diagonal Hessian (HiZOO) ----
-
-template <class Op>
-void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
-                 const std::vector<float>& wds, int64_t chunk, const Op& op) {
-  TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
-  check_params(params);
-  check_companions(params, hessians, "hessians");
-  for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
-    dispatch(params[t].scalar_type(), [&](auto tag) {
-      dispatch(hessians[t].scalar_type(), [&](auto dtag) {
-        using T = decltype(tag);
-        using TD = decltype(dtag);
-        ZK_RUN(hessian_range, static_cast<T*>(params[t].data_ptr()), static_cast<TD*>(hessians[t].data_ptr()), begin,
-               end, static_cast<uint32_t>(streams[t]), wds[t], op);
-      });
-    });
-  });
-}
-
-void hessian_perturb_(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams, int64_t seed,
-                      double scale, int64_t dist, int64_t chunk) {
-  const HessianPerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist)};
-  hessian_all(params, hessians, streams, std::vector<float>(params.size(), 0.f), chunk, op);
-}
-
-void hessian_step_(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams, int64_t seed,
-                   double restore, double lr, double grad, double hess_scale, double alpha,
-                   at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale, int64_t dist,
-                   int64_t chunk) {
-  const HessianStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
-                         static_cast<float>(grad), static_cast<float>(hess_scale), static_cast<float>(alpha),
-                         static_cast<float>(1.0 - alpha), next_seed, static_cast<float>(next_scale),
-                         static_cast<int>(dist)};
-  hessian_all(params, hessians, streams, std::vector<float>(weight_decays.begin(), weight_decays.end()), chunk, op);
 }
 
 // ---- anchored rescale (DiZO) ----
@@ -434,4 +385,4 @@ at::Tensor philox_words(int64_t seed, int64_t stream, int64_t domain, int64_t fi
 
 TORCH_LIBRARY(zokern_cpp, m) { ZOKERN_DEFINE_BACKEND_OPS(m) }
 
-TORCH_LIBRARY_IMPL(zokern_cpp, CPU, m) { ZOKERN_IMPL_BACKEND_OPS(m) }
+TORCH_LIBRARY_IMPL(zokern_cpp, CPU, m) { ZOKERN_IMPL_BACKEND_OPS(m, Loops) }

@@ -138,6 +138,23 @@ void launch_groups(const Groups& groups, const TensorEntry* d_table, Launch&& la
   }
 }
 
+// Sorts the entries into launch groups, copies their table to the device and calls
+// launch(g, device table, count, chunks, blocks, stream) for every non-empty group, on the current stream.
+template <class Launch>
+void launch_grouped(const std::vector<TensorEntry>& entries, const std::vector<int>& group, int num_groups,
+                    int64_t chunk, const at::Device& device, Launch&& launch) {
+  const Groups groups = make_groups(entries, group, num_groups, chunk);
+  if (groups.table.empty()) return;
+  Upload up;
+  const size_t offset = up.add(groups.table);
+  const at::Tensor dev = up.to(device);  // alive until the launches are made
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int blocks = max_blocks();
+  launch_groups(groups, at_offset<TensorEntry>(dev, offset), [&](int g, const TensorEntry* d, int count, int64_t n) {
+    launch(g, d, count, n, blocks, stream);
+  });
+}
+
 TensorEntry entry(const at::Tensor& p, size_t index, uint32_t stream = 0, float wd = 0.f, void* aux = nullptr,
                   const void* src = nullptr) {
   return TensorEntry{p.data_ptr(), aux, src, p.numel(), 0, stream, static_cast<int32_t>(index), wd};
@@ -148,164 +165,96 @@ int64_t chunk_or_default(int64_t chunk, int64_t align = 1) {
   return (chunk + align - 1) / align * align;
 }
 
-// ---- MeZO ----
+// ---- the element-wise ops' loops (backend_ops.h turns the schemas' scalars into their Ops) ----
 
-template <class Op>
-void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<float>& wds, int64_t chunk,
-               const Op& op) {
-  TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cuda: list lengths differ");
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
-  check_floats(params, device, "params");
-  const c10::cuda::CUDAGuard guard(device);
-  chunk = chunk_or_default(chunk);
-  std::vector<TensorEntry> entries;
-  std::vector<int> group;
-  for (size_t t = 0; t < params.size(); ++t) {
-    entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t]));
-    group.push_back(dtype_index(params[t].scalar_type()));
-  }
-  const Groups groups = make_groups(entries, group, kDtypes, chunk);
-  if (groups.table.empty()) return;
-  Upload up;
-  const size_t offset = up.add(groups.table);
-  const at::Tensor dev = up.to(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int blocks = max_blocks();
-  launch_groups(groups, at_offset<TensorEntry>(dev, offset), [&](int g, const TensorEntry* d, int count, int64_t n) {
-    dispatch(g, [&](auto tag) {
-      launch_multi_tensor(d, count, n, chunk, ElementRange<decltype(tag), Op>{op}, blocks, stream);
+struct Loops {
+  template <class Op>
+  static void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<float>& wds,
+                        int64_t chunk, const Op& op) {
+    TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cuda: list lengths differ");
+    if (params.empty()) return;
+    const at::Device device = params[0].device();
+    check_floats(params, device, "params");
+    const c10::cuda::CUDAGuard guard(device);
+    chunk = chunk_or_default(chunk);
+    std::vector<TensorEntry> entries;
+    std::vector<int> group;
+    for (size_t t = 0; t < params.size(); ++t) {
+      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t]));
+      group.push_back(dtype_index(params[t].scalar_type()));
+    }
+    launch_grouped(entries, group, kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
+                                                          int blocks, cudaStream_t stream) {
+      dispatch(g, [&](auto tag) {
+        launch_multi_tensor(d, count, n, chunk, ElementRange<decltype(tag), Op>{op}, blocks, stream);
+      });
     });
-  });
-}
-
-void perturb_(at::TensorList params, at::IntArrayRef streams, int64_t seed, double scale, int64_t dist,
-              int64_t chunk) {
-  const PerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist)};
-  apply_all(params, streams, std::vector<float>(params.size(), 0.f), chunk, op);
-}
-
-void fused_step_(at::TensorList params, at::IntArrayRef streams, int64_t seed, double restore, double lr,
-                 double grad, at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale,
-                 int64_t dist, int64_t chunk) {
-  const StepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
-                  static_cast<float>(grad), next_seed, static_cast<float>(next_scale), static_cast<int>(dist)};
-  apply_all(params, streams, std::vector<float>(weight_decays.begin(), weight_decays.end()), chunk, op);
-}
-
-// ---- magnitude mask (Sparse MeZO) ----
-
-template <class Op>
-void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds, at::IntArrayRef streams,
-                const std::vector<float>& wds, int64_t chunk, const Op& op) {
-  TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size() && params.size() == masks.size(),
-              "zokern_cuda: list lengths differ");
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
-  check_floats(params, device, "params");
-  for (size_t t = 0; t < params.size(); ++t) {
-    TORCH_CHECK(masks[t].device() == device && masks[t].is_contiguous() && masks[t].scalar_type() == at::kInt &&
-                    masks[t].numel() == (params[t].numel() + 31) / 32,
-                "zokern_cuda: masks must be contiguous int32 tensors with one word per 32 elements");
   }
-  const float* h = per_tensor(thresholds, params.size(), device, "thresholds");
-  const c10::cuda::CUDAGuard guard(device);
-  chunk = chunk_or_default(chunk, 32);  // whole mask words per chunk
-  std::vector<TensorEntry> entries;
-  std::vector<int> group;
-  for (size_t t = 0; t < params.size(); ++t) {
-    entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], masks[t].data_ptr()));
-    group.push_back(dtype_index(params[t].scalar_type()));
-  }
-  const Groups groups = make_groups(entries, group, kDtypes, chunk);
-  if (groups.table.empty()) return;
-  Upload up;
-  const size_t offset = up.add(groups.table);
-  const at::Tensor dev = up.to(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int blocks = max_blocks();
-  launch_groups(groups, at_offset<TensorEntry>(dev, offset), [&](int g, const TensorEntry* d, int count, int64_t n) {
-    dispatch(g, [&](auto tag) {
-      launch_multi_tensor(d, count, n, chunk, MaskedRange<decltype(tag), Op>{op, h}, blocks, stream);
+
+  // Sparse MeZO: chunks of whole mask words.
+  template <class Op>
+  static void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
+                         at::IntArrayRef streams, const std::vector<float>& wds, int64_t chunk, const Op& op) {
+    TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size() && params.size() == masks.size(),
+                "zokern_cuda: list lengths differ");
+    if (params.empty()) return;
+    const at::Device device = params[0].device();
+    check_floats(params, device, "params");
+    for (size_t t = 0; t < params.size(); ++t) {
+      TORCH_CHECK(masks[t].device() == device && masks[t].is_contiguous() && masks[t].scalar_type() == at::kInt &&
+                      masks[t].numel() == (params[t].numel() + 31) / 32,
+                  "zokern_cuda: masks must be contiguous int32 tensors with one word per 32 elements");
+    }
+    const float* h = per_tensor(thresholds, params.size(), device, "thresholds");
+    const c10::cuda::CUDAGuard guard(device);
+    chunk = chunk_or_default(chunk, 32);  // whole mask words per chunk
+    std::vector<TensorEntry> entries;
+    std::vector<int> group;
+    for (size_t t = 0; t < params.size(); ++t) {
+      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], masks[t].data_ptr()));
+      group.push_back(dtype_index(params[t].scalar_type()));
+    }
+    launch_grouped(entries, group, kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
+                                                          int blocks, cudaStream_t stream) {
+      dispatch(g, [&](auto tag) {
+        launch_multi_tensor(d, count, n, chunk, MaskedRange<decltype(tag), Op>{op, h}, blocks, stream);
+      });
     });
-  });
-}
-
-void masked_perturb_(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
-                     at::IntArrayRef streams, int64_t seed, double scale, bool compute_mask, int64_t dist,
-                     int64_t chunk) {
-  const MaskedPerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist),
-                           compute_mask};
-  masked_all(params, masks, thresholds, streams, std::vector<float>(params.size(), 0.f), chunk, op);
-}
-
-void masked_fused_step_(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
-                        at::IntArrayRef streams, int64_t seed, double restore, double lr, double grad,
-                        at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale, int64_t dist,
-                        int64_t chunk) {
-  const MaskedStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
-                        static_cast<float>(grad), next_seed, static_cast<float>(next_scale), static_cast<int>(dist)};
-  masked_all(params, masks, thresholds, streams, std::vector<float>(weight_decays.begin(), weight_decays.end()),
-             chunk, op);
-}
-
-// ---- diagonal Hessian (HiZOO) ----
-
-// Groups: 2·dtype(param) + (D in float32 ? 0 : 1); D is float32 or the param dtype (library-checked).
-template <class Op>
-void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
-                 const std::vector<float>& wds, int64_t chunk, const Op& op) {
-  TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cuda: list lengths differ");
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
-  check_floats(params, device, "params");
-  check_companions(params, hessians, device, "hessians");
-  const c10::cuda::CUDAGuard guard(device);
-  chunk = chunk_or_default(chunk);
-  std::vector<TensorEntry> entries;
-  std::vector<int> group;
-  for (size_t t = 0; t < params.size(); ++t) {
-    const auto dtype = hessians[t].scalar_type();
-    TORCH_CHECK(dtype == at::kFloat || dtype == params[t].scalar_type(),
-                "zokern_cuda: hessians must be float32 or their tensors' dtype");
-    entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], hessians[t].data_ptr()));
-    group.push_back(2 * dtype_index(params[t].scalar_type()) + (dtype == at::kFloat ? 0 : 1));
   }
-  const Groups groups = make_groups(entries, group, 2 * kDtypes, chunk);
-  if (groups.table.empty()) return;
-  Upload up;
-  const size_t offset = up.add(groups.table);
-  const at::Tensor dev = up.to(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int blocks = max_blocks();
-  launch_groups(groups, at_offset<TensorEntry>(dev, offset), [&](int g, const TensorEntry* d, int count, int64_t n) {
-    dispatch(g / 2, [&](auto tag) {
-      using T = decltype(tag);
-      if (g % 2 == 0) {
-        launch_multi_tensor(d, count, n, chunk, HessianRange<T, float, Op>{op}, blocks, stream);
-      } else {
-        launch_multi_tensor(d, count, n, chunk, HessianRange<T, T, Op>{op}, blocks, stream);
-      }
+
+  // Groups: 2·dtype(param) + (D in float32 ? 0 : 1); D is float32 or the param dtype (library-checked).
+  template <class Op>
+  static void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
+                          const std::vector<float>& wds, int64_t chunk, const Op& op) {
+    TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cuda: list lengths differ");
+    if (params.empty()) return;
+    const at::Device device = params[0].device();
+    check_floats(params, device, "params");
+    check_companions(params, hessians, device, "hessians");
+    const c10::cuda::CUDAGuard guard(device);
+    chunk = chunk_or_default(chunk);
+    std::vector<TensorEntry> entries;
+    std::vector<int> group;
+    for (size_t t = 0; t < params.size(); ++t) {
+      const auto dtype = hessians[t].scalar_type();
+      TORCH_CHECK(dtype == at::kFloat || dtype == params[t].scalar_type(),
+                  "zokern_cuda: hessians must be float32 or their tensors' dtype");
+      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], hessians[t].data_ptr()));
+      group.push_back(2 * dtype_index(params[t].scalar_type()) + (dtype == at::kFloat ? 0 : 1));
+    }
+    launch_grouped(entries, group, 2 * kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
+                                                              int blocks, cudaStream_t stream) {
+      dispatch(g / 2, [&](auto tag) {
+        using T = decltype(tag);
+        if (g % 2 == 0) {
+          launch_multi_tensor(d, count, n, chunk, HessianRange<T, float, Op>{op}, blocks, stream);
+        } else {
+          launch_multi_tensor(d, count, n, chunk, HessianRange<T, T, Op>{op}, blocks, stream);
+        }
+      });
     });
-  });
-}
-
-void hessian_perturb_(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams, int64_t seed,
-                      double scale, int64_t dist, int64_t chunk) {
-  const HessianPerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist)};
-  hessian_all(params, hessians, streams, std::vector<float>(params.size(), 0.f), chunk, op);
-}
-
-void hessian_step_(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams, int64_t seed,
-                   double restore, double lr, double grad, double hess_scale, double alpha,
-                   at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale, int64_t dist,
-                   int64_t chunk) {
-  const HessianStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
-                         static_cast<float>(grad), static_cast<float>(hess_scale), static_cast<float>(alpha),
-                         static_cast<float>(1.0 - alpha), next_seed, static_cast<float>(next_scale),
-                         static_cast<int>(dist)};
-  hessian_all(params, hessians, streams, std::vector<float>(weight_decays.begin(), weight_decays.end()), chunk, op);
-}
+  }
+};
 
 // ---- anchored rescale (DiZO) ----
 
@@ -376,14 +325,8 @@ void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optio
     entries.push_back(entry(params[t], t, 0, 0.f, anchors[t].data_ptr(), src));
     group.push_back(dtype_index(params[t].scalar_type()));
   }
-  const Groups groups = make_groups(entries, group, kDtypes, chunk);
-  if (groups.table.empty()) return;
-  Upload up;
-  const size_t offset = up.add(groups.table);
-  const at::Tensor dev = up.to(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int blocks = max_blocks();
-  launch_groups(groups, at_offset<TensorEntry>(dev, offset), [&](int g, const TensorEntry* d, int count, int64_t n) {
+  launch_grouped(entries, group, kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
+                                                        int blocks, cudaStream_t stream) {
     dispatch(g, [&](auto tag) {
       launch_multi_tensor(d, count, n, chunk, RescaleRange<decltype(tag)>{f}, blocks, stream);
     });
@@ -508,4 +451,4 @@ at::Tensor philox_words(int64_t seed, int64_t stream, int64_t domain, int64_t fi
 
 TORCH_LIBRARY(zokern_cuda, m) { ZOKERN_DEFINE_BACKEND_OPS(m) }
 
-TORCH_LIBRARY_IMPL(zokern_cuda, CUDA, m) { ZOKERN_IMPL_BACKEND_OPS(m) }
+TORCH_LIBRARY_IMPL(zokern_cuda, CUDA, m) { ZOKERN_IMPL_BACKEND_OPS(m, Loops) }

@@ -57,8 +57,9 @@ def sources_digest(source_folders: "tuple[str, ...]", flags: "list[str]") -> str
 class _Extension:
     """One extension, built at most once per process (thread-safe); remembers why a build failed."""
 
-    def __init__(self, name: str, sources: list[str], cuda: bool, library_env: str):
-        self.name, self.sources, self.cuda, self.library_env = name, sources, cuda, library_env
+    def __init__(self, name: str, sources: list[str], cuda: bool):
+        self.name, self.sources, self.cuda = name, sources, cuda
+        self.library_env = f"{name.upper()}_LIBRARY"  # ZOKERN_CPP_LIBRARY, ZOKERN_CUDA_LIBRARY
         # What the compiled code depends on: its own folder, the shared headers, and the flags.
         self.source_folders = (sources[0].split("/")[0], "include")
         self.flags = NVCC_FLAGS if cuda else CXX_FLAGS
@@ -149,8 +150,13 @@ def _first_error(text: str, lines: int = 3) -> str:
     return " | ".join(ln[:300] for ln in found[:lines])
 
 
-CPU_EXTENSION = _Extension("zokern_cpp", ["cpu/zo_cpu.cpp"], cuda=False, library_env="ZOKERN_CPP_LIBRARY")
-CUDA_EXTENSION = _Extension("zokern_cuda", ["cuda/zo_cuda.cu"], cuda=True, library_env="ZOKERN_CUDA_LIBRARY")
+CPU_EXTENSION = _Extension("zokern_cpp", ["cpu/zo_cpu.cpp"], cuda=False)
+CUDA_EXTENSION = _Extension("zokern_cuda", ["cuda/zo_cuda.cu"], cuda=True)
+
+
+# The backend interface (zokern/backends/reference.py), which Backend implements over an extension's ops.
+KERNELS = ("availability", "philox_words", "fill_random", "perturb", "fused_step", "lowrank_apply", "masked_perturb",
+           "masked_fused_step", "hessian_perturb", "hessian_step", "distance_norms", "anchored_rescale")
 
 
 class Backend:
@@ -162,6 +168,10 @@ class Backend:
 
     def __init__(self, name: str, device_type: str, extension: _Extension, namespace: str):
         self.name, self.device_type, self.extension, self.namespace = name, device_type, extension, namespace
+
+    def module_attributes(self) -> dict:
+        """NAME and the interface's functions, for the backend's module to export (cpp_cpu.py, cpp_cuda.py)."""
+        return {"NAME": self.name, **{kernel: getattr(self, kernel) for kernel in KERNELS}}
 
     def availability(self, device_type: str) -> "tuple[bool, str]":
         if device_type != self.device_type:
