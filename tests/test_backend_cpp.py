@@ -263,7 +263,18 @@ zokern.fused_step_(p, 6, stream_ids=[1, 2, 3], restore=0.1, lr=0.2, grad=0.3, ne
 masks = zokern.new_masks(p)
 zokern.masked_perturb_(p, masks, zokern.magnitude_thresholds(p, 0.5), 8, 0.1, stream_ids=[1, 2, 3],
                        compute_mask=True, backend="cpp")
-torch.save(p + masks, sys.argv[1])
+hessians = [torch.rand(q.shape, generator=g) + 0.5 for q in p]
+zokern.hessian_step_(p, hessians, 9, stream_ids=[1, 2, 3], restore=0.1, lr=0.2, grad=0.3, hess_scale=2.0,
+                     alpha=0.1, backend="cpp")
+anchors = [(q.float() + 0.25).to(q.dtype) for q in p]
+norms = zokern.distance_norms(p, anchors, backend="cpp")
+zokern.anchored_rescale_(p, anchors, torch.tensor([0.9, 1.1, 0.7]), backend="cpp")
+ws = [torch.randn(37, 300, generator=g).bfloat16(), torch.randn(20, 9, generator=g).half(), torch.randn(5, 7, generator=g)]
+ranks = [5, 3, 2]
+us = [torch.randn(w.shape[0], r, generator=g).to(w.dtype) for w, r in zip(ws, ranks)]
+vs = [torch.randn(w.shape[1], r, generator=g).to(w.dtype) for w, r in zip(ws, ranks)]
+zokern.lowrank_apply_(ws, us, vs, [torch.randn(r, r, generator=g) for r in ranks], backend="cpp")
+torch.save(p + masks + hessians + [norms] + ws, sys.argv[1])
 """
 
 

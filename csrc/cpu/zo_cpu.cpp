@@ -205,11 +205,12 @@ struct Loops {
 
 // ---- low-rank (SubZero) ----
 
-constexpr int64_t kRowBlock = 16;   // rows of W per work item
-constexpr int64_t kColBlock = 256;  // columns of W per work item: Vᵀ's r×256 floats stay in L2
+constexpr int64_t kRowBlock = 16;                     // rows of W per work item
+constexpr int64_t kColBlock = simd::generic::kBlock;  // columns of W per work item: Vᵀ's r×256 floats stay in L2
 
 // W += (U·C)·Vᵀ without an m×n temporary: float32 U·C (m×r) and Vᵀ (r×n) first, then tiles of W, each
-// row summing over the rank into kColBlock accumulators (vectorised over columns). Sums as element.h says.
+// row summing over the rank into kColBlock accumulators (zo_cpu_kernels.inc's lowrank_rows, vectorised over
+// columns for the CPU's SIMD level). Sums as element.h says.
 // Returns the kernel launches made, for the CUDA build's schema: 1 call here.
 int64_t lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores) {
   const size_t count = weights.size();
@@ -269,21 +270,10 @@ int64_t lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList
   for (int64_t k = 0; k < num_tiles; ++k) {
     const int64_t t = tiles[k].t, i0 = tiles[k].row, j0 = tiles[k].col;
     const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
-    const int64_t cols = std::min(kColBlock, n - j0);
     dispatch(weights[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      T* w = static_cast<T*>(weights[t].data_ptr());
-      float acc[kColBlock];
-      for (int64_t i = i0; i < std::min(m, i0 + kRowBlock); ++i) {
-        std::fill(acc, acc + cols, 0.f);
-        for (int64_t a = 0; a < r; ++a) {
-          const float ua = uc[t][i * r + a];
-          const float* va = vt[t].data() + a * n + j0;
-          for (int64_t jj = 0; jj < cols; ++jj) acc[jj] = madd_rn(acc[jj], ua, va[jj]);
-        }
-        T* row = w + i * n + j0;
-        for (int64_t jj = 0; jj < cols; ++jj) row[jj] = from_float<T>(add_rn(to_float(row[jj]), acc[jj]));
-      }
+      ZK_RUN(lowrank_rows, static_cast<T*>(weights[t].data_ptr()), n, r, i0, std::min(m, i0 + kRowBlock), j0,
+             std::min(kColBlock, n - j0), uc[t].data(), vt[t].data());
     });
   }
   return 1;
@@ -291,10 +281,9 @@ int64_t lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList
 
 // ---- anchored rescale (DiZO) ----
 
-constexpr int kLanes = 8;  // independent float32 partial sums per chunk: vectorisable, and a shorter error chain
-
-// ‖θ − θ0‖ per tensor: per-chunk sums (kLanes interleaved lanes, then the lanes in order), then each
-// tensor's chunk sums in chunk order: the result depends on the chunk size only, never on the threads.
+// ‖θ − θ0‖ per tensor: per-chunk sums (zo_cpu_kernels.inc's distance_sum: interleaved lanes, then the lanes in
+// order), then each tensor's chunk sums in chunk order: the result depends on the chunk size only, never on
+// the threads or the SIMD level.
 at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t chunk) {
   check_params(params);
   check_companions(params, anchors, "anchors");
@@ -305,17 +294,8 @@ at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t
   for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
     dispatch(params[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      const T* p = static_cast<const T*>(params[t].data_ptr());
-      const T* a = static_cast<const T*>(anchors[t].data_ptr());
-      float lanes[kLanes] = {};
-      int64_t i = begin;
-      for (; i + kLanes <= end; i += kLanes) {
-        for (int k = 0; k < kLanes; ++k) lanes[k] = add_rn(lanes[k], square_diff(to_float(p[i + k]), to_float(a[i + k])));
-      }
-      for (int k = 0; i < end; ++i, ++k) lanes[k] = add_rn(lanes[k], square_diff(to_float(p[i]), to_float(a[i])));
-      float sum = 0.f;
-      for (int k = 0; k < kLanes; ++k) sum = add_rn(sum, lanes[k]);
-      partial[first[t] + begin / chunk] = sum;
+      ZK_RUN(distance_sum, static_cast<const T*>(params[t].data_ptr()), static_cast<const T*>(anchors[t].data_ptr()),
+             begin, end, &partial[first[t] + begin / chunk]);
     });
   });
   at::Tensor out = at::empty({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kFloat));
@@ -343,10 +323,8 @@ void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optio
   for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
     dispatch(params[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      T* p = static_cast<T*>(params[t].data_ptr());
-      const T* a = static_cast<const T*>(anchors[t].data_ptr());
-      const T* s = static_cast<const T*>(src[t].data_ptr());
-      for (int64_t i = begin; i < end; ++i) p[i] = from_float<T>(rescale_value(to_float(a[i]), to_float(s[i]), f[t]));
+      ZK_RUN(rescale_range, static_cast<T*>(params[t].data_ptr()), static_cast<const T*>(anchors[t].data_ptr()),
+             static_cast<const T*>(src[t].data_ptr()), begin, end, f[t]);
     });
   });
 }
