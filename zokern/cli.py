@@ -55,6 +55,8 @@ def _add_training_options(p, d, *, per_run: bool) -> None:
     if per_run:
         p.add_argument("--forward-budget", type=int, default=d.forward_budget,
                        help="> 0: train for this many forward passes instead of --steps")
+        p.add_argument("--evaluations", type=int, default=d.evaluations,
+                       help="> 0: evaluate this many times, evenly over the run, instead of every --eval-every")
         p.add_argument("--output-dir", default=d.output_dir)
         p.add_argument("--resume", action="store_true", help="continue from --output-dir's last checkpoint")
     p.add_argument("--two-pass", action="store_true", help="fold the next perturbation into the update "
