@@ -53,11 +53,13 @@ def compare(base: FinetuneConfig, methods: "list[str]", forward_budget: int, eva
 
 def markdown_table(result: dict) -> str:
     h = result["hyperparameters"]
+    # On the CPU the peak is the process's resident set so far (getrusage cannot be reset between runs).
+    memory = "peak RSS so far" if result["device"].startswith("cpu") else "peak GPU memory"
     lines = [f"{result['task']}, {result['forward_budget']} forward passes per method, batch {h['batch_size']}, "
              f"lr {h['lr']:g}, ε {h['eps']:g}, LoRA rank {h['lora_rank'] or 'none (all weights)'}, "
              f"{h['dtype']}, seed {h['seed']}; {result['device']}, backend {result['backend']}. "
              f"Zero-shot test accuracy {100 * result['zero_shot_accuracy']:.1f}%.", "",
-             "| method | steps | forward passes | test accuracy | best validation | train time | peak memory |",
+             f"| method | steps | forward passes | test accuracy | best validation | train time | {memory} |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
         lines.append(f"| {r['method']} | {r['steps']} | {r['forwards']} | {100 * r['final_accuracy']:.1f}% | "

@@ -200,6 +200,8 @@ def finetune(config: FinetuneConfig, progress_stream=sys.stderr) -> dict:
     optimizer = make_optimizer(config, trainable)
     run = Run(config.output_dir)
     device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # this run's peak, also when runs share a process
     eval_set = task.validation[:config.eval_examples]
 
     steps = planned_steps(config, optimizer)
