@@ -51,7 +51,7 @@ for stage in "${stages[@]}"; do
   start=$SECONDS
   case $stage in
     tests)
-      timeout "$(limit tests 200)" $py -m pytest tests -m cuda -q -p no:cacheprovider -n "${ZOKERN_GPU_WORKERS:-8}" \
+      ZOKERN_REQUIRE_BACKENDS=reference,triton,cuda timeout "$(limit tests 200)" $py -m pytest tests -m cuda -q -p no:cacheprovider -n "${ZOKERN_GPU_WORKERS:-8}" \
         --junitxml "$out/cuda-tests.xml" -o junit_family=xunit1 ;;
     ops)  # one ≥ 2^31-element buffer (64-bit indexing) besides the model layers
       ZOKERN_BENCH_SHAPES="llama7b-layer*2,llama3-8b-layer,opt13b-layer,llama70b-layer,flat-2g" \

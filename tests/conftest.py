@@ -17,6 +17,19 @@ from zokern import backends
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def pytest_sessionstart(session):
+    """$ZOKERN_REQUIRE_BACKENDS (CI, scripts/gpu_check.sh): backends this machine must have, comma-separated. One
+    that is missing stops the run with its reason, so that a failed build cannot pass as skipped tests."""
+    for name in filter(None, os.environ.get("ZOKERN_REQUIRE_BACKENDS", "").split(",")):
+        if name not in backends.BACKENDS:
+            raise pytest.UsageError(f"ZOKERN_REQUIRE_BACKENDS: unknown backend {name!r}")
+        # On a GPU machine the GPU is what counts (Triton runs on the CPU only under the interpreter).
+        device = "cuda" if torch.cuda.is_available() and name in backends.SUPPORTED["cuda"] else "cpu"
+        ok, why = backends.availability(name, device)
+        if not ok:
+            raise pytest.UsageError(f"ZOKERN_REQUIRE_BACKENDS: backend {name} is not available on {device}: {why}")
+
+
 def available_pairs(include_reference: bool = True) -> list:
     """(backend, device) pairs as pytest params; unavailable ones are skipped with the backend's reason."""
     pairs = []

@@ -14,6 +14,7 @@ running torch version, else the backend is unavailable and says why.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -38,9 +39,15 @@ NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 
 def source_dir() -> Path:
-    import zokern
-
-    return Path(zokern.__file__).resolve().parent.parent / "csrc"
+    """The C++/CUDA sources: the package zokern._csrc that setup.py maps to csrc/ (inside zokern/ in an installed
+    wheel, the checkout's csrc/ in an editable install), else csrc/ beside an uninstalled checkout's zokern/."""
+    spec = importlib.util.find_spec("zokern._csrc")
+    if spec is not None and spec.origin is not None:
+        return Path(spec.origin).resolve().parent
+    checkout = Path(__file__).resolve().parents[2] / "csrc"
+    if checkout.is_dir():
+        return checkout
+    raise RuntimeError("zokern's C++ sources (the package zokern._csrc) are not installed")
 
 
 def sources_digest(source_folders: "tuple[str, ...]", flags: "list[str]") -> str:
@@ -106,6 +113,10 @@ class _Extension:
         return None
 
     def _build(self) -> "tuple[bool, str]":
+        try:
+            src = source_dir()
+        except RuntimeError as exc:
+            return False, str(exc)
         if os.environ.get(self.library_env):
             if self.cuda and torch.version.cuda is None:
                 return False, "torch has no CUDA"
@@ -115,7 +126,6 @@ class _Extension:
             return False, why
         from torch.utils.cpp_extension import load
 
-        src = source_dir()
         build_directory = self.build_directory()
         build_directory.mkdir(parents=True, exist_ok=True)
         try:
