@@ -45,11 +45,20 @@ def _load_f32(ptr, mask, DTYPE: tl.constexpr):
 
 @triton.jit
 def _bf16_bits_rne(x):
-    """fp32 → bf16 bit pattern, round to nearest even; NaN stays NaN (quieted), ±inf and overflow → ±inf."""
+    """fp32 → bf16 bit pattern, round to nearest even; ±inf and overflow → ±inf; every NaN → the canonical 0x7FFF
+    (docs/OPS.md: the same bits on every backend)."""
     bits = x.to(tl.uint32, bitcast=True)
     rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
     is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    return tl.where(is_nan, (bits >> 16) | 0x40, rounded).to(tl.uint16)
+    return tl.where(is_nan, 0x7FFF, rounded).to(tl.uint16)
+
+
+@triton.jit
+def _f16_rne(x):
+    """fp32 → fp16, round to nearest even; every NaN → the canonical 0x7FFF (the GPU's conversion gives it, the
+    interpreter's keeps the payload)."""
+    bits = x.to(tl.float16).to(tl.uint16, bitcast=True)
+    return tl.where(x != x, 0x7FFF, bits).to(tl.uint16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -57,7 +66,7 @@ def _store_f32(ptr, x, mask, DTYPE: tl.constexpr):
     if DTYPE == BFLOAT16:
         tl.store(ptr, _bf16_bits_rne(x), mask=mask)
     elif DTYPE == FLOAT16:
-        tl.store(ptr, x.to(tl.float16), mask=mask)  # round to nearest even
+        tl.store(ptr, _f16_rne(x), mask=mask)
     else:
         tl.store(ptr, x, mask=mask)
 

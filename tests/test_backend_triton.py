@@ -126,6 +126,7 @@ def test_bf16_rounding_is_nearest_even(device):
     out = torch.empty(x.numel(), dtype=torch.int16, device=device)
     _bf16_round_kernel[(triton.cdiv(x.numel(), 8192),)](x, out, x.numel(), BLOCK=8192)
     assert _same(out.view(torch.bfloat16).cpu(), x.cpu().to(torch.bfloat16))
+    assert (out[x.isnan()] == 0x7FFF).all()  # every NaN the canonical one (docs/OPS.md)
 
 
 def _run(op, params, streams, dist, **sizes):

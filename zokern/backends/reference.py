@@ -6,6 +6,8 @@ import torch
 from zokern.random import MASK32, Domain, philox4x32, reference_draw
 
 NAME = "reference"
+# The one NaN every backend stores in bfloat16 and float16, whatever NaN the float32 math produced (docs/OPS.md).
+CANONICAL_NAN_16 = 0x7FFF
 
 
 def availability(device_type: str) -> tuple[bool, str]:
@@ -15,6 +17,15 @@ def availability(device_type: str) -> tuple[bool, str]:
 def _z(seed: int, stream: int, p: torch.Tensor, dist: int) -> torch.Tensor:
     return reference_draw(seed, stream, p.numel(), domain=Domain.PERTURBATION, dist=dist,
                           device=p.device).view(p.shape)
+
+
+def _store(p: torch.Tensor, x: torch.Tensor) -> None:
+    """p ← x rounded to nearest even in p's dtype, with every NaN stored as the canonical NaN 0x7FFF in bfloat16 and
+    float16 (docs/OPS.md): torch's own conversion keeps no single rule (CPU bfloat16 gives 0xFFFF, float16 the
+    quieted payload and sign; CUDA gives 0x7FFF)."""
+    p.copy_(x)
+    if p.dtype in (torch.bfloat16, torch.float16):
+        p.view(torch.int16).masked_fill_(p.isnan(), CANONICAL_NAN_16)
 
 
 def philox_words(seed: int, stream: int, domain: int, first_call: int, n: int, device) -> torch.Tensor:
@@ -29,7 +40,7 @@ def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: 
 def perturb(params: list[torch.Tensor], streams: list[int], seed: int, scale: float, dist: int) -> None:
     for p, stream in zip(params, streams):
         x = p.float() + scale * _z(seed, stream, p, dist)
-        p.copy_(x)
+        _store(p, x)
 
 
 def fused_step(params: list[torch.Tensor], streams: list[int], seed: int, restore: float, lr: float, grad: float,
@@ -40,7 +51,7 @@ def fused_step(params: list[torch.Tensor], streams: list[int], seed: int, restor
         x = x - lr * (grad * z + wd * x)
         if next_seed >= 0:
             x = x + next_scale * _z(next_seed, stream, p, dist)
-        p.copy_(x)
+        _store(p, x)
 
 
 # --- low-rank (SubZero) -----------------------------------------------------------------------------
@@ -49,7 +60,7 @@ def lowrank_apply(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[
                   cores: list[torch.Tensor]) -> None:
     """W += U·C·Vᵀ per tensor (W m×n, U m×r, V n×r, C r×r float32); the oracle may materialise U·C·Vᵀ."""
     for w, u, v, c in zip(weights, us, vs, cores):
-        w.copy_(w.float() + (u.float() @ c) @ v.float().t())
+        _store(w, w.float() + (u.float() @ c) @ v.float().t())
 
 
 # --- magnitude mask (Sparse MeZO) --------------------------------------------------------------------
@@ -71,7 +82,7 @@ def masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask
         if compute_mask:
             _pack_mask(p.float().abs() <= thresholds[t], mask)
         m = _unpack_mask(mask, p.numel()).view(p.shape)
-        p.copy_(p.float() + scale * (m * _z(seed, stream, p, dist)))
+        _store(p, p.float() + scale * (m * _z(seed, stream, p, dist)))
 
 
 def masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
@@ -85,14 +96,14 @@ def masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, gra
             m_next = stored.abs() <= thresholds[t]
             _pack_mask(m_next, mask)
             x = stored + next_scale * (m_next * _z(next_seed, stream, p, dist))
-        p.copy_(x)
+        _store(p, x)
 
 
 # --- diagonal Hessian (HiZOO) ------------------------------------------------------------------------
 
 def hessian_perturb(params, hessians, streams, seed, scale, dist) -> None:
     for p, d, stream in zip(params, hessians, streams):
-        p.copy_(p.float() + scale * (_z(seed, stream, p, dist) / torch.sqrt(d.float())))
+        _store(p, p.float() + scale * (_z(seed, stream, p, dist) / torch.sqrt(d.float())))
 
 
 def hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays, next_seed,
@@ -105,8 +116,8 @@ def hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale,
         x = x - lr * (grad * (z / torch.sqrt(d_new)) + wd * x)
         if next_seed >= 0:
             x = x + next_scale * (_z(next_seed, stream, p, dist) / torch.sqrt(d_new))
-        p.copy_(x)
-        d.copy_(d_new)
+        _store(p, x)
+        _store(d, d_new)
 
 
 # --- anchored rescale (DiZO) -------------------------------------------------------------------------
@@ -123,4 +134,4 @@ def anchored_rescale(params, anchors, sources, factors) -> None:
     sources = params if sources is None else sources
     for t, (p, a, s) in enumerate(zip(params, anchors, sources)):
         anchor = a.float()
-        p.copy_(anchor + (s.float() - anchor) * factors[t])
+        _store(p, anchor + (s.float() - anchor) * factors[t])

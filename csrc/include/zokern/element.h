@@ -122,6 +122,7 @@ ZK_HD inline bf16 from_float<bf16>(float x) {
 template <>
 ZK_HD inline f16 from_float<f16>(float x) {
 #ifdef __CUDA_ARCH__
+  if (x != x) return f16{0x7FFFu};  // the canonical NaN (docs/OPS.md), not left to the conversion instruction
   return f16{__half_as_ushort(__float2half_rn(x))};
 #else
   return f16{float_to_half_bits(x)};
