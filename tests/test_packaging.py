@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from zokern import backends
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,6 +60,8 @@ json.dump({"zokern": zokern.__file__, "sources": str(_extension.source_dir()), "
 """
 
 
+@pytest.mark.skipif(not backends.availability("cpp", "cpu")[0],
+                    reason=f"cpp backend unavailable here: {backends.availability('cpp', 'cpu')[1]}")
 def test_installed_wheel_builds_and_runs_the_cpp_backend(wheel, tmp_path):
     """The wheel alone (not the checkout, which an editable install would find) must give the C++ backend."""
     target = tmp_path / "site"

@@ -21,8 +21,8 @@ def _z(seed: int, stream: int, p: torch.Tensor, dist: int) -> torch.Tensor:
 
 def _store(p: torch.Tensor, x: torch.Tensor) -> None:
     """p ← x rounded to nearest even in p's dtype, with every NaN stored as the canonical NaN 0x7FFF in bfloat16 and
-    float16 (docs/OPS.md): torch's own conversion keeps no single rule (CPU bfloat16 gives 0xFFFF, float16 the
-    quieted payload and sign; CUDA gives 0x7FFF)."""
+    float16 (docs/OPS.md): torch's own conversion has no single rule (on the CPU bfloat16 gets 0xFFFF and float16
+    the quieted payload and sign; on CUDA, the conversion instructions' canonical NaN)."""
     p.copy_(x)
     if p.dtype in (torch.bfloat16, torch.float16):
         p.view(torch.int16).masked_fill_(p.isnan(), CANONICAL_NAN_16)
