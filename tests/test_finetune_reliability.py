@@ -178,10 +178,12 @@ def test_resume_drops_a_torn_metrics_line_and_stale_leftovers(tiny_model_dir, ta
     _assert_same(_outcome(out), expected)  # also: no .tmp or .del left
 
 
-def test_resume_refuses_a_corrupt_metrics_line_before_the_end(tiny_model_dir, task_file, tmp_path, fast_load):
+def test_resume_refuses_a_corrupt_metrics_line_before_the_end(tiny_model_dir, task_file, tmp_path, fast_load,
+                                                              monkeypatch):
     out = _run(tiny_model_dir, task_file, tmp_path / "run", steps=2)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text("\n".join(["{not json"] + lines) + "\n")
+    monkeypatch.setattr(train, "load_model", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(CheckpointError, match="metrics.jsonl:1 is not a JSON record"):
         _run(tiny_model_dir, task_file, out, resume=True)
 

@@ -340,6 +340,7 @@ class Run:
             if logged is not None and progress["state"]["step"] > logged:
                 print(f"skipping {path.name}: the seed log ends at step {logged}", file=stream)
                 continue
+            self.records()  # metrics damaged before their last line fail here, not after the model loads
             return path, progress
         if found or self.seedlog_path.exists() or self.metrics_path.exists():
             raise CheckpointError(f"--resume: {self.dir} holds a run but no complete checkpoint; "
@@ -353,16 +354,20 @@ class Run:
             saved = load_file(str(path / CHECKPOINT_FILES[0]))
             # Tensors and plain data only: unpickling anything else could run code from the file.
             state = torch.load(path / CHECKPOINT_FILES[1], weights_only=True)
-        except Exception as exc:  # safetensors' and pickle's errors have no common base  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot load {CHECKPOINT_FILES[0]} and {CHECKPOINT_FILES[1]} "
-                                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        except Exception as exc:  # safetensors' and the unpickler's errors share no narrower base
+            first_line = (str(exc).splitlines() or [""])[0]
+            raise CheckpointError(f"{path.name}: cannot load {' or '.join(CHECKPOINT_FILES)} "
+                                  f"({type(exc).__name__}: {first_line})") from None
         missing = [name for name, _ in trainable if name not in saved]
         if missing:
-            raise CheckpointError(f"{path} lacks trained tensor {missing[0]} ({len(missing)} missing)")
+            raise CheckpointError(f"{path.name} lacks the trained tensor {missing[0]} ({len(missing)} missing)")
         with torch.no_grad():
             for name, p in trainable:
                 p.copy_(saved[name])
-        optimizer.load_state_dict(state)
+        try:
+            optimizer.load_state_dict(state)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path.name}: its optimizer state does not fit this optimizer ({exc})") from None
 
 
 def _verified_progress(path: Path) -> dict:
@@ -412,7 +417,10 @@ def _discard(path: Path) -> None:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
