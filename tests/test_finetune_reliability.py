@@ -321,7 +321,9 @@ def _edit_record(line: str, **changes) -> str:
     (lambda h, r: (_edit_record(h, config=None), r), "the header has no 'config'"),
     (lambda h, r: (_edit_record(h, config={**json.loads(h)["config"], "shiny": 1}), r), "unknown setting 'shiny'"),
     (lambda h, r: (_edit_record(h, config={**json.loads(h)["config"], "lr": "fast"}), r),
-     "the header's config is invalid: --lr must be a positive finite number, got 'fast'"),
+     "the header's config is invalid: --lr must be a number, got 'fast'"),
+    (lambda h, r: (_edit_record(h, config={**json.loads(h)["config"], "lora_targets": 5}), r),
+     "the header's config is invalid: --lora-targets must be a string, got 5"),
     (lambda h, r: (_edit_record(h, trainable=None), r), "the header's 'trainable' is missing"),
     (lambda h, r: (_edit_record(h, backend="abacus"), r), "the header's 'backend' is missing or malformed"),
 ])

@@ -13,7 +13,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -85,20 +85,22 @@ def _flag(name: str) -> str:
 
 def check_config(config: FinetuneConfig) -> None:
     """Every setting that can be checked without data or model, so that a bad one fails in a second."""
+    _check_types(config)
     if config.method not in METHODS:
         raise ConfigError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
     if config.dtype not in DTYPES:
         raise ConfigError(f"--dtype {config.dtype!r}: choose from {', '.join(DTYPES)}")
+    if config.backend is not None and config.backend not in zokern.backends.BACKENDS:
+        raise ConfigError(f"--backend {config.backend!r}: choose from {', '.join(zokern.backends.BACKENDS)}")
     for name in ("lr", "eps", "lora_alpha"):
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{_flag(name)} must be a positive finite number, got {value!r}")
-    wd = config.weight_decay
-    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not (math.isfinite(wd) and wd >= 0):
-        raise ConfigError(f"--weight-decay must be a finite number >= 0, got {wd!r}")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise ConfigError(f"--weight-decay must be a finite number >= 0, got {config.weight_decay!r}")
     for name, least in INTEGER_MINIMUMS.items():
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if value < least:
             raise ConfigError(f"{_flag(name)} must be an integer >= {least}, got {value!r}")
     if config.seed >= SEED_LIMIT:
         raise ConfigError(f"--seed must be below 2**63, got {config.seed}")
@@ -116,6 +118,17 @@ def check_config(config: FinetuneConfig) -> None:
         if name not in accepted:
             raise ConfigError(f"--option {name}: {config.method} has no such option; it takes "
                               f"{', '.join(sorted(accepted - set(OPTIMIZER_SETTINGS)))}")
+
+
+def _check_types(config: FinetuneConfig) -> None:
+    """Each setting of its default's type (a float may be given as an int; a None default takes a str)."""
+    accepted = {bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+                str: ((str,), "a string"), dict: ((dict,), "a mapping"), type(None): ((str, type(None)), "a string or none")}
+    for f in fields(FinetuneConfig):
+        value = getattr(config, f.name)
+        kinds, wanted = accepted[type(f.default if f.default is not MISSING else f.default_factory())]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ConfigError(f"{_flag(f.name)} must be {wanted}, got {value!r}")
 
 
 def _constructor_options(cls) -> set:
