@@ -164,6 +164,35 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tiny_model_dir, task_file, 
     _assert_same(_outcome(out), expected)
 
 
+def test_resume_skips_a_checkpoint_past_the_end_of_the_seed_log(tiny_model_dir, task_file, tmp_path, fast_load,
+                                                                capsys):
+    """A seed log that lost its last lines (e.g. to a crash of the machine) cannot continue from there."""
+    expected = _outcome(_run(tiny_model_dir, task_file, tmp_path / "straight"))
+    out = tmp_path / "run"
+    shutil.copytree(tmp_path / "straight", out, symlinks=True)
+    lines = (out / "seedlog.jsonl").read_text().splitlines(keepends=True)
+    (out / "seedlog.jsonl").write_text("".join(lines[:3]))  # header and steps 0, 1
+    finetune(_config(tiny_model_dir, task_file, out, resume=True), progress_stream=sys.stderr)
+    err = capsys.readouterr().err
+    assert "skipping checkpoint-3: the seed log ends at step 2" in err and "resuming from checkpoint-2" in err
+    _assert_same(_outcome(out), expected)
+
+
+def test_resume_compares_only_trajectory_settings_and_paths_as_absolute(tmp_path, monkeypatch):
+    from dataclasses import asdict
+
+    monkeypatch.chdir(tmp_path)
+    recorded = asdict(FinetuneConfig(model=str(tmp_path / "model"), task=str(tmp_path / "t.jsonl"), steps=100))
+    train.check_resumable(recorded, FinetuneConfig(model="model", task="t.jsonl", steps=300, eval_every=7,
+                                                   evaluations=3, eval_examples=9, checkpoint_every=5, resume=True,
+                                                   output_dir="elsewhere", forward_budget=10, zero_shot_eval=False))
+    for change in (dict(eps=0.1), dict(two_pass=True), dict(lora_rank=4), dict(train_pattern="norm"),
+                   dict(dtype="bfloat16"), dict(batch_size=8), dict(task="other.jsonl"), dict(backend="reference")):
+        with pytest.raises(train.ConfigError, match=f"{next(iter(change))} "):
+            train.check_resumable(recorded, FinetuneConfig(**{**recorded, "model": "model", "task": "t.jsonl",
+                                                              **change}))
+
+
 def test_resume_drops_a_torn_metrics_line_and_stale_leftovers(tiny_model_dir, task_file, tmp_path, fast_load):
     expected = _outcome(_run(tiny_model_dir, task_file, tmp_path / "straight"))
     out = tmp_path / "run"
