@@ -77,11 +77,13 @@ def test_jsonl_task_errors(tmp_path):
     (["--method", "adam"], "invalid choice"),
     (["--task", "/no/such.jsonl", "--template", "{text}", "--labels", "a=x,b=y"], "does not exist"),
     (["--task", "x.jsonl"], "needs --template"),
+    (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    (["--steps", "-1"], "--steps must be an integer >= 1, got -1"),
 ])
 def test_cli_rejects_bad_input_before_training(args, message):
     result = subprocess.run([sys.executable, "-m", "zokern.cli", "finetune", *args], capture_output=True, text=True,
                             timeout=120)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert message in result.stderr
     assert "steps/s" not in result.stderr and "zero-shot" not in result.stdout  # nothing trained
 

@@ -58,7 +58,11 @@ def _add_training_options(p, d, *, per_run: bool) -> None:
         p.add_argument("--evaluations", type=int, default=d.evaluations,
                        help="> 0: evaluate this many times, evenly over the run, instead of every --eval-every")
         p.add_argument("--output-dir", default=d.output_dir)
-        p.add_argument("--resume", action="store_true", help="continue from --output-dir's last checkpoint")
+        p.add_argument("--resume", action="store_true",
+                       help="continue from --output-dir's newest complete checkpoint (a damaged one is skipped) "
+                            "with the run's own settings: a change to one that alters the trajectory (method, "
+                            "options, model, task, seed, lr, eps, ...) is an error, as is a run there without a "
+                            "checkpoint; an empty or new --output-dir starts a new run")
     p.add_argument("--two-pass", action="store_true", help="fold the next perturbation into the update "
                                                             "(MeZO, SubZero, Sparse MeZO)")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="> 0: train LoRA adapters of this rank; 0: all weights")
@@ -108,20 +112,23 @@ def _add_replay(sub) -> None:
 def replay_command(args) -> int:
     from zokern.finetune.model import ModelError
     from zokern.finetune.replay import replay_run
+    from zokern.finetune.train import ConfigError
     from zokern.seedlog import SeedLogError
 
     try:
         replay_run(args.log, model=args.model, output=args.output, steps=args.steps)
-    except (SeedLogError, ModelError) as exc:
+    except (SeedLogError, ModelError, ConfigError) as exc:
         print(f"zokern replay: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
 def _parse_option(text: str):
+    from zokern.finetune.train import ConfigError
+
     name, sep, value = text.partition("=")
-    if not sep:
-        raise ValueError(f"--option takes NAME=VALUE, got {text!r}")
+    if not sep or not name:
+        raise ConfigError(f"--option takes NAME=VALUE, got {text!r}")
     for kind in (int, float):
         try:
             return name, kind(value)
@@ -132,18 +139,18 @@ def _parse_option(text: str):
 
 def finetune_command(args) -> int:
     from zokern.finetune.data import DataError
-    from zokern.finetune.model import ModelError, resolve_model_path
-    from zokern.finetune.train import FinetuneConfig, finetune, load_task
+    from zokern.finetune.model import ModelError
+    from zokern.finetune.train import CheckpointError, ConfigError, FinetuneConfig, finetune
+    from zokern.seedlog import SeedLogError
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "option")}
     try:
         config = FinetuneConfig(**fields, method_options=dict(_parse_option(o) for o in args.option))
-        load_task(config)  # bad data and bad paths fail here, before the model loads or training starts
-        resolve_model_path(config.model)
-    except (DataError, ModelError, ValueError) as exc:
+        # Settings, data, paths and the checkpoint to resume are checked before the model loads.
+        summary = finetune(config)
+    except (ConfigError, DataError, ModelError, CheckpointError, SeedLogError) as exc:
         print(f"zokern finetune: error: {exc}", file=sys.stderr)
         return 2
-    summary = finetune(config)
     print(f"\nzero-shot test accuracy {summary['zero_shot_accuracy']:.3f} -> fine-tuned {summary['final_accuracy']:.3f} "
           f"({summary['steps']} steps, {summary['wall_seconds'] / 60:.1f} min); results in {config.output_dir}")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -64,27 +65,74 @@ class SeedLogWriter:
 
 
 def read(path: "str | Path") -> tuple[dict, list[dict]]:
-    """(header, records). A last line cut short by a killed run is dropped; anything else malformed, or a
-    gap in the steps, is an error."""
+    """(header, records), every record checked against the format (docs/SEEDLOG.md). A last line cut short by
+    a killed run is dropped; anything else malformed, or a gap in the steps, is a SeedLogError naming the line."""
     path = Path(path)
     if not path.is_file():
         raise SeedLogError(f"seed log {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SeedLogError(f"{path} is not a seed log: not UTF-8 text (byte {exc.start})") from None
     lines = text.split("\n")
     if lines and not text.endswith("\n"):
         lines = lines[:-1]  # unterminated: the run was killed while writing it
-    try:
-        header, *records = [json.loads(line) for line in lines if line]
-    except ValueError as exc:  # also an empty file
-        raise SeedLogError(f"{path} is not a seed log: {exc}") from None
-    if header.get("format") != FORMAT:
+    parsed = []
+    for number, line in enumerate(lines, 1):
+        if line:
+            try:
+                parsed.append((number, json.loads(line)))
+            except ValueError as exc:
+                raise SeedLogError(f"{path}:{number} is not a JSON line ({exc})") from None
+    if not parsed or not isinstance(parsed[0][1], dict) or parsed[0][1].get("format") != FORMAT:
         raise SeedLogError(f"{path} is not a seed log (no '{FORMAT}' header)")
+    (_, header), *numbered = parsed
     if header.get("version") != VERSION:
         raise SeedLogError(f"{path} has seed log version {header.get('version')}; this zokern reads {VERSION}")
-    for i, r in enumerate(records):
-        if r.get("step") != i:
-            raise SeedLogError(f"{path}: record {i} is of step {r.get('step')}; steps must run 0, 1, 2, ...")
-    return header, records
+    for i, (number, r) in enumerate(numbered):
+        problem = _record_problem(r)
+        if problem:
+            raise SeedLogError(f"{path}:{number}: {problem}")
+        if r["step"] != i:
+            raise SeedLogError(f"{path}: record {i} is of step {r['step']}; steps must run 0, 1, 2, ...")
+    return header, [r for _, r in numbered]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _record_problem(r) -> "str | None":
+    """What makes `r` no step record of the format, or None."""
+    if not isinstance(r, dict):
+        return "a record must be a JSON object"
+    for key, ok, what in (("step", _is_integer, "an integer >= 0"), ("seed", _is_integer, "an integer >= 0"),
+                          ("lr", _is_number_list, "a list of finite numbers"),
+                          ("weight_decay", _is_number_list, "a list of finite numbers")):
+        if key not in r:
+            return f"the record lacks {key!r}"
+        if not ok(r[key]):
+            return f"{key!r} must be {what}, got {r[key]!r}"
+    if "skipped" in r:
+        if r["skipped"] is not True:
+            return f"'skipped' must be true, got {r['skipped']!r}"
+    elif not _is_number(r.get("grad")):
+        return f"'grad' must be a finite number, got {r.get('grad', '(nothing)')!r}"
+    if "hess_scale" in r and not _is_number(r["hess_scale"]):
+        return f"'hess_scale' must be a finite number, got {r['hess_scale']!r}"
+    if "pending" in r and not isinstance(r["pending"], bool):
+        return f"'pending' must be true or false, got {r['pending']!r}"
+    if "rescale" in r and not (isinstance(r["rescale"], list) and all(_is_number_list(b) for b in r["rescale"])):
+        return f"'rescale' must be a list of lists of finite numbers, got {r['rescale']!r}"
+    return None
+
+
+def _is_number_list(value) -> bool:
+    return isinstance(value, list) and all(_is_number(v) for v in value)
 
 
 def replay(optimizer, records: list[dict]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,23 +76,48 @@ def parse_labels(spec: str) -> dict[str, str]:
         name, sep, word = item.partition("=")
         if not sep or not name or not word:
             raise DataError(f"--labels entries are name=word, got {item!r}")
+        if name in pairs:
+            raise DataError(f"--labels names class {name!r} twice")
         pairs[name] = " " + word.strip()
     if len(pairs) < 2:
         raise DataError("--labels needs at least two classes")
+    words = list(pairs.values())
+    repeated = next((w for w in words if words.count(w) > 1), None)
+    if repeated is not None:
+        raise DataError(f"--labels maps two classes to the word {repeated.strip()!r}; each class needs its own word")
     return pairs
+
+
+def check_template(template: str) -> None:
+    """One field, {text}: str.format would fail on any other only at the first prompt, after the model loads."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        raise DataError(f"--template {template!r}: {exc} (write a literal brace as {{{{ or }}}})") from None
+    if "text" not in fields:
+        raise DataError(f"--template must contain {{text}}, got {template!r}")
+    other = [f for f in fields if f != "text"]
+    if other:
+        raise DataError(f"--template has the field {{{other[0]}}}; the only field is {{text}} "
+                        "(write a literal brace as {{ or }})")
 
 
 def jsonl_task(path: str, template: str, labels: str) -> Task:
     """A user's JSONL file of {"text": ..., "label": ...} lines (label: a class name from --labels)."""
-    if "{text}" not in template:
-        raise DataError(f"--template must contain {{text}}, got {template!r}")
+    check_template(template)
     verbalizer = parse_labels(labels)
     names = list(verbalizer)
     file = Path(path)
     if not file.is_file():
         raise DataError(f"task file {path} does not exist")
     examples = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"task file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise DataError(f"task file {path}: {exc.strerror}") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
