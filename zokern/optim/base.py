@@ -382,7 +382,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         names = [name or f"#{k}" for k, (name, _) in enumerate(t for tensors in mine for t in tensors)]
         saved_state, my_state = state_dict.get("state", {}), super().state_dict()["state"]
         for k in sorted(set(saved_state) | set(my_state), key=str):
-            where = f"the state of tensor {names[k] if isinstance(k, int) and k < len(names) else k!r}"
+            label = names[k] if isinstance(k, int) and k < len(names) else k
+            where = f"the state of tensor {label!r}"
             _check_like(saved_state.get(k, {}), my_state.get(k, {}), where)
         _check_like(zo["method"], self._extra_state(), f"the {me} state")
 
