@@ -88,7 +88,7 @@ def test_a_failed_forward_restores_the_weights_as_a_skipped_step(method, two_pas
     moved (HiZOO's center forward, two-pass mode's +εz already applied) leaves everything as it was, and
     the step retried is the step of a run that never failed."""
     value, error, message = JUNK[junk]
-    for forward in range(1, make_optimizer(method, fresh_model(), None).forwards_per_step + 1):
+    for forward in range(1, METHOD_SETTINGS[method][0].forwards_per_step + 1):
         failing = Run(method, two_pass, bad_step=2, bad_forward=forward, junk=value)
         skipped = Run(method, two_pass, bad_step=2, bad_forward=forward, junk=torch.tensor(math.nan))
         for _ in range(2):
