@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import re
 import warnings
 import zlib
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zokern.random import check_seed, parse_distribution, step_seed
+from zokern.validation import check_step_args
 
 # MeZO's rule: no weight decay on biases and norms [ALGORITHMS.md §0].
 NO_DECAY = re.compile(r"bias|layer_norm|layernorm|norm\.weight|ln_\w*\.weight", re.IGNORECASE)
@@ -40,6 +42,53 @@ class Bucket:
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+def check_loss(value, where: str):
+    """The closure's return value if it is a loss: a real number or a one-element tensor. Checked at
+    each forward, so junk is caught before the next pass moves the weights."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"the closure returned a {value.dtype} tensor at {where}; expected the loss, "
+                            "a real number or one-element tensor")
+        if value.numel() != 1:
+            raise ValueError(f"the closure returned a tensor of shape {tuple(value.shape)} at {where}; expected "
+                             "the loss, a one-element tensor (reduce it, e.g. with .mean())")
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return value
+    raise TypeError(f"the closure returned {type(value).__name__} {value!r:.60} at {where}; expected the loss, "
+                    "a real number or one-element tensor")
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _check_like(saved, mine, where: str) -> None:
+    """A loaded state must have the structure of the optimizer's own: the same keys and lengths, and
+    tensors of the same shapes. None on either side is a buffer made lazily (SparseMeZO's thresholds)."""
+    if saved is None or mine is None:
+        return
+    if isinstance(mine, torch.Tensor) or isinstance(saved, torch.Tensor):
+        if not (isinstance(mine, torch.Tensor) and isinstance(saved, torch.Tensor)):
+            raise ValueError(f"{where} is a {type(saved).__name__} in the state_dict; this optimizer keeps a "
+                             f"{type(mine).__name__}")
+        if saved.shape != mine.shape:
+            raise ValueError(f"{where} has shape {tuple(saved.shape)} in the state_dict; this optimizer's has "
+                             f"shape {tuple(mine.shape)}")
+    elif isinstance(mine, dict):
+        if not isinstance(saved, dict) or saved.keys() != mine.keys():
+            have = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"{where} holds {have} in the state_dict; this optimizer keeps {sorted(mine)}")
+        for key in mine:
+            _check_like(saved[key], mine[key], f"{where}[{key!r}]")
+    elif isinstance(mine, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(mine):
+            have = len(saved) if isinstance(saved, (list, tuple)) else type(saved).__name__
+            raise ValueError(f"{where} has {have} entries in the state_dict; this optimizer has {len(mine)}")
+        for i, (s, m) in enumerate(zip(saved, mine)):
+            _check_like(s, m, f"{where}[{i}]")
 
 
 def _read_losses(losses: dict) -> dict:
@@ -81,12 +130,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         # Called with each step's record (docs/SEEDLOG.md), e.g. `opt.record_hook = records.append`.
         self.record_hook: "Callable[[dict], None] | None" = None
         super().__init__(params, defaults)
+        if not any(b.params for b in self.buckets):
+            raise ValueError(f"every parameter given to {type(self).__name__} has requires_grad=False: nothing to "
+                             "train (pass the tensors to train, e.g. a PEFT model's adapters)")
 
     # --- construction -----------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):
+            self._check_rates({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        # Frozen tensors are not trained, as torch optimizers leave tensors without gradients alone: they are
+        # dropped from the group, so they are neither perturbed nor in the state.
+        trained = [i for i, p in enumerate(group["params"]) if p.requires_grad]
+        group["params"] = [group["params"][i] for i in trained]
+        if "param_names" in group:
+            group["param_names"] = [group["param_names"][i] for i in trained]
         names = group.get("param_names") or [None] * len(group["params"])
         ids = [self._stream_id(name) for name in names]
         by_device: dict[torch.device, Bucket] = {}
@@ -117,6 +177,16 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _init_bucket(self, bucket: Bucket) -> None:
         """Per-method buffers for a new bucket."""
+
+    def _options(self) -> dict:
+        """The method's real-valued options, checked with the rates before each step."""
+        return {}
+
+    def _check_rates(self, group: dict) -> None:
+        """The rates of a param group and the method's options, as the ops check them: run before any
+        weight moves, so a NaN or out-of-range value (constructor, scheduler, loaded state) changes nothing."""
+        check_step_args(seed=self.seed, dist=self.dist, lr=group["lr"], weight_decay=group["weight_decay"],
+                        eps=self.eps, **self._options())
 
     # --- what a method defines ----------------------------------------------------------------------------
 
@@ -156,7 +226,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         if record["step"] != self.step_count or record["seed"] != seed:
             raise ValueError(f"record of step {record['step']} (seed {record['seed']}) does not follow step "
                              f"{self.step_count} (seed {seed}): wrong log, or a different base seed")
-        for group, lr, wd in zip(self.param_groups, record["lr"], record["weight_decay"], strict=True):
+        rates = list(zip(record["lr"], record["weight_decay"], strict=True))
+        if len(rates) != len(self.param_groups):
+            raise ValueError(f"record of step {record['step']} has rates for {len(rates)} param groups; this "
+                             f"optimizer has {len(self.param_groups)}")
+        for lr, wd in rates:
+            self._check_rates({"lr": lr, "weight_decay": wd})
+        for group, (lr, wd) in zip(self.param_groups, rates):
             group["lr"], group["weight_decay"] = lr, wd
         if self.pending_seed is not None and not record.get("pending"):
             self.restore_weights()  # training took the weights out of two-pass mode's +εz before this step
@@ -164,24 +240,45 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _step(self, closure, logged: "dict | None"):
         """One step, shared by training (`closure`: measure the losses, emit the record) and replay
-        (`logged`: the record measured in training); both run the same weight operations."""
-        forward = closure or (lambda: None)
+        (`logged`: the record measured in training); both run the same weight operations.
+
+        Transactional: the rates are checked before any weight moves. A closure that raises or returns no
+        loss ends the step as a skipped step (same weight operations, so the same bits, and a record that
+        replays them), then the error is raised again; if no weight had moved yet, the step did not happen."""
         emit = (self.record_hook if logged is None else None) or (lambda record: None)
         seed = step_seed(self.seed, self.step_count)
+        for group in self.param_groups:
+            self._check_rates(group)
         record = logged or {"step": self.step_count, "seed": seed,
                             "lr": [float(g["lr"]) for g in self.param_groups],
                             "weight_decay": [float(g["weight_decay"]) for g in self.param_groups]}
         if self.two_pass and logged is None:
             record["pending"] = self.pending_seed == seed
-        losses = {}
+        losses, failure, moved = {}, None, False
+
+        def evaluate(where: str) -> None:
+            nonlocal failure
+            if closure is None or failure is not None:
+                return
+            try:
+                losses[where] = check_loss(closure(), f"the {where} forward")
+            except BaseException as exc:
+                if not moved:
+                    raise
+                failure = exc
+
         if self.forwards_per_step == 3:
-            losses["center"] = forward()
+            evaluate("center")
         if self.pending_seed != seed:
             self._perturb(seed, self.eps, first=True)
-        losses["plus"] = forward()
+            moved = True
+        evaluate("plus")
         self._perturb(seed, -2 * self.eps, first=False)
-        losses["minus"] = forward()
-        if logged is None:
+        moved = True
+        evaluate("minus")
+        if failure is not None:
+            record.update(skipped=True, failed=_describe(failure))
+        elif logged is None:
             values = _read_losses(losses)
             if all(math.isfinite(v) for v in values.values()):
                 record["grad"] = (values["plus"] - values["minus"]) / (2 * self.eps)
@@ -191,9 +288,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         if record.get("skipped"):
             self._perturb(seed, self.eps, first=False)  # back to θ, nothing applied
             self.pending_seed = None
-            self.nonfinite_steps += 1
+            self.nonfinite_steps += "failed" not in record
             self.step_count += 1
             emit(record)
+            if failure is not None:
+                raise failure
             if logged is None:
                 message = (f"non-finite loss at step {self.step_count - 1}: {values}; weights restored, "
                            "no update applied")
@@ -201,14 +300,19 @@ class ZOOptimizer(torch.optim.Optimizer):
                     raise NonFiniteLossError(message)
                 warnings.warn(f"{message} ({self.nonfinite_steps} such steps so far)", RuntimeWarning,
                               stacklevel=3)
-            return losses["plus"]
+            return losses.get("plus")
         next_seed = step_seed(self.seed, self.step_count + 1) if self.two_pass else None
         self._update(seed, record["grad"], next_seed, record)
         self.pending_seed = next_seed
         self.step_count += 1
-        self._after_step(closure, record)
+        try:
+            self._after_step(closure, record)
+        except BaseException as exc:  # the update stands; the record says what failed after it
+            record["failed"] = _describe(exc)
+            emit(record)
+            raise
         emit(record)
-        return losses["plus"]
+        return losses.get("plus")
 
     # --- two-pass mode ------------------------------------------------------------------------------------
 
@@ -234,14 +338,57 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _load_extra_state(self, extra: dict) -> None:
         pass
 
+    def _tensors(self) -> list:
+        """[name, shape] of every trained tensor, per param group: what a state belongs to."""
+        return [[[name, list(p.shape)] for name, p in zip(g.get("param_names") or [None] * len(g["params"]),
+                                                          g["params"])] for g in self.param_groups]
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["zo"] = {"seed": self.seed, "eps": self.eps, "step_count": self.step_count,
                        "nonfinite_steps": self.nonfinite_steps, "pending_seed": self.pending_seed,
-                       "method": self._extra_state()}
+                       "method": self._extra_state(), "optimizer": type(self).__name__, "tensors": self._tensors()}
         return state
 
+    def _check_state(self, state_dict: dict) -> None:
+        """Reject a state that is not this optimizer's (another method, other tensors, other buffer shapes),
+        naming what differs, before anything is loaded. States saved before the optimizer and its tensors
+        were recorded are checked on what they hold: group sizes, per-tensor state and method buffers."""
+        me = type(self).__name__
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("zo"), dict):
+            raise ValueError(f"not a zokern optimizer state_dict (no 'zo' entry); {me} cannot load it")
+        zo = state_dict["zo"]
+        missing = {"seed", "eps", "step_count", "nonfinite_steps", "pending_seed", "method"} - zo.keys()
+        if missing:
+            raise ValueError(f"the state_dict's 'zo' entry lacks {sorted(missing)}")
+        if zo.get("optimizer", me) != me:
+            raise ValueError(f"the state_dict was saved by {zo['optimizer']}; this optimizer is {me}")
+        check_seed(zo["seed"])
+        if not zo["eps"] > 0 or not math.isfinite(zo["eps"]):
+            raise ValueError(f"the state_dict's eps must be a positive finite number, got {zo['eps']}")
+        groups, mine = state_dict.get("param_groups", []), self._tensors()
+        if len(groups) != len(mine):
+            raise ValueError(f"the state_dict has {len(groups)} param groups; this optimizer has {len(mine)}")
+        for i, (group, tensors) in enumerate(zip(groups, mine)):
+            if len(group["params"]) != len(tensors):
+                raise ValueError(f"param group {i} has {len(group['params'])} tensors in the state_dict; this "
+                                 f"optimizer's has {len(tensors)}")
+            self._check_rates(group)
+        for i, (saved, tensors) in enumerate(zip(zo.get("tensors", mine), mine)):
+            for j, (theirs, ours) in enumerate(zip(saved, tensors)):
+                if list(theirs) != ours:
+                    raise ValueError(f"tensor {j} of param group {i} is {theirs[0]!r} of shape {tuple(theirs[1])} "
+                                     f"in the state_dict; this optimizer's is {ours[0]!r} of shape {tuple(ours[1])}")
+        names = [name or f"#{k}" for k, (name, _) in enumerate(t for tensors in mine for t in tensors)]
+        saved_state, my_state = state_dict.get("state", {}), super().state_dict()["state"]
+        for k in sorted(set(saved_state) | set(my_state), key=str):
+            label = names[k] if isinstance(k, int) and k < len(names) else k
+            where = f"the state of tensor {label!r}"
+            _check_like(saved_state.get(k, {}), my_state.get(k, {}), where)
+        _check_like(zo["method"], self._extra_state(), f"the {me} state")
+
     def load_state_dict(self, state_dict: dict) -> None:
+        self._check_state(state_dict)
         state_dict = dict(state_dict)
         zo = state_dict.pop("zo")
         index = {id(group): i for i, group in enumerate(self.param_groups)}

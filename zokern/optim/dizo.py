@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from zokern import ops
+from zokern.optim.base import check_loss
 from zokern.optim.mezo import MeZO
 from zokern.random import Domain, step_seed
 
@@ -48,6 +49,9 @@ class DiZO(MeZO):
         for i in projected:
             self.state[bucket.params[i]]["anchor"] = bucket.params[i].detach().clone()
 
+    def _options(self):
+        return {"gamma_eps": self.gamma_eps, "gamma_lr": self.gamma_lr, "gamma_range": self.gamma_range}
+
     def step(self, closure=None, fresh_closure=None):
         self._fresh_closure = fresh_closure
         return super().step(closure)
@@ -56,7 +60,8 @@ class DiZO(MeZO):
         if self.step_count % self.project_every:
             return
         if closure is None:
-            self._rescale(record.get("rescale", []))
+            if "rescale" in record:  # absent when the search failed and put the weights back
+                self._rescale(record["rescale"])
         else:
             record["rescale"] = self.project(closure if self._fresh_closure is None else None, self._fresh_closure)
 
@@ -84,6 +89,20 @@ class DiZO(MeZO):
         for params, anchors, ids in projected:
             t = ops.distance_norms(params, anchors, backend=self.backend)
             work.append((params, anchors, [p.clone() for p in params], t, t.clone(), ids))
+        try:
+            self._search(work, seed, fresh_closure)
+        except BaseException:  # a failed search leaves the weights as they were before it
+            for params, _, saved, *_ in work:
+                torch._foreach_copy_(params, saved)
+            raise
+        factors = []
+        for params, anchors, saved, t, gamma, _ in work:
+            factors.append(_ratio(gamma, t))
+            ops.anchored_rescale_(params, anchors, factors[-1], sources=saved, backend=self.backend)
+        return [f.tolist() for f in factors]
+
+    def _search(self, work, seed, fresh_closure) -> None:
+        """The J iterations: each probes γ ± ε_γ·z on a fresh batch and updates γ in place."""
         tau, eg = self.gamma_range, self.gamma_eps
         for j in range(self.project_iters):
             batch = fresh_closure()
@@ -98,7 +117,7 @@ class DiZO(MeZO):
                 for (params, anchors, saved, t, gamma, _), z in zip(work, probes):
                     ops.anchored_rescale_(params, anchors, _ratio(gamma + sign * eg * z, t), sources=saved,
                                           backend=self.backend)
-                losses.append(batch())
+                losses.append(check_loss(batch(), f"projection search iteration {j}"))
             plus, minus = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in losses]).tolist()
             if not (abs(plus) < float("inf") and abs(minus) < float("inf")):
                 self.nonfinite_steps += 1
@@ -107,11 +126,6 @@ class DiZO(MeZO):
             for (params, anchors, saved, t, gamma, _), z in zip(work, probes):
                 gamma.copy_(torch.minimum(torch.maximum(gamma - self.gamma_lr * t * g * z, (1 - tau) * t),
                                           (1 + tau) * t))
-        factors = []
-        for params, anchors, saved, t, gamma, _ in work:
-            factors.append(_ratio(gamma, t))
-            ops.anchored_rescale_(params, anchors, factors[-1], sources=saved, backend=self.backend)
-        return [f.tolist() for f in factors]
 
     def _rescale(self, factors: list[list[float]]) -> None:
         """Replay of a projection: the search's final rescale with its logged factors, from a saved copy as

@@ -36,6 +36,9 @@ class HiZOO(ZOOptimizer):
             torch.ones_like(p, dtype=p.dtype if self.hessian_dtype == "param" else torch.float32)
             for p in bucket.params]
 
+    def _options(self):
+        return {"alpha": self.alpha}
+
     def _hessians(self, bucket):
         return bucket.extra["hessians"]
 
