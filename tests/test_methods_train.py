@@ -140,3 +140,38 @@ def test_dizo_refuses_a_pattern_that_matches_nothing():
     with pytest.raises(ValueError, match="pass model.named_parameters"):
         optim.DiZO([p for _, p in trained(model)])
     assert all(torch.equal(p, start[n]) for n, p in trained(model))  # untouched
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_sparse_mezo_on_lora_replays_and_resumes_bitwise(two_pass):
+    """B's per-step thresholds come from the weights alone: replay and resume need no new logged quantity."""
+    import copy
+    import json
+
+    from zokern import seedlog
+
+    def make(model):
+        return optim.SparseMeZO(trained(model), lr=0.5, eps=1e-2, seed=0, two_pass=two_pass)
+
+    tokens, records = batch(0), []
+    model = tiny_llama()
+    opt = make(model)
+    opt.record_hook = records.append
+    for _ in range(3):
+        opt.step(lambda: loss(model, tokens))
+    saved_state, saved_weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
+    for _ in range(3):
+        opt.step(lambda: loss(model, tokens))
+    opt.restore_weights()
+
+    replayed = tiny_llama()
+    seedlog.replay(make(replayed), [json.loads(json.dumps(r)) for r in records])
+    resumed = tiny_llama()
+    resumed.load_state_dict(saved_weights)
+    opt = make(resumed)
+    opt.load_state_dict(saved_state)
+    for _ in range(3):
+        opt.step(lambda: loss(resumed, tokens))
+    opt.restore_weights()
+    for (name, p), (_, q), (_, r) in zip(trained(model), trained(replayed), trained(resumed)):
+        assert torch.equal(p, q) and torch.equal(p, r), name
