@@ -175,3 +175,16 @@ def test_sparse_mezo_on_lora_replays_and_resumes_bitwise(two_pass):
     opt.restore_weights()
     for (name, p), (_, q), (_, r) in zip(trained(model), trained(replayed), trained(resumed)):
         assert torch.equal(p, q) and torch.equal(p, r), name
+
+
+def test_hizoo_curvature_in_float32_as_the_authors():
+    losses = {"plus": 2.3456789, "minus": 2.3456701, "center": 2.3456712}
+    exact = optim.HiZOO([torch.nn.Parameter(torch.ones(2, 2))], eps=1e-3)._measure(losses)["hess_scale"]
+    authors = optim.HiZOO([torch.nn.Parameter(torch.ones(2, 2))], eps=1e-3,
+                          curvature_dtype="float32")._measure(losses)["hess_scale"]
+    l = {k: torch.tensor(v, dtype=torch.float32) for k, v in losses.items()}
+    assert authors == float((l["plus"] + l["minus"] - 2 * l["center"]).abs() / (2 * 1e-3 ** 2))
+    assert exact == abs(losses["plus"] + losses["minus"] - 2 * losses["center"]) / (2 * 1e-3 ** 2)
+    assert authors != exact
+    with pytest.raises(ValueError, match="curvature_dtype must be"):
+        optim.HiZOO([torch.nn.Parameter(torch.ones(2))], curvature_dtype="half")
