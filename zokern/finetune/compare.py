@@ -134,10 +134,11 @@ def plot(out: Path, methods: "list[str]", seeds: "list[int]") -> None:
             if len(seeds) > 1:
                 ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(),
                                 alpha=0.2, linewidth=0)
-    suffix = "" if len(seeds) == 1 else f", mean ± sd over {len(seeds)} seeds"
+    if len(seeds) > 1:
+        fig.suptitle(f"mean over {len(seeds)} seeds, band ±1 standard deviation")
     for ax, ylabel in ((acc, "validation accuracy"), (loss, "training loss (moving average)")):
         ax.set_xlabel("forward passes")
-        ax.set_ylabel(ylabel + suffix)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
