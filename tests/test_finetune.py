@@ -125,7 +125,37 @@ def test_compare_runs_each_method_on_an_equal_budget(tiny_model_dir, tmp_path):
     assert hizoo["hyperparameters"]["method_options"] == {"alpha": 1e-6}
 
 
+def test_compare_over_seeds_gives_mean_and_standard_deviation(tiny_model_dir, tmp_path):
+    """Two seeds per method on the CLI's default LoRA setup: each run has its directory, the table and json
+    give the mean ± sample standard deviation of the per-seed test accuracies, the plot draws bands."""
+    import statistics
+
+    from zokern.finetune.compare import compare
+
+    config = _config(tiny_model_dir, tmp_path, lora_rank=2, seed=3)
+    result = compare(config, ["mezo", "dizo"], forward_budget=8, evaluations=2, seeds=2,
+                     method_options={"dizo": {"project_every": 2, "project_iters": 1}},
+                     progress_stream=open("/dev/null", "w"))
+    assert result["seeds"] == [3, 4]
+    for row in result["runs"]:
+        finals = [json.loads((tmp_path / row["method"] / f"seed-{s}" / "summary.json").read_text())["final_accuracy"]
+                  for s in (3, 4)]
+        assert row["final_accuracies"] == finals
+        assert row["final_accuracy"] == pytest.approx(statistics.fmean(finals))
+        assert row["final_accuracy_sd"] == pytest.approx(statistics.stdev(finals))
+    table = (tmp_path / "comparison.md").read_text()
+    assert "2 seeds (3, 4; mean ± standard deviation)" in table and "Zero-shot test accuracy" in table
+    mezo = result["runs"][0]
+    assert f"| mezo | 4 | 8 | {100 * mezo['final_accuracy']:.1f} ± {100 * mezo['final_accuracy_sd']:.1f}% |" in table
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    zero_shot = [(tmp_path / m / f"seed-{s}" / "metrics.jsonl").read_text().count("zero_shot_test_accuracy")
+                 for m in ("mezo", "dizo") for s in (3, 4)]
+    assert zero_shot == [1, 0, 0, 0]  # measured once: B = 0, so every LoRA model starts as the base model
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--forward-budget", "0"], "the forward budget must be positive"),
     (["--methods", "mezo,adam"], "unknown method(s) adam"),
     (["--option", "rank=4"], "METHOD.NAME=VALUE"),
     (["--model", "/no/such/model"], "does not exist"),

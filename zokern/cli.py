@@ -94,6 +94,8 @@ def _add_compare(sub) -> None:
     p.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma-separated (default: all five)")
     p.add_argument("--forward-budget", type=int, default=600, help="forward passes per method (default 600)")
     p.add_argument("--evaluations", type=int, default=6, help="validation evaluations per run")
+    p.add_argument("--seeds", type=int, default=1, help="runs per method, with seeds --seed, --seed + 1, ...; the "
+                                                        "table gives mean ± standard deviation, the plot a band")
     p.add_argument("--output-dir", default="runs/compare")
     _add_training_options(p, d, per_run=False)
     p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
@@ -157,15 +159,16 @@ def finetune_command(args) -> int:
 
 
 def compare_command(args) -> int:
-    from zokern.finetune.compare import compare
+    from zokern.finetune.compare import check_settings, compare
     from zokern.finetune.data import DataError
     from zokern.finetune.model import ModelError, resolve_model_path
     from zokern.finetune.train import FinetuneConfig, load_task
     from zokern.optim import METHODS
 
     fields = {k: v for k, v in vars(args).items()
-              if k not in ("command", "option", "methods", "forward_budget", "evaluations")}
+              if k not in ("command", "option", "methods", "forward_budget", "evaluations", "seeds")}
     try:
+        check_settings(args.forward_budget, args.seeds)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
@@ -183,7 +186,8 @@ def compare_command(args) -> int:
     except (DataError, ModelError, ValueError) as exc:
         print(f"zokern compare: error: {exc}", file=sys.stderr)
         return 2
-    result = compare(base, methods, args.forward_budget, evaluations=args.evaluations, method_options=options)
+    result = compare(base, methods, args.forward_budget, evaluations=args.evaluations, method_options=options,
+                     seeds=args.seeds)
     print("\n" + (Path(base.output_dir) / "comparison.md").read_text())
     return 0 if result["runs"] else 1
 

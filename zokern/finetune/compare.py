@@ -1,11 +1,13 @@
 """`zokern compare`: the ZO methods fine-tuned on one task at an equal budget of forward passes (the unit
-a ZO step costs: HiZOO takes 3 per step, DiZO 2 + 2J/κ, the others 2), with the same data, seed, model and
-hyperparameters, one `zokern finetune` run per method under --output-dir. Writes comparison.json, a
-Markdown table (comparison.md) and validation accuracy and training loss against forward passes
-(comparison.png)."""
+a ZO step costs: HiZOO takes 3 per step, DiZO 2 + 2J/κ, the others 2), with the same data, seeds, model and
+hyperparameters, one `zokern finetune` run per method and seed under --output-dir. Writes comparison.json,
+a Markdown table (comparison.md: test accuracy as mean ± standard deviation over the seeds) and validation
+accuracy and training loss against forward passes (comparison.png: the mean over the seeds with a ±1
+standard deviation band)."""
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -16,59 +18,99 @@ from zokern.optim import METHODS
 METHOD_ORDER = ("mezo", "subzero", "sparse-mezo", "hizoo", "dizo")
 
 
-def compare(base: FinetuneConfig, methods: "list[str]", forward_budget: int, evaluations: int = 6,
-            method_options: "dict[str, dict] | None" = None, progress_stream=sys.stderr) -> dict:
-    """One run per method (with method_options[method], if any); the zero-shot test accuracy is measured
-    once (the untrained model is the same for all)."""
+def run_dir(out: Path, method: str, seed: int, seeds: "list[int]") -> Path:
+    """A run's directory: out/METHOD with one seed, out/METHOD/seed-S with several."""
+    return out / method if len(seeds) == 1 else out / method / f"seed-{seed}"
+
+
+def _mean_sd(values: "list[float]") -> "tuple[float, float]":
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def check_settings(forward_budget: int, seeds: int) -> None:
     if forward_budget <= 0:
         raise ValueError(f"the forward budget must be positive, got {forward_budget}")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+
+
+def compare(base: FinetuneConfig, methods: "list[str]", forward_budget: int, evaluations: int = 6,
+            method_options: "dict[str, dict] | None" = None, seeds: int = 1, progress_stream=sys.stderr) -> dict:
+    """Runs of every method with seeds base.seed, base.seed + 1, ..., base.seed + seeds − 1 (with
+    method_options[method], if any); the zero-shot test accuracy is measured once (the untrained model is
+    the same for all: LoRA's B starts at zero)."""
+    check_settings(forward_budget, seeds)
     out = Path(base.output_dir)
+    run_seeds = [base.seed + i for i in range(seeds)]
     rows, zero_shot = [], None
-    for i, method in enumerate(methods):
-        # Steps differ by method; the same number of evaluations each puts them at the same forward passes.
-        config = replace(base, method=method, forward_budget=forward_budget, output_dir=str(out / method),
-                         zero_shot_eval=i == 0, resume=False, evaluations=evaluations,
-                         two_pass=base.two_pass and METHODS[method].two_pass_supported,
-                         method_options=(method_options or {}).get(method, {}))
-        print(f"== {method}: {forward_budget} forward passes", file=progress_stream)
-        summary = finetune(config, progress_stream=progress_stream)
-        zero_shot = summary["zero_shot_accuracy"] if i == 0 else zero_shot
+    for method in methods:
+        summaries = []
+        for seed in run_seeds:
+            first = zero_shot is None
+            # Steps differ by method; the same number of evaluations each puts them at the same forward passes.
+            config = replace(base, method=method, seed=seed, forward_budget=forward_budget,
+                             output_dir=str(run_dir(out, method, seed, run_seeds)), zero_shot_eval=first,
+                             resume=False, evaluations=evaluations,
+                             two_pass=base.two_pass and METHODS[method].two_pass_supported,
+                             method_options=(method_options or {}).get(method, {}))
+            print(f"== {method}, seed {seed}: {forward_budget} forward passes", file=progress_stream)
+            summary = finetune(config, progress_stream=progress_stream)
+            zero_shot = summary["zero_shot_accuracy"] if first else zero_shot
+            summaries.append(summary)
+        accuracy, accuracy_sd = _mean_sd([s["final_accuracy"] for s in summaries])
+        best, best_sd = _mean_sd([s["best_validation_accuracy"] for s in summaries])
         rows.append({"method": method, "steps": summary["steps"], "forwards": summary["forwards"],
-                     "final_accuracy": summary["final_accuracy"],
-                     "best_validation_accuracy": summary["best_validation_accuracy"],
-                     "train_seconds": summary["steps"] / summary["steps_per_second"],
-                     "wall_seconds": summary["wall_seconds"], "peak_memory_bytes": summary["peak_memory_bytes"],
-                     "nonfinite_steps": summary["nonfinite_steps"]})
-    result = {"task": summary["task"], "forward_budget": forward_budget, "zero_shot_accuracy": zero_shot,
-              "device": summary["device"], "backend": summary["backend"], "versions": summary["versions"],
+                     "final_accuracy": accuracy, "final_accuracy_sd": accuracy_sd,
+                     "final_accuracies": [s["final_accuracy"] for s in summaries],
+                     "best_validation_accuracy": best, "best_validation_accuracy_sd": best_sd,
+                     "train_seconds": statistics.fmean(s["steps"] / s["steps_per_second"] for s in summaries),
+                     "wall_seconds": sum(s["wall_seconds"] for s in summaries),
+                     "peak_memory_bytes": max(s["peak_memory_bytes"] for s in summaries),
+                     "nonfinite_steps": sum(s["nonfinite_steps"] for s in summaries)})
+    result = {"task": summary["task"], "forward_budget": forward_budget, "seeds": run_seeds,
+              "zero_shot_accuracy": zero_shot, "device": summary["device"], "backend": summary["backend"],
+              "versions": summary["versions"],
               "hyperparameters": {k: v for k, v in summary["hyperparameters"].items()
                                   if k not in ("method", "output_dir", "steps", "eval_every", "evaluations", "zero_shot_eval",
-                                               "forward_budget", "resume")},
+                                               "forward_budget", "resume", "seed")},
               "runs": rows}
     (out / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "comparison.md").write_text(markdown_table(result) + "\n")
-    plot(out, methods)
+    plot(out, methods, run_seeds)
     return result
 
 
 def markdown_table(result: dict) -> str:
-    h = result["hyperparameters"]
+    h, seeds = result["hyperparameters"], result["seeds"]
     # On the CPU the peak is the process's resident set so far (getrusage cannot be reset between runs).
     memory = "peak RSS so far" if result["device"].startswith("cpu") else "peak GPU memory"
+    seeding = f"seed {seeds[0]}" if len(seeds) == 1 else \
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}; mean ± standard deviation)"
     lines = [f"{result['task']}, {result['forward_budget']} forward passes per method, batch {h['batch_size']}, "
              f"lr {h['lr']:g}, ε {h['eps']:g}, LoRA rank {h['lora_rank'] or 'none (all weights)'}, "
-             f"{h['dtype']}, seed {h['seed']}; {result['device']}, backend {result['backend']}. "
+             f"{h['dtype']}, {seeding}; {result['device']}, backend {result['backend']}. "
              f"Zero-shot test accuracy {100 * result['zero_shot_accuracy']:.1f}%.", "",
              f"| method | steps | forward passes | test accuracy | best validation | train time | {memory} |",
              "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def percent(row, key):
+        return f"{100 * row[key]:.1f}%" if len(seeds) == 1 else \
+            f"{100 * row[key]:.1f} ± {100 * row[key + '_sd']:.1f}%"
+
     for r in result["runs"]:
-        lines.append(f"| {r['method']} | {r['steps']} | {r['forwards']} | {100 * r['final_accuracy']:.1f}% | "
-                     f"{100 * r['best_validation_accuracy']:.1f}% | {r['train_seconds'] / 60:.1f} min | "
+        lines.append(f"| {r['method']} | {r['steps']} | {r['forwards']} | {percent(r, 'final_accuracy')} | "
+                     f"{percent(r, 'best_validation_accuracy')} | {r['train_seconds'] / 60:.1f} min | "
                      f"{r['peak_memory_bytes'] / 2**30:.2f} GiB |")
     return "\n".join(lines)
 
 
-def plot(out: Path, methods: "list[str]") -> None:
+def _moving_average(ys: "list[float]") -> "list[float]":
+    window = max(1, len(ys) // 20)  # single-batch ZO losses are noisy
+    return [statistics.fmean(ys[max(0, i - window + 1):i + 1]) for i in range(len(ys))]
+
+
+def plot(out: Path, methods: "list[str]", seeds: "list[int]") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,17 +118,24 @@ def plot(out: Path, methods: "list[str]") -> None:
 
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
     for method in methods:
-        records = Run(str(out / method)).records()
-        evals = [(r["forwards"], r["validation_accuracy"]) for r in records if "validation_accuracy" in r]
-        losses = [(r["forwards"], r["loss"]) for r in records if "loss" in r]
-        if evals:
-            acc.plot(*zip(*evals), marker="o", label=method)
-        if losses:
-            xs, ys = zip(*losses)
-            window = max(1, len(ys) // 20)  # a moving average: single-batch ZO losses are noisy
-            smooth = [sum(ys[max(0, i - window + 1):i + 1]) / len(ys[max(0, i - window + 1):i + 1])
-                      for i in range(len(ys))]
-            loss.plot(xs, smooth, label=method)
+        runs = [Run(str(run_dir(out, method, seed, seeds))).records() for seed in seeds]
+        # Every seed of a method evaluates and logs at the same steps, so at the same forward passes.
+        for ax, key, smooth in ((acc, "validation_accuracy", None), (loss, "loss", _moving_average)):
+            curves = [[(r["forwards"], r[key]) for r in records if key in r] for records in runs]
+            if not curves[0]:
+                continue
+            xs = [x for x, _ in curves[0]]
+            ys = [[y for _, y in curve] for curve in curves]
+            if smooth:
+                ys = [smooth(curve) for curve in ys]
+            stats = [_mean_sd(list(column)) for column in zip(*ys)]
+            mean = [m for m, _ in stats]
+            line, = ax.plot(xs, mean, marker="o" if smooth is None else None, label=method)
+            if len(seeds) > 1:
+                ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=line.get_color(),
+                                alpha=0.2, linewidth=0)
+    if len(seeds) > 1:
+        fig.suptitle(f"mean over {len(seeds)} seeds, band ±1 standard deviation")
     for ax, ylabel in ((acc, "validation accuracy"), (loss, "training loss (moving average)")):
         ax.set_xlabel("forward passes")
         ax.set_ylabel(ylabel)

@@ -13,11 +13,18 @@ from zokern.optim.mezo import MeZO
 from zokern.random import Domain, step_seed
 
 
+# The authors' choice: attention k_proj and v_proj weights when all weights train, and every LoRA tensor (A and B)
+# when LoRA adapters train (PEFT names them `...lora_A.<adapter>.weight`).
+PROJECT_PATTERN = r"(k_proj|v_proj)\.weight$|\.lora_[AB]\."
+
+
 class DiZO(MeZO):
-    """DiZO. Every step is MeZO's. Tensors whose names match `project_pattern` (default: attention k_proj and
-    v_proj weights, as the authors' code; selected by name so any architecture works) keep an anchor copy θ0
-    of their initial values, in the weight dtype. Every `project_every` (κ) steps, `project_iters` (J)
-    iterations each probe γ ± ε_γ·z on a fresh batch and update γ; the weights are finally rescaled.
+    """DiZO. Every step is MeZO's. Tensors whose names match `project_pattern` (default `PROJECT_PATTERN`:
+    attention k_proj and v_proj weights, or every LoRA tensor in LoRA mode, as the authors' code; selected
+    by name so any architecture works) keep an anchor copy θ0 of their initial values, in the weight dtype.
+    A pattern that matches none of the trained tensors is an error (DiZO would silently be MeZO). Every
+    `project_every` (κ) steps, `project_iters` (J) iterations each probe γ ± ε_γ·z on a fresh batch and
+    update γ; the weights are finally rescaled.
 
     Fresh batches: call `opt.step(closure, fresh_closure=make_closure)` where `make_closure()` returns a
     new closure on a new batch; the search calls it once per iteration and evaluates both probes of that
@@ -30,18 +37,24 @@ class DiZO(MeZO):
 
     def __init__(self, params, lr: float = 1e-7, eps: float = 1e-3, weight_decay: float = 0.0,
                  project_every: int = 50, project_iters: int = 10, gamma_eps: float = 0.1, gamma_lr: float = 2.0,
-                 gamma_range: float = 0.2, project_pattern: str = r"(k_proj|v_proj)\.weight$", **options):
+                 gamma_range: float = 0.2, project_pattern: str = PROJECT_PATTERN, **options):
         self.project_every, self.project_iters = project_every, project_iters
         self.gamma_eps, self.gamma_lr, self.gamma_range = gamma_eps, gamma_lr, gamma_range
         self.project_pattern = re.compile(project_pattern)
         self._fresh_closure = None
         super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, **options)
+        if not any(True for _ in self._projected()):
+            names = [name for b in self.buckets for name in b.names if name is not None]
+            if not names:
+                raise ValueError("DiZO chooses the tensors it projects by name: pass model.named_parameters()")
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            raise ValueError(f"DiZO's project_pattern {project_pattern!r} matches none of the {len(names)} trained "
+                             f"tensors ({shown}); without a projected tensor DiZO is plain MeZO")
 
     @property
     def mean_forwards_per_step(self) -> float:
-        """2 + 2J/κ (2.4 with the defaults) when some tensor is projected, else MeZO's 2."""
-        searched = any(True for _ in self._projected())
-        return self.forwards_per_step + (2 * self.project_iters / self.project_every if searched else 0.0)
+        """2 + 2J/κ (2.4 with the defaults)."""
+        return self.forwards_per_step + 2 * self.project_iters / self.project_every
 
     def _init_bucket(self, bucket):
         projected = [i for i, name in enumerate(bucket.names) if name and self.project_pattern.search(name)]

@@ -13,20 +13,25 @@ class HiZOO(ZOOptimizer):
 
     D starts at ones. `hessian_dtype=None` keeps D in float32 (default: increments of α = 1e-8 survive);
     `hessian_dtype="param"` keeps it in the weight dtype as the authors' fp16 runs do, where most
-    increments round away [ALGORITHMS.md §3]. Weight decay, if any, applies to every tensor (the authors'
-    code). Defaults: lr 1e-6, eps 1e-3, alpha 1e-8 (OPT-13B full fine-tuning).
+    increments round away [ALGORITHMS.md §3]. The curvature |L+ + L− − 2L0|/(2ε²) is computed from the
+    float losses in float64 (`curvature_dtype="float64"`, default: its cancellation keeps the losses' own
+    precision); `"float32"` computes it in float32 as the authors' code does with its fp32 loss tensors.
+    Weight decay, if any, applies to every tensor (the authors' code). Defaults: lr 1e-6, eps 1e-3,
+    alpha 1e-8 (OPT-13B full fine-tuning).
     """
 
     two_pass_supported = False
     forwards_per_step = 3
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, alpha: float = 1e-8, weight_decay: float = 0.0,
-                 hessian_dtype: "str | None" = None, **options):
+                 hessian_dtype: "str | None" = None, curvature_dtype: str = "float64", **options):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if hessian_dtype not in (None, "param"):
             raise ValueError(f"hessian_dtype must be None (float32) or 'param', got {hessian_dtype!r}")
-        self.alpha, self.hessian_dtype = alpha, hessian_dtype
+        if curvature_dtype not in ("float64", "float32"):
+            raise ValueError(f"curvature_dtype must be 'float64' or 'float32', got {curvature_dtype!r}")
+        self.alpha, self.hessian_dtype, self.curvature_dtype = alpha, hessian_dtype, curvature_dtype
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, **options)
 
     def _init_bucket(self, bucket):
@@ -56,6 +61,9 @@ class HiZOO(ZOOptimizer):
                                  backend=self.backend)
 
     def _measure(self, losses):
+        if self.curvature_dtype == "float32":
+            plus, minus, center = torch.tensor([losses["plus"], losses["minus"], losses["center"]], dtype=torch.float32)
+            return {"hess_scale": float((plus + minus - 2 * center).abs() / (2 * self.eps ** 2))}
         return {"hess_scale": abs(losses["plus"] + losses["minus"] - 2 * losses["center"]) / (2 * self.eps ** 2)}
 
     def _update(self, seed, grad, next_seed, record):

@@ -1,6 +1,7 @@
 """Sparse MeZO: perturb and update only small-magnitude weights, through a per-step bitmask [ALGORITHMS.md §2]."""
 from __future__ import annotations
 
+import warnings
 
 from zokern import ops
 from zokern.optim.base import ZOOptimizer
@@ -15,6 +16,11 @@ class SparseMeZO(ZOOptimizer):
     Choices the paper leaves open [ALGORITHMS.md §2]: tensors with two or more dimensions are masked, and
     vectors (biases, norms) are perturbed densely unless `mask_vectors=True`; thresholds are estimated at
     the first step and re-estimated every `threshold_every` steps (0: never again).
+
+    Tensors that start degenerate, with threshold 0 at the first step (their smallest share is all zeros,
+    as LoRA's B at initialisation), have their threshold re-estimated at every step: a threshold of 0 kept
+    would mask such a tensor out for good after its first update, and one taken once early would select
+    ever fewer entries as the tensor grows from zero. So (1 − sparsity) of it moves at every step.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
@@ -23,12 +29,16 @@ class SparseMeZO(ZOOptimizer):
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
         self.sparsity, self.threshold_every, self.mask_vectors = sparsity, threshold_every, mask_vectors
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, **options)
+        if not any(b.extra["masked"] for b in self.buckets):
+            warnings.warn("SparseMeZO masks no tensor: every trained tensor is a vector and mask_vectors=False, "
+                          "so this runs as plain MeZO; pass mask_vectors=True to mask vectors", stacklevel=2)
 
     def _init_bucket(self, bucket):
         masked = [i for i, p in enumerate(bucket.params) if p.dim() >= 2 or self.mask_vectors]
         dense = [i for i in range(len(bucket.params)) if i not in set(masked)]
+        # tracked: positions in `masked` re-estimated every step, decided at the first estimate (None before).
         bucket.extra.update(masked=masked, dense=dense, masks=ops.new_masks([bucket.params[i] for i in masked]),
-                            thresholds=None)
+                            thresholds=None, tracked=None)
 
     @staticmethod
     def _select(bucket, key):
@@ -36,17 +46,30 @@ class SparseMeZO(ZOOptimizer):
         return ([bucket.params[i] for i in idx], [bucket.stream_ids[i] for i in idx],
                 [bucket.weight_decays[i] for i in idx])
 
-    def _thresholds(self, bucket, params):
-        due = self.threshold_every and self.step_count % self.threshold_every == 0
-        if bucket.extra["thresholds"] is None or due:
-            bucket.extra["thresholds"] = ops.magnitude_thresholds(params, self.sparsity)
-        return bucket.extra["thresholds"]
+    def _refresh_due(self, bucket, step: int) -> bool:
+        """Whether step `step`'s first pass re-estimates any of the bucket's thresholds."""
+        scheduled = self.threshold_every and step % self.threshold_every == 0
+        return bucket.extra["thresholds"] is None or bool(scheduled) or bool(bucket.extra["tracked"])
+
+    def _refresh_thresholds(self, bucket, params, step: int):
+        """The thresholds of step `step`, from the current unperturbed weights where they are due."""
+        thresholds = bucket.extra["thresholds"]
+        if thresholds is None or (self.threshold_every and step % self.threshold_every == 0):
+            thresholds = ops.magnitude_thresholds(params, self.sparsity)
+            if bucket.extra["tracked"] is None:
+                bucket.extra["tracked"] = (thresholds == 0).nonzero().flatten().tolist()
+        elif bucket.extra["tracked"]:
+            tracked = bucket.extra["tracked"]
+            thresholds = thresholds.clone()
+            thresholds[tracked] = ops.magnitude_thresholds([params[i] for i in tracked], self.sparsity)
+        bucket.extra["thresholds"] = thresholds
+        return thresholds
 
     def _perturb(self, seed, scale, first):
         for b in self.buckets:
             params, ids, _ = self._select(b, "masked")
             if params:
-                thresholds = self._thresholds(b, params) if first else b.extra["thresholds"]
+                thresholds = self._refresh_thresholds(b, params, self.step_count) if first else b.extra["thresholds"]
                 ops.masked_perturb_(params, b.extra["masks"], thresholds, seed, scale, stream_ids=ids,
                                     compute_mask=first, dist=self.dist, backend=self.backend)
             params, ids, _ = self._select(b, "dense")
@@ -57,15 +80,14 @@ class SparseMeZO(ZOOptimizer):
             lr = b.group["lr"]
             params, ids, wds = self._select(b, "masked")
             if params:
-                # A threshold refresh due next step needs that step's own first pass: don't fold it in here.
-                fold = next_seed if not (self.threshold_every and (self.step_count + 1) % self.threshold_every == 0) \
-                    else None
+                # Thresholds re-estimated next step need that step's own first pass: don't fold it in here.
+                fold = None if self._refresh_due(b, self.step_count + 1) else next_seed
                 ops.masked_fused_step_(params, b.extra["masks"], b.extra["thresholds"], seed, stream_ids=ids,
                                        restore=self.eps, lr=lr, grad=grad, weight_decay=wds, next_seed=fold,
                                        next_scale=self.eps, dist=self.dist, backend=self.backend)
                 if next_seed is not None and fold is None:
-                    b.extra["thresholds"] = ops.magnitude_thresholds(params, self.sparsity)
-                    ops.masked_perturb_(params, b.extra["masks"], b.extra["thresholds"], next_seed, self.eps,
+                    thresholds = self._refresh_thresholds(b, params, self.step_count + 1)
+                    ops.masked_perturb_(params, b.extra["masks"], thresholds, next_seed, self.eps,
                                         stream_ids=ids, compute_mask=True, dist=self.dist, backend=self.backend)
             params, ids, wds = self._select(b, "dense")
             ops.fused_step_(params, seed, stream_ids=ids, restore=self.eps, lr=lr, grad=grad, weight_decay=wds,
@@ -73,10 +95,13 @@ class SparseMeZO(ZOOptimizer):
 
     def _extra_state(self):
         return {"thresholds": [b.extra["thresholds"] for b in self.buckets],
+                "tracked": [b.extra["tracked"] for b in self.buckets],
                 "masks": [b.extra["masks"] for b in self.buckets]}
 
     def _load_extra_state(self, extra):
-        for b, thresholds, masks in zip(self.buckets, extra["thresholds"], extra["masks"]):
+        for b, thresholds, tracked, masks in zip(self.buckets, extra["thresholds"], extra["tracked"],
+                                                 extra["masks"]):
             b.extra["thresholds"] = None if thresholds is None else thresholds.to(b.params[0].device)
+            b.extra["tracked"] = tracked
             for mine, saved in zip(b.extra["masks"], masks):
                 mine.copy_(saved)
