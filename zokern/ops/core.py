@@ -18,7 +18,7 @@ def checked(params: Iterable[torch.Tensor], stream_ids: Sequence[int]) -> tuple[
 def weight_decays(weight_decay: "float | Sequence[float]", count: int) -> list[float]:
     if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
         return [check_finite("weight_decay", weight_decay)] * count
-    return [float(wd) for wd in weight_decay]
+    return [check_finite(f"weight_decay[{i}]", wd) for i, wd in enumerate(weight_decay)]
 
 
 def perturb_(params: Iterable[torch.Tensor], seed: int, scale: float, *, stream_ids: Sequence[int],
