@@ -3,6 +3,7 @@ leaves every tensor as it was."""
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -89,7 +90,8 @@ def check_disjoint(written: dict, read: "dict | None" = None) -> None:
                 layout = _layout(t)
                 if layout is None:
                     continue
-                if is_written and _has_internal_overlap(layout[2], t.element_size()):
+                if is_written and not t.is_contiguous() and _has_internal_overlap(layout[2],
+                                                                                  t.element_size()):
                     raise ValueError(f"{name}[{i}] addresses some elements more than once (an expanded or "
                                      f"stride-0 view, strides {tuple(t.stride())}); a tensor written in place "
                                      "must own each of its elements")
@@ -124,8 +126,11 @@ def check_is_tensor_list(params) -> list:
 
 
 def _float32(value: float) -> float:
-    """value rounded to float32, the arithmetic of every kernel (inf where it overflows)."""
-    return torch.tensor(value, dtype=torch.float32).item()
+    """value rounded to float32, the arithmetic of every kernel (±inf where it overflows)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # struct's way of saying the rounded value is infinite
+        return math.copysign(math.inf, value)
 
 
 def check_finite(name: str, value) -> float:
