@@ -201,6 +201,8 @@ def test_expanded_tensor_is_rejected_before_any_write(backend, device):
     with pytest.raises(ValueError, match=r"hessians\[0\] addresses some elements more than once"):
         zokern.hessian_step_(params[:1], [torch.ones(1, device=device).expand(5)], 1, stream_ids=[0], restore=0.1,
                              lr=0.1, grad=1.0, hess_scale=1.0, alpha=0.1, backend=backend)
+    with pytest.raises(ValueError, match=r"out\[0\] addresses some elements more than once"):
+        zokern.fill_random_(torch.zeros(1, device=device).expand(4), 1, 0, backend=backend)
     assert _unchanged(params, before)
     read_only = [torch.ones(1, device=device).expand(5)]  # a read-only expanded tensor is fine
     zokern.hessian_perturb_(params[:1], read_only, 1, 0.5, stream_ids=[0], backend=backend)
@@ -227,6 +229,19 @@ def test_scalars_are_checked_in_float32(backend, device, call, message):
     with pytest.raises(ValueError, match=message):
         call(params, backend)
     assert _unchanged(params, before)
+
+
+def test_step_scalars_are_checked_by_one_function():
+    """check_step_args is what the ops and the optimizers call before their first write."""
+    from zokern.validation import check_step_args
+
+    check_step_args(seed=1, dist=0, restore=1e-3, lr=1e30, grad=1e-30, next_scale=1e-3)
+    for scalars, message in [(dict(lr=1e39), "lr must be finite in float32"),
+                             (dict(lr=1e20, grad=1e20), r"lr \* grad \* z overflows"),
+                             (dict(next_scale=-1e38), r"next_scale \* z overflows"),
+                             (dict(alpha=10**400), "alpha must be finite")]:
+        with pytest.raises(ValueError, match=message):
+            check_step_args(seed=1, dist=0, **scalars)
 
 
 @pytest.mark.parametrize("backend,device", available_pairs())
