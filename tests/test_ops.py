@@ -186,7 +186,24 @@ def test_companions_overlapping_written_tensors_are_rejected(backend, device):
     with pytest.raises(ValueError, match=r"params\[0\] and hessians\[0\] share memory"):
         zokern.hessian_step_([x[:8]], [x[4:12]], 1, stream_ids=[0], restore=0.1, lr=0.1, grad=1.0, hess_scale=1.0,
                              alpha=0.1, backend=backend)
-    assert torch.equal(x, before) and torch.equal(buffer, mask_before)
+    w = torch.randn(3, 3, device=device)
+    w_before = w.clone()
+    with pytest.raises(ValueError, match=r"weights\[0\] and us\[0\] share memory"):  # not element-wise
+        zokern.lowrank_apply_([w], [w], [torch.randn(3, 3, device=device)], [torch.eye(3, device=device)],
+                              backend=backend)
+    assert torch.equal(x, before) and torch.equal(buffer, mask_before) and torch.equal(w, w_before)
+
+
+@pytest.mark.parametrize("backend,device", available_pairs())
+def test_element_wise_reads_may_be_the_written_tensor(backend, device):
+    """sources=params is the default spelled out: each element is read before it is written."""
+    params = make_params([(6, 5), (40,)], torch.float32, device)
+    anchors = [torch.zeros_like(p) for p in params]
+    factors = torch.tensor([2.0, 0.5], device=device)
+    expected = [p.clone() for p in params]
+    zokern.anchored_rescale_(expected, anchors, factors, backend=backend)
+    zokern.anchored_rescale_(params, anchors, factors, sources=params, backend=backend)
+    assert all(torch.equal(p, e) for p, e in zip(params, expected))
 
 
 @pytest.mark.parametrize("backend,device", available_pairs())

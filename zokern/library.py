@@ -126,7 +126,7 @@ def _check_hessian_perturb(params, hessians, streams, seed, scale, dist):
     check_step_args(seed=seed, dist=dist, scale=scale)
     device_type = check_tensor_list(params, streams)
     check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
-    check_disjoint({"params": params}, {"hessians": hessians})
+    check_disjoint({"params": params}, {"hessians": hessians}, in_place_reads=("hessians",))
     return device_type
 
 
@@ -151,7 +151,8 @@ def _check_anchored_rescale(params, anchors, sources, factors):
     if sources is not None:
         check_companions(params, sources, "sources", dtypes=_own_dtype)
     check_per_tensor(params, factors, "factors")
-    check_disjoint({"params": params}, {"anchors": anchors, "sources": sources or [], "factors": [factors]})
+    check_disjoint({"params": params}, {"anchors": anchors, "sources": sources or [], "factors": [factors]},
+                   in_place_reads=("anchors", "sources"))
     return device_type
 
 

@@ -76,13 +76,14 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.storage_offset() == b.storage_offset())
 
 
-def check_disjoint(written: dict, read: "dict | None" = None) -> None:
+def check_disjoint(written: dict, read: "dict | None" = None, *, in_place_reads: tuple = ()) -> None:
     """Each tensor an op writes must own its memory: no element addressed twice within it (an expanded,
     stride-0 view), and no byte shared with any other tensor of the call, compared as byte ranges of one
-    storage, not data pointers (x[0:6] and x[2:8] overlap). A read tensor may be the very same view as the
-    written tensor at its own index (an element-wise op reads each element before writing it).
+    storage, not data pointers (x[0:6] and x[2:8] overlap).
 
-    written/read map a list's name (for the message) to its tensors."""
+    written/read map a list's name (for the message) to its tensors. A tensor of a read list named in
+    in_place_reads may be the very view written at its own index: element-wise ops read each element
+    before they write it (sources=params)."""
     views = []  # (name, index, tensor, layout, is written)
     for lists, is_written in ((written, True), (read or {}, False)):
         for name, tensors in lists.items():
@@ -107,7 +108,8 @@ def check_disjoint(written: dict, read: "dict | None" = None) -> None:
                     break  # sorted by first byte: no later view starts inside this one
                 if not (is_written or other_written):
                     continue
-                if i == j and is_written != other_written and _same_view(t, u):
+                reader = other_name if is_written else name
+                if i == j and is_written != other_written and reader in in_place_reads and _same_view(t, u):
                     continue
                 if _may_overlap(layout, t.element_size(), other, u.element_size()):
                     raise ValueError(f"{name}[{i}] and {other_name}[{j}] share memory (overlapping bytes of one "
