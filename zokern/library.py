@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from zokern import backends
-from zokern.validation import (check_companions, check_fill_args, check_lowrank, check_per_tensor,
+from zokern.validation import (check_companions, check_disjoint, check_fill_args, check_lowrank, check_per_tensor,
                                check_step_args, check_tensor_list, mask_words)
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -44,7 +44,8 @@ def _contiguous(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _write_back(originals: list[torch.Tensor], work: list[torch.Tensor]) -> None:
     """Kernels see contiguous stand-ins; the stream is indexed by logical (row-major) position, so a
-    contiguous copy of a strided view sees the same z. Copy results back into the views."""
+    contiguous copy of a strided view sees the same z. Copy results back into the views (the op's check has
+    made sure each can take it: no element addressed twice)."""
     for t, w in zip(originals, work):
         if w is not t:
             t.copy_(w)
@@ -62,49 +63,119 @@ def _hessian_dtypes(p):
     return (torch.float32, p.dtype)
 
 
-# --- checks shared by the device implementations and the fakes -----------------------------------------
-
-def _check_perturb(params, streams, seed, scale, dist, backend, real=True):
-    check_step_args(seed=seed, dist=dist, scale=scale)
-    return check_tensor_list(params, streams, check_aliasing=real)
+def _own_dtype(p):
+    return (p.dtype,)
 
 
-def _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, real=True,
-                **extra):
+# --- one check per op (its arguments but the backend), run by the device implementation and the fake alike,
+# before any tensor is written; each returns the tensors' device type ---------------------------------------
+
+def _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, **extra):
     check_step_args(seed=seed, dist=dist, restore=restore, lr=lr, grad=grad, next_scale=next_scale,
                     next_seed=next_seed, weight_decays=weight_decays, count=len(params), **extra)
-    return check_tensor_list(params, streams, check_aliasing=real)
+    return check_tensor_list(params, streams)
 
 
-def _check_masked(params, masks, thresholds, streams, real=True):
-    device_type = check_tensor_list(params, streams, check_aliasing=real)
+def _check_masks(params, masks, thresholds):
     check_companions(params, masks, "masks", dtypes=(torch.int32,), shapes=_mask_shape)
     check_per_tensor(params, thresholds, "thresholds")
+    check_disjoint({"params": params, "masks": masks}, {"thresholds": [thresholds]})
+
+
+def _check_fill_random(out, seed, stream, offset, domain, dist):
+    check_fill_args(out, seed, stream, offset, domain, dist)
+    check_disjoint({"out": [out]})
+    return out.device.type
+
+
+def _check_perturb(params, streams, seed, scale, dist):
+    check_step_args(seed=seed, dist=dist, scale=scale)
+    device_type = check_tensor_list(params, streams)
+    check_disjoint({"params": params})
     return device_type
 
 
-def _check_anchored(params, anchors, sources, factors, real=True):
-    device_type = check_tensor_list(params, [0] * len(params), check_aliasing=real)
-    check_companions(params, anchors, "anchors", dtypes=lambda p: (p.dtype,))
+def _check_fused_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist):
+    device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist)
+    check_disjoint({"params": params})
+    return device_type
+
+
+def _check_lowrank_apply(weights, us, vs, cores):
+    device_type = check_tensor_list(weights, [0] * len(weights))
+    check_lowrank(weights, us, vs, cores)
+    check_disjoint({"weights": weights}, {"us": us, "vs": vs, "cores": cores})
+    return device_type
+
+
+def _check_masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist):
+    check_step_args(seed=seed, dist=dist, scale=scale)
+    device_type = check_tensor_list(params, streams)
+    _check_masks(params, masks, thresholds)
+    return device_type
+
+
+def _check_masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
+                             next_scale, dist):
+    device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist)
+    _check_masks(params, masks, thresholds)
+    return device_type
+
+
+def _check_hessian_perturb(params, hessians, streams, seed, scale, dist):
+    check_step_args(seed=seed, dist=dist, scale=scale)
+    device_type = check_tensor_list(params, streams)
+    check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
+    check_disjoint({"params": params}, {"hessians": hessians}, in_place_reads=("hessians",))
+    return device_type
+
+
+def _check_hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
+                        next_seed, next_scale, dist):
+    device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
+                              hess_scale=hess_scale, alpha=alpha)
+    check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
+    check_disjoint({"params": params, "hessians": hessians})
+    return device_type
+
+
+def _check_distance_norms(params, anchors):
+    device_type = check_tensor_list(params, [0] * len(params))
+    check_companions(params, anchors, "anchors", dtypes=_own_dtype)
+    return device_type  # writes nothing: its tensors may share memory
+
+
+def _check_anchored_rescale(params, anchors, sources, factors):
+    device_type = check_tensor_list(params, [0] * len(params))
+    check_companions(params, anchors, "anchors", dtypes=_own_dtype)
     if sources is not None:
-        check_companions(params, sources, "sources", dtypes=lambda p: (p.dtype,))
+        check_companions(params, sources, "sources", dtypes=_own_dtype)
     check_per_tensor(params, factors, "factors")
+    check_disjoint({"params": params}, {"anchors": anchors, "sources": sources or [], "factors": [factors]},
+                   in_place_reads=("anchors", "sources"))
     return device_type
 
 
-# --- device implementations ------------------------------------------------------------------------------
+CHECKS = {"fill_random_": _check_fill_random, "perturb_": _check_perturb, "fused_step_": _check_fused_step,
+          "lowrank_apply_": _check_lowrank_apply, "masked_perturb_": _check_masked_perturb,
+          "masked_fused_step_": _check_masked_fused_step, "hessian_perturb_": _check_hessian_perturb,
+          "hessian_step_": _check_hessian_step, "distance_norms": _check_distance_norms,
+          "anchored_rescale_": _check_anchored_rescale}
+
+
+# --- device implementations: the op's check, then the backend on contiguous stand-ins of every tensor -------
 
 @torch.library.impl("zokern::fill_random_", DEVICE_TYPES)
 def _fill_random(out, seed, stream, offset, domain, dist, backend):
-    check_fill_args(out, seed, stream, offset, domain, dist)
+    impl = _backend(backend, _check_fill_random(out, seed, stream, offset, domain, dist))
     work = _contiguous([out])
-    _backend(backend, out.device.type).fill_random(work[0], seed, stream, offset, domain, dist)
+    impl.fill_random(work[0], seed, stream, offset, domain, dist)
     _write_back([out], work)
 
 
 @torch.library.impl("zokern::perturb_", DEVICE_TYPES)
 def _perturb(params, streams, seed, scale, dist, backend):
-    impl = _backend(backend, _check_perturb(params, streams, seed, scale, dist, backend))
+    impl = _backend(backend, _check_perturb(params, streams, seed, scale, dist))
     work = _contiguous(params)
     impl.perturb(work, list(streams), seed, scale, dist)
     _write_back(params, work)
@@ -112,8 +183,8 @@ def _perturb(params, streams, seed, scale, dist, backend):
 
 @torch.library.impl("zokern::fused_step_", DEVICE_TYPES)
 def _fused_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, backend):
-    impl = _backend(backend, _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed,
-                                         next_scale, dist))
+    impl = _backend(backend, _check_fused_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed,
+                                               next_scale, dist))
     work = _contiguous(params)
     impl.fused_step(work, list(streams), seed, restore, lr, grad, list(weight_decays), next_seed, next_scale, dist)
     _write_back(params, work)
@@ -121,123 +192,83 @@ def _fused_step(params, streams, seed, restore, lr, grad, weight_decays, next_se
 
 @torch.library.impl("zokern::lowrank_apply_", DEVICE_TYPES)
 def _lowrank_apply(weights, us, vs, cores, backend):
-    device_type = check_tensor_list(weights, [0] * len(weights))
-    check_lowrank(weights, us, vs, cores)
+    impl = _backend(backend, _check_lowrank_apply(weights, us, vs, cores))
     work = _contiguous(weights)
-    _backend(backend, device_type).lowrank_apply(work, _contiguous(us), _contiguous(vs), _contiguous(cores))
+    impl.lowrank_apply(work, _contiguous(us), _contiguous(vs), _contiguous(cores))
     _write_back(weights, work)
 
 
 @torch.library.impl("zokern::masked_perturb_", DEVICE_TYPES)
 def _masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist, backend):
-    device_type = _check_masked(params, masks, thresholds, streams)
-    check_step_args(seed=seed, dist=dist, scale=scale)
-    work = _contiguous(params)
-    _backend(backend, device_type).masked_perturb(work, masks, thresholds, list(streams), seed, scale,
-                                                  compute_mask, dist)
+    impl = _backend(backend, _check_masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask,
+                                                   dist))
+    work, work_masks = _contiguous(params), _contiguous(masks)
+    impl.masked_perturb(work, work_masks, thresholds.contiguous(), list(streams), seed, scale, compute_mask, dist)
     _write_back(params, work)
+    _write_back(masks, work_masks)
 
 
 @torch.library.impl("zokern::masked_fused_step_", DEVICE_TYPES)
 def _masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
                        next_scale, dist, backend):
-    device_type = _check_masked(params, masks, thresholds, streams)
-    _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist)
-    work = _contiguous(params)
-    _backend(backend, device_type).masked_fused_step(work, masks, thresholds, list(streams), seed, restore, lr,
-                                                     grad, list(weight_decays), next_seed, next_scale, dist)
+    impl = _backend(backend, _check_masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad,
+                                                      weight_decays, next_seed, next_scale, dist))
+    work, work_masks = _contiguous(params), _contiguous(masks)
+    impl.masked_fused_step(work, work_masks, thresholds.contiguous(), list(streams), seed, restore, lr, grad,
+                           list(weight_decays), next_seed, next_scale, dist)
     _write_back(params, work)
+    _write_back(masks, work_masks)
 
 
 @torch.library.impl("zokern::hessian_perturb_", DEVICE_TYPES)
 def _hessian_perturb(params, hessians, streams, seed, scale, dist, backend):
-    device_type = _check_perturb(params, streams, seed, scale, dist, backend)
-    check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
+    impl = _backend(backend, _check_hessian_perturb(params, hessians, streams, seed, scale, dist))
     work = _contiguous(params)
-    _backend(backend, device_type).hessian_perturb(work, _contiguous(hessians), list(streams), seed, scale, dist)
+    impl.hessian_perturb(work, _contiguous(hessians), list(streams), seed, scale, dist)
     _write_back(params, work)
 
 
 @torch.library.impl("zokern::hessian_step_", DEVICE_TYPES)
 def _hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays, next_seed,
                   next_scale, dist, backend):
-    device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
-                              hess_scale=hess_scale, alpha=alpha)
-    check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
+    impl = _backend(backend, _check_hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale,
+                                                 alpha, weight_decays, next_seed, next_scale, dist))
     work, work_d = _contiguous(params), _contiguous(hessians)
-    _backend(backend, device_type).hessian_step(work, work_d, list(streams), seed, restore, lr, grad, hess_scale,
-                                                alpha, list(weight_decays), next_seed, next_scale, dist)
+    impl.hessian_step(work, work_d, list(streams), seed, restore, lr, grad, hess_scale, alpha, list(weight_decays),
+                      next_seed, next_scale, dist)
     _write_back(params, work)
     _write_back(hessians, work_d)
 
 
 @torch.library.impl("zokern::distance_norms", DEVICE_TYPES)
 def _distance_norms(params, anchors, backend):
-    device_type = check_tensor_list(params, [0] * len(params), check_aliasing=False)
-    check_companions(params, anchors, "anchors", dtypes=lambda p: (p.dtype,))
-    return _backend(backend, device_type).distance_norms(_contiguous(params), _contiguous(anchors))
+    impl = _backend(backend, _check_distance_norms(params, anchors))
+    return impl.distance_norms(_contiguous(params), _contiguous(anchors))
 
 
 @torch.library.impl("zokern::anchored_rescale_", DEVICE_TYPES)
 def _anchored_rescale(params, anchors, sources, factors, backend):
-    device_type = _check_anchored(params, anchors, sources, factors)
+    impl = _backend(backend, _check_anchored_rescale(params, anchors, sources, factors))
     work = _contiguous(params)
-    _backend(backend, device_type).anchored_rescale(work, _contiguous(anchors),
-                                                    None if sources is None else _contiguous(sources), factors)
+    impl.anchored_rescale(work, _contiguous(anchors), None if sources is None else _contiguous(sources),
+                          factors.contiguous())
     _write_back(params, work)
 
 
-# --- fakes -------------------------------------------------------------------------------------------------
+# --- fakes: the op's check, and for distance_norms an output of the right shape ----------------------------
 
-@torch.library.register_fake("zokern::fill_random_")
-def _fill_random_fake(out, seed, stream, offset, domain, dist, backend):
-    check_fill_args(out, seed, stream, offset, domain, dist)
-
-
-@torch.library.register_fake("zokern::perturb_")
-def _perturb_fake(params, streams, seed, scale, dist, backend):
-    _check_perturb(params, streams, seed, scale, dist, backend, real=False)
+def _fake(check):
+    def fake(*args):
+        check(*args[:-1])  # the last argument is the backend
+    return fake
 
 
-@torch.library.register_fake("zokern::fused_step_")
-def _fused_step_fake(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, backend):
-    _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, real=False)
-
-
-@torch.library.register_fake("zokern::lowrank_apply_")
-def _lowrank_apply_fake(weights, us, vs, cores, backend):
-    check_tensor_list(weights, [0] * len(weights), check_aliasing=False)
-    check_lowrank(weights, us, vs, cores)
-
-
-@torch.library.register_fake("zokern::masked_perturb_")
-def _masked_perturb_fake(params, masks, thresholds, streams, seed, scale, compute_mask, dist, backend):
-    _check_masked(params, masks, thresholds, streams, real=False)
-
-
-@torch.library.register_fake("zokern::masked_fused_step_")
-def _masked_fused_step_fake(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
-                            next_scale, dist, backend):
-    _check_masked(params, masks, thresholds, streams, real=False)
-
-
-@torch.library.register_fake("zokern::hessian_perturb_")
-def _hessian_perturb_fake(params, hessians, streams, seed, scale, dist, backend):
-    check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
-
-
-@torch.library.register_fake("zokern::hessian_step_")
-def _hessian_step_fake(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
-                       next_seed, next_scale, dist, backend):
-    check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
+for _name, _check in CHECKS.items():
+    if _name != "distance_norms":
+        torch.library.register_fake(f"zokern::{_name}")(_fake(_check))
 
 
 @torch.library.register_fake("zokern::distance_norms")
 def _distance_norms_fake(params, anchors, backend):
-    check_companions(params, anchors, "anchors", dtypes=lambda p: (p.dtype,))
+    _check_distance_norms(params, anchors)
     return params[0].new_empty(len(params), dtype=torch.float32)
-
-
-@torch.library.register_fake("zokern::anchored_rescale_")
-def _anchored_rescale_fake(params, anchors, sources, factors, backend):
-    _check_anchored(params, anchors, sources, factors, real=False)

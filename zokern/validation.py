@@ -3,6 +3,7 @@ leaves every tensor as it was."""
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -11,16 +12,13 @@ from zokern.random import check_seed, check_stream, parse_distribution
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_tensor_list(params, streams, check_aliasing: bool = True) -> "str | None":
-    """Check a list of parameter tensors and their stream ids; return the common device type.
-
-    check_aliasing reads data pointers, which fake tensors (tracing) do not have."""
+def check_tensor_list(params, streams) -> "str | None":
+    """Check a list of parameter tensors and their stream ids; return the common device type."""
     if isinstance(params, torch.Tensor) or not isinstance(params, (list, tuple)):
         raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
     if len(streams) != len(params):
         raise ValueError(f"got {len(params)} tensors but {len(streams)} stream ids")
     device = None
-    seen: dict[int, int] = {}
     for i, (p, k) in enumerate(zip(params, streams)):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"params[{i}] is a {type(p).__name__}, expected a torch.Tensor")
@@ -32,12 +30,90 @@ def check_tensor_list(params, streams, check_aliasing: bool = True) -> "str | No
             raise ValueError(f"params[{i}] is on {p.device} but params[0] is on {device}; "
                              "one call takes tensors on one device")
         check_stream(k, f"stream_ids[{i}]")
-        if check_aliasing and p.numel() > 0:
-            ptr = p.data_ptr()
-            if ptr in seen:
-                raise ValueError(f"params[{i}] and params[{seen[ptr]}] share memory; each tensor may appear once")
-            seen[ptr] = i
     return None if device is None else device.type
+
+
+def _layout(t: torch.Tensor) -> "tuple[int, int, list[tuple[int, int]]] | None":
+    """(first byte, one past the last byte, [(size, byte stride)] of the dims with size > 1) of the memory a
+    view can touch in its storage; None when it touches nothing or its layout is symbolic (a traced shape:
+    the device implementation checks the real tensor)."""
+    numbers = (*t.shape, *t.stride(), t.storage_offset())
+    if t.numel() == 0 or not all(isinstance(v, int) for v in numbers):
+        return None
+    size = t.element_size()
+    dims = [(n, s * size) for n, s in zip(t.shape, t.stride()) if n > 1]
+    start = t.storage_offset() * size
+    return start, start + size + sum((n - 1) * s for n, s in dims), dims
+
+
+def _has_internal_overlap(dims: list[tuple[int, int]], element_size: int) -> bool:
+    """True unless each dim steps past everything the smaller-stride dims span (so every index has its own
+    bytes); conservative for exotic as_strided layouts, exact for expands (stride 0) and ordinary views."""
+    reach = element_size
+    for n, stride in sorted(dims, key=lambda d: d[1]):
+        if stride < reach:
+            return True
+        reach = stride * (n - 1) + reach
+    return False
+
+
+def _may_overlap(a, a_size: int, b, b_size: int) -> bool:
+    """Whether two views of one storage can touch a common byte. Disjoint byte ranges cannot; within
+    overlapping ranges, both views sit on a lattice of step g (the gcd of their byte strides), so views whose
+    elements occupy different residues mod g cannot either (x[::2] and x[1::2])."""
+    (a_start, a_end, a_dims), (b_start, b_end, b_dims) = a, b
+    if a_end <= b_start or b_end <= a_start:
+        return False
+    g = math.gcd(*(s for _, s in a_dims + b_dims))
+    if g == 0:
+        return True
+    gap = (b_start - a_start) % g
+    return not (gap >= a_size and g - gap >= b_size)
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.storage_offset() == b.storage_offset())
+
+
+def check_disjoint(written: dict, read: "dict | None" = None, *, in_place_reads: tuple = ()) -> None:
+    """Each tensor an op writes must own its memory: no element addressed twice within it (an expanded,
+    stride-0 view), and no byte shared with any other tensor of the call, compared as byte ranges of one
+    storage, not data pointers (x[0:6] and x[2:8] overlap).
+
+    written/read map a list's name (for the message) to its tensors. A tensor of a read list named in
+    in_place_reads may be the very view written at its own index: element-wise ops read each element
+    before they write it (sources=params)."""
+    views = []  # (name, index, tensor, layout, is written)
+    for lists, is_written in ((written, True), (read or {}, False)):
+        for name, tensors in lists.items():
+            for i, t in enumerate(tensors):
+                layout = _layout(t)
+                if layout is None:
+                    continue
+                if is_written and not t.is_contiguous() and _has_internal_overlap(layout[2],
+                                                                                  t.element_size()):
+                    raise ValueError(f"{name}[{i}] addresses some elements more than once (an expanded or "
+                                     f"stride-0 view, strides {tuple(t.stride())}); a tensor written in place "
+                                     "must own each of its elements")
+                views.append((name, i, t, layout, is_written))
+    by_storage: dict = {}
+    for view in views:
+        by_storage.setdefault(view[2].untyped_storage()._cdata, []).append(view)
+    for group in by_storage.values():
+        group.sort(key=lambda v: v[3][0])
+        for k, (name, i, t, layout, is_written) in enumerate(group):
+            for other_name, j, u, other, other_written in group[k + 1:]:
+                if other[0] >= layout[1]:
+                    break  # sorted by first byte: no later view starts inside this one
+                if not (is_written or other_written):
+                    continue
+                reader = other_name if is_written else name
+                if i == j and is_written != other_written and reader in in_place_reads and _same_view(t, u):
+                    continue
+                if _may_overlap(layout, t.element_size(), other, u.element_size()):
+                    raise ValueError(f"{name}[{i}] and {other_name}[{j}] share memory (overlapping bytes of one "
+                                     "storage); a tensor the op writes may appear once and overlap no other")
 
 
 def check_is_tensor_list(params) -> list:
@@ -51,19 +127,52 @@ def check_is_tensor_list(params) -> list:
     return list(params)
 
 
+def _float32(value: float) -> float:
+    """value rounded to float32, the arithmetic of every kernel (±inf where it overflows)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # struct's way of saying the rounded value is infinite
+        return math.copysign(math.inf, value)
+
+
 def check_finite(name: str, value) -> float:
+    """A real number that is finite in float32: a scalar finite in float64 only (1e39) would reach the
+    kernels as ±inf."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    try:
+        as_float = float(value)
+    except OverflowError:
+        as_float = math.inf
+    if not math.isfinite(_float32(as_float)):
+        raise ValueError(f"{name} must be finite in float32 (the kernels' arithmetic), got {value}")
+    return as_float
+
+
+# The largest |z| of a draw: Box–Muller's radius at the smallest uniform, sqrt(-2 ln 2^-24) ≈ 5.77 (Rademacher
+# draws are ±1); 6 bounds it with room for float32 rounding.
+Z_BOUND = 6.0
+# The step scalars the kernels multiply by a draw z (docs/OPS.md).
+_TIMES_Z = ("scale", "restore", "grad", "next_scale")
 
 
 def check_step_args(*, seed: int, dist: int, count: int = 0, next_seed: int = -1, weight_decays=(), **scalars) -> None:
+    """Check an op's seeds, distribution and scalars, and the products of scalars the kernels form
+    (scalar·z and lr·(grad·z)), in float32, so a step cannot write ±inf from its scalars alone. The optimizers
+    call this too, before their first write."""
     check_seed(seed)
     parse_distribution(dist)
-    for name, value in scalars.items():
-        check_finite(name, value)
+    values = {name: check_finite(name, value) for name, value in scalars.items()}
+    products = [((name,), (values[name], Z_BOUND)) for name in _TIMES_Z if name in values]
+    if "lr" in values and "grad" in values:
+        products.append((("lr", "grad"), (values["grad"], Z_BOUND, values["lr"])))
+    for names, factors in products:
+        product = 1.0
+        for factor in factors:  # rounded to float32 after each multiplication, as the kernels do
+            product = _float32(product * _float32(factor))
+        if not math.isfinite(product):
+            raise ValueError(f"{' * '.join(names)} * z overflows float32 for |z| up to {Z_BOUND:g} "
+                             f"({', '.join(f'{name}={values[name]:g}' for name in names)})")
     if next_seed != -1:
         check_seed(next_seed)
     if count and len(weight_decays) != count:

@@ -5,26 +5,34 @@ from typing import Iterable, Sequence
 
 import torch
 
-from zokern.random import Distribution, Domain, parse_distribution
+from zokern.random import Distribution, Domain, check_seed, check_stream, parse_distribution
 from zokern.validation import check_finite, check_is_tensor_list
 
 
-def checked(params: Iterable[torch.Tensor], stream_ids: Sequence[int]) -> tuple[list, list]:
-    """Lists the op can take (the op itself checks devices, dtypes, stream ids and aliasing)."""
+def checked(params: Iterable[torch.Tensor], stream_ids: Sequence[int], seed: int,
+            next_seed: "int | None" = None) -> tuple[list, list]:
+    """Lists the op can take, and seeds and stream ids in range: torch's schema cast would reject an int
+    beyond int64 first, with a message that names nothing (the op checks the rest)."""
     params = check_is_tensor_list([params] if isinstance(params, torch.Tensor) else list(params))
-    return params, list(stream_ids)
+    stream_ids = [check_stream(k, f"stream_ids[{i}]") for i, k in enumerate(stream_ids)]
+    check_seed(seed)
+    if next_seed is not None:
+        if isinstance(next_seed, int) and next_seed < 0:
+            raise ValueError(f"next_seed must be non-negative, got {next_seed}")
+        check_seed(next_seed)
+    return params, stream_ids
 
 
 def weight_decays(weight_decay: "float | Sequence[float]", count: int) -> list[float]:
     if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
         return [check_finite("weight_decay", weight_decay)] * count
-    return [float(wd) for wd in weight_decay]
+    return [check_finite(f"weight_decay[{i}]", wd) for i, wd in enumerate(weight_decay)]
 
 
 def perturb_(params: Iterable[torch.Tensor], seed: int, scale: float, *, stream_ids: Sequence[int],
              dist: "str | Distribution" = "normal", backend: "str | None" = None) -> None:
     """p += scale · z(seed, k) for every tensor p with stream id k, in place, in one call."""
-    params, stream_ids = checked(params, stream_ids)
+    params, stream_ids = checked(params, stream_ids, seed)
     if not params:  # an empty tensor list has no device to dispatch on
         return
     with torch.no_grad():
@@ -39,9 +47,7 @@ def fused_step_(params: Iterable[torch.Tensor], seed: int, *, stream_ids: Sequen
     """Restore, update and optionally re-perturb in one read-modify-write per element (docs/OPS.md).
 
     From θ − restore·z: x = θ + restore·z; x −= lr·(grad·z + wd·x); x += next_scale·z(next_seed)."""
-    params, stream_ids = checked(params, stream_ids)
-    if next_seed is not None and next_seed < 0:
-        raise ValueError(f"next_seed must be non-negative, got {next_seed}")
+    params, stream_ids = checked(params, stream_ids, seed, next_seed)
     if not params:
         return
     with torch.no_grad():

@@ -13,7 +13,7 @@ from zokern.validation import check_finite
 def hessian_perturb_(params, hessians, seed: int, scale: float, *, stream_ids: Sequence[int], dist="normal",
                      backend: "str | None" = None) -> None:
     """p += scale·z/√D."""
-    params, stream_ids = checked(params, stream_ids)
+    params, stream_ids = checked(params, stream_ids, seed)
     if not params:
         return
     with torch.no_grad():
@@ -25,7 +25,7 @@ def hessian_step_(params, hessians, seed: int, *, stream_ids: Sequence[int], res
                   grad: float, hess_scale: float, alpha: float, weight_decay=0.0, next_seed: "int | None" = None,
                   next_scale: float = 0.0, dist="normal", backend: "str | None" = None) -> None:
     """Restore with the old D, D ← (1−α)D + α·hess_scale·D·z², update θ with the new D, in one pass."""
-    params, stream_ids = checked(params, stream_ids)
+    params, stream_ids = checked(params, stream_ids, seed, next_seed)
     if not params:
         return
     with torch.no_grad():

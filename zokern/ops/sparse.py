@@ -44,7 +44,7 @@ def masked_perturb_(params, masks, thresholds: torch.Tensor, seed: int, scale: f
                     stream_ids: Sequence[int], compute_mask: bool, dist="normal",
                     backend: "str | None" = None) -> None:
     """p += scale·m·z; with compute_mask the mask m = |p| ≤ h is taken from p first and stored in `masks`."""
-    params, stream_ids = checked(params, stream_ids)
+    params, stream_ids = checked(params, stream_ids, seed)
     if not params:
         return
     with torch.no_grad():
@@ -57,7 +57,7 @@ def masked_fused_step_(params, masks, thresholds: torch.Tensor, seed: int, *, st
                        restore: float, lr: float, grad: float, weight_decay=0.0, next_seed: "int | None" = None,
                        next_scale: float = 0.0, dist="normal", backend: "str | None" = None) -> None:
     """Masked restore + update (+ the next step's mask and perturbation) in one pass (docs/OPS.md)."""
-    params, stream_ids = checked(params, stream_ids)
+    params, stream_ids = checked(params, stream_ids, seed, next_seed)
     if not params:
         return
     with torch.no_grad():
