@@ -255,6 +255,25 @@ def test_lr_beyond_float32_is_rejected():
     assert_bitwise(model, before)
 
 
+@pytest.mark.parametrize("method,two_pass", MODES, ids=MODE_IDS)
+def test_an_update_that_would_overflow_float32_changes_nothing(method, two_pass):
+    """lr·ρ·z beyond float32 is known only after the forwards: the step ends as a skipped step does (the
+    weights bitwise those of a run whose step had a non-finite loss), the record replays, and the op's error
+    is raised before any group's update is written."""
+    failing = Run(method, two_pass, lr=1e30)  # finite in float32, and so is lr·z
+    skipped = Run(method, two_pass, lr=1e30, bad_step=0, bad_forward=2, junk=torch.tensor(math.nan))
+    for run in (failing, skipped):
+        loss = run.closure
+        run.closure = lambda loss=loss: loss() * 1e12  # ρ of order 1e12: lr·ρ·z overflows float32
+    with pytest.raises(ValueError, match=r"lr \* grad \* z overflows float32"):
+        failing.step()
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        skipped.step()
+    assert_bitwise(failing.model, snapshot(skipped.model))
+    assert failing.records[-1]["skipped"] and "overflows float32" in failing.records[-1]["failed"]
+    assert failing.opt.pending_seed is None and failing.opt.step_count == 1
+
+
 # --- frozen parameters ----------------------------------------------------------------------------------
 
 

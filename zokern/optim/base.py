@@ -283,6 +283,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             if all(math.isfinite(v) for v in values.values()):
                 record["grad"] = (values["plus"] - values["minus"]) / (2 * self.eps)
                 record.update(self._measure(values))
+                try:  # lr·ρ·z must fit float32 in every group before any group's update is written
+                    for group in self.param_groups:
+                        check_step_args(seed=seed, dist=self.dist, lr=group["lr"], grad=record["grad"])
+                except ValueError as exc:
+                    failure = exc
+                    record.update(skipped=True, failed=_describe(exc))
             else:
                 record["skipped"] = True
         if record.get("skipped"):
