@@ -310,6 +310,18 @@ def test_cli_rejects_bad_settings_before_the_model_loads(tiny_model_dir, task_fi
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--method", "subzero", "--option", "rank=-3"], "subzero with --option {'rank': -3}: "),
+    (["--method", "dizo", "--option", "project_pattern=no_such_tensor"], "no_such_tensor"),
+])
+def test_cli_rejects_option_values_the_optimizer_refuses(tiny_model_dir, task_file, tmp_path, fast_load, capsys,
+                                                         args, message):
+    """An option value only the optimizer can judge (a rank, a pattern that selects nothing): one line, exit 2."""
+    assert main(_finetune_args(tiny_model_dir, task_file, tmp_path / "run", *args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zokern finetune: error: ") and err.count("\n") == 1 and message in err, err
+
+
 def test_cli_rejects_bad_paths_before_the_model_loads(tiny_model_dir, task_file, tmp_path, no_model_load, capsys):
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(task_file.read_bytes().replace(b"review", b"r\xe9view"))
