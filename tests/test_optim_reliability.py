@@ -429,3 +429,24 @@ def test_malformed_states_are_rejected(state, message):
     with pytest.raises(ValueError, match=message):
         run.opt.load_state_dict(state())
     assert_same_state(run.opt.state_dict(), before)
+
+
+def test_a_dizo_state_with_per_tensor_anchors_resumes_bitwise():
+    """DiZO's anchors were per-tensor state before they moved into its buckets: such a state still loads."""
+    straight, resumed = Run("dizo", False, project_every=2), Run("dizo", False, project_every=2)
+    for _ in range(4):
+        straight.step()
+    for _ in range(2):
+        resumed.step()
+    assert [r["step"] for r in straight.records if "rescale" in r] == [1, 3]  # a projection on either side
+    state = copy.deepcopy(resumed.opt.state_dict())
+    index = {id(p): k for k, p in enumerate(p for g in resumed.opt.param_groups for p in g["params"])}
+    for b, anchors in zip(resumed.opt.buckets, state["zo"]["method"].pop("anchors")):
+        for i, anchor in zip(b.extra["projected"], anchors):
+            state["state"][index[id(b.params[i])]] = {"anchor": anchor}
+    resumed.opt = make_optimizer("dizo", resumed.model, None, project_every=2)
+    resumed.opt.load_state_dict(state)
+    assert not resumed.opt.state_dict()["state"]
+    for _ in range(2):
+        resumed.step()
+    assert_bitwise(resumed.model, snapshot(straight.model))
