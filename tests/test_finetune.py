@@ -106,6 +106,19 @@ def test_cli_rejects_bad_input_before_training(args, message):
     assert "steps/s" not in result.stderr and "zero-shot" not in result.stdout  # nothing trained
 
 
+def test_each_subcommand_names_its_handler(capsys):
+    import argparse
+
+    from zokern import cli
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"info", "demo", "finetune", "compare", "replay"}
+    for name, sub in commands.items():
+        assert sub.get_default("func") is getattr(cli, f"{name}_command")
+    assert cli.main(["info"]) == 0 and capsys.readouterr().out.startswith("zokern ")
+
+
 @pytest.mark.parametrize("method,per_step", [("mezo", 2), ("hizoo", 3)])
 def test_forward_budget_sets_the_steps_and_every_forward_is_counted(tiny_model_dir, tmp_path, method, per_step):
     summary = finetune(_config(tiny_model_dir, tmp_path, method=method, forward_budget=12, evaluations=2),

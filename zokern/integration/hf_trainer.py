@@ -116,7 +116,7 @@ class ZOTrainer(Trainer):
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def _fresh_closure(self, model):
-        """The step's `fresh_closure` (DiZO's search): the step after step t draws from the first
+        """The step's `fresh_closure` (DiZO's search): once t steps have run, fresh batches are the first
         `fresh_batches_per_search` batches of the train dataloader reshuffled by (args.seed, t), so a resumed
         run draws the same batches as an uninterrupted one. Batches are loaded only when the step asks."""
         batches = None
