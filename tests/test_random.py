@@ -110,3 +110,18 @@ def test_rademacher_distribution():
     plus = int((z > 0).sum())
     assert stats.binomtest(plus, z.numel()).pvalue > 1e-3
     assert abs(torch.corrcoef(torch.stack([z[0:-1], z[1:]]))[0, 1]) < 0.01
+
+
+def test_the_stream_module_imports_nothing_of_zokern():
+    """zokern.random is what the ops build on: an import of zokern from it (even inside a function) would
+    make a cycle."""
+    import ast
+    import inspect
+
+    import zokern.random
+
+    tree = ast.parse(inspect.getsource(zokern.random))
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names] + \
+        [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    assert not [name for name in imported if name.split(".")[0] == "zokern"]
+    assert zokern.draw is zokern.ops.draw

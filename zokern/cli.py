@@ -12,7 +12,7 @@ import zokern
 from zokern import backends, library
 
 
-def info() -> int:
+def info_command(args) -> int:
     print(f"zokern {zokern.__version__}  torch {torch.__version__}  python {platform.python_version()}")
     try:
         import triton
@@ -37,7 +37,7 @@ def info() -> int:
 def _add_training_options(p, d, *, per_run: bool) -> None:
     """The options `zokern finetune` and `zokern compare` share; per_run: finetune's own (one method, steps,
     evaluation interval, resume)."""
-    from zokern.finetune.train import DTYPES
+    from zokern.finetune.config import DTYPES
 
     p.add_argument("--model", default=None, help="a local Hugging Face model directory or .gguf file "
                                                  "(default: the embedded SmolLM2-135M-Instruct)")
@@ -72,12 +72,13 @@ def _add_training_options(p, d, *, per_run: bool) -> None:
 
 
 def _add_finetune(sub) -> None:
-    from zokern.finetune.train import FinetuneConfig
+    from zokern.finetune.config import FinetuneConfig
     from zokern.optim import METHODS
 
     d = FinetuneConfig()
     p = sub.add_parser("finetune", help="fine-tune a language model with a ZO method (default: the embedded "
                                         "SmolLM2-135M on BBC News topics, offline)")
+    p.set_defaults(func=finetune_command)
     p.add_argument("--method", choices=sorted(METHODS), default=d.method)
     _add_training_options(p, d, per_run=True)
     p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
@@ -86,11 +87,12 @@ def _add_finetune(sub) -> None:
 
 def _add_compare(sub) -> None:
     from zokern.finetune.compare import METHOD_ORDER
-    from zokern.finetune.train import FinetuneConfig
+    from zokern.finetune.config import FinetuneConfig
 
     d = FinetuneConfig()
     p = sub.add_parser("compare", help="fine-tune with several ZO methods at an equal budget of forward passes "
                                        "and tabulate and plot the results")
+    p.set_defaults(func=compare_command)
     p.add_argument("--methods", default=",".join(METHOD_ORDER), help="comma-separated (default: all five)")
     p.add_argument("--forward-budget", type=int, default=600, help="forward passes per method (default 600)")
     p.add_argument("--evaluations", type=int, default=6, help="validation evaluations per run")
@@ -105,6 +107,7 @@ def _add_compare(sub) -> None:
 def _add_replay(sub) -> None:
     p = sub.add_parser("replay", help="rebuild a finetune run's weights from the base model and its seed log "
                                       "(docs/SEEDLOG.md)")
+    p.set_defaults(func=replay_command)
     p.add_argument("--log", required=True, help="the run's seedlog.jsonl")
     p.add_argument("--model", default=None, help="the base model, if not where the log says")
     p.add_argument("--output", default=None, help="safetensors file (default: replayed.safetensors beside the log)")
@@ -112,9 +115,9 @@ def _add_replay(sub) -> None:
 
 
 def replay_command(args) -> int:
+    from zokern.finetune.config import ConfigError
     from zokern.finetune.model import ModelError
     from zokern.finetune.replay import replay_run
-    from zokern.finetune.train import ConfigError
     from zokern.seedlog import SeedLogError
 
     try:
@@ -126,7 +129,7 @@ def replay_command(args) -> int:
 
 
 def _parse_option(text: str):
-    from zokern.finetune.train import ConfigError
+    from zokern.finetune.config import ConfigError
 
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -140,12 +143,14 @@ def _parse_option(text: str):
 
 
 def finetune_command(args) -> int:
+    from zokern.finetune.config import ConfigError, FinetuneConfig
     from zokern.finetune.data import DataError
     from zokern.finetune.model import ModelError
-    from zokern.finetune.train import CheckpointError, ConfigError, FinetuneConfig, finetune
+    from zokern.finetune.run_files import CheckpointError
+    from zokern.finetune.train import finetune
     from zokern.seedlog import SeedLogError
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "option")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "func", "option")}
     try:
         config = FinetuneConfig(**fields, method_options=dict(_parse_option(o) for o in args.option))
         # Settings, data, paths and the checkpoint to resume are checked before the model loads.
@@ -160,13 +165,14 @@ def finetune_command(args) -> int:
 
 def compare_command(args) -> int:
     from zokern.finetune.compare import check_settings, compare
+    from zokern.finetune.config import FinetuneConfig
     from zokern.finetune.data import DataError
     from zokern.finetune.model import ModelError, resolve_model_path
-    from zokern.finetune.train import FinetuneConfig, load_task
+    from zokern.finetune.train import load_task
     from zokern.optim import METHODS
 
     fields = {k: v for k, v in vars(args).items()
-              if k not in ("command", "option", "methods", "forward_budget", "evaluations", "seeds")}
+              if k not in ("command", "func", "option", "methods", "forward_budget", "evaluations", "seeds")}
     try:
         check_settings(args.forward_budget, args.seeds)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -192,11 +198,21 @@ def compare_command(args) -> int:
     return 0 if result["runs"] else 1
 
 
-def main(argv: "list[str] | None" = None) -> int:
+def demo_command(args) -> int:
+    from zokern.demo import run_demo
+
+    result = run_demo(steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed, backend=args.backend)
+    return 0 if result["final_accuracy"] > result["initial_accuracy"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; each subcommand's parser names its handler (`func`), called with the parsed args."""
     parser = argparse.ArgumentParser(prog="zokern", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, devices, and which backends and ops are available here (and why not)")
+    sub.add_parser("info", help="versions, devices, and which backends and ops are available here (and why not)"
+                   ).set_defaults(func=info_command)
     demo = sub.add_parser("demo", help="a small end-to-end MeZO run on the fused ops (CPU, seconds)")
+    demo.set_defaults(func=demo_command)
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--lr", type=float, default=2e-2)
     demo.add_argument("--eps", type=float, default=1e-3)
@@ -205,19 +221,12 @@ def main(argv: "list[str] | None" = None) -> int:
     _add_finetune(sub)
     _add_compare(sub)
     _add_replay(sub)
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        return info()
-    if args.command == "finetune":
-        return finetune_command(args)
-    if args.command == "replay":
-        return replay_command(args)
-    if args.command == "compare":
-        return compare_command(args)
-    from zokern.demo import run_demo
+    return parser
 
-    result = run_demo(steps=args.steps, lr=args.lr, eps=args.eps, seed=args.seed, backend=args.backend)
-    return 0 if result["final_accuracy"] > result["initial_accuracy"] else 1
+
+def main(argv: "list[str] | None" = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":

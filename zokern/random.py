@@ -1,7 +1,8 @@
 """The zokern random stream, defined once (see docs/RANDOM.md).
 
 This module is the reference implementation: plain PyTorch integer arithmetic on int64 tensors,
-readable rather than fast. Every backend reproduces it; `draw` returns what a backend's kernels use.
+readable rather than fast. Every backend reproduces it; `zokern.draw` returns what a backend's kernels use.
+It imports nothing of zokern: the ops build on it, not the other way round.
 """
 from __future__ import annotations
 
@@ -118,17 +119,6 @@ def reference_draw(seed: int, stream: int, numel: int, offset: int = 0, domain: 
         values = torch.stack([_rademacher(w) for w in words], dim=-1)
     start = offset & 3
     return values.reshape(-1)[start:start + numel]
-
-
-def draw(seed: int, stream: int, numel: int, offset: int = 0, domain: int = Domain.PERTURBATION,
-         dist: "str | int | Distribution" = Distribution.NORMAL, device: "torch.device | str" = "cpu",
-         backend: "str | None" = None) -> torch.Tensor:
-    """The stream's values exactly as `backend`'s kernels use them (default: the device's backend)."""
-    from zokern import ops
-
-    out = torch.empty(numel, dtype=torch.float32, device=device)
-    ops.fill_random_(out, seed, stream, offset=offset, domain=domain, dist=dist, backend=backend)
-    return out
 
 
 def step_seed(base_seed: int, step: int) -> int:

@@ -12,7 +12,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from zokern.finetune.train import FinetuneConfig, Run, finetune
+from zokern.finetune.config import FinetuneConfig
+from zokern.finetune.run_files import Run
+from zokern.finetune.train import finetune
 from zokern.optim import METHODS
 
 METHOD_ORDER = ("mezo", "subzero", "sparse-mezo", "hizoo", "dizo")

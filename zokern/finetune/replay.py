@@ -7,8 +7,10 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from zokern import backends, seedlog
+from zokern.finetune.config import ConfigError, FinetuneConfig, check_config
 from zokern.finetune.model import resolve_model_path
-from zokern.finetune.train import ConfigError, FinetuneConfig, build_model, check_config, make_optimizer
+from zokern.finetune.train import build_model, make_optimizer
+from zokern.optim import METHODS
 from zokern.random import step_seed
 from zokern.seedlog import SeedLogError, weights_sha256
 
@@ -60,10 +62,6 @@ def replay_run(log_path: str, model: "str | None" = None, output: "str | None" =
     return summary
 
 
-# What each method measures per applied step, beyond ρ (docs/SEEDLOG.md).
-MEASURED = {"hizoo": ("hess_scale",)}
-
-
 def _run_config(log_path: str, header: dict, records: list[dict]) -> FinetuneConfig:
     """The run's configuration from a `zokern finetune` log's header, with the header and the records checked
     against it: everything replay needs is there and well-formed before the model loads."""
@@ -89,7 +87,7 @@ def _run_config(log_path: str, header: dict, records: list[dict]) -> FinetuneCon
         if r["seed"] != step_seed(run.seed, r["step"]):
             raise SeedLogError(f"{log_path}: record {r['step']} has seed {r['seed']}, not the one of base seed "
                                f"{run.seed}")
-        missing = [k for k in MEASURED.get(run.method, ()) if "skipped" not in r and k not in r]
+        missing = [k for k in METHODS[run.method].measured if "skipped" not in r and k not in r]
         if missing:
             raise SeedLogError(f"{log_path}: record {r['step']} lacks {missing[0]!r}, which {run.method} replays")
     return run

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import itertools
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from zokern.optim import METHODS
-from zokern.optim import DiZO, ZOOptimizer
+from zokern.optim import METHODS, ZOOptimizer
 from zokern.random import step_seed
 
 # Options set through TrainingArguments, not zo_options.
@@ -29,8 +27,8 @@ def _trainer_stepped(cls: type) -> type:
     which has already run the ZO step (it needs the batch)."""
 
     class TrainerStepped(cls):
-        def step(self, closure=None, **kwargs):
-            return None if closure is None else super().step(closure, **kwargs)
+        def step(self, closure=None, fresh_closure=None):
+            return None if closure is None else super().step(closure, fresh_closure)
 
     TrainerStepped.__name__ = TrainerStepped.__qualname__ = cls.__name__
     return TrainerStepped
@@ -51,7 +49,7 @@ class _RestoreAtEpochEnd(TrainerCallback):
 class ZOTrainer(Trainer):
     """A `Trainer` whose steps are zeroth-order steps of a zokern optimizer.
 
-    zo_method: "mezo", "subzero", "sparse-mezo", "hizoo", "dizo", or a `ZOOptimizer` subclass.
+    zo_method: a name in zokern.optim.METHODS ("mezo", "subzero", ...) or a `ZOOptimizer` subclass.
     zo_options: the optimizer's other keywords (eps, two_pass, backend, rank, ...). lr, weight_decay and
     seed come from TrainingArguments (learning_rate, weight_decay, seed); note that Trainer's default
     learning_rate 5e-5 is far above ZO's usual 1e-7 to 1e-6.
@@ -77,8 +75,12 @@ class ZOTrainer(Trainer):
             raise ValueError("ZOTrainer builds its own zokern optimizer: choose it with zo_method and zo_options "
                              "instead of optimizers= or optimizer_cls_and_kwargs=")
         _check_args(self.args, self)
-        if self.args.weight_decay and "weight_decay" not in inspect.signature(self.zo_class).parameters:
+        if self.args.weight_decay and not self.zo_class.weight_decay_supported:
             raise ValueError(f"{self.zo_class.__name__} has no weight decay; set weight_decay=0")
+        unknown = sorted(set(self.zo_options) - self.zo_class.option_names())
+        if unknown:
+            raise ValueError(f"zo_options {unknown}: {self.zo_class.__name__} takes "
+                             f"{', '.join(sorted(self.zo_class.option_names() - set(_FROM_ARGS)))}")
         self.add_callback(_RestoreAtEpochEnd(self))
 
     # --- the optimizer ------------------------------------------------------------------------------------
@@ -104,8 +106,8 @@ class ZOTrainer(Trainer):
             # Not the last micro-batch of the step: nothing to log yet, the step's loss comes once at its end.
             return torch.zeros((), device=self.args.device)
         batches, self._micro_batches = self._micro_batches, []
-        extra = {"fresh_closure": self._fresh_closure(model)} if isinstance(self.zo_optimizer, DiZO) else {}
-        loss = self.zo_optimizer.step(lambda: self._zo_loss(model, batches), **extra)
+        fresh = self._fresh_closure(model) if self.zo_optimizer.uses_fresh_batches else None
+        loss = self.zo_optimizer.step(lambda: self._zo_loss(model, batches), fresh)
         return loss.detach().to(self.args.device)
 
     def _zo_loss(self, model, batches: list) -> torch.Tensor:
@@ -114,9 +116,9 @@ class ZOTrainer(Trainer):
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def _fresh_closure(self, model):
-        """DiZO's `fresh_closure`: the search after step t evaluates its iterations on the first
-        `project_iters` batches of the train dataloader reshuffled by (args.seed, t), so a resumed run
-        draws the same batches as an uninterrupted one. Batches are loaded only when a search runs."""
+        """The step's `fresh_closure` (DiZO's search): once t steps have run, fresh batches are the first
+        `fresh_batches_per_search` batches of the train dataloader reshuffled by (args.seed, t), so a resumed
+        run draws the same batches as an uninterrupted one. Batches are loaded only when the step asks."""
         batches = None
 
         def make_closure():
@@ -137,12 +139,12 @@ class ZOTrainer(Trainer):
             if hasattr(self._probe_loader, "set_epoch"):
                 self._probe_loader.set_epoch(step)
             torch.manual_seed(step_seed(self.args.seed, step))  # for a sampler that draws from the global RNG
-            loaded = list(itertools.islice(self._probe_loader, self.zo_optimizer.project_iters))
+            loaded = list(itertools.islice(self._probe_loader, self.zo_optimizer.fresh_batches_per_search))
             # accelerate registers a loader in its gradient state until it is read to the end: unregister this
             # half-read one, or it would stand in for the train dataloader there.
             self._probe_loader.end()
         if not loaded:
-            raise ValueError("DiZO's projection search found no batch in the train dataloader")
+            raise ValueError(f"{type(self.zo_optimizer).__name__}'s step found no fresh batch in the train dataloader")
         return [self._prepare_inputs(batch) for batch in loaded]
 
     # --- evaluation and saving at the trained weights -----------------------------------------------------

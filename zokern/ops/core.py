@@ -58,6 +58,14 @@ def fused_step_(params: Iterable[torch.Tensor], seed: int, *, stream_ids: Sequen
             int(parse_distribution(dist)), backend or "")
 
 
+def draw(seed: int, stream: int, numel: int, offset: int = 0, domain: int = Domain.PERTURBATION,
+         dist: "str | int | Distribution" = Distribution.NORMAL, device: "torch.device | str" = "cpu",
+         backend: "str | None" = None) -> torch.Tensor:
+    """The stream's values exactly as `backend`'s kernels use them (default: the device's backend)."""
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    return fill_random_(out, seed, stream, offset=offset, domain=domain, dist=dist, backend=backend)
+
+
 def fill_random_(out: torch.Tensor, seed: int, stream: int, *, offset: int = 0,
                  domain: "int | Domain" = Domain.PERTURBATION, dist: "str | Distribution" = "normal",
                  backend: "str | None" = None) -> torch.Tensor:

@@ -2,12 +2,15 @@
 ± probes with one host synchronisation, non-finite losses, the two-pass mode, resumable state, and the
 seed log: one small record per step from which `replay_step` redoes the step without forward passes.
 
-A subclass says how to perturb (`_perturb`) and how to restore + update (`_update`); everything else
-lives here once.
+A subclass says how to perturb (`_perturb`) and how to restore + update (`_update`), keeps its buffers in
+`Bucket.extra` (those in `saved_buffers` are its state), and states its capabilities as class attributes
+(`two_pass_supported`, `weight_decay_supported`, `forwards_per_step`, `uses_fresh_batches`,
+`trains_tied_embeddings`), which callers read instead of naming methods; everything else lives here once.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import re
@@ -32,7 +35,9 @@ class Bucket:
     names: list
     stream_ids: list
     group: dict
-    extra: dict = field(default_factory=dict)  # per-method buffers (masks, Hessians, subspaces)
+    # The method's buffers (masks, Hessians, anchors, subspaces): their one home. The optimizer's
+    # `saved_buffers` name those that are its state; the others are fixed at construction or are caches.
+    extra: dict = field(default_factory=dict)
 
     @property
     def weight_decays(self) -> list[float]:
@@ -99,16 +104,61 @@ def _read_losses(losses: dict) -> dict:
     return dict(zip(losses, stacked.tolist()))
 
 
+def _restored(mine, saved, device):
+    """A saved buffer as the bucket keeps it: copied into the optimizer's own tensors (their dtype and device),
+    a tensor the optimizer makes lazily moved to the bucket's device, anything else taken as saved."""
+    if isinstance(mine, torch.Tensor) and saved is not None:
+        return mine.copy_(saved)
+    if isinstance(saved, torch.Tensor):
+        return saved.to(device)
+    if isinstance(mine, list) and isinstance(saved, (list, tuple)):
+        return [_restored(m, s, device) for m, s in zip(mine, saved)]
+    return saved
+
+
 class ZOOptimizer(torch.optim.Optimizer):
-    """Base class. `closure()` evaluates the loss at the current weights, without autograd."""
+    """Base class. `closure()` evaluates the loss at the current weights, without autograd.
+
+    Capabilities, read by `zokern finetune` and `ZOTrainer` from the class:
+    two_pass_supported: `two_pass=True` is accepted.
+    weight_decay_supported: the constructor takes `weight_decay`.
+    forwards_per_step: closure calls per step.
+    uses_fresh_batches: a step may call `fresh_closure` (see `step`), at most `fresh_batches_per_search` times.
+    trains_tied_embeddings: False if the method leaves a token embedding tied to the output layer untrained.
+    """
 
     two_pass_supported = True
+    weight_decay_supported = True
     forwards_per_step = 2
+    uses_fresh_batches = False
+    trains_tied_embeddings = True
+    # Keys of Bucket.extra that are the method's state: saved by state_dict, checked and restored on loading.
+    saved_buffers: tuple[str, ...] = ()
+    # The record entries `_measure` adds to an applied step (HiZOO's curvature): what replay cannot do without.
+    measured: tuple[str, ...] = ()
 
     @property
     def mean_forwards_per_step(self) -> float:
         """Forward passes per step on average, for equal-budget comparisons (DiZO adds its search)."""
         return float(self.forwards_per_step)
+
+    @property
+    def fresh_batches_per_search(self) -> int:
+        """The most fresh batches one step draws from `fresh_closure` (0: it never calls it)."""
+        return 0
+
+    @classmethod
+    def option_names(cls) -> set[str]:
+        """The keyword arguments the constructor takes, following **options up to the base classes."""
+        names: set = set()
+        for klass in cls.__mro__:
+            if "__init__" not in vars(klass):
+                continue
+            parameters = inspect.signature(klass.__init__).parameters.values()
+            names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+                break
+        return names - {"self", "params", "defaults"}
 
     def __init__(self, params, defaults: dict, *, eps: float, seed: int = 0, dist="normal",
                  backend: "str | None" = None, two_pass: bool = False, on_nonfinite: str = "skip"):
@@ -204,17 +254,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         `record` holds what `_measure` returned."""
         raise NotImplementedError
 
-    def _after_step(self, closure, record: dict) -> None:
+    def _after_step(self, closure, fresh_closure, record: dict) -> None:
         """Work after the update (DiZO's projection). When replaying, `closure` is None and what the work
         decided is read from `record`; when training, it is written there."""
 
     # --- the step -----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, fresh_closure=None):
+        """One ZO step; returns the loss at θ + εz. `closure()` evaluates the loss on the step's batch.
+        `fresh_closure`, optional: `fresh_closure()` returns a new closure on a new batch, for methods whose
+        step also evaluates other batches (`uses_fresh_batches`: DiZO's projection search); the others
+        ignore it, so a caller may always pass it."""
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step needs a closure that returns the loss")
-        return self._step(closure, None)
+        return self._step(closure, None, fresh_closure)
 
     @torch.no_grad()
     def replay_step(self, record: dict) -> None:
@@ -236,9 +290,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             group["lr"], group["weight_decay"] = lr, wd
         if self.pending_seed is not None and not record.get("pending"):
             self.restore_weights()  # training took the weights out of two-pass mode's +εz before this step
-        self._step(None, record)
+        self._step(None, record, None)
 
-    def _step(self, closure, logged: "dict | None"):
+    def _step(self, closure, logged: "dict | None", fresh_closure):
         """One step, shared by training (`closure`: measure the losses, emit the record) and replay
         (`logged`: the record measured in training); both run the same weight operations.
 
@@ -312,7 +366,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.pending_seed = next_seed
         self.step_count += 1
         try:
-            self._after_step(closure, record)
+            self._after_step(closure, fresh_closure, record)
         except BaseException as exc:  # the update stands; the record says what failed after it
             record["failed"] = _describe(exc)
             emit(record)
@@ -339,10 +393,12 @@ class ZOOptimizer(torch.optim.Optimizer):
     # --- state --------------------------------------------------------------------------------------------
 
     def _extra_state(self) -> dict:
-        return {}
+        return {key: [b.extra[key] for b in self.buckets] for key in self.saved_buffers}
 
     def _load_extra_state(self, extra: dict) -> None:
-        pass
+        for key in self.saved_buffers:
+            for b, saved in zip(self.buckets, extra[key]):
+                b.extra[key] = _restored(b.extra[key], saved, b.params[0].device)
 
     def _tensors(self) -> list:
         """[name, shape] of every trained tensor, per param group: what a state belongs to."""

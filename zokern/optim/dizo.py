@@ -29,11 +29,15 @@ class DiZO(MeZO):
     Fresh batches: call `opt.step(closure, fresh_closure=make_closure)` where `make_closure()` returns a
     new closure on a new batch; the search calls it once per iteration and evaluates both probes of that
     iteration on its batch. Without it the search reuses the step's closure (one batch; a warning says so).
-    Probes read a saved copy of the projected weights, so probing never drifts θ.
+    Probes read a saved copy of the projected weights, so probing never drifts θ. The authors leave a
+    token embedding tied to the output layer out of training (`trains_tied_embeddings`).
     Defaults (authors' code): κ 50, ε_γ 0.1, ζ 2.0, τ 0.2, J 10, lr 1e-7, eps 1e-3.
     """
 
     two_pass_supported = False
+    uses_fresh_batches = True
+    trains_tied_embeddings = False
+    saved_buffers = ("anchors",)
 
     def __init__(self, params, lr: float = 1e-7, eps: float = 1e-3, weight_decay: float = 0.0,
                  project_every: int = 50, project_iters: int = 10, gamma_eps: float = 0.1, gamma_lr: float = 2.0,
@@ -41,7 +45,6 @@ class DiZO(MeZO):
         self.project_every, self.project_iters = project_every, project_iters
         self.gamma_eps, self.gamma_lr, self.gamma_range = gamma_eps, gamma_lr, gamma_range
         self.project_pattern = re.compile(project_pattern)
-        self._fresh_closure = None
         super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, **options)
         if not any(True for _ in self._projected()):
             names = [name for b in self.buckets for name in b.names if name is not None]
@@ -56,35 +59,52 @@ class DiZO(MeZO):
         """2 + 2J/κ (2.4 with the defaults)."""
         return self.forwards_per_step + 2 * self.project_iters / self.project_every
 
+    @property
+    def fresh_batches_per_search(self) -> int:
+        return self.project_iters
+
     def _init_bucket(self, bucket):
         projected = [i for i, name in enumerate(bucket.names) if name and self.project_pattern.search(name)]
         bucket.extra["projected"] = projected
-        for i in projected:
-            self.state[bucket.params[i]]["anchor"] = bucket.params[i].detach().clone()
+        bucket.extra["anchors"] = [bucket.params[i].detach().clone() for i in projected]
 
     def _options(self):
         return {"gamma_eps": self.gamma_eps, "gamma_lr": self.gamma_lr, "gamma_range": self.gamma_range}
 
-    def step(self, closure=None, fresh_closure=None):
-        self._fresh_closure = fresh_closure
-        return super().step(closure)
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(self._anchors_in_buckets(state_dict))
 
-    def _after_step(self, closure, record):
+    def _anchors_in_buckets(self, state_dict):
+        """A state saved when the anchors were per-tensor state ("anchor"), as DiZO keeps them now: in its
+        buckets. Any other state is returned as it is, for the checks to judge."""
+        state, zo = (state_dict.get("state"), state_dict.get("zo")) if isinstance(state_dict, dict) else (None, None)
+        if not (isinstance(state, dict) and isinstance(zo, dict) and zo.get("method") == {}
+                and any(isinstance(s, dict) and "anchor" in s for s in state.values())):
+            return state_dict
+        index = {id(p): k for k, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        anchors = [[state.get(index[id(b.params[i])], {}).get("anchor") for i in b.extra["projected"]]
+                   for b in self.buckets]
+        if any(anchor is None for bucket in anchors for anchor in bucket):
+            return state_dict
+        rest = {k: {key: v for key, v in s.items() if key != "anchor"} for k, s in state.items()}
+        return {**state_dict, "state": {k: s for k, s in rest.items() if s},
+                "zo": {**zo, "method": {"anchors": anchors}}}
+
+    def _after_step(self, closure, fresh_closure, record):
         if self.step_count % self.project_every:
             return
         if closure is None:
             if "rescale" in record:  # absent when the search failed and put the weights back
                 self._rescale(record["rescale"])
         else:
-            record["rescale"] = self.project(closure if self._fresh_closure is None else None, self._fresh_closure)
+            record["rescale"] = self.project(closure if fresh_closure is None else None, fresh_closure)
 
     def _projected(self):
         """(params, anchors, stream ids) of the projected tensors, per bucket that has any."""
         for b in self.buckets:
             if b.extra["projected"]:
                 idx = b.extra["projected"]
-                params = [b.params[i] for i in idx]
-                yield params, [self.state[p]["anchor"] for p in params], [b.stream_ids[i] for i in idx]
+                yield [b.params[i] for i in idx], b.extra["anchors"], [b.stream_ids[i] for i in idx]
 
     @torch.no_grad()
     def project(self, closure=None, fresh_closure=None) -> list[list[float]]:

@@ -22,6 +22,8 @@ class HiZOO(ZOOptimizer):
 
     two_pass_supported = False
     forwards_per_step = 3
+    saved_buffers = ("hessians",)
+    measured = ("hess_scale",)
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, alpha: float = 1e-8, weight_decay: float = 0.0,
                  hessian_dtype: "str | None" = None, curvature_dtype: str = "float64", **options):
@@ -44,20 +46,9 @@ class HiZOO(ZOOptimizer):
     def _options(self):
         return {"alpha": self.alpha}
 
-    def _hessians(self, bucket):
-        return bucket.extra["hessians"]
-
-    def _extra_state(self):
-        return {"hessians": [b.extra["hessians"] for b in self.buckets]}
-
-    def _load_extra_state(self, extra):
-        for b, saved in zip(self.buckets, extra["hessians"]):
-            for mine, d in zip(b.extra["hessians"], saved):
-                mine.copy_(d)
-
     def _perturb(self, seed, scale, first):
         for b in self.buckets:
-            ops.hessian_perturb_(b.params, self._hessians(b), seed, scale, stream_ids=b.stream_ids, dist=self.dist,
+            ops.hessian_perturb_(b.params, b.extra["hessians"], seed, scale, stream_ids=b.stream_ids, dist=self.dist,
                                  backend=self.backend)
 
     def _measure(self, losses):
@@ -69,6 +60,6 @@ class HiZOO(ZOOptimizer):
     def _update(self, seed, grad, next_seed, record):
         for b in self.buckets:
             wd = b.group["weight_decay"]
-            ops.hessian_step_(b.params, self._hessians(b), seed, stream_ids=b.stream_ids, restore=self.eps,
+            ops.hessian_step_(b.params, b.extra["hessians"], seed, stream_ids=b.stream_ids, restore=self.eps,
                               lr=b.group["lr"], grad=grad, hess_scale=record["hess_scale"], alpha=self.alpha,
                               weight_decay=wd, dist=self.dist, backend=self.backend)

@@ -23,6 +23,8 @@ class SparseMeZO(ZOOptimizer):
     ever fewer entries as the tensor grows from zero. So (1 − sparsity) of it moves at every step.
     """
 
+    saved_buffers = ("thresholds", "tracked", "masks")
+
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  sparsity: float = 0.8, threshold_every: int = 0, mask_vectors: bool = False, **options):
         if not 0.0 <= sparsity < 1.0:
@@ -92,16 +94,3 @@ class SparseMeZO(ZOOptimizer):
             params, ids, wds = self._select(b, "dense")
             ops.fused_step_(params, seed, stream_ids=ids, restore=self.eps, lr=lr, grad=grad, weight_decay=wds,
                             next_seed=next_seed, next_scale=self.eps, dist=self.dist, backend=self.backend)
-
-    def _extra_state(self):
-        return {"thresholds": [b.extra["thresholds"] for b in self.buckets],
-                "tracked": [b.extra["tracked"] for b in self.buckets],
-                "masks": [b.extra["masks"] for b in self.buckets]}
-
-    def _load_extra_state(self, extra):
-        for b, thresholds, tracked, masks in zip(self.buckets, extra["thresholds"], extra["tracked"],
-                                                 extra["masks"]):
-            b.extra["thresholds"] = None if thresholds is None else thresholds.to(b.params[0].device)
-            b.extra["tracked"] = tracked
-            for mine, saved in zip(b.extra["masks"], masks):
-                mine.copy_(saved)

@@ -21,6 +21,8 @@ class SubZero(ZOOptimizer):
     selects tensors reshaped to the most-square factorisation of their element count.
     """
 
+    weight_decay_supported = False
+
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, rank: int = 8, subspace_every: int = 1000,
                  reshape_pattern: str = r"lora_|prefix|prompt", **options):
         if rank < 1 or subspace_every < 1:

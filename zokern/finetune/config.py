@@ -1,0 +1,136 @@
+"""`zokern finetune`'s configuration: the run's settings, their checks before anything loads, and the
+comparison of a resumed run's settings with the recorded ones."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+import torch
+
+import zokern
+from zokern.optim import METHODS
+from zokern.random import SEED_LIMIT
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class FinetuneConfig:
+    """`zokern finetune`'s settings. The defaults are the measured CPU default: MeZO on rank-8 LoRA adapters
+    (q_proj, v_proj) with lr 1e-3 and eps 1e-2 (MeZO's LoRA setting scaled for a short run), 300 steps of
+    batch 16 — see the README's table of runs."""
+    method: str = "mezo"
+    model: "str | None" = None
+    task: str = "bbc-news"
+    template: "str | None" = None
+    labels: "str | None" = None
+    steps: int = 300
+    forward_budget: int = 0  # > 0: train for this many forward passes (steps = budget / forwards per step)
+    batch_size: int = 16
+    lr: float = 1e-3
+    eps: float = 1e-2
+    weight_decay: float = 0.0
+    eval_every: int = 100
+    evaluations: int = 0  # > 0: evaluate this many times, evenly over the run (instead of every eval_every)
+    eval_examples: int = 100
+    seed: int = 0
+    dtype: str = "float32"
+    backend: "str | None" = None
+    output_dir: str = "runs/finetune"
+    resume: bool = False
+    checkpoint_every: int = 100
+    two_pass: bool = False
+    lora_rank: int = 8  # > 0: train LoRA adapters of this rank on lora_targets; 0: all weights
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,v_proj"
+    train_pattern: "str | None" = None  # regex: train only parameters whose names match (e.g. "norm")
+    method_options: dict = field(default_factory=dict)
+    zero_shot_eval: bool = True  # evaluate the untrained model on the test set first (compare does it once)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, reported before anything loads."""
+
+
+# What a resumed run may change: how long it runs, what it evaluates, where it writes. Everything else sets the
+# trajectory of the steps, and must be as the run was started.
+RESUMABLE_CHANGES = ("steps", "forward_budget", "eval_every", "evaluations", "eval_examples", "output_dir", "resume",
+                     "checkpoint_every", "zero_shot_eval")
+# Least values of the integer settings.
+INTEGER_MINIMUMS = {"steps": 1, "batch_size": 1, "eval_examples": 1, "forward_budget": 0, "eval_every": 0,
+                    "evaluations": 0, "checkpoint_every": 0, "lora_rank": 0, "seed": 0}
+# Optimizer arguments that make_optimizer sets from the config's own settings.
+OPTIMIZER_SETTINGS = {"lr": "--lr", "eps": "--eps", "seed": "--seed", "backend": "--backend", "two_pass": "--two-pass",
+                      "weight_decay": "--weight-decay"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_config(config: FinetuneConfig) -> None:
+    """Every setting that can be checked without data or model, so that a bad one fails in a second."""
+    _check_types(config)
+    if config.method not in METHODS:
+        raise ConfigError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {config.dtype!r}: choose from {', '.join(DTYPES)}")
+    if config.backend is not None and config.backend not in zokern.backends.BACKENDS:
+        raise ConfigError(f"--backend {config.backend!r}: choose from {', '.join(zokern.backends.BACKENDS)}")
+    for name in ("lr", "eps", "lora_alpha"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{_flag(name)} must be a positive finite number, got {value!r}")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise ConfigError(f"--weight-decay must be a finite number >= 0, got {config.weight_decay!r}")
+    for name, least in INTEGER_MINIMUMS.items():
+        value = getattr(config, name)
+        if value < least:
+            raise ConfigError(f"{_flag(name)} must be an integer >= {least}, got {value!r}")
+    if config.seed >= SEED_LIMIT:
+        raise ConfigError(f"--seed must be below 2**63, got {config.seed}")
+    if config.lora_rank > 0 and not [t for t in config.lora_targets.split(",") if t.strip()]:
+        raise ConfigError("--lora-targets names no module for the LoRA adapters")
+    if config.train_pattern is not None:
+        try:
+            re.compile(config.train_pattern)
+        except re.error as exc:
+            raise ConfigError(f"--train-pattern {config.train_pattern!r} is not a regular expression: {exc}") from None
+    accepted = METHODS[config.method].option_names()
+    for name in config.method_options:
+        if name in OPTIMIZER_SETTINGS:
+            raise ConfigError(f"--option {name}: set it with {OPTIMIZER_SETTINGS[name]}")
+        if name not in accepted:
+            raise ConfigError(f"--option {name}: {config.method} has no such option; it takes "
+                              f"{', '.join(sorted(accepted - set(OPTIMIZER_SETTINGS)))}")
+
+
+def _check_types(config: FinetuneConfig) -> None:
+    """Each setting of its default's type (a float may be given as an int; a None default takes a str)."""
+    accepted = {bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a number"),
+                str: ((str,), "a string"), dict: ((dict,), "a mapping"), type(None): ((str, type(None)), "a string or none")}
+    for f in fields(FinetuneConfig):
+        value = getattr(config, f.name)
+        kinds, wanted = accepted[type(f.default if f.default is not MISSING else f.default_factory())]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ConfigError(f"{_flag(f.name)} must be {wanted}, got {value!r}")
+
+
+def check_resumable(recorded: dict, config: FinetuneConfig) -> None:
+    """A resumed run must continue the recorded one: any other trajectory setting is a ConfigError."""
+    requested = json.loads(json.dumps(asdict(config)))  # as the checkpoint stores it (tuples as lists, ...)
+    changed = [f"{name} {recorded.get(name)!r} -> {value!r}" for name, value in requested.items()
+               if name not in RESUMABLE_CHANGES and _comparable(name, recorded.get(name)) != _comparable(name, value)]
+    if changed:
+        raise ConfigError(f"--resume: the run in {config.output_dir} was started with other settings "
+                          f"({'; '.join(changed)}); resume with its settings or use a new --output-dir")
+
+
+def _comparable(name: str, value):
+    """Paths as absolute paths: the same model or task file given another way is the same run."""
+    if name in ("model", "task") and isinstance(value, str) and value != "bbc-news":
+        return os.path.abspath(value)
+    return value
