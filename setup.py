@@ -33,10 +33,12 @@ def extension(source):
 
 
 class BuildStampedExtension(BuildExtension):
-    """BuildExtension that writes each library's build stamp beside it (in the build folder, and in the source tree
-    too for an editable install), which the loader checks before using the library."""
+    """BuildExtension that writes each library's build stamp beside it (in the build folder, or in the source tree
+    for an editable install), which the loader checks before using the library."""
 
     def run(self):
+        if self.inplace:  # editable: object files kept in build/ (not a fresh temporary folder), so a reinstall
+            self.build_temp = str(ROOT / "build" / "editable")  # with unchanged sources compiles nothing
         super().run()
         for ext in self.extensions:
             source = next(s for s in SOURCES if ext.name.endswith("." + s.name))
