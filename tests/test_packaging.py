@@ -111,3 +111,52 @@ def test_a_required_backend_that_is_missing_stops_the_test_run(tmp_path):
     assert run.returncode != 0
     assert "backend cpp is not available on cpu: zokern_cpp.so does not load" in run.stdout + run.stderr, (
         run.stdout[-2000:])
+
+
+_SETUP_PROBE = """
+import json, os, runpy, sys
+import setuptools, torch, torch.utils.cpp_extension as cpp_extension
+
+os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+if sys.argv[1] == "cuda":  # a CUDA torch and a CUDA toolkit, as setup.py sees them
+    torch.version.cuda, cpp_extension.CUDA_HOME = "13.0", "/usr/local/cuda"
+setuptools.setup = lambda **kw: json.dump({
+    "extensions": {e.name: {"sources": e.sources, "args": e.extra_compile_args, "link": e.extra_link_args}
+                   for e in kw["ext_modules"]},
+    "arch": os.environ.get("TORCH_CUDA_ARCH_LIST")}, sys.stdout)
+sys.argv = ["setup.py", "--name"]
+runpy.run_path("setup.py")
+"""
+
+
+def _setup_extensions(torch_kind: str) -> dict:
+    run = subprocess.run([sys.executable, "-c", _SETUP_PROBE, torch_kind], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+def test_setup_builds_the_cpu_extension_only_with_a_cpu_torch():
+    from zokern.backends import _build
+
+    found = _setup_extensions("cpu")
+    assert found == {"extensions": {"zokern.zokern_cpp": {
+        "sources": ["csrc/cpu/zo_cpu.cpp"], "args": {"cxx": _build.CXX_FLAGS, "nvcc": _build.NVCC_FLAGS},
+        "link": _build.LDFLAGS}}, "arch": None}
+
+
+def test_setup_builds_the_cuda_extension_for_hopper_with_a_cuda_torch_and_toolkit():
+    from zokern.backends import _build
+
+    found = _setup_extensions("cuda")
+    assert set(found["extensions"]) == {"zokern.zokern_cpp", "zokern.zokern_cuda"}
+    cuda = found["extensions"]["zokern.zokern_cuda"]
+    assert cuda["sources"] == ["csrc/cuda/zo_cuda.cu"] and cuda["args"]["nvcc"] == _build.NVCC_FLAGS
+    assert found["arch"] == "9.0"  # no GPU needed to build
+
+
+def test_building_without_torch_says_to_install_it_first():
+    probe = "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', '--name']; runpy.run_path('setup.py')"
+    run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "install torch first" in run.stderr and "--no-build-isolation" in run.stderr, run.stderr[-2000:]
