@@ -25,7 +25,7 @@ _spec.loader.exec_module(build)
 
 
 def extension(source):
-    """The setuptools extension of one build._build.ExtensionSource, as zokern/<name>.so."""
+    """The setuptools extension of one build.ExtensionSource, as zokern/<name>.so."""
     kind = CUDAExtension if source.cuda else CppExtension
     return kind(f"{build.LIBRARY_PACKAGE}.{source.name}", [f"csrc/{s}" for s in source.sources],
                 include_dirs=[str(ROOT / "csrc" / "include")],
