@@ -36,6 +36,12 @@ class BuildStampedExtension(BuildExtension):
     """BuildExtension that writes each library's build stamp beside it (in the build folder, or in the source tree
     for an editable install), which the loader checks before using the library."""
 
+    def build_extensions(self):
+        # Python's own CFLAGS (-g -DNDEBUG -fwrapv -Wall ...) are not the extensions' flags: compile with those of
+        # _build.py only, as the fallback does (no debug info either: a library 5x smaller).
+        self.compiler.set_executable("compiler_so", [self.compiler.compiler_so[0], "-fPIC"])
+        super().build_extensions()
+
     def run(self):
         if self.inplace:  # editable: object files kept in build/ (not a fresh temporary folder), so a reinstall
             self.build_temp = str(ROOT / "build" / "editable")  # with unchanged sources compiles nothing

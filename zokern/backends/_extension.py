@@ -49,11 +49,6 @@ class _Extension:
         self._lock = threading.Lock()
         self._result: "tuple[bool, str] | None" = None
 
-    def _precheck(self) -> "str | None":
-        if self.cuda and torch.version.cuda is None:
-            return "torch has no CUDA"
-        return None
-
     def _compile_precheck(self) -> "str | None":
         if self.cuda:
             from torch.utils.cpp_extension import CUDA_HOME
@@ -80,9 +75,8 @@ class _Extension:
         return None
 
     def _load(self) -> "tuple[bool, str]":
-        why = self._precheck()
-        if why is not None:
-            return False, why
+        if self.cuda and torch.version.cuda is None:
+            return False, "torch has no CUDA"
         try:
             src = source_dir()
         except RuntimeError as exc:
