@@ -113,3 +113,14 @@ def test_a_library_without_its_build_stamp_is_not_loaded(tmp_path, no_compiler):
 def test_a_library_that_does_not_load_is_compiled_at_first_use(tmp_path, no_compiler):
     library = _library(tmp_path)
     assert _unavailable_because(tmp_path).startswith(f"{library} does not load (")
+
+
+def test_zokern_info_says_why_the_extension_is_compiled_at_first_use(tmp_path, no_compiler, monkeypatch, capsys):
+    from zokern import cli
+
+    monkeypatch.setattr(_extension.CPU_EXTENSION, "library", tmp_path / "zokern_cpp.so")
+    monkeypatch.setattr(_extension.CPU_EXTENSION, "_result", None)
+    assert cli.info() == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.split()[:2] == ["cpu", "cpp"]]
+    assert line.split()[2] == "no" and line.endswith(
+        "zokern was installed without its compiled CPU extension; cannot compile it now: no C++ compiler"), line
