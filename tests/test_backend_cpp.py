@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import ulp_distance
-from zokern.backends import _extension, cpp_cpu, cpp_cuda
+from zokern.backends import _build, _extension, cpp_cpu, cpp_cuda
 from zokern.random import Domain, philox4x32, reference_draw
 
 CPU_OK, CPU_WHY = cpp_cpu.availability("cpu")
@@ -166,7 +166,9 @@ def test_build_failure_is_reported_not_raised(tmp_path, monkeypatch):
     (tmp_path / "broken.cpp").write_text("int f( {\n")
     monkeypatch.setattr(_extension, "source_dir", lambda: tmp_path)
     monkeypatch.setenv("ZOKERN_BUILD_DIR", str(tmp_path / "build"))
-    ok, why = _extension._Extension("zokern_broken_test", ["broken.cpp"], cuda=False).ensure()
+    broken = _build.ExtensionSource("zokern_broken_test", ("broken.cpp",), cuda=False)
+    with pytest.warns(RuntimeWarning, match="installed without its compiled CPU extension: compiling"):
+        ok, why = _extension._Extension(broken, library_dir=tmp_path).ensure()
     assert not ok and "error" in why, why
 
 

@@ -1,70 +1,126 @@
-"""$ZOKERN_CPP_LIBRARY / $ZOKERN_CUDA_LIBRARY: an extension loads a library built elsewhere (for CUDA:
-scripts/build_cuda_extension.py) when its manifest names the same sources and torch, and says why not
-otherwise. Checked with the CPU extension, in subprocesses (a library registers its ops once per process)."""
+"""The C++ extension built at install (setup.py: zokern/zokern_cpp.so and its build stamp) is what the cpp backend
+loads; compiling at first use is only the fallback, used with its reason where that library is missing, does not
+load, or was built against another torch or from other sources, and it gives the same bits. Checked with the CPU
+extension; loading the real library happens in subprocesses (a library registers its ops once per process)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from zokern.backends._extension import CPU_EXTENSION
+from zokern.backends import _build, _extension
 
 PROBE = r"""
+import json, sys, warnings
+from pathlib import Path
 import torch, zokern
-from zokern.backends import availability
-ok, why = availability("cpp", "cpu")
-print(ok, why)
-if ok:
-    p = torch.zeros(1000)
-    zokern.perturb_([p], 7, 1.0, stream_ids=[3], backend="cpp")
-    assert torch.equal(p, zokern.draw(7, 3, 1000)), "the prebuilt library's stream differs"
+from zokern.backends import _extension, availability
+
+if len(sys.argv) > 1:  # a folder without the library built at install: the fallback compiles it
+    _extension.CPU_EXTENSION.library = Path(sys.argv[1]) / "zokern_cpp.so"
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ok, why = availability("cpp", "cpu")
+params = [torch.linspace(-3, 3, 1001), torch.linspace(-3, 3, 515).bfloat16(), torch.linspace(-3, 3, 77).half()]
+zokern.perturb_(params, 7, 0.5, stream_ids=[0, 1, 2], backend="cpp")
+zokern.fused_step_(params, 7, stream_ids=[0, 1, 2], restore=0.5, lr=0.1, grad=0.3, weight_decay=0.01, next_seed=8,
+                   next_scale=0.5, backend="cpp")
+bits = [p.view(torch.int16 if p.element_size() == 2 else torch.int32).tolist() for p in params]
+loaded = [line.split()[-1] for line in open("/proc/self/maps") if "zokern_cpp" in line]
+json.dump({"ok": ok, "why": why, "warnings": [str(w.message) for w in caught], "bits": bits,
+           "loaded": sorted(set(loaded))}, sys.stdout)
 """
 
 
+def _probe(*args) -> dict:
+    run = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
 @pytest.fixture(scope="module")
-def prebuilt(tmp_path_factory):
-    ok, why = CPU_EXTENSION.ensure()
-    if not ok:
-        pytest.skip(f"the CPU extension is not available: {why}")
-    library = tmp_path_factory.mktemp("prebuilt") / "zokern_cpp.so"
-    shutil.copy(CPU_EXTENSION.build_directory() / "zokern_cpp.so", library)
+def installed() -> dict:
+    return _probe()
+
+
+def test_the_library_built_at_install_is_what_runs(installed):
+    """The install (scripts/setup_env.sh's editable one here) built zokern/zokern_cpp.so: it loads, nothing compiles."""
+    library = _extension.CPU_EXTENSION.library
+    assert installed["ok"] and installed["why"] == f"zokern_cpp built at install: {library}", (
+        f"{installed['why']} (reinstall zokern: pip install --no-build-isolation --no-deps -e .)")
+    assert installed["warnings"] == [] and installed["loaded"] == [str(library)]
+
+
+def test_the_fallback_compiles_the_same_bits(installed, tmp_path):
+    fallback = _probe(str(tmp_path))
+    assert fallback["ok"], fallback["why"]
+    reason = "zokern was installed without its compiled CPU extension"
+    assert fallback["why"].startswith("zokern_cpp compiled at first use") and reason in fallback["why"]
+    assert fallback["warnings"] == [f"{reason}: compiling zokern_cpp now (a minute or two)"]
+    assert fallback["loaded"] and str(tmp_path) not in fallback["loaded"][0]
+    assert fallback["bits"] == installed["bits"]
+
+
+# Why a library is not used: checked on copies in tmp_path, without a compiler ($CXX names none), so the fallback
+# stops at once and says both why it was needed and why it could not run.
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-zokern")
+
+
+def _unavailable_because(library_dir) -> str:
+    ok, why = _extension._Extension(_build.CPU, library_dir=library_dir).ensure()
+    assert not ok
+    assert why.endswith("; cannot compile it now: no C++ compiler"), why
+    return why
+
+
+def _library(tmp_path, content: bytes = b"not a shared library", **stamp):
+    library = tmp_path / "zokern_cpp.so"
+    library.write_bytes(content)
+    _build.CPU.write_stamp(library, _extension.source_dir(), torch.__version__)
+    if stamp:
+        path = _build.stamp_path(library)
+        path.write_text(json.dumps({**json.loads(path.read_text()), **stamp}))
     return library
 
 
-def _probe(library) -> "tuple[bool, str]":
-    env = dict(os.environ, ZOKERN_CPP_LIBRARY=str(library))
-    run = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    ok, _, why = run.stdout.strip().splitlines()[-1].partition(" ")
-    return ok == "True", why
+def test_a_missing_library_is_compiled_at_first_use(tmp_path, no_compiler):
+    assert _unavailable_because(tmp_path).startswith("zokern was installed without its compiled CPU extension")
 
 
-def test_loads_a_library_whose_manifest_matches(prebuilt):
-    CPU_EXTENSION.write_manifest(prebuilt, torch.__version__)
-    ok, why = _probe(prebuilt)
-    assert ok and "prebuilt" in why, why
+def test_a_library_built_against_another_torch_is_not_loaded(tmp_path, no_compiler):
+    library = _library(tmp_path, torch="2.0.0")
+    assert f"{library} was built against torch 2.0.0, this is torch {torch.__version__}" in _unavailable_because(
+        tmp_path)
 
 
-def test_refuses_other_sources(prebuilt):
-    manifest = CPU_EXTENSION.write_manifest(prebuilt, torch.__version__)
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "sources_sha256": "0" * 64}))
-    ok, why = _probe(prebuilt)
-    assert not ok and "built from other sources" in why, why
+def test_a_library_built_from_other_sources_is_not_loaded(tmp_path, no_compiler):
+    library = _library(tmp_path, sources_sha256="0" * 64)
+    assert f"{library} was built from other sources than {_extension.source_dir()}" in _unavailable_because(tmp_path)
 
 
-def test_refuses_another_torch(prebuilt):
-    CPU_EXTENSION.write_manifest(prebuilt, "2.0.0")
-    ok, why = _probe(prebuilt)
-    assert not ok and "built for torch 2.0.0" in why, why
+def test_a_library_without_its_build_stamp_is_not_loaded(tmp_path, no_compiler):
+    library = _library(tmp_path)
+    _build.stamp_path(library).unlink()
+    assert f"the build stamp of {library} is unreadable" in _unavailable_because(tmp_path)
 
 
-def test_refuses_a_library_without_manifest(tmp_path, prebuilt):
-    library = tmp_path / "zokern_cpp.so"
-    shutil.copy(prebuilt, library)
-    ok, why = _probe(library)
-    assert not ok and "cannot read the manifest" in why, why
+def test_a_library_that_does_not_load_is_compiled_at_first_use(tmp_path, no_compiler):
+    library = _library(tmp_path)
+    assert _unavailable_because(tmp_path).startswith(f"{library} does not load (")
+
+
+def test_zokern_info_says_why_the_extension_is_compiled_at_first_use(tmp_path, no_compiler, monkeypatch, capsys):
+    from zokern import cli
+
+    monkeypatch.setattr(_extension.CPU_EXTENSION, "library", tmp_path / "zokern_cpp.so")
+    monkeypatch.setattr(_extension.CPU_EXTENSION, "_result", None)
+    assert cli.info() == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.split()[:2] == ["cpu", "cpp"]]
+    assert line.split()[2] == "no" and line.endswith(
+        "zokern was installed without its compiled CPU extension; cannot compile it now: no C++ compiler"), line
