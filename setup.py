@@ -29,7 +29,8 @@ def extension(source):
     kind = CUDAExtension if source.cuda else CppExtension
     return kind(f"{build.LIBRARY_PACKAGE}.{source.name}", [f"csrc/{s}" for s in source.sources],
                 include_dirs=[str(ROOT / "csrc" / "include")],
-                extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS}, extra_link_args=build.LDFLAGS)
+                extra_compile_args={"cxx": list(build.CXX_FLAGS), "nvcc": list(build.NVCC_FLAGS)},
+                extra_link_args=list(build.LDFLAGS))
 
 
 class BuildStampedExtension(BuildExtension):

@@ -141,8 +141,8 @@ def test_setup_builds_the_cpu_extension_only_with_a_cpu_torch():
 
     found = _setup_extensions("cpu")
     assert found == {"extensions": {"zokern.zokern_cpp": {
-        "sources": ["csrc/cpu/zo_cpu.cpp"], "args": {"cxx": _build.CXX_FLAGS, "nvcc": _build.NVCC_FLAGS},
-        "link": _build.LDFLAGS}}, "arch": None}
+        "sources": ["csrc/cpu/zo_cpu.cpp"], "args": {"cxx": list(_build.CXX_FLAGS), "nvcc": list(_build.NVCC_FLAGS)},
+        "link": list(_build.LDFLAGS)}}, "arch": None}
 
 
 def test_setup_builds_the_cuda_extension_for_hopper_with_a_cuda_torch_and_toolkit():
@@ -151,7 +151,7 @@ def test_setup_builds_the_cuda_extension_for_hopper_with_a_cuda_torch_and_toolki
     found = _setup_extensions("cuda")
     assert set(found["extensions"]) == {"zokern.zokern_cpp", "zokern.zokern_cuda"}
     cuda = found["extensions"]["zokern.zokern_cuda"]
-    assert cuda["sources"] == ["csrc/cuda/zo_cuda.cu"] and cuda["args"]["nvcc"] == _build.NVCC_FLAGS
+    assert cuda["sources"] == ["csrc/cuda/zo_cuda.cu"] and cuda["args"]["nvcc"] == list(_build.NVCC_FLAGS)
     assert found["arch"] == "9.0"  # no GPU needed to build
 
 

@@ -120,7 +120,7 @@ def test_zokern_info_says_why_the_extension_is_compiled_at_first_use(tmp_path, n
 
     monkeypatch.setattr(_extension.CPU_EXTENSION, "library", tmp_path / "zokern_cpp.so")
     monkeypatch.setattr(_extension.CPU_EXTENSION, "_result", None)
-    assert cli.info() == 0
+    assert cli.info_command(None) == 0
     (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.split()[:2] == ["cpu", "cpp"]]
     assert line.split()[2] == "no" and line.endswith(
         "zokern was installed without its compiled CPU extension; cannot compile it now: no C++ compiler"), line

@@ -19,12 +19,13 @@ from pathlib import Path
 # SIMD Box–Muller's square roots vectorise (csrc/cpu/zo_simd.h); -Wno-psabi: its vector helpers are all
 # inlined, so GCC's notes on their calling convention are noise. No -march: the CPU kernels pick their ISA
 # (AVX-512 / AVX2 / baseline) at run time, so a built library runs on any x86-64 or other CPU.
-CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-Wno-psabi"]
+CXX_FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-Wno-psabi")
 # No --fmad=false: the kernels spell their multiplies/adds as __fmul_rn/__fadd_rn, which are never fused
 # whatever the flags (also in CI's plain nvcc_check build), and CUDA's logf/sinf/cosf keep the default
 # code their documented accuracy refers to.
-NVCC_FLAGS = ["-O3", "-lineinfo"]
-LDFLAGS = ["-fopenmp"]
+# Tuples: torch.utils.cpp_extension extends the flag lists it is given in place, so each build gets a copy.
+NVCC_FLAGS = ("-O3", "-lineinfo")
+LDFLAGS = ("-fopenmp",)
 # The CUDA architectures an install builds for when $TORCH_CUDA_ARCH_LIST is unset (Hopper): no GPU is needed to
 # build, and torch would otherwise pick the visible GPU's, or fail without one.
 DEFAULT_CUDA_ARCH_LIST = "9.0"
@@ -42,7 +43,7 @@ class ExtensionSource:
     cuda: bool
 
     @property
-    def flags(self) -> "list[str]":
+    def flags(self) -> "tuple[str, ...]":
         return NVCC_FLAGS if self.cuda else CXX_FLAGS
 
     @property

@@ -102,8 +102,8 @@ class _Extension:
         build_directory.mkdir(parents=True, exist_ok=True)
         try:
             load(name=self.name, sources=[str(src / s) for s in self.source.sources],
-                 extra_include_paths=[str(src / "include")], extra_cflags=_build.CXX_FLAGS,
-                 extra_cuda_cflags=_build.NVCC_FLAGS, extra_ldflags=_build.LDFLAGS,
+                 extra_include_paths=[str(src / "include")], extra_cflags=list(_build.CXX_FLAGS),
+                 extra_cuda_cflags=list(_build.NVCC_FLAGS), extra_ldflags=list(_build.LDFLAGS),
                  build_directory=str(build_directory), is_python_module=False, verbose=False)
         except Exception as exc:  # compiler errors, missing toolchain pieces, loader errors
             return False, f"{reason}; compiling {self.name} at first use failed: {_first_error(str(exc))}"
