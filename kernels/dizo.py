@@ -11,8 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from zokern.backends import record_launch
-
 from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, tables
 from .zo_update import _load_f32, _pointer, _store_f32, chunk_of_program
 
@@ -86,7 +84,6 @@ def distance_norms(params: list[torch.Tensor], anchors: list[torch.Tensor], *, b
                 BLOCK=block, **alignment(group + [anchors[i] for i in idxs]), **launch_options())
             norms_kernel[(len(idxs),)](tensors, extra, partials, out, chunk, BLOCK=_PARTIALS_BLOCK,
                                        **launch_options())
-            record_launch("triton", "distance_norms")
     return out
 
 
@@ -108,4 +105,3 @@ def anchored_rescale(params: list[torch.Tensor], anchors: list[torch.Tensor],
             anchored_rescale_kernel[(chunks.numel(),)](
                 tensors, extra, chunks, factors, chunk, DTYPE=CODES[dtype],
                 BLOCK=block, **alignment(group + companions), **launch_options())
-            record_launch("triton", "anchored_rescale")

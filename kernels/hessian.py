@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from zokern.backends import record_launch
-
 from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, seed_words, tables
 from .philox import draw_rows
 from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
@@ -59,7 +57,7 @@ def hessian_kernel(tensors, extra, chunks, weight_decays, chunk, k0, k1, restore
         _store_f32(ptr, x, inside, DTYPE)
 
 
-def _launch(kernel_name, params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
+def _launch(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
             next_seed, next_scale, dist, fused, block, chunk) -> None:
     block, chunk = default_sizes(block, chunk)
     by_dtypes = groups(params, lambda i: (params[i].dtype, hessians[i].dtype))
@@ -80,12 +78,11 @@ def _launch(kernel_name, params, hessians, streams, seed, restore, lr, grad, hes
                 alpha, 1.0 - alpha, nk0, nk1, next_scale, DTYPE=CODES[dtype], D_DTYPE=CODES[d_dtype],
                 DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,
                 BLOCK=block, **alignment(group + [hessians[i] for i in idxs]), **launch_options())
-            record_launch("triton", kernel_name)
 
 
 def hessian_perturb(params: list[torch.Tensor], hessians: list[torch.Tensor], streams: list[int], seed: int,
                     scale: float, dist: int, *, block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch("hessian_perturb", params, hessians, streams, seed, float(scale), 0.0, 0.0, 0.0, 0.0, None, -1, 0.0,
+    _launch(params, hessians, streams, seed, float(scale), 0.0, 0.0, 0.0, 0.0, None, -1, 0.0,
             dist, fused=False, block=block, chunk=chunk)
 
 
@@ -93,6 +90,6 @@ def hessian_step(params: list[torch.Tensor], hessians: list[torch.Tensor], strea
                  restore: float, lr: float, grad: float, hess_scale: float, alpha: float, weight_decays: list[float],
                  next_seed: int, next_scale: float, dist: int, *, block: "int | None" = None,
                  chunk: "int | None" = None) -> None:
-    _launch("hessian_step", params, hessians, streams, seed, float(restore), float(lr), float(grad),
+    _launch(params, hessians, streams, seed, float(restore), float(lr), float(grad),
             float(hess_scale), float(alpha), weight_decays, next_seed, float(next_scale), dist, fused=True,
             block=block, chunk=chunk)

@@ -11,8 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from zokern.backends import record_launch
-
 from .multi_tensor import CODES, cdiv, device_ctx, kernel_arg, launch_options
 from .philox import INTERPRET
 from .zo_update import BFLOAT16, _load_f32, _store_f32
@@ -95,4 +93,3 @@ def lowrank_apply(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[
             lowrank_kernel[(cdiv(m, bm), cdiv(n, cols))](
                 kernel_arg(w), kernel_arg(u), kernel_arg(v), core, m, n, rank, W_DTYPE=CODES[w.dtype],
                 U_DTYPE=CODES[u.dtype], V_DTYPE=CODES[v.dtype], BM=bm, BN=bn, R_PAD=r_pad, COLS=cols, **options)
-        record_launch("triton", "lowrank_apply")

@@ -11,8 +11,6 @@ import torch
 import triton
 import triton.language as tl
 
-from zokern.backends import record_launch
-
 from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, round_to, seed_words, tables
 from .philox import draw_rows
 from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
@@ -70,7 +68,7 @@ def masked_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, 
         _store_f32(ptr, x, inside, DTYPE)
 
 
-def _launch(kernel_name, params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
+def _launch(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
             next_scale, dist, fused, compute_mask, block, chunk) -> None:
     block, chunk = default_sizes(block, chunk)
     if block < 32 or chunk % 32:
@@ -95,13 +93,12 @@ def _launch(kernel_name, params, masks, thresholds, streams, seed, restore, lr, 
                 nk0, nk1, next_scale, DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, COMPUTE_MASK=compute_mask,
                 HAS_NEXT=fused and next_seed >= 0, BLOCK=block, **alignment(group),
                 **launch_options())
-            record_launch("triton", kernel_name)
 
 
 def masked_perturb(params: list[torch.Tensor], masks: list[torch.Tensor], thresholds: torch.Tensor,
                    streams: list[int], seed: int, scale: float, compute_mask: bool, dist: int, *,
                    block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch("masked_perturb", params, masks, thresholds, streams, seed, float(scale), 0.0, 0.0, None, -1, 0.0,
+    _launch(params, masks, thresholds, streams, seed, float(scale), 0.0, 0.0, None, -1, 0.0,
             dist, fused=False, compute_mask=bool(compute_mask), block=block, chunk=chunk)
 
 
@@ -109,6 +106,6 @@ def masked_fused_step(params: list[torch.Tensor], masks: list[torch.Tensor], thr
                       streams: list[int], seed: int, restore: float, lr: float, grad: float,
                       weight_decays: list[float], next_seed: int, next_scale: float, dist: int, *,
                       block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch("masked_fused_step", params, masks, thresholds, streams, seed, float(restore), float(lr), float(grad),
+    _launch(params, masks, thresholds, streams, seed, float(restore), float(lr), float(grad),
             weight_decays, next_seed, float(next_scale), dist, fused=True, compute_mask=False, block=block,
             chunk=chunk)

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from zokern.backends import record_launch
-
-NAME = "triton"
-
 try:
     from zokern import kernels
     from zokern.kernels import dizo, hessian, lowrank, masked
@@ -36,18 +32,13 @@ def availability(device_type: str) -> tuple[bool, str]:
     return False, f"the Triton backend has no {device_type} support"
 
 
-def philox_words(seed: int, stream: int, domain: int, first_call: int, n: int, device) -> torch.Tensor:
-    device = torch.device(device)
-    out = torch.empty((n, 4), dtype=torch.int64, device=device)
-    if n == 0:
-        return out
+def philox_words(out: torch.Tensor, seed: int, stream: int, domain: int, first_call: int) -> None:
+    n = out.shape[0]
     block = 16384 if kernels.INTERPRET else 1024
     k0, k1 = seed_words(seed)
-    with device_ctx(device):
+    with device_ctx(out.device):
         kernels.philox_words_kernel[(cdiv(n, block),)](
             out, n, first_call, i32(stream), i32(domain), k0, k1, BLOCK=block, **launch_options())
-    record_launch(NAME, "philox_words")
-    return out
 
 
 def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: int, dist: int) -> None:
@@ -61,10 +52,9 @@ def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: 
         kernels.fill_random_kernel[(cdiv(calls, block // 4),)](
             out, numel, offset, i32(stream), i32(domain), k0, k1, DIST=int(dist), BLOCK=block,
             **launch_options())
-    record_launch(NAME, "fill_random")
 
 
-def _launch(kernel_name: str, params, streams, weight_decays, block, chunk, dist, seed, restore, lr, grad,
+def _launch(params, streams, weight_decays, block, chunk, dist, seed, restore, lr, grad,
             next_seed, next_scale, fused: bool) -> None:
     block, chunk = default_sizes(block, chunk)
     groups: dict[torch.dtype, list[int]] = {}
@@ -89,19 +79,18 @@ def _launch(kernel_name: str, params, streams, weight_decays, block, chunk, dist
                 next_scale, DTYPE=codes[dtype], DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,
                 ALIGNED_PTRS=all(p.data_ptr() % (4 * p.element_size()) == 0 for p in group),
                 ALIGNED_ENDS=all(p.numel() % 4 == 0 for p in group), BLOCK=block, **launch_options())
-            record_launch(NAME, kernel_name)
 
 
 def perturb(params: list[torch.Tensor], streams: list[int], seed: int, scale: float, dist: int, *,
             block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch("perturb", params, streams, None, block, chunk, dist, seed, float(scale), 0.0, 0.0, -1, 0.0,
+    _launch(params, streams, None, block, chunk, dist, seed, float(scale), 0.0, 0.0, -1, 0.0,
             fused=False)
 
 
 def fused_step(params: list[torch.Tensor], streams: list[int], seed: int, restore: float, lr: float, grad: float,
                weight_decays: list[float], next_seed: int, next_scale: float, dist: int, *,
                block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch("fused_step", params, streams, weight_decays, block, chunk, dist, seed, float(restore), float(lr),
+    _launch(params, streams, weight_decays, block, chunk, dist, seed, float(restore), float(lr),
             float(grad), next_seed, float(next_scale), fused=True)
 
 
