@@ -57,19 +57,6 @@ for _name, _schema in SCHEMAS.items():
     torch.library.define(f"zokern::native_{_name}", native_schema(_name))
 
 
-def _contiguous(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
-
-
-def _write_back(originals: list[torch.Tensor], work: list[torch.Tensor]) -> None:
-    """Kernels see contiguous stand-ins; the stream is indexed by logical (row-major) position, so a
-    contiguous copy of a strided view sees the same z. Copy results back into the views (the op's check has
-    made sure each can take it: no element addressed twice)."""
-    for t, w in zip(originals, work):
-        if w is not t:
-            t.copy_(w)
-
-
 def _mask_shape(p, m):
     return (mask_words(p.numel()),)
 
