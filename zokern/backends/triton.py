@@ -10,7 +10,8 @@ import torch
 try:
     from zokern import kernels
     from zokern.kernels import dizo, hessian, lowrank, masked
-    from zokern.kernels.multi_tensor import cdiv, default_sizes, device_ctx, i32, launch_options, seed_words, tables
+    from zokern.kernels.multi_tensor import (CODES, alignment, cdiv, default_sizes, device_ctx, groups, i32,
+                                             launch_options, seed_words, tables)
 except ImportError as exc:  # triton is optional
     kernels = None
     _IMPORT_ERROR = str(exc)
@@ -54,44 +55,36 @@ def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: 
             **launch_options())
 
 
-def _launch(params, streams, weight_decays, block, chunk, dist, seed, restore, lr, grad,
-            next_seed, next_scale, fused: bool) -> None:
+def _launch(params, streams, weight_decays, block, chunk, dist, seed, restore, lr, grad, next_seed, next_scale,
+            fused: bool) -> None:
     block, chunk = default_sizes(block, chunk)
-    groups: dict[torch.dtype, list[int]] = {}
-    for idx, p in enumerate(params):
-        if p.numel() > 0:
-            groups.setdefault(p.dtype, []).append(idx)
-    if not groups:
+    by_dtype = groups(params, lambda i: params[i].dtype)
+    if not by_dtype:
         return
-    device = params[groups[next(iter(groups))][0]].device
+    device = params[next(iter(by_dtype.values()))[0]].device
     k0, k1 = seed_words(seed)
     nk0, nk1 = seed_words(next_seed) if next_seed >= 0 else (0, 0)
-    codes = {torch.float32: kernels.FLOAT32.value, torch.bfloat16: kernels.BFLOAT16.value,
-             torch.float16: kernels.FLOAT16.value}
     with device_ctx(device):
-        for dtype, idxs in groups.items():
+        for dtype, idxs in by_dtype.items():
             group = [params[i] for i in idxs]
             tensors, wds, chunks = tables(group, [streams[i] for i in idxs],
-                                           [float(weight_decays[i]) for i in idxs] if fused else None,
-                                           chunk, device)
+                                          [float(weight_decays[i]) for i in idxs] if fused else None, chunk, device)
             kernels.zo_update_kernel[(chunks.numel(),)](
                 tensors, chunks, wds if fused else tensors, chunk, k0, k1, restore, lr, grad, nk0, nk1,
-                next_scale, DTYPE=codes[dtype], DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,
-                ALIGNED_PTRS=all(p.data_ptr() % (4 * p.element_size()) == 0 for p in group),
-                ALIGNED_ENDS=all(p.numel() % 4 == 0 for p in group), BLOCK=block, **launch_options())
+                next_scale, DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,
+                BLOCK=block, **alignment(group), **launch_options())
 
 
 def perturb(params: list[torch.Tensor], streams: list[int], seed: int, scale: float, dist: int, *,
             block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch(params, streams, None, block, chunk, dist, seed, float(scale), 0.0, 0.0, -1, 0.0,
-            fused=False)
+    _launch(params, streams, None, block, chunk, dist, seed, float(scale), 0.0, 0.0, -1, 0.0, fused=False)
 
 
 def fused_step(params: list[torch.Tensor], streams: list[int], seed: int, restore: float, lr: float, grad: float,
                weight_decays: list[float], next_seed: int, next_scale: float, dist: int, *,
                block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch(params, streams, weight_decays, block, chunk, dist, seed, float(restore), float(lr),
-            float(grad), next_seed, float(next_scale), fused=True)
+    _launch(params, streams, weight_decays, block, chunk, dist, seed, float(restore), float(lr), float(grad),
+            next_seed, float(next_scale), fused=True)
 
 
 # The method ops' launchers live beside their kernels.
