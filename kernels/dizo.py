@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, tables
+from .multi_tensor import (CODES, alignment, default_sizes, device_ctx, extras, groups, launch_groups, launch_options,
+                           tables)
 from .zo_update import _load_f32, _pointer, _store_f32, chunk_of_program
 
 
@@ -91,17 +92,11 @@ def anchored_rescale(params: list[torch.Tensor], anchors: list[torch.Tensor],
                      sources: "list[torch.Tensor] | None", factors: torch.Tensor, *, block: "int | None" = None,
                      chunk: "int | None" = None) -> None:
     block, chunk = default_sizes(block, chunk)
-    by_dtype = groups(params, lambda i: params[i].dtype)
-    if not by_dtype:
-        return
-    device = params[next(iter(by_dtype.values()))[0]].device
-    with device_ctx(device):
-        for dtype, idxs in by_dtype.items():
-            group = [params[i] for i in idxs]
-            companions = [anchors[i] for i in idxs] + ([] if sources is None else [sources[i] for i in idxs])
-            tensors, _, chunks = tables(group, [0] * len(idxs), None, chunk, device)
-            extra = extras([(i, anchors[i].data_ptr(), (params if sources is None else sources)[i].data_ptr())
-                            for i in idxs], device)
-            anchored_rescale_kernel[(chunks.numel(),)](
-                tensors, extra, chunks, factors, chunk, DTYPE=CODES[dtype],
-                BLOCK=block, **alignment(group + companions), **launch_options())
+    by_dtype = launch_groups(params, lambda i: params[i].dtype, None, None, chunk)
+    for dtype, idxs, group, tensors, _, chunks in by_dtype:
+        companions = [anchors[i] for i in idxs] + ([] if sources is None else [sources[i] for i in idxs])
+        extra = extras([(i, anchors[i].data_ptr(), (params if sources is None else sources)[i].data_ptr())
+                        for i in idxs], group[0].device)
+        anchored_rescale_kernel[(chunks.numel(),)](
+            tensors, extra, chunks, factors, chunk, DTYPE=CODES[dtype],
+            BLOCK=block, **alignment(group + companions), **launch_options())

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, round_to, seed_words, tables
+from .multi_tensor import (CODES, alignment, default_sizes, extras, launch_groups, launch_options, round_to,
+                           seed_words)
 from .philox import draw_rows
 from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
 
@@ -73,26 +74,17 @@ def _launch(params, masks, thresholds, streams, seed, restore, lr, grad, weight_
     block, chunk = default_sizes(block, chunk)
     if block < 32 or chunk % 32:
         raise ValueError(f"masked kernels need block >= 32 and chunk a multiple of 32, got {block}, {chunk}")
-    by_dtype = groups(params, lambda i: params[i].dtype)
-    if not by_dtype:
-        return
-    device = params[next(iter(by_dtype.values()))[0]].device
     if not all(m.is_contiguous() for m in masks):
         raise ValueError("masks must be contiguous int32 tensors")
     k0, k1 = seed_words(seed)
     nk0, nk1 = seed_words(next_seed) if next_seed >= 0 else (0, 0)
-    with device_ctx(device):
-        for dtype, idxs in by_dtype.items():
-            group = [params[i] for i in idxs]
-            tensors, wds, chunks = tables(group, [streams[i] for i in idxs],
-                                                   [float(weight_decays[i]) for i in idxs] if fused else None,
-                                                   chunk, device)
-            extra = extras([(i, masks[i].data_ptr()) for i in idxs], device)
-            masked_kernel[(chunks.numel(),)](
-                tensors, extra, chunks, thresholds, wds if fused else tensors, chunk, k0, k1, restore, lr, grad,
-                nk0, nk1, next_scale, DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, COMPUTE_MASK=compute_mask,
-                HAS_NEXT=fused and next_seed >= 0, BLOCK=block, **alignment(group),
-                **launch_options())
+    for dtype, idxs, group, tensors, wds, chunks in launch_groups(params, lambda i: params[i].dtype, streams,
+                                                                  weight_decays if fused else None, chunk):
+        extra = extras([(i, masks[i].data_ptr()) for i in idxs], group[0].device)
+        masked_kernel[(chunks.numel(),)](
+            tensors, extra, chunks, thresholds, wds if fused else tensors, chunk, k0, k1, restore, lr, grad,
+            nk0, nk1, next_scale, DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, COMPUTE_MASK=compute_mask,
+            HAS_NEXT=fused and next_seed >= 0, BLOCK=block, **alignment(group), **launch_options())
 
 
 def masked_perturb(params: list[torch.Tensor], masks: list[torch.Tensor], thresholds: torch.Tensor,

@@ -1,8 +1,8 @@
 """Launcher plumbing shared by every Triton launcher (zokern/backends/triton.py for the MeZO ops; masked.py,
 hessian.py, dizo.py, lowrank.py for the methods).
 
-The multi-tensor scheme (apex multi_tensor_apply): per dtype group, a tensor table and a chunk table from
-tables() (data_ptr, numel, stream, first chunk). Companion tensors (masks, Hessians,
+The multi-tensor scheme (apex multi_tensor_apply): per dtype group (launch_groups), a tensor table and a chunk
+table from tables() (data_ptr, numel, stream, first chunk). Companion tensors (masks, Hessians,
 anchors, sources) and the tensor's index in the caller's list (for per-tensor device vectors such as
 thresholds and factors) go in a second int64 table, `extras`, one row per tensor.
 """
@@ -97,6 +97,23 @@ def groups(params, key) -> dict:
         if p.numel() > 0:
             out.setdefault(key(idx), []).append(idx)
     return out
+
+
+def launch_groups(params, key, streams: "list[int] | None", weight_decays: "list[float] | None", chunk: int):
+    """The launches of a multi-tensor op: per group of non-empty tensors sharing key(index), in first-seen order,
+    (key, indices, tensors, tensor table, weight decays or None, chunk table), inside the tensors' device
+    context. streams None: the op draws nothing (stream ids 0)."""
+    by_key = groups(params, key)
+    if not by_key:
+        return
+    device = params[next(iter(by_key.values()))[0]].device
+    with device_ctx(device):
+        for group_key, idxs in by_key.items():
+            group = [params[i] for i in idxs]
+            tensors, wds, chunks = tables(group, [0] * len(idxs) if streams is None else [streams[i] for i in idxs],
+                                          None if weight_decays is None else [float(weight_decays[i]) for i in idxs],
+                                          chunk, device)
+            yield group_key, idxs, group, tensors, wds, chunks
 
 
 def extras(rows: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:

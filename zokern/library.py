@@ -173,10 +173,10 @@ def _check_anchored_rescale(params, anchors, sources, factors):
 
 
 CHECKS = {"philox_words_": _check_philox_words, "fill_random_": _check_fill_random, "perturb_": _check_perturb,
-          "fused_step_": _check_fused_step, "lowrank_apply_": _check_lowrank_apply, "masked_perturb_": _check_masked_perturb,
-          "masked_fused_step_": _check_masked_fused_step, "hessian_perturb_": _check_hessian_perturb,
-          "hessian_step_": _check_hessian_step, "distance_norms": _check_distance_norms,
-          "anchored_rescale_": _check_anchored_rescale}
+          "fused_step_": _check_fused_step, "lowrank_apply_": _check_lowrank_apply,
+          "masked_perturb_": _check_masked_perturb, "masked_fused_step_": _check_masked_fused_step,
+          "hessian_perturb_": _check_hessian_perturb, "hessian_step_": _check_hessian_step,
+          "distance_norms": _check_distance_norms, "anchored_rescale_": _check_anchored_rescale}
 
 
 # --- the dispatch table: (op, device type, backend) -> a callable with the op's arguments but the backend ------

@@ -10,8 +10,8 @@ import torch
 try:
     from zokern import kernels
     from zokern.kernels import dizo, hessian, lowrank, masked
-    from zokern.kernels.multi_tensor import (CODES, alignment, cdiv, default_sizes, device_ctx, groups, i32,
-                                             launch_options, seed_words, tables)
+    from zokern.kernels.multi_tensor import (CODES, alignment, cdiv, default_sizes, device_ctx, i32, launch_groups,
+                                             launch_options, seed_words)
 except ImportError as exc:  # triton is optional
     kernels = None
     _IMPORT_ERROR = str(exc)
@@ -58,21 +58,14 @@ def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: 
 def _launch(params, streams, weight_decays, block, chunk, dist, seed, restore, lr, grad, next_seed, next_scale,
             fused: bool) -> None:
     block, chunk = default_sizes(block, chunk)
-    by_dtype = groups(params, lambda i: params[i].dtype)
-    if not by_dtype:
-        return
-    device = params[next(iter(by_dtype.values()))[0]].device
     k0, k1 = seed_words(seed)
     nk0, nk1 = seed_words(next_seed) if next_seed >= 0 else (0, 0)
-    with device_ctx(device):
-        for dtype, idxs in by_dtype.items():
-            group = [params[i] for i in idxs]
-            tensors, wds, chunks = tables(group, [streams[i] for i in idxs],
-                                          [float(weight_decays[i]) for i in idxs] if fused else None, chunk, device)
-            kernels.zo_update_kernel[(chunks.numel(),)](
-                tensors, chunks, wds if fused else tensors, chunk, k0, k1, restore, lr, grad, nk0, nk1,
-                next_scale, DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,
-                BLOCK=block, **alignment(group), **launch_options())
+    for dtype, _, group, tensors, wds, chunks in launch_groups(params, lambda i: params[i].dtype, streams,
+                                                               weight_decays if fused else None, chunk):
+        kernels.zo_update_kernel[(chunks.numel(),)](
+            tensors, chunks, wds if fused else tensors, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
+            DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0, BLOCK=block,
+            **alignment(group), **launch_options())
 
 
 def perturb(params: list[torch.Tensor], streams: list[int], seed: int, scale: float, dist: int, *,
