@@ -165,7 +165,6 @@ def test_cpp_kernels_register_under_the_cpu_key_of_the_native_ops():
         pytest.skip(f"cpp backend unavailable: {why}")
     for op in library.SCHEMAS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"zokern::native_{op}", "CPU"), op
-    assert not hasattr(torch.ops, "zokern_cpp") or not list(torch.ops.zokern_cpp)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
