@@ -1,6 +1,6 @@
 """DiZO's distance norms and anchored rescale (docs/OPS.md, "Anchored rescale").
 
-Multi-tensor like zo_update.py, one launch per dtype. distance_norms is deterministic without atomics:
+Multi-tensor like mezo.py, one launch per dtype. distance_norms is deterministic without atomics:
 every program writes the fp32 sum of squares of its chunk to its own slot of a partials buffer (slots of a
 tensor are consecutive, from its first chunk), then a second kernel, one program per tensor, sums the
 tensor's slots in a fixed order and takes the square root.
@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .multi_tensor import (CODES, alignment, default_sizes, device_ctx, extras, groups, launch_groups, launch_options,
                            tables)
-from .zo_update import _load_f32, _pointer, _store_f32, chunk_of_program
+from .mezo import _load_f32, _pointer, _store_f32, chunk_of_program
 
 
 @triton.jit

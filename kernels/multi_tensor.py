@@ -1,5 +1,5 @@
-"""Launcher plumbing shared by every Triton launcher (zokern/backends/triton.py for the MeZO ops; masked.py,
-hessian.py, dizo.py, lowrank.py for the methods).
+"""Launcher plumbing shared by every Triton launcher (zokern/backends/triton.py for the MeZO ops; sparse.py,
+hizoo.py, dizo.py, subzero.py for the methods).
 
 The multi-tensor scheme (apex multi_tensor_apply): per dtype group (launch_groups), a tensor table and a chunk
 table from tables() (data_ptr, numel, stream, first chunk). Companion tensors (masks, Hessians,
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .philox import INTERPRET
-from .zo_update import BFLOAT16, FLOAT16, FLOAT32, _bf16_bits_rne
+from .mezo import BFLOAT16, FLOAT16, FLOAT32, _bf16_bits_rne
 
 CODES = {torch.float32: FLOAT32.value, torch.bfloat16: BFLOAT16.value, torch.float16: FLOAT16.value}
 MASK32 = 0xFFFFFFFF
@@ -130,14 +130,14 @@ def extras(rows: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
 
 
 def alignment(tensors) -> dict:
-    """zo_update.py's alignment promises: every address aligned to 4 elements of its own dtype (what
+    """mezo.py's alignment promises: every address aligned to 4 elements of its own dtype (what
     _pointer's ALIGNED means), every numel a multiple of 4 (ends fall on whole Philox calls)."""
     return {"ALIGNED_PTRS": all(t.data_ptr() % (4 * t.element_size()) == 0 for t in tensors),
             "ALIGNED_ENDS": all(t.numel() % 4 == 0 for t in tensors)}
 
 
 def kernel_arg(t: torch.Tensor) -> torch.Tensor:
-    """bf16 tensors are passed as their uint16 bits (zo_update.py's _load_f32/_store_f32 convert by hand)."""
+    """bf16 tensors are passed as their uint16 bits (mezo.py's _load_f32/_store_f32 convert by hand)."""
     return t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
 
 

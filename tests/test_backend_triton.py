@@ -112,7 +112,7 @@ def test_update_math_is_ops_md_on_own_stream(device, dist):
 def _bf16_round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    tl.store(out_ptr + offs, kernels.zo_update._bf16_bits_rne(tl.load(x_ptr + offs, mask=mask)), mask=mask)
+    tl.store(out_ptr + offs, kernels.mezo._bf16_bits_rne(tl.load(x_ptr + offs, mask=mask)), mask=mask)
 
 
 def test_bf16_rounding_is_nearest_even(device):

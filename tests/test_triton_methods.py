@@ -19,7 +19,7 @@ if not DEVICES:
     pytest.skip(f"Triton backend unavailable: cpu: {tb.availability('cpu')[1]}; "
                 f"cuda: {tb.availability('cuda')[1]}", allow_module_level=True)
 
-from zokern.kernels import dizo, hessian, lowrank, masked  # noqa: E402  (only importable where triton is)
+from zokern.kernels import dizo, hizoo, sparse, subzero  # noqa: E402  (only importable where triton is)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NUMELS = [1, 31, 33, 1000]
@@ -86,7 +86,7 @@ def test_lowrank_apply_matches_float64(device, dtype, factor_dtype, launches):
         core = torch.randn(r, r, generator=gen, device="cpu").to(device) * 0.3
         got = w.clone()
         launches.clear()
-        lowrank.lowrank_apply([got], [u], [v], [core])
+        subzero.lowrank_apply([got], [u], [v], [core])
         assert launches.kernels["lowrank_kernel"] == 1
         assert_lowrank_rounded_from_float32(got, w, u, v, core)
 
@@ -98,7 +98,7 @@ def test_lowrank_apply_several_tensors(device, launches):
     cores = [torch.randn(2, 2, device=device) for _ in ws]
     got = _clone(ws)
     launches.clear()
-    lowrank.lowrank_apply(got, us, vs, cores)
+    subzero.lowrank_apply(got, us, vs, cores)
     assert launches.kernels["lowrank_kernel"] == 2
     for g, w, u, v, core in zip(got, ws, us, vs, cores):
         assert_lowrank_rounded_from_float32(g, w, u, v, core)
@@ -134,7 +134,7 @@ def test_masked_perturb_matches_reference(device, dist, compute_mask, launches):
     h = _thresholds(params)
     got, want, got_m, want_m = _clone(params), _clone(params), _clone(masks), _clone(masks)
     launches.clear()
-    masked.masked_perturb(got, got_m, h, streams, 0x0123456789ABCDEF, 1e-2, compute_mask, dist)
+    sparse.masked_perturb(got, got_m, h, streams, 0x0123456789ABCDEF, 1e-2, compute_mask, dist)
     assert launches.kernels["masked_kernel"] == len(DTYPES)
     ref.masked_perturb(want, want_m, h, streams, 0x0123456789ABCDEF, 1e-2, compute_mask, dist)
     assert all(torch.equal(a, b) for a, b in zip(got_m, want_m))
@@ -153,7 +153,7 @@ def test_masked_fused_step_matches_reference(device, dist, next_seed):
     wds = [0.0 if i % 2 else 0.1 for i in range(len(params))]
     args = (h, streams, 77, 1e-2, 1e-2, -3.0, wds, next_seed, 2e-2, dist)
     got, want, got_m, want_m = _clone(params), _clone(params), _clone(masks), _clone(masks)
-    masked.masked_fused_step(got, got_m, *args)
+    sparse.masked_fused_step(got, got_m, *args)
     ref.masked_fused_step(want, want_m, *args)
     assert all(torch.equal(a, b) for a, b in zip(got_m, want_m))
     _check_close(got, want, params, "masked_fused_step", exact=dist == 1)
@@ -169,8 +169,8 @@ def test_masked_independent_of_block_and_chunk(device):
     results = []
     for sizes in ({}, {"block": 32, "chunk": 64}, {"block": 64, "chunk": 32}):
         ps, ms = _clone(params), _masks(params)
-        masked.masked_perturb(ps, ms, h, streams, 5, 1e-2, True, 0, **sizes)
-        masked.masked_fused_step(ps, ms, h, streams, 5, 1e-2, 1e-3, 0.5, [0.0] * len(ps), 6, 1e-2, 0, **sizes)
+        sparse.masked_perturb(ps, ms, h, streams, 5, 1e-2, True, 0, **sizes)
+        sparse.masked_fused_step(ps, ms, h, streams, 5, 1e-2, 1e-3, 0.5, [0.0] * len(ps), 6, 1e-2, 0, **sizes)
         results.append((ps, ms))
     for ps, ms in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(ps + ms, results[0][0] + results[0][1]))
@@ -198,13 +198,13 @@ def test_masked_threshold_edges_restore_exactly(device):
     h = torch.full((len(params),), h32, dtype=torch.float32, device=device)
     masks = _masks(params)
     for dist in (1, 0):
-        masked.masked_perturb(params, masks, h, streams, 11, eps, True, dist)
+        sparse.masked_perturb(params, masks, h, streams, 11, eps, True, dist)
         for m, bits in zip(masks, expect_bits):
             assert torch.equal(m, _packed(bits, device))
             assert int(m[0]) < 0 and int(m[1]) < 0
         assert all(not torch.equal(p, s) for p, s in zip(params, starts))
-        masked.masked_perturb(params, masks, h, streams, 11, -2 * eps, False, dist)
-        masked.masked_fused_step(params, masks, h, streams, 11, eps, 0.0, 5.0, [0.0] * len(params), -1, 0.0, dist)
+        sparse.masked_perturb(params, masks, h, streams, 11, -2 * eps, False, dist)
+        sparse.masked_fused_step(params, masks, h, streams, 11, eps, 0.0, 5.0, [0.0] * len(params), -1, 0.0, dist)
         for p, s in zip(params, starts):
             # Three roundings of values below 2, each at most half an ulp of 1: far less than the ε·|z| = ε a
             # Rademacher z displaces a weight by.
@@ -230,7 +230,7 @@ def test_hessian_perturb_matches_reference(device, dist, d_same, launches):
     streams = _streams(len(params))
     got, want = _clone(params), _clone(params)
     launches.clear()
-    hessian.hessian_perturb(got, hs, streams, 99, 1e-2, dist)
+    hizoo.hessian_perturb(got, hs, streams, 99, 1e-2, dist)
     assert launches.kernels["hessian_kernel"] == len(DTYPES)
     ref.hessian_perturb(want, hs, streams, 99, 1e-2, dist)
     _check_close(got, want, params, "hessian_perturb")
@@ -246,7 +246,7 @@ def test_hessian_step_matches_reference(device, dist, d_same, next_seed):
     wds = [0.05 * (i % 3) for i in range(len(params))]
     args = (streams, 99, 1e-2, 1e-2, 2.5, 3.7, 0.1, wds, next_seed, 1e-2, dist)
     got, want, got_d, want_d = _clone(params), _clone(params), _clone(hs), _clone(hs)
-    hessian.hessian_step(got, got_d, *args)
+    hizoo.hessian_step(got, got_d, *args)
     ref.hessian_step(want, want_d, *args)
     _check_close(got, want, params, "hessian_step θ")
     _check_close(got_d, want_d, hs, "hessian_step D")

@@ -9,7 +9,7 @@ import torch
 
 try:
     from zokern import kernels
-    from zokern.kernels import dizo, hessian, lowrank, masked
+    from zokern.kernels import dizo, hizoo, sparse, subzero
     from zokern.kernels.multi_tensor import (CODES, alignment, cdiv, default_sizes, device_ctx, i32, launch_groups,
                                              launch_options, seed_words)
 except ImportError as exc:  # triton is optional
@@ -82,7 +82,7 @@ def fused_step(params: list[torch.Tensor], streams: list[int], seed: int, restor
 
 # The method ops' launchers live beside their kernels.
 if kernels is not None:
-    lowrank_apply = lowrank.lowrank_apply
-    masked_perturb, masked_fused_step = masked.masked_perturb, masked.masked_fused_step
-    hessian_perturb, hessian_step = hessian.hessian_perturb, hessian.hessian_step
+    lowrank_apply = subzero.lowrank_apply
+    masked_perturb, masked_fused_step = sparse.masked_perturb, sparse.masked_fused_step
+    hessian_perturb, hessian_step = hizoo.hessian_perturb, hizoo.hessian_step
     distance_norms, anchored_rescale = dizo.distance_norms, dizo.anchored_rescale

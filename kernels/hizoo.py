@@ -1,6 +1,6 @@
 """HiZOO's Hessian-scaled perturb and fused step (docs/OPS.md, "Diagonal Hessian").
 
-Multi-tensor like zo_update.py, one launch per (weight dtype, D dtype). z / sqrt(D) uses tl.sqrt_rn and
+Multi-tensor like mezo.py, one launch per (weight dtype, D dtype). z / sqrt(D) uses tl.sqrt_rn and
 tl.div_rn: on NVIDIA plain `/` and tl.sqrt are approximate for float32; these are IEEE-rounded everywhere
 (the interpreter included).
 """
@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .multi_tensor import CODES, alignment, default_sizes, extras, launch_groups, launch_options, seed_words
 from .philox import draw_rows
-from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
+from .mezo import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
 
 
 @triton.jit

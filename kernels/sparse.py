@@ -1,6 +1,6 @@
 """Sparse MeZO's masked perturb and masked fused step (docs/OPS.md, "Magnitude mask").
 
-Multi-tensor like zo_update.py: one launch per dtype. A program's chunk is a multiple of 32 elements, so
+Multi-tensor like mezo.py: one launch per dtype. A program's chunk is a multiple of 32 elements, so
 a mask word never straddles two programs. Blocks are [WORDS, 32]: row w is mask word w, column b its bit
 b, i.e. element 32w + b. Mask words are built as uint32 (a sum of distinct bits << b, so bit 31 lands in
 the sign of the int32 word by bitcast) and read back with logical shifts.
@@ -14,7 +14,7 @@ import triton.language as tl
 from .multi_tensor import (CODES, alignment, default_sizes, extras, launch_groups, launch_options, round_to,
                            seed_words)
 from .philox import draw_rows
-from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
+from .mezo import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .multi_tensor import CODES, cdiv, device_ctx, kernel_arg, launch_options
 from .philox import INTERPRET
-from .zo_update import BFLOAT16, _load_f32, _store_f32
+from .mezo import BFLOAT16, _load_f32, _store_f32
 
 # On GPU "ieee" dots run on the FMA units: 2r flops per W element, which at r = 64 outruns the FMA
 # throughput of an H100 for 16-bit weights, while the op should stay memory-bound. Plain "tf32" keeps only
@@ -25,7 +25,7 @@ DOT_PRECISION = tl.constexpr("ieee" if INTERPRET else "tf32x3")
 
 @triton.jit
 def _load_f32_zero(ptr, mask, DTYPE: tl.constexpr):
-    """Like zo_update._load_f32, with masked-off lanes 0: tl.dot must not see garbage in the padding."""
+    """Like mezo._load_f32, with masked-off lanes 0: tl.dot must not see garbage in the padding."""
     if DTYPE == BFLOAT16:
         return (tl.load(ptr, mask=mask, other=0).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
