@@ -1,6 +1,6 @@
 """DiZO's distance norms and anchored rescale (docs/OPS.md, "Anchored rescale").
 
-Multi-tensor like zo_update.py, one launch per dtype. distance_norms is deterministic without atomics:
+Multi-tensor like mezo.py, one launch per dtype. distance_norms is deterministic without atomics:
 every program writes the fp32 sum of squares of its chunk to its own slot of a partials buffer (slots of a
 tensor are consecutive, from its first chunk), then a second kernel, one program per tensor, sums the
 tensor's slots in a fixed order and takes the square root.
@@ -11,10 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from zokern.backends import record_launch
-
-from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, tables
-from .zo_update import _load_f32, _pointer, _store_f32, chunk_of_program
+from .multi_tensor import (CODES, alignment, default_sizes, device_ctx, extras, groups, launch_groups, launch_options,
+                           tables)
+from .mezo import _load_f32, _pointer, _store_f32, chunk_of_program
 
 
 @triton.jit
@@ -86,7 +85,6 @@ def distance_norms(params: list[torch.Tensor], anchors: list[torch.Tensor], *, b
                 BLOCK=block, **alignment(group + [anchors[i] for i in idxs]), **launch_options())
             norms_kernel[(len(idxs),)](tensors, extra, partials, out, chunk, BLOCK=_PARTIALS_BLOCK,
                                        **launch_options())
-            record_launch("triton", "distance_norms")
     return out
 
 
@@ -94,18 +92,11 @@ def anchored_rescale(params: list[torch.Tensor], anchors: list[torch.Tensor],
                      sources: "list[torch.Tensor] | None", factors: torch.Tensor, *, block: "int | None" = None,
                      chunk: "int | None" = None) -> None:
     block, chunk = default_sizes(block, chunk)
-    by_dtype = groups(params, lambda i: params[i].dtype)
-    if not by_dtype:
-        return
-    device = params[next(iter(by_dtype.values()))[0]].device
-    with device_ctx(device):
-        for dtype, idxs in by_dtype.items():
-            group = [params[i] for i in idxs]
-            companions = [anchors[i] for i in idxs] + ([] if sources is None else [sources[i] for i in idxs])
-            tensors, _, chunks = tables(group, [0] * len(idxs), None, chunk, device)
-            extra = extras([(i, anchors[i].data_ptr(), (params if sources is None else sources)[i].data_ptr())
-                            for i in idxs], device)
-            anchored_rescale_kernel[(chunks.numel(),)](
-                tensors, extra, chunks, factors, chunk, DTYPE=CODES[dtype],
-                BLOCK=block, **alignment(group + companions), **launch_options())
-            record_launch("triton", "anchored_rescale")
+    by_dtype = launch_groups(params, lambda i: params[i].dtype, None, None, chunk)
+    for dtype, idxs, group, tensors, _, chunks in by_dtype:
+        companions = [anchors[i] for i in idxs] + ([] if sources is None else [sources[i] for i in idxs])
+        extra = extras([(i, anchors[i].data_ptr(), (params if sources is None else sources)[i].data_ptr())
+                        for i in idxs], group[0].device)
+        anchored_rescale_kernel[(chunks.numel(),)](
+            tensors, extra, chunks, factors, chunk, DTYPE=CODES[dtype],
+            BLOCK=block, **alignment(group + companions), **launch_options())

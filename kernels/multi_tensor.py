@@ -1,8 +1,8 @@
-"""Launcher plumbing shared by every Triton launcher (zokern/backends/triton.py for the MeZO ops; masked.py,
-hessian.py, dizo.py, lowrank.py for the methods).
+"""Launcher plumbing shared by every Triton launcher (zokern/backends/triton.py for the MeZO ops; sparse.py,
+hizoo.py, dizo.py, subzero.py for the methods).
 
-The multi-tensor scheme (apex multi_tensor_apply): per dtype group, a tensor table and a chunk table from
-tables() (data_ptr, numel, stream, first chunk). Companion tensors (masks, Hessians,
+The multi-tensor scheme (apex multi_tensor_apply): per dtype group (launch_groups), a tensor table and a chunk
+table from tables() (data_ptr, numel, stream, first chunk). Companion tensors (masks, Hessians,
 anchors, sources) and the tensor's index in the caller's list (for per-tensor device vectors such as
 thresholds and factors) go in a second int64 table, `extras`, one row per tensor.
 """
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .philox import INTERPRET
-from .zo_update import BFLOAT16, FLOAT16, FLOAT32, _bf16_bits_rne
+from .mezo import BFLOAT16, FLOAT16, FLOAT32, _bf16_bits_rne
 
 CODES = {torch.float32: FLOAT32.value, torch.bfloat16: BFLOAT16.value, torch.float16: FLOAT16.value}
 MASK32 = 0xFFFFFFFF
@@ -99,6 +99,23 @@ def groups(params, key) -> dict:
     return out
 
 
+def launch_groups(params, key, streams: "list[int] | None", weight_decays: "list[float] | None", chunk: int):
+    """The launches of a multi-tensor op: per group of non-empty tensors sharing key(index), in first-seen order,
+    (key, indices, tensors, tensor table, weight decays or None, chunk table), inside the tensors' device
+    context. streams None: the op draws nothing (stream ids 0)."""
+    by_key = groups(params, key)
+    if not by_key:
+        return
+    device = params[next(iter(by_key.values()))[0]].device
+    with device_ctx(device):
+        for group_key, idxs in by_key.items():
+            group = [params[i] for i in idxs]
+            tensors, wds, chunks = tables(group, [0] * len(idxs) if streams is None else [streams[i] for i in idxs],
+                                          None if weight_decays is None else [float(weight_decays[i]) for i in idxs],
+                                          chunk, device)
+            yield group_key, idxs, group, tensors, wds, chunks
+
+
 def extras(rows: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
     """int64 [T, K] table of `rows` on device, cached like tables(): tensors keep their storage across
     steps, so a training loop does not copy the table every call."""
@@ -113,14 +130,14 @@ def extras(rows: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
 
 
 def alignment(tensors) -> dict:
-    """zo_update.py's alignment promises: every address aligned to 4 elements of its own dtype (what
+    """mezo.py's alignment promises: every address aligned to 4 elements of its own dtype (what
     _pointer's ALIGNED means), every numel a multiple of 4 (ends fall on whole Philox calls)."""
     return {"ALIGNED_PTRS": all(t.data_ptr() % (4 * t.element_size()) == 0 for t in tensors),
             "ALIGNED_ENDS": all(t.numel() % 4 == 0 for t in tensors)}
 
 
 def kernel_arg(t: torch.Tensor) -> torch.Tensor:
-    """bf16 tensors are passed as their uint16 bits (zo_update.py's _load_f32/_store_f32 convert by hand)."""
+    """bf16 tensors are passed as their uint16 bits (mezo.py's _load_f32/_store_f32 convert by hand)."""
     return t.view(torch.uint16) if t.dtype == torch.bfloat16 else t
 
 

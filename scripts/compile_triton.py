@@ -124,7 +124,7 @@ def representative_calls() -> None:
                 tb.lowrank_apply([w], [u], [v], [torch.zeros(rank, rank)])
     for dist in (0, 1):
         tb.fill_random(torch.zeros(1000), seed, 3, 5, 0, dist)
-    tb.philox_words(seed, 3, 0, 0, 100, "cpu")
+    tb.philox_words(torch.zeros(100, 4, dtype=torch.int64), seed, 3, 0, 0)
 
 
 def resource_usage(cubin: bytes) -> dict:

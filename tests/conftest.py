@@ -9,10 +9,13 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+import collections
+import types
+
 import pytest
 import torch
 
-from zokern import backends
+from zokern import backends, library
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -46,6 +49,63 @@ def available_pairs(include_reference: bool = True) -> list:
                     marks.append(pytest.mark.skip(reason=f"{name} unavailable on {device}: {why}"))
             pairs.append(pytest.param(name, device, marks=marks, id=f"{name}-{device}"))
     return pairs
+
+
+def backend_kernels(backend: str, device_type: str) -> types.SimpleNamespace:
+    """One backend's kernels from the dispatch table, named by op without the in-place underscore
+    (`backend_kernels("cpp", "cpu").perturb(params, streams, seed, scale, dist, chunk=64)`): a direct call, no
+    checks, contiguous tensors only, as the ops' device implementations make them."""
+    return types.SimpleNamespace(**{name.rstrip("_"): library.implementation(name, device_type, backend)
+                                    for name in library.SCHEMAS})
+
+
+def philox_words(seed: int, stream: int, domain: int, first_call: int, n: int, device="cpu",
+                 backend: str = "") -> torch.Tensor:
+    """The four words of Philox calls first_call … first_call + n − 1, one row per call (zokern::philox_words_)."""
+    out = torch.empty((n, 4), dtype=torch.int64, device=device)
+    torch.ops.zokern.philox_words_(out, seed, stream, int(domain), first_call, backend)
+    return out
+
+
+class Launches:
+    """What the ops ran: `calls[(backend, op)]` counts calls into each dispatch-table entry, `kernels[name]` each
+    launch of a Triton kernel, by the kernel's name."""
+
+    def __init__(self):
+        self.calls: collections.Counter = collections.Counter()
+        self.kernels: collections.Counter = collections.Counter()
+
+    def clear(self) -> None:
+        self.calls.clear()
+        self.kernels.clear()
+
+
+@pytest.fixture
+def launches(monkeypatch) -> Launches:
+    """A spy on the dispatch table (and on Triton's kernel launches, when triton is in use)."""
+    seen = Launches()
+    if any(backends.availability("triton", device)[0] for device in DEVICES):
+        from triton.runtime.jit import KernelInterface
+
+        for name in library.SCHEMAS:  # the Triton launchers join the table when first asked for
+            library.implementation(name, "cpu", "triton")
+        launch = KernelInterface.__getitem__
+
+        def counted_launch(kernel, grid):
+            run = launch(kernel, grid)
+
+            def counted(*args, **kwargs):
+                seen.kernels[kernel.fn.__name__] += 1
+                return run(*args, **kwargs)
+            return counted
+
+        monkeypatch.setattr(KernelInterface, "__getitem__", counted_launch)
+    for (name, device, backend), kernel in list(library.IMPLEMENTATIONS.items()):
+        def counted_call(*args, _kernel=kernel, _key=(backend, name), **kwargs):
+            seen.calls[_key] += 1
+            return _kernel(*args, **kwargs)
+        monkeypatch.setitem(library.IMPLEMENTATIONS, (name, device, backend), counted_call)
+    return seen
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,13 @@ cross-backend tests (ops vs reference, opcheck, bad input) are in test_ops.py an
 import pytest
 import torch
 
-from conftest import ulp_distance
-from zokern.backends import _build, _extension, cpp_cpu, cpp_cuda
+from conftest import backend_kernels, philox_words, ulp_distance
+from zokern import backends
+from zokern.backends import _build, _extension
 from zokern.random import Domain, philox4x32, reference_draw
 
-CPU_OK, CPU_WHY = cpp_cpu.availability("cpu")
+CPU_OK, CPU_WHY = backends.availability("cpp", "cpu")
+cpp_cpu = backend_kernels("cpp", "cpu")
 pytestmark = pytest.mark.skipif(not CPU_OK, reason=f"cpp backend unavailable: {CPU_WHY}")
 
 SEED = 0x5EED_0123_4567_89AB  # uses both key words
@@ -53,14 +55,14 @@ def bits(t):
 @pytest.mark.parametrize("first_call", [0, 12345, (1 << 32) - 3, 1 << 32, (1 << 40) + 7, (1 << 60) - 1000])
 def test_philox_words_bitwise(first_call):
     for seed, stream, domain in [(SEED, 0xFFFFFFFF, Domain.SUBSPACE_V), (0, 0, 0), ((1 << 63) - 1, 7, 0xFFFFFFFF)]:
-        got = cpp_cpu.philox_words(seed, stream, domain, first_call, 1000, "cpu")
+        got = philox_words(seed, stream, domain, first_call, 1000, "cpu", "cpp")
         assert got.dtype == torch.int64 and got.shape == (1000, 4)
         assert torch.equal(got, words_reference(seed, stream, int(domain), first_call, 1000))
 
 
 def test_philox_known_answer():
     # Random123's philox4x32-10 vector for counter 0, key 0.
-    assert cpp_cpu.philox_words(0, 0, 0, 0, 1, "cpu").tolist() == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]]
+    assert philox_words(0, 0, 0, 0, 1, "cpu", "cpp").tolist() == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]]
 
 
 @pytest.mark.parametrize("offset", [0, 1, 3, (1 << 31) + 5])
@@ -184,17 +186,17 @@ CLOSE = {torch.float32: dict(rtol=2e-6, atol=2e-6), torch.bfloat16: dict(rtol=8e
 
 @pytest.fixture
 def gpu_backend():
-    ok, why = cpp_cuda.availability("cuda")
+    ok, why = backends.availability("cuda", "cuda")
     assert ok, why  # on a CUDA machine the extension must build
-    return cpp_cuda
+    return backend_kernels("cuda", "cuda")
 
 
 @cuda_test
 @pytest.mark.parametrize("offset", [0, 1, 3, (1 << 31) + 5])
 def test_cuda_stream_matches_cpu(gpu_backend, offset):
     for first_call in (0, (1 << 32) - 3, (1 << 40) + 7):
-        assert torch.equal(gpu_backend.philox_words(SEED, 9, 2, first_call + offset, 1000, "cuda").cpu(),
-                           cpp_cpu.philox_words(SEED, 9, 2, first_call + offset, 1000, "cpu"))
+        assert torch.equal(philox_words(SEED, 9, 2, first_call + offset, 1000, "cuda", "cuda").cpu(),
+                           philox_words(SEED, 9, 2, first_call + offset, 1000, "cpu", "cpp"))
     n = (1 << 17) + 3
     cpu, gpu = torch.empty(n), torch.empty(n, device="cuda")
     gpu_backend.fill_random(gpu, SEED, 3, offset, 0, NORMAL)

@@ -135,12 +135,63 @@ def test_required_backends_available():
         assert ok, f"backend {name} must be available in this run: {why}"
 
 
-def test_every_backend_module_has_the_whole_interface():
-    from zokern import backends
-    from zokern.backends._extension import KERNELS
+def test_dispatch_table_has_every_op_on_every_device_and_backend():
+    from zokern import backends, library
 
-    for name in backends.BACKENDS:
-        module = backends.load(name)
-        assert module.NAME == name
-        missing = [k for k in KERNELS if not callable(getattr(module, k, None))]
-        assert not missing, f"backend {name} lacks {missing}"
+    for device_type, names in backends.SUPPORTED.items():
+        for name in names:
+            if not backends.availability(name, device_type)[0]:
+                continue  # an unavailable backend is reported with its reason, never served
+            for op in library.SCHEMAS:
+                assert callable(library.implementation(op, device_type, name)), (op, device_type, name)
+
+
+def test_native_ops_are_the_public_ops_without_backend():
+    """One schema per op: the C++ kernels' op is derived from it, not written again."""
+    from zokern import library
+
+    for op, schema in library.SCHEMAS.items():
+        native = str(getattr(torch.ops.zokern, f"native_{op}").default._schema)
+        public = str(getattr(torch.ops.zokern, op).default._schema)
+        assert native.replace(f"zokern::native_{op}", "").replace(", int chunk=0)", ")") == \
+            public.replace(f"zokern::{op}", "").replace(", str backend)", ")"), op
+
+
+def test_cpp_kernels_register_under_the_cpu_key_of_the_native_ops():
+    from zokern import backends, library
+
+    ok, why = backends.availability("cpp", "cpu")
+    if not ok:
+        pytest.skip(f"cpp backend unavailable: {why}")
+    for op in library.SCHEMAS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"zokern::native_{op}", "CPU"), op
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_one_table_call_per_op(backend, device, launches):
+    params = [torch.randn(6, 5, device=device), torch.randn(11, device=device, dtype=torch.bfloat16)]
+    zokern.fused_step_(params, 7, stream_ids=[1, 2], restore=1e-3, lr=1e-2, grad=2.0, backend=backend)
+    zokern.perturb_([torch.empty(0, device=device)], 7, 0.5, stream_ids=[0], backend=backend)  # nothing to write
+    assert launches.calls == {(backend, "fused_step_"): 1}
+
+
+@pytest.mark.parametrize("out,error,match", [
+    (torch.zeros(3, 4, dtype=torch.int32), TypeError, "int64"),
+    (torch.zeros(3, 5, dtype=torch.int64), ValueError, r"shape \(n, 4\)"),
+    (torch.zeros(12, dtype=torch.int64), ValueError, r"shape \(n, 4\)"),
+])
+def test_philox_words_rejects_bad_out_untouched(out, error, match):
+    before = out.clone()
+    with pytest.raises(error, match=match):
+        torch.ops.zokern.philox_words_(out, 1, 2, 3, 0, "")
+    assert torch.equal(out, before)
+
+
+@pytest.mark.parametrize("args,match", [((-1, 2, 3, 0), "seed"), ((1, 1 << 32, 3, 0), "stream"),
+                                        ((1, 2, -3, 0), "domain"), ((1, 2, 3, -1), "first_call"),
+                                        ((1, 2, 3, (1 << 62) - 1), "first_call")])
+def test_philox_words_rejects_bad_arguments_untouched(args, match):
+    out = torch.zeros(3, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.zokern.philox_words_(out, *args, "")
+    assert not out.any()

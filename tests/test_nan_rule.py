@@ -4,9 +4,8 @@ made by the math itself (∞ − ∞). Checked bit for bit on every available ba
 reference on the CPU."""
 import pytest
 import torch
-from conftest import available_pairs
+from conftest import available_pairs, backend_kernels
 
-from zokern import backends
 from zokern.ops import new_masks
 
 NORMAL, RADEMACHER = 0, 1
@@ -88,8 +87,8 @@ def check_nans(got, want, what):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,device", PAIRS)
 def test_every_stored_nan_is_canonical(name, device, dtype):
-    got = run_ops(backends.load(name), device, dtype)
-    want = run_ops(backends.load("reference"), "cpu", dtype)
+    got = run_ops(backend_kernels(name, device), device, dtype)
+    want = run_ops(backend_kernels("reference", "cpu"), "cpu", dtype)
     for (what, g, bitwise), (_, w, _) in zip(got, want):
         assert w.isnan().any(), what  # the case holds NaNs at all
         check_nans(g, w, what)
@@ -107,6 +106,6 @@ def test_nan_from_overflow_is_canonical(name, device, dtype):
             backend.perturb([p], [5], SEED, scale, NORMAL)
         return p
 
-    got, want = run(backends.load(name), device), run(backends.load("reference"), "cpu")
+    got, want = run(backend_kernels(name, device), device), run(backend_kernels("reference", "cpu"), "cpu")
     assert want.isnan().sum() > 10
     check_nans(got, want, "perturb ±3e38")

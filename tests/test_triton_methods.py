@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import assert_lowrank_rounded_from_float32
 
-from zokern.backends import launches
 from zokern.backends import reference as ref
 from zokern.random import MASK32
 
@@ -20,7 +19,7 @@ if not DEVICES:
     pytest.skip(f"Triton backend unavailable: cpu: {tb.availability('cpu')[1]}; "
                 f"cuda: {tb.availability('cuda')[1]}", allow_module_level=True)
 
-from zokern.kernels import dizo, hessian, lowrank, masked  # noqa: E402  (only importable where triton is)
+from zokern.kernels import dizo, hizoo, sparse, subzero  # noqa: E402  (only importable where triton is)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 NUMELS = [1, 31, 33, 1000]
@@ -77,7 +76,7 @@ LOWRANK_CASES = [(1, 1, 1), (17, 5, 1), (17, 5, 3), (64, 48, 8), (64, 48, 17), (
 
 @pytest.mark.parametrize("factor_dtype", [None, torch.float32], ids=["same", "fp32-factors"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_lowrank_apply_matches_float64(device, dtype, factor_dtype):
+def test_lowrank_apply_matches_float64(device, dtype, factor_dtype, launches):
     gen = torch.Generator().manual_seed(1)
     for m, n, r in LOWRANK_CASES:
         fdt = factor_dtype or dtype
@@ -87,20 +86,20 @@ def test_lowrank_apply_matches_float64(device, dtype, factor_dtype):
         core = torch.randn(r, r, generator=gen, device="cpu").to(device) * 0.3
         got = w.clone()
         launches.clear()
-        lowrank.lowrank_apply([got], [u], [v], [core])
-        assert launches[("triton", "lowrank_apply")] == 1
+        subzero.lowrank_apply([got], [u], [v], [core])
+        assert launches.kernels["lowrank_kernel"] == 1
         assert_lowrank_rounded_from_float32(got, w, u, v, core)
 
 
-def test_lowrank_apply_several_tensors(device):
+def test_lowrank_apply_several_tensors(device, launches):
     ws = [torch.randn(s, device=device, dtype=dt) for s, dt in (((7, 9), torch.float32), ((33, 2), torch.bfloat16))]
     us = [torch.randn(w.shape[0], 2, device=device) for w in ws]
     vs = [torch.randn(w.shape[1], 2, device=device) for w in ws]
     cores = [torch.randn(2, 2, device=device) for _ in ws]
     got = _clone(ws)
     launches.clear()
-    lowrank.lowrank_apply(got, us, vs, cores)
-    assert launches[("triton", "lowrank_apply")] == 2
+    subzero.lowrank_apply(got, us, vs, cores)
+    assert launches.kernels["lowrank_kernel"] == 2
     for g, w, u, v, core in zip(got, ws, us, vs, cores):
         assert_lowrank_rounded_from_float32(g, w, u, v, core)
 
@@ -128,15 +127,15 @@ def _thresholds(params):
 
 @pytest.mark.parametrize("compute_mask", [True, False])
 @pytest.mark.parametrize("dist", [0, 1])
-def test_masked_perturb_matches_reference(device, dist, compute_mask):
+def test_masked_perturb_matches_reference(device, dist, compute_mask, launches):
     params = _params(device)
     streams = _streams(len(params))
     masks = _masks(params) if compute_mask else _masks(params, torch.Generator().manual_seed(3))
     h = _thresholds(params)
     got, want, got_m, want_m = _clone(params), _clone(params), _clone(masks), _clone(masks)
     launches.clear()
-    masked.masked_perturb(got, got_m, h, streams, 0x0123456789ABCDEF, 1e-2, compute_mask, dist)
-    assert launches[("triton", "masked_perturb")] == len(DTYPES)
+    sparse.masked_perturb(got, got_m, h, streams, 0x0123456789ABCDEF, 1e-2, compute_mask, dist)
+    assert launches.kernels["masked_kernel"] == len(DTYPES)
     ref.masked_perturb(want, want_m, h, streams, 0x0123456789ABCDEF, 1e-2, compute_mask, dist)
     assert all(torch.equal(a, b) for a, b in zip(got_m, want_m))
     _check_close(got, want, params, "masked_perturb", exact=dist == 1)
@@ -154,7 +153,7 @@ def test_masked_fused_step_matches_reference(device, dist, next_seed):
     wds = [0.0 if i % 2 else 0.1 for i in range(len(params))]
     args = (h, streams, 77, 1e-2, 1e-2, -3.0, wds, next_seed, 2e-2, dist)
     got, want, got_m, want_m = _clone(params), _clone(params), _clone(masks), _clone(masks)
-    masked.masked_fused_step(got, got_m, *args)
+    sparse.masked_fused_step(got, got_m, *args)
     ref.masked_fused_step(want, want_m, *args)
     assert all(torch.equal(a, b) for a, b in zip(got_m, want_m))
     _check_close(got, want, params, "masked_fused_step", exact=dist == 1)
@@ -170,8 +169,8 @@ def test_masked_independent_of_block_and_chunk(device):
     results = []
     for sizes in ({}, {"block": 32, "chunk": 64}, {"block": 64, "chunk": 32}):
         ps, ms = _clone(params), _masks(params)
-        masked.masked_perturb(ps, ms, h, streams, 5, 1e-2, True, 0, **sizes)
-        masked.masked_fused_step(ps, ms, h, streams, 5, 1e-2, 1e-3, 0.5, [0.0] * len(ps), 6, 1e-2, 0, **sizes)
+        sparse.masked_perturb(ps, ms, h, streams, 5, 1e-2, True, 0, **sizes)
+        sparse.masked_fused_step(ps, ms, h, streams, 5, 1e-2, 1e-3, 0.5, [0.0] * len(ps), 6, 1e-2, 0, **sizes)
         results.append((ps, ms))
     for ps, ms in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(ps + ms, results[0][0] + results[0][1]))
@@ -199,13 +198,13 @@ def test_masked_threshold_edges_restore_exactly(device):
     h = torch.full((len(params),), h32, dtype=torch.float32, device=device)
     masks = _masks(params)
     for dist in (1, 0):
-        masked.masked_perturb(params, masks, h, streams, 11, eps, True, dist)
+        sparse.masked_perturb(params, masks, h, streams, 11, eps, True, dist)
         for m, bits in zip(masks, expect_bits):
             assert torch.equal(m, _packed(bits, device))
             assert int(m[0]) < 0 and int(m[1]) < 0
         assert all(not torch.equal(p, s) for p, s in zip(params, starts))
-        masked.masked_perturb(params, masks, h, streams, 11, -2 * eps, False, dist)
-        masked.masked_fused_step(params, masks, h, streams, 11, eps, 0.0, 5.0, [0.0] * len(params), -1, 0.0, dist)
+        sparse.masked_perturb(params, masks, h, streams, 11, -2 * eps, False, dist)
+        sparse.masked_fused_step(params, masks, h, streams, 11, eps, 0.0, 5.0, [0.0] * len(params), -1, 0.0, dist)
         for p, s in zip(params, starts):
             # Three roundings of values below 2, each at most half an ulp of 1: far less than the ε·|z| = ε a
             # Rademacher z displaces a weight by.
@@ -225,14 +224,14 @@ def _hessians(params, d_dtype_same: bool, seed=7):
 
 @pytest.mark.parametrize("d_same", [False, True], ids=["D-fp32", "D-param-dtype"])
 @pytest.mark.parametrize("dist", [0, 1])
-def test_hessian_perturb_matches_reference(device, dist, d_same):
+def test_hessian_perturb_matches_reference(device, dist, d_same, launches):
     params = _params(device, seed=8)
     hs = _hessians(params, d_same)
     streams = _streams(len(params))
     got, want = _clone(params), _clone(params)
     launches.clear()
-    hessian.hessian_perturb(got, hs, streams, 99, 1e-2, dist)
-    assert launches[("triton", "hessian_perturb")] == len(DTYPES)
+    hizoo.hessian_perturb(got, hs, streams, 99, 1e-2, dist)
+    assert launches.kernels["hessian_kernel"] == len(DTYPES)
     ref.hessian_perturb(want, hs, streams, 99, 1e-2, dist)
     _check_close(got, want, params, "hessian_perturb")
 
@@ -247,7 +246,7 @@ def test_hessian_step_matches_reference(device, dist, d_same, next_seed):
     wds = [0.05 * (i % 3) for i in range(len(params))]
     args = (streams, 99, 1e-2, 1e-2, 2.5, 3.7, 0.1, wds, next_seed, 1e-2, dist)
     got, want, got_d, want_d = _clone(params), _clone(params), _clone(hs), _clone(hs)
-    hessian.hessian_step(got, got_d, *args)
+    hizoo.hessian_step(got, got_d, *args)
     ref.hessian_step(want, want_d, *args)
     _check_close(got, want, params, "hessian_step θ")
     _check_close(got_d, want_d, hs, "hessian_step D")
@@ -256,7 +255,7 @@ def test_hessian_step_matches_reference(device, dist, d_same, next_seed):
 
 # --- anchored rescale -------------------------------------------------------------------------------------
 
-def test_distance_norms_match_reference(device):
+def test_distance_norms_match_reference(device, launches):
     params = _params(device, numels=[1, 31, 33, 1000, 5000], seed=10)
     anchors = [p + (0.01 * torch.randn(p.shape, device=device)).to(p.dtype) for p in params]
     params.insert(3, torch.empty(0, device=device))
@@ -264,7 +263,7 @@ def test_distance_norms_match_reference(device):
     want = ref.distance_norms(params, anchors)
     launches.clear()
     got = dizo.distance_norms(params, anchors)
-    assert launches[("triton", "distance_norms")] == len(DTYPES)
+    assert launches.kernels == {"square_sums_kernel": len(DTYPES), "norms_kernel": len(DTYPES)}
     assert got.dtype == torch.float32 and got.device == params[0].device
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
     # Many chunks per tensor (the partial sums), and bitwise the same on a second run.
@@ -274,7 +273,7 @@ def test_distance_norms_match_reference(device):
 
 
 @pytest.mark.parametrize("with_sources", [False, True])
-def test_anchored_rescale_matches_reference(device, with_sources):
+def test_anchored_rescale_matches_reference(device, with_sources, launches):
     params = _params(device, seed=11)
     anchors = [(p.float() + 0.1 * torch.randn(p.shape, device=device)).to(p.dtype) for p in params]
     sources = [(p.float() * 1.5).to(p.dtype) for p in params] if with_sources else None
@@ -282,6 +281,6 @@ def test_anchored_rescale_matches_reference(device, with_sources):
     got, want = _clone(params), _clone(params)
     launches.clear()
     dizo.anchored_rescale(got, anchors, sources, factors)
-    assert launches[("triton", "anchored_rescale")] == len(DTYPES)
+    assert launches.kernels["anchored_rescale_kernel"] == len(DTYPES)
     ref.anchored_rescale(want, anchors, sources, factors)
     _check_close(got, want, params, "anchored_rescale", exact=True)

@@ -1,21 +1,28 @@
-"""The zokern custom ops: schemas, fake implementations and the device implementations, in one file.
+"""The zokern custom ops: schemas, fake implementations, device implementations and the one dispatch table.
 
 Each op mutates its tensors in place (alias-annotated `Tensor(a!)`), or returns a new tensor, so it
 passes `torch.library.opcheck` and stays opaque under `torch.compile`. The device implementation
-checks the arguments, resolves the backend (`""` means automatic) and calls that backend's kernel;
-the fake runs the same checks without touching memory. Kernels live in zokern/backends.
+checks the arguments, resolves the backend (`""` means automatic) and calls IMPLEMENTATIONS[(op, device
+type, backend)]; the fake runs the same checks without touching memory.
+
+The C++ kernels implement `zokern::native_<op>`: the op's schema without `str backend`, plus `int chunk=0`
+where the kernel works in chunks (0: its default size), defined here once. The CPU extension registers its
+kernels for it under the CPU dispatch key, the CUDA extension under CUDA (csrc/include/zokern/backend_ops.h).
 """
 from __future__ import annotations
 
 import torch
 
 from zokern import backends
+from zokern.backends import reference
+from zokern.random import check_seed, check_stream
 from zokern.validation import (check_companions, check_disjoint, check_fill_args, check_lowrank, check_per_tensor,
                                check_step_args, check_tensor_list, mask_words)
 
 DEVICE_TYPES = ("cpu", "cuda")
 _STEP = "float restore, float lr, float grad, float[] weight_decays, int next_seed, float next_scale"
 SCHEMAS = {
+    "philox_words_": "(Tensor(a!) out, int seed, int stream, int domain, int first_call, str backend) -> ()",
     "fill_random_": "(Tensor(a!) out, int seed, int stream, int offset, int domain, int dist, str backend) -> ()",
     "perturb_": "(Tensor(a!)[] params, int[] streams, int seed, float scale, int dist, str backend) -> ()",
     "fused_step_": f"(Tensor(a!)[] params, int[] streams, int seed, {_STEP}, int dist, str backend) -> ()",
@@ -34,25 +41,20 @@ SCHEMAS = {
                           "str backend) -> ()"),
 }
 
+# These kernels split their work by shape (one draw per element, tiles of W), so they take no chunk size.
+_UNCHUNKED = ("philox_words_", "fill_random_", "lowrank_apply_")
+
+
+def native_schema(name: str) -> str:
+    """The schema of zokern::native_<name>, which the C++ kernels implement: the op's without `str backend`,
+    plus `int chunk=0` where the kernel splits its tensors into chunks (testable chunk sizes)."""
+    schema = SCHEMAS[name].replace(", str backend)", ")")
+    return schema if name in _UNCHUNKED else schema.replace(") ->", ", int chunk=0) ->", 1)
+
+
 for _name, _schema in SCHEMAS.items():
     torch.library.define(f"zokern::{_name}", _schema)
-
-
-def _contiguous(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
-
-
-def _write_back(originals: list[torch.Tensor], work: list[torch.Tensor]) -> None:
-    """Kernels see contiguous stand-ins; the stream is indexed by logical (row-major) position, so a
-    contiguous copy of a strided view sees the same z. Copy results back into the views (the op's check has
-    made sure each can take it: no element addressed twice)."""
-    for t, w in zip(originals, work):
-        if w is not t:
-            t.copy_(w)
-
-
-def _backend(name: str, device_type: str):
-    return backends.load(backends.resolve(name, device_type))
+    torch.library.define(f"zokern::native_{_name}", native_schema(_name))
 
 
 def _mask_shape(p, m):
@@ -80,6 +82,20 @@ def _check_masks(params, masks, thresholds):
     check_companions(params, masks, "masks", dtypes=(torch.int32,), shapes=_mask_shape)
     check_per_tensor(params, thresholds, "thresholds")
     check_disjoint({"params": params, "masks": masks}, {"thresholds": [thresholds]})
+
+
+def _check_philox_words(out, seed, stream, domain, first_call):
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.int64:
+        raise TypeError(f"out must be an int64 tensor, got {getattr(out, 'dtype', type(out).__name__)}")
+    if out.dim() != 2 or out.shape[1] != 4:
+        raise ValueError(f"out must have shape (n, 4), one row of four words per call, got {tuple(out.shape)}")
+    check_seed(seed)
+    check_stream(stream)
+    check_stream(domain, "domain")
+    if first_call < 0 or first_call + out.shape[0] > 1 << 62:
+        raise ValueError(f"first_call must be in [0, 2**62 - n], got {first_call}")
+    check_disjoint({"out": [out]})
+    return out.device.type
 
 
 def _check_fill_random(out, seed, stream, offset, domain, dist):
@@ -156,103 +172,83 @@ def _check_anchored_rescale(params, anchors, sources, factors):
     return device_type
 
 
-CHECKS = {"fill_random_": _check_fill_random, "perturb_": _check_perturb, "fused_step_": _check_fused_step,
-          "lowrank_apply_": _check_lowrank_apply, "masked_perturb_": _check_masked_perturb,
-          "masked_fused_step_": _check_masked_fused_step, "hessian_perturb_": _check_hessian_perturb,
-          "hessian_step_": _check_hessian_step, "distance_norms": _check_distance_norms,
-          "anchored_rescale_": _check_anchored_rescale}
+CHECKS = {"philox_words_": _check_philox_words, "fill_random_": _check_fill_random, "perturb_": _check_perturb,
+          "fused_step_": _check_fused_step, "lowrank_apply_": _check_lowrank_apply,
+          "masked_perturb_": _check_masked_perturb, "masked_fused_step_": _check_masked_fused_step,
+          "hessian_perturb_": _check_hessian_perturb, "hessian_step_": _check_hessian_step,
+          "distance_norms": _check_distance_norms, "anchored_rescale_": _check_anchored_rescale}
 
 
-# --- device implementations: the op's check, then the backend on contiguous stand-ins of every tensor -------
+# --- the dispatch table: (op, device type, backend) -> a callable with the op's arguments but the backend ------
 
-@torch.library.impl("zokern::fill_random_", DEVICE_TYPES)
-def _fill_random(out, seed, stream, offset, domain, dist, backend):
-    impl = _backend(backend, _check_fill_random(out, seed, stream, offset, domain, dist))
-    work = _contiguous([out])
-    impl.fill_random(work[0], seed, stream, offset, domain, dist)
-    _write_back([out], work)
+def _native(name: str):
+    return getattr(torch.ops.zokern, f"native_{name}")
 
 
-@torch.library.impl("zokern::perturb_", DEVICE_TYPES)
-def _perturb(params, streams, seed, scale, dist, backend):
-    impl = _backend(backend, _check_perturb(params, streams, seed, scale, dist))
-    work = _contiguous(params)
-    impl.perturb(work, list(streams), seed, scale, dist)
-    _write_back(params, work)
+IMPLEMENTATIONS = {
+    **{(name, device_type, "reference"): getattr(reference, name.rstrip("_"))
+       for name in SCHEMAS for device_type in DEVICE_TYPES},
+    **{(name, "cpu", "cpp"): _native(name) for name in SCHEMAS},
+    **{(name, "cuda", "cuda"): _native(name) for name in SCHEMAS},
+}
 
 
-@torch.library.impl("zokern::fused_step_", DEVICE_TYPES)
-def _fused_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, backend):
-    impl = _backend(backend, _check_fused_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed,
-                                               next_scale, dist))
-    work = _contiguous(params)
-    impl.fused_step(work, list(streams), seed, restore, lr, grad, list(weight_decays), next_seed, next_scale, dist)
-    _write_back(params, work)
+def implementation(name: str, device_type: str, backend: str):
+    """IMPLEMENTATIONS[(name, device_type, backend)]. The Triton launchers join the table when first asked for:
+    importing zokern never imports triton, whose interpreter mode must be chosen before it is imported."""
+    if backend == "triton" and (name, device_type, backend) not in IMPLEMENTATIONS:
+        from zokern.backends import triton
+
+        IMPLEMENTATIONS.update({(op, dt, "triton"): getattr(triton, op.rstrip("_"))
+                                for op in SCHEMAS for dt in DEVICE_TYPES})
+    return IMPLEMENTATIONS[(name, device_type, backend)]
 
 
-@torch.library.impl("zokern::lowrank_apply_", DEVICE_TYPES)
-def _lowrank_apply(weights, us, vs, cores, backend):
-    impl = _backend(backend, _check_lowrank_apply(weights, us, vs, cores))
-    work = _contiguous(weights)
-    impl.lowrank_apply(work, _contiguous(us), _contiguous(vs), _contiguous(cores))
-    _write_back(weights, work)
+def _contiguous(arg):
+    """A contiguous stand-in for a tensor or each tensor of a list; other arguments as they are."""
+    if isinstance(arg, torch.Tensor):
+        return arg.contiguous()
+    if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor):
+        return [t.contiguous() for t in arg]
+    return arg
 
 
-@torch.library.impl("zokern::masked_perturb_", DEVICE_TYPES)
-def _masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist, backend):
-    impl = _backend(backend, _check_masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask,
-                                                   dist))
-    work, work_masks = _contiguous(params), _contiguous(masks)
-    impl.masked_perturb(work, work_masks, thresholds.contiguous(), list(streams), seed, scale, compute_mask, dist)
-    _write_back(params, work)
-    _write_back(masks, work_masks)
+def _listed(arg) -> list:
+    return [arg] if isinstance(arg, torch.Tensor) else list(arg)
 
 
-@torch.library.impl("zokern::masked_fused_step_", DEVICE_TYPES)
-def _masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
-                       next_scale, dist, backend):
-    impl = _backend(backend, _check_masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad,
-                                                      weight_decays, next_seed, next_scale, dist))
-    work, work_masks = _contiguous(params), _contiguous(masks)
-    impl.masked_fused_step(work, work_masks, thresholds.contiguous(), list(streams), seed, restore, lr, grad,
-                           list(weight_decays), next_seed, next_scale, dist)
-    _write_back(params, work)
-    _write_back(masks, work_masks)
+def _write_back(originals, work) -> None:
+    """Kernels see contiguous stand-ins; the stream is indexed by logical (row-major) position, so a
+    contiguous copy of a strided view sees the same z. Copy results back into the views (the op's check has
+    made sure each can take it: no element addressed twice)."""
+    for t, w in zip(_listed(originals), _listed(work)):
+        if w is not t:
+            t.copy_(w)
 
 
-@torch.library.impl("zokern::hessian_perturb_", DEVICE_TYPES)
-def _hessian_perturb(params, hessians, streams, seed, scale, dist, backend):
-    impl = _backend(backend, _check_hessian_perturb(params, hessians, streams, seed, scale, dist))
-    work = _contiguous(params)
-    impl.hessian_perturb(work, _contiguous(hessians), list(streams), seed, scale, dist)
-    _write_back(params, work)
+def _device_implementation(name: str):
+    """The op's check, then its backend's kernel on contiguous stand-ins of every tensor, written back."""
+    check = CHECKS[name]
+    arguments = torch._C.parse_schema(f"zokern::{name}{SCHEMAS[name]}").arguments
+    written = [i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write]
+
+    def device_implementation(*args):
+        *args, backend = args
+        device_type = check(*args)
+        kernel = implementation(name, device_type, backends.resolve(backend, device_type))
+        if written and not any(t.numel() for i in written for t in _listed(args[i])):
+            return None  # nothing to write: no kernel to launch
+        work = [_contiguous(a) for a in args]
+        result = kernel(*work)
+        for i in written:
+            _write_back(args[i], work[i])
+        return result
+
+    return device_implementation
 
 
-@torch.library.impl("zokern::hessian_step_", DEVICE_TYPES)
-def _hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays, next_seed,
-                  next_scale, dist, backend):
-    impl = _backend(backend, _check_hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale,
-                                                 alpha, weight_decays, next_seed, next_scale, dist))
-    work, work_d = _contiguous(params), _contiguous(hessians)
-    impl.hessian_step(work, work_d, list(streams), seed, restore, lr, grad, hess_scale, alpha, list(weight_decays),
-                      next_seed, next_scale, dist)
-    _write_back(params, work)
-    _write_back(hessians, work_d)
-
-
-@torch.library.impl("zokern::distance_norms", DEVICE_TYPES)
-def _distance_norms(params, anchors, backend):
-    impl = _backend(backend, _check_distance_norms(params, anchors))
-    return impl.distance_norms(_contiguous(params), _contiguous(anchors))
-
-
-@torch.library.impl("zokern::anchored_rescale_", DEVICE_TYPES)
-def _anchored_rescale(params, anchors, sources, factors, backend):
-    impl = _backend(backend, _check_anchored_rescale(params, anchors, sources, factors))
-    work = _contiguous(params)
-    impl.anchored_rescale(work, _contiguous(anchors), None if sources is None else _contiguous(sources),
-                          factors.contiguous())
-    _write_back(params, work)
+for _name in SCHEMAS:
+    torch.library.impl(f"zokern::{_name}", DEVICE_TYPES)(_device_implementation(_name))
 
 
 # --- fakes: the op's check, and for distance_norms an output of the right shape ----------------------------

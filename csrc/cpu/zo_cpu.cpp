@@ -1,5 +1,5 @@
-// CPU ops of zokern (namespace zokern_cpp): a whole list of tensors per call, OpenMP-parallel over a table
-// of chunks that covers all of them. The element math is csrc/include/zokern/{philox,element}.h, shared
+// CPU kernels of zokern's ops (zokern::native_*, CPU dispatch key): a whole list of tensors per call,
+// OpenMP-parallel over a table of chunks that covers all of them. The element math is csrc/include/zokern/{philox,element}.h, shared
 // with CUDA; the kernels that draw random numbers do it in SIMD blocks (zo_cpu_kernels.inc).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -211,8 +211,7 @@ constexpr int64_t kColBlock = simd::generic::kBlock;  // columns of W per work i
 // W += (U·C)·Vᵀ without an m×n temporary: float32 U·C (m×r) and Vᵀ (r×n) first, then tiles of W, each
 // row summing over the rank into kColBlock accumulators (zo_cpu_kernels.inc's lowrank_rows, vectorised over
 // columns for the CPU's SIMD level). Sums as element.h says.
-// Returns the kernel launches made, for the CUDA build's schema: 1 call here.
-int64_t lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores) {
+void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores) {
   const size_t count = weights.size();
   TORCH_CHECK(us.size() == count && vs.size() == count && cores.size() == count, "zokern_cpp: list lengths differ");
   check_params(weights, "weights");
@@ -276,7 +275,6 @@ int64_t lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList
              std::min(kColBlock, n - j0), uc[t].data(), vt[t].data());
     });
   }
-  return 1;
 }
 
 // ---- anchored rescale (DiZO) ----
@@ -357,22 +355,21 @@ void fill_random_(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset,
   }
 }
 
-at::Tensor philox_words(int64_t seed, int64_t stream, int64_t domain, int64_t first_call, int64_t n,
-                        c10::Device device) {
-  TORCH_CHECK(device.is_cpu(), "zokern_cpp.philox_words runs on the CPU, got ", device);
-  at::Tensor out = at::empty({n, 4}, at::TensorOptions().dtype(at::kLong));
+// out[k] = the four words of Philox call first_call + k (an int64 n×4 tensor).
+void philox_words_(at::Tensor& out, int64_t seed, int64_t stream, int64_t domain, int64_t first_call) {
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.scalar_type() == at::kLong && out.dim() == 2 &&
+                  out.size(1) == 4,
+              "zokern_cpp: out must be a contiguous int64 n×4 CPU tensor");
   int64_t* o = out.data_ptr<int64_t>();
+  const int64_t n = out.size(0);
 #pragma omp parallel for schedule(static)
   for (int64_t k = 0; k < n; ++k) {
     const Words w = philox(static_cast<uint64_t>(seed), static_cast<uint32_t>(stream),
                            static_cast<uint32_t>(domain), static_cast<uint64_t>(first_call + k));
     for (int q = 0; q < 4; ++q) o[4 * k + q] = w.w[q];
   }
-  return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(zokern_cpp, m) { ZOKERN_DEFINE_BACKEND_OPS(m) }
-
-TORCH_LIBRARY_IMPL(zokern_cpp, CPU, m) { ZOKERN_IMPL_BACKEND_OPS(m, Loops) }
+TORCH_LIBRARY_IMPL(zokern, CPU, m) { ZOKERN_IMPL_BACKEND_OPS(m, Loops) }

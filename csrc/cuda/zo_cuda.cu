@@ -1,5 +1,5 @@
-// CUDA ops of zokern (namespace zokern_cuda), same schemas as zokern_cpp: builds the per-group tensor
-// tables of a call (a group: the tensors of one dtype, or dtype pair), copies them to the device in one
+// CUDA kernels of zokern's ops (zokern::native_*, CUDA dispatch key), as the CPU ones: builds the per-group
+// tensor tables of a call (a group: the tensors of one dtype, or dtype pair), copies them to the device in one
 // small H2D copy and launches one kernel per group present, all on the current stream. Per-tensor scalars
 // that live on the device (thresholds, factors) are read in the kernels: no host synchronisation. The
 // kernels are in zo_kernels.cuh.
@@ -337,11 +337,11 @@ void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optio
 
 // W += (U·C)·Vᵀ: one launch per factor dtype F for U·C (into a float32 scratch of Σ m·r entries, freed
 // stream-ordered), then one tile launch per (W dtype, F) pair. U and V of different dtypes are both
-// converted to float32 first. Returns the number of kernel launches.
-int64_t lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores) {
+// converted to float32 first.
+void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores) {
   const size_t count = weights.size();
   TORCH_CHECK(us.size() == count && vs.size() == count && cores.size() == count, "zokern_cuda: list lengths differ");
-  if (count == 0) return 0;
+  if (count == 0) return;
   const at::Device device = weights[0].device();
   check_floats(weights, device, "weights");
   check_floats(us, device, "us");
@@ -397,14 +397,13 @@ int64_t lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList
     }
   }
   begin.push_back(table.size());
-  if (table.empty()) return 0;
+  if (table.empty()) return;
   Upload up;
   const size_t offset = up.add(table);
   const at::Tensor dev = up.to(device);
   const LowrankEntry* d_table = at_offset<LowrankEntry>(dev, offset);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int blocks = max_blocks();
-  int64_t launches = 0;
   for (int g = 0; g < kDtypes + kDtypes * kDtypes; ++g) {  // every U·C group before any tile group
     const int n = static_cast<int>(begin[g + 1] - begin[g]);
     if (n == 0) continue;
@@ -419,9 +418,7 @@ int64_t lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList
       });
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ++launches;
   }
-  return launches;
 }
 
 // ---- the random stream ----
@@ -435,20 +432,18 @@ void fill_random_(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor philox_words(int64_t seed, int64_t stream, int64_t domain, int64_t first_call, int64_t n,
-                        c10::Device device) {
-  TORCH_CHECK(device.is_cuda(), "zokern_cuda.philox_words runs on a CUDA device, got ", device);
-  const c10::cuda::CUDAGuard guard(device);
-  at::Tensor out = at::empty({n, 4}, at::TensorOptions().dtype(at::kLong).device(device));
-  launch_philox_words(out.data_ptr<int64_t>(), n, static_cast<uint64_t>(seed), static_cast<uint32_t>(stream),
-                      static_cast<uint32_t>(domain), static_cast<uint64_t>(first_call), max_blocks(),
-                      c10::cuda::getCurrentCUDAStream());
+// out[k] = the four words of Philox call first_call + k (an int64 n×4 tensor).
+void philox_words_(at::Tensor& out, int64_t seed, int64_t stream, int64_t domain, int64_t first_call) {
+  TORCH_CHECK(out.is_cuda() && out.is_contiguous() && out.scalar_type() == at::kLong && out.dim() == 2 &&
+                  out.size(1) == 4,
+              "zokern_cuda: out must be a contiguous int64 n×4 CUDA tensor");
+  const c10::cuda::CUDAGuard guard(out.device());
+  launch_philox_words(out.data_ptr<int64_t>(), out.size(0), static_cast<uint64_t>(seed),
+                      static_cast<uint32_t>(stream), static_cast<uint32_t>(domain),
+                      static_cast<uint64_t>(first_call), max_blocks(), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(zokern_cuda, m) { ZOKERN_DEFINE_BACKEND_OPS(m) }
-
-TORCH_LIBRARY_IMPL(zokern_cuda, CUDA, m) { ZOKERN_IMPL_BACKEND_OPS(m, Loops) }
+TORCH_LIBRARY_IMPL(zokern, CUDA, m) { ZOKERN_IMPL_BACKEND_OPS(m, Loops) }

@@ -1,13 +1,12 @@
-"""Backend registry and the one place where a backend is chosen.
+"""The backends and the one place where a backend is chosen.
 
-A backend is a module with NAME, availability(device_type) -> (bool, reason), and the kernels
-fill_random, perturb and fused_step (signatures in zokern/backends/reference.py). Backends see only
+A backend is a set of kernels, one per op, with the op's arguments but the backend (zokern/library.py's
+IMPLEMENTATIONS): "reference" (plain PyTorch, reference.py), "triton" (launchers in triton.py, kernels in
+zokern.kernels), and the C++ extensions "cpp" (CPU) and "cuda" (_extension.py builds them). Backends see only
 validated input: one device, floating dtypes, contiguous tensors.
 """
 from __future__ import annotations
 
-import collections
-import importlib
 import os
 
 import torch
@@ -18,34 +17,35 @@ ENV_VAR = "ZOKERN_BACKEND"
 # interpreter is a test vehicle, never an automatic choice on the CPU).
 SUPPORTED = {"cpu": ("reference", "triton", "cpp"), "cuda": ("reference", "triton", "cuda")}
 _AUTO = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
-_MODULES = {"reference": "zokern.backends.reference", "triton": "zokern.backends.triton",
-            "cpp": "zokern.backends.cpp_cpu", "cuda": "zokern.backends.cpp_cuda"}
-
-# Kernel launches per (backend, kernel name): tests read it to count launches per pass.
-launches: collections.Counter = collections.Counter()
 
 
-def record_launch(backend: str, kernel: str) -> None:
-    launches[(backend, kernel)] += 1
+def _extension_availability(name: str) -> tuple[bool, str]:
+    """A C++ backend is available once its extension is built (or its prebuilt library loaded): loading it
+    registers its kernels for the zokern::native_* ops under its device's dispatch key."""
+    from zokern.backends._extension import CPU_EXTENSION, CUDA_EXTENSION
 
-
-def load(name: str):
-    if name not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
-    return importlib.import_module(_MODULES[name])
+    if name == "cuda" and torch.version.cuda is None:
+        return False, "torch has no CUDA"
+    return (CPU_EXTENSION if name == "cpp" else CUDA_EXTENSION).ensure()
 
 
 def availability(name: str, device_type: str) -> tuple[bool, str]:
     """Whether backend `name` can run on `device_type`, and why (not)."""
-    if name in BACKENDS and name not in SUPPORTED.get(device_type, ("reference",)):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    if name not in SUPPORTED.get(device_type, ("reference",)):
         return False, f"{name} does not run on {device_type}"
     if device_type == "cuda" and not torch.cuda.is_available():
         return False, "torch sees no CUDA device"
-    try:
-        module = load(name)
-    except ImportError as exc:  # a backend's own dependencies are optional
-        return False, f"cannot import: {exc}"
-    return module.availability(device_type)
+    if name == "reference":
+        from zokern.backends import reference
+
+        return reference.availability(device_type)
+    if name == "triton":
+        from zokern.backends import triton
+
+        return triton.availability(device_type)
+    return _extension_availability(name)
 
 
 def resolve(requested: "str | None", device_type: str) -> str:

@@ -1,13 +1,12 @@
-"""Loads the C++ extensions built at install (setup.py), else compiles them on first use, and the Python side of
-the "cpp" and "cuda" backends.
+"""Loads the C++ extensions built at install (setup.py), else compiles them on first use.
 
 `pip install .` (and the editable install of scripts/setup_env.sh) builds each extension into
-zokern/<name>.so; it registers its ops in its own namespace: torch.ops.zokern_cpp (CPU) and
-torch.ops.zokern_cuda (CUDA). The CUDA extension is a separate library, so the CPU one works on machines without
-CUDA. Compiling at first use (torch.utils.cpp_extension.load, cached in $ZOKERN_BUILD_DIR if set, else torch's
-cache) is only the fallback where that library is missing, does not load, or was built against another torch or
-from other sources (an edited checkout); the reason is part of the backend's availability (`zokern info`). A
-failed build never raises at import: the reason is kept and reported by `availability`.
+zokern/<name>.so; it registers its kernels for the zokern::native_* ops (zokern/library.py) under its dispatch
+key: CPU (zokern_cpp) and CUDA (zokern_cuda). The CUDA extension is a separate library, so the CPU one works on
+machines without CUDA. Compiling at first use (torch.utils.cpp_extension.load, cached in $ZOKERN_BUILD_DIR if
+set, else torch's cache) is only the fallback where that library is missing, does not load, or was built against
+another torch or from other sources (an edited checkout); the reason is part of the backend's availability
+(`zokern info`). A failed build never raises at import: the reason is kept and reported by `availability`.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from zokern.backends import _build, record_launch
+from zokern.backends import _build
 
 LIBRARY_DIR = Path(__file__).resolve().parents[1]  # the package _build.LIBRARY_PACKAGE
 
@@ -135,141 +134,3 @@ def _first_error(text: str, lines: int = 3) -> str:
 CPU_EXTENSION = _Extension(_build.CPU)
 CUDA_EXTENSION = _Extension(_build.CUDA)
 
-
-# The backend interface (zokern/backends/reference.py), which Backend implements over an extension's ops.
-KERNELS = ("availability", "philox_words", "fill_random", "perturb", "fused_step", "lowrank_apply", "masked_perturb",
-           "masked_fused_step", "hessian_perturb", "hessian_step", "distance_norms", "anchored_rescale")
-
-
-class Backend:
-    """The backend interface of zokern/backends/reference.py over one extension's ops.
-
-    The CPU extension records one launch per call into it; the CUDA one launches one kernel per dtype
-    present in the list (per dtype pair for the Hessian ops; the low-rank op returns its count), which is
-    what `launches` counts."""
-
-    def __init__(self, name: str, device_type: str, extension: _Extension, namespace: str):
-        self.name, self.device_type, self.extension, self.namespace = name, device_type, extension, namespace
-
-    def module_attributes(self) -> dict:
-        """NAME and the interface's functions, for the backend's module to export (cpp_cpu.py, cpp_cuda.py)."""
-        return {"NAME": self.name, **{kernel: getattr(self, kernel) for kernel in KERNELS}}
-
-    def availability(self, device_type: str) -> "tuple[bool, str]":
-        if device_type != self.device_type:
-            return False, f"the {self.name} backend runs on {self.device_type} only"
-        if self.device_type == "cuda":
-            if torch.version.cuda is None:
-                return False, "torch has no CUDA"
-            if not torch.cuda.is_available():
-                return False, "no CUDA device"
-        return self.extension.ensure()
-
-    def _ops(self):
-        ok, why = self.extension.ensure()
-        if not ok:
-            raise RuntimeError(f"zokern backend {self.name!r} is not available: {why}")
-        return getattr(torch.ops, self.namespace)
-
-    def _record(self, kernel: str, tensors: list) -> None:
-        """Count the launches of one call into the extension (made only when some tensor is non-empty)."""
-        launches = len({t.dtype for t in tensors if t.numel() > 0}) if self.device_type == "cuda" else 1
-        for _ in range(launches):
-            record_launch(self.name, kernel)
-
-    def philox_words(self, seed, stream, domain, first_call, n, device) -> torch.Tensor:
-        if n == 0:
-            return torch.empty((0, 4), dtype=torch.int64, device=device)
-        ops = self._ops()
-        record_launch(self.name, "philox_words")
-        return ops.philox_words(seed, stream, int(domain), first_call, n, torch.device(device))
-
-    def fill_random(self, out, seed, stream, offset, domain, dist) -> None:
-        if out.numel() == 0:
-            return
-        ops = self._ops()
-        self._record("fill_random", [out])
-        ops.fill_random_(out, seed, stream, offset, int(domain), int(dist))
-
-    def perturb(self, params, streams, seed, scale, dist, *, chunk=None) -> None:
-        if not any(p.numel() for p in params):
-            return
-        ops = self._ops()
-        self._record("perturb", params)
-        ops.perturb_(params, list(streams), seed, float(scale), int(dist), chunk or 0)
-
-    def fused_step(self, params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
-                   *, chunk=None) -> None:
-        if not any(p.numel() for p in params):
-            return
-        ops = self._ops()
-        self._record("fused_step", params)
-        ops.fused_step_(params, list(streams), seed, float(restore), float(lr), float(grad),
-                        [float(wd) for wd in weight_decays], next_seed, float(next_scale), int(dist), chunk or 0)
-
-    def lowrank_apply(self, weights, us, vs, cores) -> None:
-        if not any(w.numel() for w in weights):
-            return
-        ops = self._ops()
-        launches = ops.lowrank_apply_(weights, us, vs, cores)
-        for _ in range(launches if self.device_type == "cuda" else 1):
-            record_launch(self.name, "lowrank_apply")
-
-    def masked_perturb(self, params, masks, thresholds, streams, seed, scale, compute_mask, dist, *,
-                       chunk=None) -> None:
-        if not any(p.numel() for p in params):
-            return
-        ops = self._ops()
-        self._record("masked_perturb", params)
-        ops.masked_perturb_(params, masks, thresholds.contiguous(), list(streams), seed, float(scale),
-                            bool(compute_mask), int(dist), chunk or 0)
-
-    def masked_fused_step(self, params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays,
-                          next_seed, next_scale, dist, *, chunk=None) -> None:
-        if not any(p.numel() for p in params):
-            return
-        ops = self._ops()
-        self._record("masked_fused_step", params)
-        ops.masked_fused_step_(params, masks, thresholds.contiguous(), list(streams), seed, float(restore),
-                               float(lr), float(grad), [float(wd) for wd in weight_decays], next_seed,
-                               float(next_scale), int(dist), chunk or 0)
-
-    def _record_hessian(self, kernel, params, hessians) -> None:
-        """One CUDA launch per (parameter dtype, Hessian dtype) pair present."""
-        pairs = {(p.dtype, d.dtype) for p, d in zip(params, hessians) if p.numel() > 0}
-        for _ in range(len(pairs) if self.device_type == "cuda" else 1):
-            record_launch(self.name, kernel)
-
-    def hessian_perturb(self, params, hessians, streams, seed, scale, dist, *, chunk=None) -> None:
-        if not any(p.numel() for p in params):
-            return
-        ops = self._ops()
-        self._record_hessian("hessian_perturb", params, hessians)
-        ops.hessian_perturb_(params, hessians, list(streams), seed, float(scale), int(dist), chunk or 0)
-
-    def hessian_step(self, params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
-                     next_seed, next_scale, dist, *, chunk=None) -> None:
-        if not any(p.numel() for p in params):
-            return
-        ops = self._ops()
-        self._record_hessian("hessian_step", params, hessians)
-        ops.hessian_step_(params, hessians, list(streams), seed, float(restore), float(lr), float(grad),
-                          float(hess_scale), float(alpha), [float(wd) for wd in weight_decays], next_seed,
-                          float(next_scale), int(dist), chunk or 0)
-
-    def distance_norms(self, params, anchors, *, chunk=None) -> torch.Tensor:
-        if not params:
-            return torch.empty(0)
-        ops = self._ops()
-        # CUDA: one partial-sum launch per dtype present, then one that sums each tensor's partials.
-        self._record("distance_norms", params)
-        if self.device_type == "cuda":
-            record_launch(self.name, "distance_norms")
-        return ops.distance_norms(params, anchors, chunk or 0)
-
-    def anchored_rescale(self, params, anchors, sources, factors, *, chunk=None) -> None:
-        if not any(p.numel() for p in params):
-            return
-        ops = self._ops()
-        self._record("anchored_rescale", params)
-        ops.anchored_rescale_(params, anchors, sources, factors.contiguous(), chunk or 0)

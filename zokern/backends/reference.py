@@ -1,11 +1,12 @@
-"""Reference backend: the fused ops written as plain PyTorch from docs/OPS.md. It is the test oracle."""
+"""Reference backend: the fused ops written as plain PyTorch from docs/OPS.md. It is the test oracle.
+
+Each function takes its op's arguments (zokern/library.py SCHEMAS) but the backend."""
 from __future__ import annotations
 
 import torch
 
 from zokern.random import MASK32, Domain, philox4x32, reference_draw
 
-NAME = "reference"
 # The one NaN every backend stores in bfloat16 and float16, whatever NaN the float32 math produced (docs/OPS.md).
 CANONICAL_NAN_16 = 0x7FFF
 
@@ -28,9 +29,10 @@ def _store(p: torch.Tensor, x: torch.Tensor) -> None:
         p.view(torch.int16).masked_fill_(p.isnan(), CANONICAL_NAN_16)
 
 
-def philox_words(seed: int, stream: int, domain: int, first_call: int, n: int, device) -> torch.Tensor:
-    j = torch.arange(first_call, first_call + n, dtype=torch.int64, device=device)
-    return torch.stack(philox4x32((j & MASK32, j >> 32, stream, domain), (seed & MASK32, seed >> 32)), dim=-1)
+def philox_words(out: torch.Tensor, seed: int, stream: int, domain: int, first_call: int) -> None:
+    """out[k] = the four words of Philox call first_call + k (as int64, one row per call)."""
+    j = torch.arange(first_call, first_call + out.shape[0], dtype=torch.int64, device=out.device)
+    out.copy_(torch.stack(philox4x32((j & MASK32, j >> 32, stream, domain), (seed & MASK32, seed >> 32)), dim=-1))
 
 
 def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: int, dist: int) -> None:

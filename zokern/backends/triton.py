@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from zokern.backends import record_launch
-
-NAME = "triton"
-
 try:
     from zokern import kernels
-    from zokern.kernels import dizo, hessian, lowrank, masked
-    from zokern.kernels.multi_tensor import cdiv, default_sizes, device_ctx, i32, launch_options, seed_words, tables
+    from zokern.kernels import dizo, hizoo, sparse, subzero
+    from zokern.kernels.multi_tensor import (CODES, alignment, cdiv, default_sizes, device_ctx, i32, launch_groups,
+                                             launch_options, seed_words)
 except ImportError as exc:  # triton is optional
     kernels = None
     _IMPORT_ERROR = str(exc)
@@ -36,18 +33,13 @@ def availability(device_type: str) -> tuple[bool, str]:
     return False, f"the Triton backend has no {device_type} support"
 
 
-def philox_words(seed: int, stream: int, domain: int, first_call: int, n: int, device) -> torch.Tensor:
-    device = torch.device(device)
-    out = torch.empty((n, 4), dtype=torch.int64, device=device)
-    if n == 0:
-        return out
+def philox_words(out: torch.Tensor, seed: int, stream: int, domain: int, first_call: int) -> None:
+    n = out.shape[0]
     block = 16384 if kernels.INTERPRET else 1024
     k0, k1 = seed_words(seed)
-    with device_ctx(device):
+    with device_ctx(out.device):
         kernels.philox_words_kernel[(cdiv(n, block),)](
             out, n, first_call, i32(stream), i32(domain), k0, k1, BLOCK=block, **launch_options())
-    record_launch(NAME, "philox_words")
-    return out
 
 
 def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: int, dist: int) -> None:
@@ -61,53 +53,36 @@ def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: 
         kernels.fill_random_kernel[(cdiv(calls, block // 4),)](
             out, numel, offset, i32(stream), i32(domain), k0, k1, DIST=int(dist), BLOCK=block,
             **launch_options())
-    record_launch(NAME, "fill_random")
 
 
-def _launch(kernel_name: str, params, streams, weight_decays, block, chunk, dist, seed, restore, lr, grad,
-            next_seed, next_scale, fused: bool) -> None:
+def _launch(params, streams, weight_decays, block, chunk, dist, seed, restore, lr, grad, next_seed, next_scale,
+            fused: bool) -> None:
     block, chunk = default_sizes(block, chunk)
-    groups: dict[torch.dtype, list[int]] = {}
-    for idx, p in enumerate(params):
-        if p.numel() > 0:
-            groups.setdefault(p.dtype, []).append(idx)
-    if not groups:
-        return
-    device = params[groups[next(iter(groups))][0]].device
     k0, k1 = seed_words(seed)
     nk0, nk1 = seed_words(next_seed) if next_seed >= 0 else (0, 0)
-    codes = {torch.float32: kernels.FLOAT32.value, torch.bfloat16: kernels.BFLOAT16.value,
-             torch.float16: kernels.FLOAT16.value}
-    with device_ctx(device):
-        for dtype, idxs in groups.items():
-            group = [params[i] for i in idxs]
-            tensors, wds, chunks = tables(group, [streams[i] for i in idxs],
-                                           [float(weight_decays[i]) for i in idxs] if fused else None,
-                                           chunk, device)
-            kernels.zo_update_kernel[(chunks.numel(),)](
-                tensors, chunks, wds if fused else tensors, chunk, k0, k1, restore, lr, grad, nk0, nk1,
-                next_scale, DTYPE=codes[dtype], DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,
-                ALIGNED_PTRS=all(p.data_ptr() % (4 * p.element_size()) == 0 for p in group),
-                ALIGNED_ENDS=all(p.numel() % 4 == 0 for p in group), BLOCK=block, **launch_options())
-            record_launch(NAME, kernel_name)
+    for dtype, _, group, tensors, wds, chunks in launch_groups(params, lambda i: params[i].dtype, streams,
+                                                               weight_decays if fused else None, chunk):
+        kernels.zo_update_kernel[(chunks.numel(),)](
+            tensors, chunks, wds if fused else tensors, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
+            DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0, BLOCK=block,
+            **alignment(group), **launch_options())
 
 
 def perturb(params: list[torch.Tensor], streams: list[int], seed: int, scale: float, dist: int, *,
             block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch("perturb", params, streams, None, block, chunk, dist, seed, float(scale), 0.0, 0.0, -1, 0.0,
-            fused=False)
+    _launch(params, streams, None, block, chunk, dist, seed, float(scale), 0.0, 0.0, -1, 0.0, fused=False)
 
 
 def fused_step(params: list[torch.Tensor], streams: list[int], seed: int, restore: float, lr: float, grad: float,
                weight_decays: list[float], next_seed: int, next_scale: float, dist: int, *,
                block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch("fused_step", params, streams, weight_decays, block, chunk, dist, seed, float(restore), float(lr),
-            float(grad), next_seed, float(next_scale), fused=True)
+    _launch(params, streams, weight_decays, block, chunk, dist, seed, float(restore), float(lr), float(grad),
+            next_seed, float(next_scale), fused=True)
 
 
 # The method ops' launchers live beside their kernels.
 if kernels is not None:
-    lowrank_apply = lowrank.lowrank_apply
-    masked_perturb, masked_fused_step = masked.masked_perturb, masked.masked_fused_step
-    hessian_perturb, hessian_step = hessian.hessian_perturb, hessian.hessian_step
+    lowrank_apply = subzero.lowrank_apply
+    masked_perturb, masked_fused_step = sparse.masked_perturb, sparse.masked_fused_step
+    hessian_perturb, hessian_step = hizoo.hessian_perturb, hizoo.hessian_step
     distance_norms, anchored_rescale = dizo.distance_norms, dizo.anchored_rescale

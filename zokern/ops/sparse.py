@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from zokern.ops.core import checked, weight_decays
+from zokern.ops.mezo import checked, weight_decays
 from zokern.random import parse_distribution
 from zokern.validation import check_finite, mask_words
 

@@ -1,5 +1,7 @@
-// The schemas of the backend ops and their registration, shared by the CPU (zokern_cpp) and CUDA
-// (zokern_cuda) bindings, which differ only in namespace, dispatch key and their loops. Needs torch headers.
+// The registration of the kernels for the zokern::native_* ops, shared by the CPU (zokern_cpp) and CUDA
+// (zokern_cuda) bindings, which differ only in dispatch key and their loops. The ops' schemas are defined once,
+// in Python (zokern/library.py: each op's own schema without `str backend`, plus `int chunk=0` where the kernel
+// works in chunks); torch checks each kernel's C++ signature against its op's schema. Needs torch headers.
 //
 // The element-wise ops (MeZO, magnitude mask, diagonal Hessian) turn the schema's scalars into element.h's
 // ops here, once; a binding supplies `Loops`, a struct with the device loops
@@ -74,37 +76,17 @@ struct ElementwiseOps {
 
 }  // namespace zokern
 
-// philox_words has no tensor argument to dispatch on, so it is a catch-all kernel; the others are device
-// kernels, and a tensor of another device is a dispatcher error. chunk <= 0: the default chunk size.
-#define ZOKERN_DEFINE_BACKEND_OPS(m) \
-  m.def("philox_words(int seed, int stream, int domain, int first_call, int n, Device device) -> Tensor", \
-        &philox_words); \
-  m.def("fill_random_(Tensor(a!) out, int seed, int stream, int offset, int domain, int dist) -> ()"); \
-  m.def("perturb_(Tensor(a!)[] params, int[] streams, int seed, float scale, int dist, int chunk) -> ()"); \
-  m.def("fused_step_(Tensor(a!)[] params, int[] streams, int seed, float restore, float lr, float grad, " \
-        "float[] weight_decays, int next_seed, float next_scale, int dist, int chunk) -> ()"); \
-  m.def("lowrank_apply_(Tensor(a!)[] weights, Tensor[] us, Tensor[] vs, Tensor[] cores) -> int"); \
-  m.def("masked_perturb_(Tensor(a!)[] params, Tensor(b!)[] masks, Tensor thresholds, int[] streams, int seed, " \
-        "float scale, bool compute_mask, int dist, int chunk) -> ()"); \
-  m.def("masked_fused_step_(Tensor(a!)[] params, Tensor(b!)[] masks, Tensor thresholds, int[] streams, " \
-        "int seed, float restore, float lr, float grad, float[] weight_decays, int next_seed, float next_scale, int dist, int chunk) -> ()"); \
-  m.def("hessian_perturb_(Tensor(a!)[] params, Tensor[] hessians, int[] streams, int seed, float scale, " \
-        "int dist, int chunk) -> ()"); \
-  m.def("hessian_step_(Tensor(a!)[] params, Tensor(b!)[] hessians, int[] streams, int seed, float restore, " \
-        "float lr, float grad, float hess_scale, float alpha, float[] weight_decays, int next_seed, float next_scale, int dist, int chunk) -> ()"); \
-  m.def("distance_norms(Tensor[] params, Tensor[] anchors, int chunk) -> Tensor"); \
-  m.def("anchored_rescale_(Tensor(a!)[] params, Tensor[] anchors, Tensor[]? sources, Tensor factors, " \
-        "int chunk) -> ()");
-
+// chunk <= 0: the default chunk size.
 #define ZOKERN_IMPL_BACKEND_OPS(m, Loops) \
   using Elementwise = zokern::ElementwiseOps<Loops>; \
-  m.impl("fill_random_", &fill_random_); \
-  m.impl("perturb_", &Elementwise::perturb_); \
-  m.impl("fused_step_", &Elementwise::fused_step_); \
-  m.impl("lowrank_apply_", &lowrank_apply_); \
-  m.impl("masked_perturb_", &Elementwise::masked_perturb_); \
-  m.impl("masked_fused_step_", &Elementwise::masked_fused_step_); \
-  m.impl("hessian_perturb_", &Elementwise::hessian_perturb_); \
-  m.impl("hessian_step_", &Elementwise::hessian_step_); \
-  m.impl("distance_norms", &distance_norms); \
-  m.impl("anchored_rescale_", &anchored_rescale_);
+  m.impl("native_philox_words_", &philox_words_); \
+  m.impl("native_fill_random_", &fill_random_); \
+  m.impl("native_perturb_", &Elementwise::perturb_); \
+  m.impl("native_fused_step_", &Elementwise::fused_step_); \
+  m.impl("native_lowrank_apply_", &lowrank_apply_); \
+  m.impl("native_masked_perturb_", &Elementwise::masked_perturb_); \
+  m.impl("native_masked_fused_step_", &Elementwise::masked_fused_step_); \
+  m.impl("native_hessian_perturb_", &Elementwise::hessian_perturb_); \
+  m.impl("native_hessian_step_", &Elementwise::hessian_step_); \
+  m.impl("native_distance_norms", &distance_norms); \
+  m.impl("native_anchored_rescale_", &anchored_rescale_);

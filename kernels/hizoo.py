@@ -1,6 +1,6 @@
 """HiZOO's Hessian-scaled perturb and fused step (docs/OPS.md, "Diagonal Hessian").
 
-Multi-tensor like zo_update.py, one launch per (weight dtype, D dtype). z / sqrt(D) uses tl.sqrt_rn and
+Multi-tensor like mezo.py, one launch per (weight dtype, D dtype). z / sqrt(D) uses tl.sqrt_rn and
 tl.div_rn: on NVIDIA plain `/` and tl.sqrt are approximate for float32; these are IEEE-rounded everywhere
 (the interpreter included).
 """
@@ -10,11 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from zokern.backends import record_launch
-
-from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, seed_words, tables
+from .multi_tensor import CODES, alignment, default_sizes, extras, launch_groups, launch_options, seed_words
 from .philox import draw_rows
-from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
+from .mezo import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
 
 
 @triton.jit
@@ -59,33 +57,24 @@ def hessian_kernel(tensors, extra, chunks, weight_decays, chunk, k0, k1, restore
         _store_f32(ptr, x, inside, DTYPE)
 
 
-def _launch(kernel_name, params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
+def _launch(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
             next_seed, next_scale, dist, fused, block, chunk) -> None:
     block, chunk = default_sizes(block, chunk)
-    by_dtypes = groups(params, lambda i: (params[i].dtype, hessians[i].dtype))
-    if not by_dtypes:
-        return
-    device = params[next(iter(by_dtypes.values()))[0]].device
     k0, k1 = seed_words(seed)
     nk0, nk1 = seed_words(next_seed) if next_seed >= 0 else (0, 0)
-    with device_ctx(device):
-        for (dtype, d_dtype), idxs in by_dtypes.items():
-            group = [params[i] for i in idxs]
-            tensors, wds, chunks = tables(group, [streams[i] for i in idxs],
-                                                   [float(weight_decays[i]) for i in idxs] if fused else None,
-                                                   chunk, device)
-            extra = extras([(hessians[i].data_ptr(),) for i in idxs], device)
-            hessian_kernel[(chunks.numel(),)](
-                tensors, extra, chunks, wds if fused else tensors, chunk, k0, k1, restore, lr, grad, hess_scale,
-                alpha, 1.0 - alpha, nk0, nk1, next_scale, DTYPE=CODES[dtype], D_DTYPE=CODES[d_dtype],
-                DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,
-                BLOCK=block, **alignment(group + [hessians[i] for i in idxs]), **launch_options())
-            record_launch("triton", kernel_name)
+    for (dtype, d_dtype), idxs, group, tensors, wds, chunks in launch_groups(
+            params, lambda i: (params[i].dtype, hessians[i].dtype), streams, weight_decays if fused else None, chunk):
+        extra = extras([(hessians[i].data_ptr(),) for i in idxs], group[0].device)
+        hessian_kernel[(chunks.numel(),)](
+            tensors, extra, chunks, wds if fused else tensors, chunk, k0, k1, restore, lr, grad, hess_scale,
+            alpha, 1.0 - alpha, nk0, nk1, next_scale, DTYPE=CODES[dtype], D_DTYPE=CODES[d_dtype],
+            DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,
+            BLOCK=block, **alignment(group + [hessians[i] for i in idxs]), **launch_options())
 
 
 def hessian_perturb(params: list[torch.Tensor], hessians: list[torch.Tensor], streams: list[int], seed: int,
                     scale: float, dist: int, *, block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch("hessian_perturb", params, hessians, streams, seed, float(scale), 0.0, 0.0, 0.0, 0.0, None, -1, 0.0,
+    _launch(params, hessians, streams, seed, float(scale), 0.0, 0.0, 0.0, 0.0, None, -1, 0.0,
             dist, fused=False, block=block, chunk=chunk)
 
 
@@ -93,6 +82,6 @@ def hessian_step(params: list[torch.Tensor], hessians: list[torch.Tensor], strea
                  restore: float, lr: float, grad: float, hess_scale: float, alpha: float, weight_decays: list[float],
                  next_seed: int, next_scale: float, dist: int, *, block: "int | None" = None,
                  chunk: "int | None" = None) -> None:
-    _launch("hessian_step", params, hessians, streams, seed, float(restore), float(lr), float(grad),
+    _launch(params, hessians, streams, seed, float(restore), float(lr), float(grad),
             float(hess_scale), float(alpha), weight_decays, next_seed, float(next_scale), dist, fused=True,
             block=block, chunk=chunk)

@@ -1,6 +1,6 @@
 """Sparse MeZO's masked perturb and masked fused step (docs/OPS.md, "Magnitude mask").
 
-Multi-tensor like zo_update.py: one launch per dtype. A program's chunk is a multiple of 32 elements, so
+Multi-tensor like mezo.py: one launch per dtype. A program's chunk is a multiple of 32 elements, so
 a mask word never straddles two programs. Blocks are [WORDS, 32]: row w is mask word w, column b its bit
 b, i.e. element 32w + b. Mask words are built as uint32 (a sum of distinct bits << b, so bit 31 lands in
 the sign of the int32 word by bitcast) and read back with logical shifts.
@@ -11,11 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from zokern.backends import record_launch
-
-from .multi_tensor import CODES, alignment, default_sizes, device_ctx, extras, groups, launch_options, round_to, seed_words, tables
+from .multi_tensor import (CODES, alignment, default_sizes, extras, launch_groups, launch_options, round_to,
+                           seed_words)
 from .philox import draw_rows
-from .zo_update import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
+from .mezo import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
@@ -70,38 +69,28 @@ def masked_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, 
         _store_f32(ptr, x, inside, DTYPE)
 
 
-def _launch(kernel_name, params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
+def _launch(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
             next_scale, dist, fused, compute_mask, block, chunk) -> None:
     block, chunk = default_sizes(block, chunk)
     if block < 32 or chunk % 32:
         raise ValueError(f"masked kernels need block >= 32 and chunk a multiple of 32, got {block}, {chunk}")
-    by_dtype = groups(params, lambda i: params[i].dtype)
-    if not by_dtype:
-        return
-    device = params[next(iter(by_dtype.values()))[0]].device
     if not all(m.is_contiguous() for m in masks):
         raise ValueError("masks must be contiguous int32 tensors")
     k0, k1 = seed_words(seed)
     nk0, nk1 = seed_words(next_seed) if next_seed >= 0 else (0, 0)
-    with device_ctx(device):
-        for dtype, idxs in by_dtype.items():
-            group = [params[i] for i in idxs]
-            tensors, wds, chunks = tables(group, [streams[i] for i in idxs],
-                                                   [float(weight_decays[i]) for i in idxs] if fused else None,
-                                                   chunk, device)
-            extra = extras([(i, masks[i].data_ptr()) for i in idxs], device)
-            masked_kernel[(chunks.numel(),)](
-                tensors, extra, chunks, thresholds, wds if fused else tensors, chunk, k0, k1, restore, lr, grad,
-                nk0, nk1, next_scale, DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, COMPUTE_MASK=compute_mask,
-                HAS_NEXT=fused and next_seed >= 0, BLOCK=block, **alignment(group),
-                **launch_options())
-            record_launch("triton", kernel_name)
+    for dtype, idxs, group, tensors, wds, chunks in launch_groups(params, lambda i: params[i].dtype, streams,
+                                                                  weight_decays if fused else None, chunk):
+        extra = extras([(i, masks[i].data_ptr()) for i in idxs], group[0].device)
+        masked_kernel[(chunks.numel(),)](
+            tensors, extra, chunks, thresholds, wds if fused else tensors, chunk, k0, k1, restore, lr, grad,
+            nk0, nk1, next_scale, DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, COMPUTE_MASK=compute_mask,
+            HAS_NEXT=fused and next_seed >= 0, BLOCK=block, **alignment(group), **launch_options())
 
 
 def masked_perturb(params: list[torch.Tensor], masks: list[torch.Tensor], thresholds: torch.Tensor,
                    streams: list[int], seed: int, scale: float, compute_mask: bool, dist: int, *,
                    block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch("masked_perturb", params, masks, thresholds, streams, seed, float(scale), 0.0, 0.0, None, -1, 0.0,
+    _launch(params, masks, thresholds, streams, seed, float(scale), 0.0, 0.0, None, -1, 0.0,
             dist, fused=False, compute_mask=bool(compute_mask), block=block, chunk=chunk)
 
 
@@ -109,6 +98,6 @@ def masked_fused_step(params: list[torch.Tensor], masks: list[torch.Tensor], thr
                       streams: list[int], seed: int, restore: float, lr: float, grad: float,
                       weight_decays: list[float], next_seed: int, next_scale: float, dist: int, *,
                       block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch("masked_fused_step", params, masks, thresholds, streams, seed, float(restore), float(lr), float(grad),
+    _launch(params, masks, thresholds, streams, seed, float(restore), float(lr), float(grad),
             weight_decays, next_seed, float(next_scale), dist, fused=True, compute_mask=False, block=block,
             chunk=chunk)

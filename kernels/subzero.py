@@ -11,11 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from zokern.backends import record_launch
-
 from .multi_tensor import CODES, cdiv, device_ctx, kernel_arg, launch_options
 from .philox import INTERPRET
-from .zo_update import BFLOAT16, _load_f32, _store_f32
+from .mezo import BFLOAT16, _load_f32, _store_f32
 
 # On GPU "ieee" dots run on the FMA units: 2r flops per W element, which at r = 64 outruns the FMA
 # throughput of an H100 for 16-bit weights, while the op should stay memory-bound. Plain "tf32" keeps only
@@ -27,7 +25,7 @@ DOT_PRECISION = tl.constexpr("ieee" if INTERPRET else "tf32x3")
 
 @triton.jit
 def _load_f32_zero(ptr, mask, DTYPE: tl.constexpr):
-    """Like zo_update._load_f32, with masked-off lanes 0: tl.dot must not see garbage in the padding."""
+    """Like mezo._load_f32, with masked-off lanes 0: tl.dot must not see garbage in the padding."""
     if DTYPE == BFLOAT16:
         return (tl.load(ptr, mask=mask, other=0).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
@@ -95,4 +93,3 @@ def lowrank_apply(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[
             lowrank_kernel[(cdiv(m, bm), cdiv(n, cols))](
                 kernel_arg(w), kernel_arg(u), kernel_arg(v), core, m, n, rank, W_DTYPE=CODES[w.dtype],
                 U_DTYPE=CODES[u.dtype], V_DTYPE=CODES[v.dtype], BM=bm, BN=bn, R_PAD=r_pad, COLS=cols, **options)
-        record_launch("triton", "lowrank_apply")

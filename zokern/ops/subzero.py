@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from zokern.ops.core import fill_random_
+from zokern.ops.mezo import fill_random_
 from zokern.random import Domain
 from zokern.validation import check_is_tensor_list
 
