@@ -342,6 +342,7 @@ def legacy(state):
     """A state as saved before the optimizer recorded its method and tensors."""
     state = copy.deepcopy(state)
     del state["zo"]["optimizer"], state["zo"]["tensors"]
+    state["zo"]["method"].pop("tracked", None)  # Sparse MeZO's thresholds were all fixed then
     return state
 
 

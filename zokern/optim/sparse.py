@@ -35,6 +35,9 @@ class SparseMeZO(ZOOptimizer):
             warnings.warn("SparseMeZO masks no tensor: every trained tensor is a vector and mask_vectors=False, "
                           "so this runs as plain MeZO; pass mask_vectors=True to mask vectors", stacklevel=2)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(_with_tracked(state_dict))
+
     def _init_bucket(self, bucket):
         masked = [i for i, p in enumerate(bucket.params) if p.dim() >= 2 or self.mask_vectors]
         dense = [i for i in range(len(bucket.params)) if i not in set(masked)]
@@ -94,3 +97,14 @@ class SparseMeZO(ZOOptimizer):
             params, ids, wds = self._select(b, "dense")
             ops.fused_step_(params, seed, stream_ids=ids, restore=self.eps, lr=lr, grad=grad, weight_decay=wds,
                             next_seed=next_seed, next_scale=self.eps, dist=self.dist, backend=self.backend)
+
+
+def _with_tracked(state_dict):
+    """A state saved before thresholds could be re-estimated has no "tracked": its thresholds stay fixed, which is
+    what tracked=None (never decided) gives. Any other state is returned as it is, for the checks to judge."""
+    zo = state_dict.get("zo") if isinstance(state_dict, dict) else None
+    method = zo.get("method") if isinstance(zo, dict) else None
+    if not (isinstance(method, dict) and "thresholds" in method and "tracked" not in method
+            and isinstance(method["thresholds"], list)):
+        return state_dict
+    return {**state_dict, "zo": {**zo, "method": {**method, "tracked": [None] * len(method["thresholds"])}}}
