@@ -190,6 +190,8 @@ def test_compare_over_seeds_gives_mean_and_standard_deviation(tiny_model_dir, tm
     (["--methods", "mezo,adam"], "unknown method(s) adam"),
     (["--option", "rank=4"], "METHOD.NAME=VALUE"),
     (["--model", "/no/such/model"], "does not exist"),
+    (["--lr", "-1"], "--lr must be a positive finite number"),
+    (["--methods", "mezo,dizo", "--option", "dizo.bogus=1"], "--option bogus: dizo has no such option"),
 ])
 def test_compare_rejects_bad_input_before_training(args, message):
     result = subprocess.run([sys.executable, "-m", "zokern.cli", "compare", *args], capture_output=True, text=True,

@@ -305,6 +305,8 @@ def test_resume_without_a_checkpoint(tiny_model_dir, task_file, tmp_path, fast_l
     (["--template", "{text"], "--template '{text'"),
     (["--labels", "neg=bad,pos=bad"], "--labels maps two classes to the word 'bad'"),
     (["--labels", "neg=bad,neg=good"], "--labels names class 'neg' twice"),
+    (["--method", "hizoo", "--two-pass"], "--two-pass: hizoo has no two-pass mode"),
+    (["--method", "subzero", "--weight-decay", "0.1"], "--weight-decay: subzero has no weight decay"),
 ])
 def test_cli_rejects_bad_settings_before_the_model_loads(tiny_model_dir, task_file, tmp_path, no_model_load, capsys,
                                                          args, message):
@@ -317,6 +319,9 @@ def test_cli_rejects_bad_settings_before_the_model_loads(tiny_model_dir, task_fi
 @pytest.mark.parametrize("args,message", [
     (["--method", "subzero", "--option", "rank=-3"], "subzero with --option {'rank': -3}: "),
     (["--method", "dizo", "--option", "project_pattern=no_such_tensor"], "no_such_tensor"),
+    (["--method", "dizo", "--option", "project_every=0"], "project_every must be an integer >= 1, got 0"),
+    (["--method", "dizo", "--option", "gamma_range=1.5"], "gamma_range must be in (0, 1)"),
+    (["--train-pattern", "no_such_tensor"], "--train-pattern 'no_such_tensor' matches no trainable parameter"),
 ])
 def test_cli_rejects_option_values_the_optimizer_refuses(tiny_model_dir, task_file, tmp_path, fast_load, capsys,
                                                          args, message):

@@ -189,11 +189,12 @@ def compare_command(args) -> int:
         base = FinetuneConfig(**fields)
         load_task(base)
         resolve_model_path(base.model)
-    except (DataError, ModelError, ValueError) as exc:
+        # compare checks every run's settings before the model loads and the first run trains
+        result = compare(base, methods, args.forward_budget, evaluations=args.evaluations, method_options=options,
+                         seeds=args.seeds)
+    except (DataError, ModelError, ValueError) as exc:  # ConfigError, CheckpointError are ValueErrors
         print(f"zokern compare: error: {exc}", file=sys.stderr)
         return 2
-    result = compare(base, methods, args.forward_budget, evaluations=args.evaluations, method_options=options,
-                     seeds=args.seeds)
     print("\n" + (Path(base.output_dir) / "comparison.md").read_text())
     return 0 if result["runs"] else 1
 

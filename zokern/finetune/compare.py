@@ -12,7 +12,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from zokern.finetune.config import FinetuneConfig
+from zokern.finetune.config import FinetuneConfig, check_config
 from zokern.finetune.run_files import Run
 from zokern.finetune.train import finetune
 from zokern.optim import METHODS
@@ -37,28 +37,38 @@ def check_settings(forward_budget: int, seeds: int) -> None:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
 
 
+def run_configs(base: FinetuneConfig, methods: "list[str]", forward_budget: int, evaluations: int = 6,
+                method_options: "dict[str, dict] | None" = None, seeds: int = 1) -> "list[tuple[str, FinetuneConfig]]":
+    """Every run's (method, config), in order: seeds base.seed, ..., base.seed + seeds − 1 per method, with
+    method_options[method], two-pass mode and weight decay where the method has them, and the zero-shot test
+    accuracy measured by the first run only (the untrained model is the same for all: LoRA's B starts at zero).
+    Steps differ by method; the same number of evaluations each puts them at the same forward passes."""
+    out, run_seeds = Path(base.output_dir), [base.seed + i for i in range(seeds)]
+    return [(method, replace(base, method=method, seed=seed, forward_budget=forward_budget,
+                             output_dir=str(run_dir(out, method, seed, run_seeds)), resume=False,
+                             zero_shot_eval=(method, seed) == (methods[0], base.seed), evaluations=evaluations,
+                             two_pass=base.two_pass and METHODS[method].two_pass_supported,
+                             weight_decay=base.weight_decay if METHODS[method].weight_decay_supported else 0.0,
+                             method_options=(method_options or {}).get(method, {})))
+            for method in methods for seed in run_seeds]
+
+
 def compare(base: FinetuneConfig, methods: "list[str]", forward_budget: int, evaluations: int = 6,
             method_options: "dict[str, dict] | None" = None, seeds: int = 1, progress_stream=sys.stderr) -> dict:
-    """Runs of every method with seeds base.seed, base.seed + 1, ..., base.seed + seeds − 1 (with
-    method_options[method], if any); the zero-shot test accuracy is measured once (the untrained model is
-    the same for all: LoRA's B starts at zero)."""
+    """Runs of every method over `seeds` seeds (run_configs), every run's settings checked before the first
+    trains."""
     check_settings(forward_budget, seeds)
-    out = Path(base.output_dir)
-    run_seeds = [base.seed + i for i in range(seeds)]
+    configs = run_configs(base, methods, forward_budget, evaluations, method_options, seeds)
+    for _, config in configs:
+        check_config(config)
+    out, run_seeds = Path(base.output_dir), [c.seed for m, c in configs if m == methods[0]]
     rows, zero_shot = [], None
     for method in methods:
         summaries = []
-        for seed in run_seeds:
-            first = zero_shot is None
-            # Steps differ by method; the same number of evaluations each puts them at the same forward passes.
-            config = replace(base, method=method, seed=seed, forward_budget=forward_budget,
-                             output_dir=str(run_dir(out, method, seed, run_seeds)), zero_shot_eval=first,
-                             resume=False, evaluations=evaluations,
-                             two_pass=base.two_pass and METHODS[method].two_pass_supported,
-                             method_options=(method_options or {}).get(method, {}))
-            print(f"== {method}, seed {seed}: {forward_budget} forward passes", file=progress_stream)
+        for config in [c for m, c in configs if m == method]:
+            print(f"== {method}, seed {config.seed}: {forward_budget} forward passes", file=progress_stream)
             summary = finetune(config, progress_stream=progress_stream)
-            zero_shot = summary["zero_shot_accuracy"] if first else zero_shot
+            zero_shot = summary["zero_shot_accuracy"] if config.zero_shot_eval else zero_shot
             summaries.append(summary)
         accuracy, accuracy_sd = _mean_sd([s["final_accuracy"] for s in summaries])
         best, best_sd = _mean_sd([s["best_validation_accuracy"] for s in summaries])

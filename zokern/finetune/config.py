@@ -99,7 +99,12 @@ def check_config(config: FinetuneConfig) -> None:
             re.compile(config.train_pattern)
         except re.error as exc:
             raise ConfigError(f"--train-pattern {config.train_pattern!r} is not a regular expression: {exc}") from None
-    accepted = METHODS[config.method].option_names()
+    method = METHODS[config.method]
+    if config.two_pass and not method.two_pass_supported:
+        raise ConfigError(f"--two-pass: {config.method} has no two-pass mode")
+    if config.weight_decay and not method.weight_decay_supported:
+        raise ConfigError(f"--weight-decay: {config.method} has no weight decay; leave it at 0")
+    accepted = method.option_names()
     for name in config.method_options:
         if name in OPTIMIZER_SETTINGS:
             raise ConfigError(f"--option {name}: set it with {OPTIMIZER_SETTINGS[name]}")

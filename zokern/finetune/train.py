@@ -68,7 +68,7 @@ def trainable_parameters(config: FinetuneConfig, model) -> list:
     if config.train_pattern:
         trainable = [(n, p) for n, p in trainable if re.search(config.train_pattern, n)]
         if not trainable:
-            raise ValueError(f"--train-pattern {config.train_pattern!r} matches no trainable parameter")
+            raise ConfigError(f"--train-pattern {config.train_pattern!r} matches no trainable parameter")
     if not METHODS[config.method].trains_tied_embeddings and getattr(model.config, "tie_word_embeddings", False):
         # The method leaves a token embedding tied to the output layer out of training (DiZO's authors).
         tied = model.get_input_embeddings().weight

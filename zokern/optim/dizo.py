@@ -42,6 +42,14 @@ class DiZO(MeZO):
     def __init__(self, params, lr: float = 1e-7, eps: float = 1e-3, weight_decay: float = 0.0,
                  project_every: int = 50, project_iters: int = 10, gamma_eps: float = 0.1, gamma_lr: float = 2.0,
                  gamma_range: float = 0.2, project_pattern: str = PROJECT_PATTERN, **options):
+        for name, value in (("project_every", project_every), ("project_iters", project_iters)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not gamma_eps > 0:
+            raise ValueError(f"gamma_eps must be positive, got {gamma_eps!r}")
+        if not 0 < gamma_range < 1:
+            raise ValueError(f"gamma_range must be in (0, 1): the factor is searched in [(1 - τ)t, (1 + τ)t], "
+                             f"got {gamma_range!r}")
         self.project_every, self.project_iters = project_every, project_iters
         self.gamma_eps, self.gamma_lr, self.gamma_range = gamma_eps, gamma_lr, gamma_range
         self.project_pattern = re.compile(project_pattern)
