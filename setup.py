@@ -4,6 +4,7 @@ always the CPU one, and the CUDA one when torch is a CUDA build and a CUDA toolk
 default 9.0, so no GPU is needed). What they are built from and with which flags is zokern/backends/_build.py;
 everything else about the package is in pyproject.toml."""
 import importlib.util
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -40,7 +41,8 @@ class BuildStampedExtension(BuildExtension):
     def build_extensions(self):
         # Python's own CFLAGS (-g -DNDEBUG -fwrapv -Wall ...) are not the extensions' flags: compile with those of
         # _build.py only, as the fallback does (no debug info either: a library 5x smaller).
-        self.compiler.set_executable("compiler_so", [self.compiler.compiler_so[0], "-fPIC"])
+        command = list(itertools.takewhile(lambda word: not word.startswith("-"), self.compiler.compiler_so))
+        self.compiler.set_executable("compiler_so", [*command, "-fPIC"])  # the compiler (and any launcher)
         super().build_extensions()
 
     def run(self):

@@ -24,7 +24,7 @@ def wheel(tmp_path_factory) -> Path:
     source = tmp_path / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", ".build", "build", "runs", "*.egg-info",
                                                                 "__pycache__", ".pytest_cache", ".benchmarks", "*.so",
-                                                                "zokern_*.json"))
+                                                                "zokern_*.json", ".gpu", ".whl"))
     run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                           str(tmp_path), str(source)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -4,6 +4,7 @@ driven by both as the built-in methods are."""
 import ast
 import inspect
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -107,13 +108,15 @@ def test_the_capabilities_agree_with_what_the_class_does(method):
 
 def test_a_registered_method_is_driven_by_zokern_finetune(fresh_probe, tiny_model_dir, tmp_path):
     pytest.importorskip("transformers")
-    from zokern.finetune.config import FinetuneConfig
+    from zokern.finetune.config import ConfigError, FinetuneConfig
     from zokern.finetune.train import finetune
 
     config = FinetuneConfig(method="fresh-probe", model=str(tiny_model_dir), output_dir=str(tmp_path), steps=3,
                             batch_size=4, eval_every=0, eval_examples=4, checkpoint_every=0, lora_rank=0,
                             weight_decay=0.1, method_options={"probes": 3}, zero_shot_eval=False)
-    summary = finetune(config, progress_stream=open("/dev/null", "w"))
+    with pytest.raises(ConfigError, match="--weight-decay: fresh-probe has no weight decay"):
+        finetune(config, progress_stream=open("/dev/null", "w"))
+    summary = finetune(replace(config, weight_decay=0.0), progress_stream=open("/dev/null", "w"))
     opt, = fresh_probe.made
     assert len(opt.fresh_losses) == 9 and summary["forwards"] == 3 * 2 + 9
     assert all(g["weight_decay"] == 0.0 for g in opt.param_groups)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from zokern.fileio import atomic_write
+
 FORMAT = "zokern-seedlog"
 VERSION = 1
 
@@ -41,10 +43,8 @@ class SeedLogWriter:
 
     def __init__(self, path: "str | Path", header: dict, records: "list[dict] | None" = None):
         self.path = Path(path)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(_dumps({"format": FORMAT, "version": VERSION, **header})
-                       + "".join(_dumps(r) for r in records or []))
-        tmp.replace(self.path)
+        atomic_write(self.path, (_dumps({"format": FORMAT, "version": VERSION, **header})
+                                 + "".join(_dumps(r) for r in records or [])).encode())
         self._file = self.path.open("a")
 
     @classmethod

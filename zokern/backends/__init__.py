@@ -20,7 +20,7 @@ _AUTO = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
 def _extension_availability(name: str) -> tuple[bool, str]:
-    """A C++ backend is available once its extension is built (or its prebuilt library loaded): loading it
+    """A C++ backend is available once its extension is built (the library built at install, or compiled at first use): loading it
     registers its kernels for the zokern::native_* ops under its device's dispatch key."""
     from zokern.backends._extension import CPU_EXTENSION, CUDA_EXTENSION
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from zokern.fileio import atomic_write
 from zokern.seedlog import read as read_seedlog
 
 class CheckpointError(ValueError):
@@ -63,7 +64,7 @@ class Run:
 
     def truncate_metrics(self, last_step: int) -> None:
         kept = [r for r in self.records() if r.get("step", 0) <= last_step]
-        _atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        atomic_write(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def checkpoints(self) -> list[Path]:
         """The complete checkpoint directories, newest first."""
@@ -202,12 +203,3 @@ def _discard(path: Path) -> None:
     _remove(doomed)
     os.replace(path, doomed)
     shutil.rmtree(doomed)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -20,7 +20,8 @@ from zokern.finetune.config import DTYPES, ConfigError, FinetuneConfig, check_co
 from zokern.finetune.data import Example, Task, bbc_news, jsonl_task
 from zokern.finetune.model import load_model, resolve_model_path
 from zokern.finetune.prompts import PromptClassifier
-from zokern.finetune.run_files import Run, _atomic_write
+from zokern.finetune.run_files import Run
+from zokern.fileio import atomic_write
 from zokern.optim import METHODS
 from zokern.seedlog import SeedLogWriter, weights_sha256
 
@@ -202,7 +203,7 @@ def finetune(config: FinetuneConfig, progress_stream=None) -> dict:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "backend": zokern.backends.resolve(config.backend, device.type),
     }
-    _atomic_write(run.dir / "summary.json", json.dumps(summary, indent=2).encode())
+    atomic_write(run.dir / "summary.json", json.dumps(summary, indent=2).encode())
     _plot(run)
     return summary
 

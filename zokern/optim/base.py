@@ -119,7 +119,8 @@ def _restored(mine, saved, device):
 class ZOOptimizer(torch.optim.Optimizer):
     """Base class. `closure()` evaluates the loss at the current weights, without autograd.
 
-    Capabilities, read by `zokern finetune` and `ZOTrainer` from the class:
+    Capabilities, read from the class by `zokern finetune` and `ZOTrainer` (which leaves a tied embedding to
+    its user: freeze it where `trains_tied_embeddings` is False):
     two_pass_supported: `two_pass=True` is accepted.
     weight_decay_supported: the constructor takes `weight_decay`.
     forwards_per_step: closure calls per step.
