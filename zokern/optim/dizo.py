@@ -2,13 +2,14 @@
 pre-trained weights, applied as θ ← θ0 + (θ − θ0)·γ/t [ALGORITHMS.md §4]."""
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
 import torch
 
 from zokern import ops
-from zokern.optim.base import check_loss
+from zokern.optim.base import _read_losses, check_loss
 from zokern.optim.mezo import MeZO
 from zokern.random import Domain, step_seed
 
@@ -159,8 +160,8 @@ class DiZO(MeZO):
                     ops.anchored_rescale_(params, anchors, _ratio(gamma + sign * eg * z, t), sources=saved,
                                           backend=self.backend)
                 losses.append(check_loss(batch(), f"projection search iteration {j}"))
-            plus, minus = torch.stack([torch.as_tensor(v, dtype=torch.float64).reshape(()) for v in losses]).tolist()
-            if not (abs(plus) < float("inf") and abs(minus) < float("inf")):
+            plus, minus = _read_losses(dict(zip(("plus", "minus"), losses))).values()
+            if not (math.isfinite(plus) and math.isfinite(minus)):
                 self.nonfinite_steps += 1
                 continue
             g = (plus - minus) / (2 * eg)
