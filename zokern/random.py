@@ -48,11 +48,11 @@ def parse_distribution(dist: "str | int | Distribution") -> Distribution:
     return Distribution(int(dist))
 
 
-def check_seed(seed: int) -> int:
+def check_seed(seed: int, what: str = "seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        raise TypeError(f"{what} must be an int, got {type(seed).__name__}")
     if not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+        raise ValueError(f"{what} must be in [0, 2**63), got {seed}")
     return seed
 
 

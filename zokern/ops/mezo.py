@@ -17,9 +17,7 @@ def checked(params: Iterable[torch.Tensor], stream_ids: Sequence[int], seed: int
     stream_ids = [check_stream(k, f"stream_ids[{i}]") for i, k in enumerate(stream_ids)]
     check_seed(seed)
     if next_seed is not None:
-        if isinstance(next_seed, int) and next_seed < 0:
-            raise ValueError(f"next_seed must be non-negative, got {next_seed}")
-        check_seed(next_seed)
+        check_seed(next_seed, "next_seed")
     return params, stream_ids
 
 
