@@ -57,7 +57,7 @@ def environment() -> dict:
         triton_version = None
     return {"device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
             "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "llc_bytes": last_level_cache_bytes()}
+            "llc_bytes": last_level_cache_bytes(), "threads": torch.get_num_threads()}
 
 
 def median_seconds(fn, repeats: int = 7) -> float:

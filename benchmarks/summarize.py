@@ -72,8 +72,9 @@ def table(path: str) -> str:
     copy = (f"streaming copy bandwidth {env['copy_gb_per_s']:.1f} GB/s (read + write; source and destination each at "
             f"least twice the {env['llc_bytes'] / 2**20:.0f} MiB last-level cache)" if env.get("llc_bytes") else
             f"copy bandwidth {env['copy_gb_per_s']:.0f} GB/s (read + write)")
+    threads = f"{env['threads']} thread{'s' if env['threads'] > 1 else ''} (torch and zokern); " if "threads" in env else ""
     lines = [f"## {env['device']} — {env['date']}", "",
-             f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, python {env['python']}; measured "
+             f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, python {env['python']}; {threads}measured "
              f"{copy}. Source: `{path}`."]
     by_shapes: dict = {}
     for info, median in entries:
