@@ -207,3 +207,20 @@ def test_the_stream_module_imports_nothing_of_zokern():
         [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     assert not [name for name in imported if name.split(".")[0] == "zokern"]
     assert zokern.draw is zokern.ops.draw
+
+
+@pytest.mark.parametrize("method", ["MeZO", "HiZOO", "SparseMeZO"])
+def test_optimizers_draw_the_one_bit_stream(method):
+    """`dist="rademacher_bit"` reaches the kernels: the first perturbed forward sees θ + ε·z with z the one-bit
+    stream of the step's seed (HiZOO, after its forward at θ: z/√D with D = 1; Sparse MeZO: masked, every
+    element in with sparsity 0)."""
+    from zokern.random import step_seed
+
+    p = torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(3)))
+    start = p.detach().clone()
+    options = {"sparsity": 0.0} if method == "SparseMeZO" else {}
+    opt = getattr(zokern.optim, method)([p], lr=1e-3, eps=0.25, seed=11, dist="rademacher_bit", **options)
+    seen = []
+    opt.step(lambda: seen.append(p.detach().clone()) or p.sum())
+    z = reference_draw(step_seed(11, 0), opt.buckets[0].stream_ids[0], 300, dist=Distribution.RADEMACHER_BIT)
+    assert torch.equal(seen[1 if method == "HiZOO" else 0], start + 0.25 * z)
