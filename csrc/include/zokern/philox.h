@@ -87,7 +87,9 @@ ZK_HD inline float rademacher_bit(uint32_t w, uint32_t b) {
 ZK_HD inline void draw4(uint64_t seed, uint32_t stream, uint32_t domain, int dist, uint64_t j, float z[4]) {
   if (dist == kRademacherBit) {
     const Words w = philox(seed, stream, domain, j >> 5);
-    const uint32_t word = w.w[(j >> 3) & 3u], first = 4u * static_cast<uint32_t>(j & 7u);
+    // Selects, not w.w[q]: a dynamic index would put the words in local memory on the device.
+    const uint32_t q = static_cast<uint32_t>(j >> 3) & 3u, first = 4u * static_cast<uint32_t>(j & 7u);
+    const uint32_t word = q == 0 ? w.w[0] : q == 1 ? w.w[1] : q == 2 ? w.w[2] : w.w[3];
 ZK_UNROLL
     for (int q = 0; q < 4; ++q) z[q] = rademacher_bit(word, first + q);
     return;
