@@ -31,8 +31,8 @@ SEED, NEXT_SEED = 0x5EED_0123_4567_89AB, (1 << 63) - 1  # both key words in use
 # has none. The masked kernels need chunks of whole mask words (the C++ ones round up themselves).
 CHUNKINGS = {"reference": [], "cpp": [dict(chunk=1), dict(chunk=7), dict(chunk=1000)],
              "cuda": [dict(chunk=1), dict(chunk=7), dict(chunk=1000)],
-             "triton": [dict(block=16, chunk=36)]}  # each interpreted program costs milliseconds
-MASKED_CHUNKINGS = {**CHUNKINGS, "triton": [dict(block=32, chunk=64), dict(block=64, chunk=32)]}
+             "triton": [dict(block=256, chunk=1028)]}  # few programs: each interpreted one costs milliseconds
+MASKED_CHUNKINGS = {**CHUNKINGS, "triton": [dict(block=2048, chunk=1056)]}  # a chunk shorter than a block
 
 
 def dtype_of(case, i: int) -> torch.dtype:
@@ -42,7 +42,8 @@ def dtype_of(case, i: int) -> torch.dtype:
 def awkward_params(case, device, seed: int = 0) -> list[torch.Tensor]:
     """Every awkward layout in one call: an empty tensor, one element, odd sizes that are not multiples of 4 (a
     Philox call's four values) and exceed a 32-element mask word, a transposed and a strided view, and a contiguous
-    view starting 3 elements into its storage (misaligned for vector access); with "mixed" the tensors take the
+    view of 4099 elements starting 3 elements into its storage (misaligned vector access, several of the
+    C++ kernels' SIMD steps and a tail; one block of the Triton interpreter); with "mixed" the tensors take the
     dtypes in turn, two each. Few tensors: each is a program of its own in the Triton interpreter."""
     g = torch.Generator().manual_seed(seed)
 
@@ -50,13 +51,13 @@ def awkward_params(case, device, seed: int = 0) -> list[torch.Tensor]:
         return torch.randn(shape, generator=g).to(dtype=dtype_of(case, i), device=device)
 
     return [tensor(0, (0,)), tensor(1, (1,)), tensor(2, (5, 7)), tensor(3, (9, 14)).t(), tensor(4, (20, 6))[::3, 1:6],
-            tensor(5, (43,))[3:40]]
+            tensor(5, (4105,))[3:4102]]
 
 
 def margins(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """The storage around awkward_params' last view, which no op may touch."""
     base = params[-1]._base
-    return [base[:3].clone(), base[40:].clone()]
+    return [base[:3].clone(), base[4102:].clone()]
 
 
 def assert_margins_untouched(params, before) -> None:
@@ -135,3 +136,28 @@ def gamma(k: int) -> float:
 def backends_named(*names: str) -> list:
     """The BACKENDS pairs of the named backends: for properties only those kernels promise."""
     return [pair for pair in BACKENDS if pair.values[0] in names]
+
+
+def storage_spacing(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype`'s values at each |magnitude| (float64), subnormals included."""
+    info = torch.finfo(dtype)
+    mantissa_bits = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
+    exponent = torch.floor(torch.log2(magnitude.double().abs().clamp_min(info.tiny)))
+    return torch.pow(2.0, exponent - mantissa_bits)
+
+
+def assert_lowrank_rounded_from_float32(got: torch.Tensor, w, u, v, core) -> None:
+    """got = W + U·C·Vᵀ summed in float32 in any order and stored once, checked against the float64 value.
+
+    Each element is W + Σ_a (Σ_b U_ib C_ba) V_ja: 2r products and 2r sums in float32, so its float32 value is
+    within γ_k·(|W| + Σ|U||C||V|) of the exact one, γ_k = k·u/(1 − k·u), u = 2^-24 and k = 2r + 2 (one spare)
+    whatever the summation order (Higham, Accuracy and Stability of Numerical Algorithms, §3.1). The store
+    rounds that to the nearest value of W's dtype, at most half its spacing at |exact| + bound. No torch matmul
+    in the weights' dtype or float32 enters: its summation order depends on the CPU's BLAS."""
+    k = 2 * u.shape[1] + 2
+    exact = w.double() + (u.double() @ core.double()) @ v.double().t()  # float64: 2^-29 of the bound's error
+    magnitude = w.double().abs() + (u.double().abs() @ core.double().abs()) @ v.double().abs().t()
+    bound = gamma(k) * magnitude
+    allowed = bound + storage_spacing(exact.abs() + bound, got.dtype) / 2
+    excess = (got.double().cpu() - exact.cpu()).abs() - allowed.cpu()
+    assert (excess <= 0).all(), (tuple(got.shape), u.shape[1], got.dtype, excess.max().item())
