@@ -45,13 +45,13 @@ def run(op, params, backend, dist=NORMAL, next_seed=NEXT_SEED, ids=None):
                            backend=backend, **STEP)
 
 
-def run_kernel(op, kernel, params, ids, sizes):
+def run_kernel(op, kernel, params, ids, dist, sizes):
     """The backend's kernel called directly with chunk sizes (contiguous tensors, no checks)."""
     if op == "perturb_":
-        kernel.perturb(params, ids, SEED, SCALE, NORMAL, **sizes)
+        kernel.perturb(params, ids, SEED, SCALE, dist, **sizes)
     else:
         kernel.fused_step(params, ids, SEED, STEP["restore"], STEP["lr"], STEP["grad"], decays(ids), NEXT_SEED,
-                          STEP["next_scale"], NORMAL, **sizes)
+                          STEP["next_scale"], dist, **sizes)
 
 
 # --- the math ---------------------------------------------------------------------------------------------------
@@ -94,24 +94,36 @@ def test_fused_step_equals_mezo_composition(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_invariant_to_chunking_grouping_and_order(backend, device):
+def test_per_tensor_weight_decay(backend, device):
+    """A list of weight decays applies one per tensor; 0 switches decay off for a tensor."""
+    params = [torch.randn(10, device=device), torch.randn(10, device=device)]
+    off = clones(params)
+    zokern.fused_step_(params, 3, stream_ids=[0, 1], restore=0.0, lr=0.1, grad=0.0, weight_decay=[0.5, 0.0],
+                       backend=backend)
+    torch.testing.assert_close(params[0], off[0] * (1 - 0.05))
+    assert torch.equal(params[1], off[1])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dist", [NORMAL, RADEMACHER], ids=["normal", "rademacher"])
+def test_invariant_to_chunking_grouping_and_order(backend, device, dist):
     """The fused step with a next perturbation: both ops' chunk tables and groups are the same code."""
     op = "fused_step_"
     params = awkward_params("mixed", device, seed=1)
     ids = stream_ids(len(params))
     base = clones(params)
-    run(op, base, backend)
+    run(op, base, backend, dist)
     kernel = backend_kernels(backend, device)
     for sizes in CHUNKINGS[backend]:
         got = [p.contiguous() for p in clones(params)]
-        run_kernel(op, kernel, got, ids, sizes)
+        run_kernel(op, kernel, got, ids, dist, sizes)
         assert_bitwise(got, base, f"chunks {sizes}")
     got = clones(params)
     for p, k in zip(got, ids):
-        run(op, [p], backend, ids=[k])
+        run(op, [p], backend, dist, ids=[k])
     assert_bitwise(got, base, "one call per tensor")
     got = clones(params)
-    run(op, got[::-1], backend, ids=ids[::-1])
+    run(op, got[::-1], backend, dist, ids=ids[::-1])
     assert_bitwise(got, base, "reversed order")
 
 

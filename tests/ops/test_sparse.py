@@ -12,7 +12,6 @@ from op_cases import (BACKENDS, DTYPE_CASES, DTYPE_IDS, DTYPES, MASKED_CHUNKINGS
                       dtype_count, margins, reference_on_backend_z, stream_ids)
 
 import zokern
-from zokern.backends import reference
 from zokern.validation import mask_words
 
 EPS, LR, GRAD = 0.37, 0.1, -1.5

@@ -4,7 +4,7 @@ dtypes, ranks, ragged tiles, transposed, misaligned and empty weights, strided a
 kernels bit for bit in element.h's order; one call per list; invariant to grouping and order; opcheck."""
 import pytest
 import torch
-from op_cases import (BACKENDS, DTYPE_CASES, DTYPE_IDS, DTYPES, assert_bitwise, assert_launches,
+from op_cases import (BACKENDS, DTYPE_CASES, DTYPE_IDS, assert_bitwise, assert_launches,
                       assert_lowrank_rounded_from_float32, backends_named, clones, dtype_of)
 
 import zokern
