@@ -41,17 +41,17 @@ def dtype_of(case, i: int) -> torch.dtype:
 
 def awkward_params(case, device, seed: int = 0) -> list[torch.Tensor]:
     """Every awkward layout in one call: an empty tensor, one element, odd sizes that are not multiples of 4 (a
-    Philox call's four values) and exceed a 32-element mask word, a transposed and a strided view, and a contiguous
-    view of 4099 elements starting 3 elements into its storage (misaligned vector access, several of the
-    C++ kernels' SIMD steps and a tail; one block of the Triton interpreter); with "mixed" the tensors take the
-    dtypes in turn, two each. Few tensors: each is a program of its own in the Triton interpreter."""
+    Philox call's four values) and exceed a 32-element mask word, a transposed matrix, a strided 3-D view, and a
+    contiguous view of 4099 elements starting 3 elements into its storage (misaligned vector access, several of
+    the C++ kernels' SIMD steps and a tail; one block of the Triton interpreter). With "mixed" the tensors take
+    the dtypes in turn, two each. Few tensors: each is a program of its own in the Triton interpreter."""
     g = torch.Generator().manual_seed(seed)
 
     def tensor(i, shape):
         return torch.randn(shape, generator=g).to(dtype=dtype_of(case, i), device=device)
 
-    return [tensor(0, (0,)), tensor(1, (1,)), tensor(2, (5, 7)), tensor(3, (9, 14)).t(), tensor(4, (20, 6))[::3, 1:6],
-            tensor(5, (4105,))[3:4102]]
+    return [tensor(0, (0,)), tensor(1, (1,)), tensor(2, (5, 7)), tensor(3, (9, 14)).t(),
+            tensor(4, (5, 6, 7))[:, ::2, 1:], tensor(5, (4105,))[3:4102]]
 
 
 def margins(params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -142,7 +142,8 @@ def test_round_trip_at_the_threshold(backend, device, dist):
     params, in_mask = [], []
     for dtype in DTYPES:
         h = torch.tensor(h32, dtype=dtype)
-        up, down = torch.nextafter(h, torch.tensor(2.0, dtype=dtype)), torch.nextafter(h, torch.tensor(0.0, dtype=dtype))
+        up = torch.nextafter(h, torch.tensor(2.0, dtype=dtype))
+        down = torch.nextafter(h, torch.tensor(0.0, dtype=dtype))
         x = torch.stack([h, up, down, -h, -up, -down, torch.zeros((), dtype=dtype)]).repeat(10)
         params.append(x.to(device))
         in_mask.append(x.float().abs() <= h32)
