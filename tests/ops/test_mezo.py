@@ -45,13 +45,10 @@ def run(op, params, backend, dist=NORMAL, next_seed=NEXT_SEED, ids=None):
                            backend=backend, **STEP)
 
 
-def run_kernel(op, kernel, params, ids, dist, sizes):
-    """The backend's kernel called directly with chunk sizes (contiguous tensors, no checks)."""
-    if op == "perturb_":
-        kernel.perturb(params, ids, SEED, SCALE, dist, **sizes)
-    else:
-        kernel.fused_step(params, ids, SEED, STEP["restore"], STEP["lr"], STEP["grad"], decays(ids), NEXT_SEED,
-                          STEP["next_scale"], dist, **sizes)
+def run_fused_step_kernel(kernel, params, ids, dist, sizes):
+    """The backend's fused step kernel called directly with chunk sizes (contiguous tensors, no checks)."""
+    kernel.fused_step(params, ids, SEED, STEP["restore"], STEP["lr"], STEP["grad"], decays(ids), NEXT_SEED,
+                      STEP["next_scale"], dist, **sizes)
 
 
 # --- the math ---------------------------------------------------------------------------------------------------
@@ -107,23 +104,22 @@ def test_per_tensor_weight_decay(backend, device):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dist", [NORMAL, RADEMACHER], ids=["normal", "rademacher"])
 def test_invariant_to_chunking_grouping_and_order(backend, device, dist):
-    """The fused step with a next perturbation: both ops' chunk tables and groups are the same code."""
-    op = "fused_step_"
+    """The fused step with a next perturbation (perturb_'s chunk tables and groups are the same code)."""
     params = awkward_params("mixed", device, seed=1)
     ids = stream_ids(len(params))
     base = clones(params)
-    run(op, base, backend, dist)
+    run("fused_step_", base, backend, dist)
     kernel = backend_kernels(backend, device)
     for sizes in CHUNKINGS[backend]:
         got = [p.contiguous() for p in clones(params)]
-        run_kernel(op, kernel, got, ids, dist, sizes)
+        run_fused_step_kernel(kernel, got, ids, dist, sizes)
         assert_bitwise(got, base, f"chunks {sizes}")
     got = clones(params)
     for p, k in zip(got, ids):
-        run(op, [p], backend, dist, ids=[k])
+        run("fused_step_", [p], backend, dist, ids=[k])
     assert_bitwise(got, base, "one call per tensor")
     got = clones(params)
-    run(op, got[::-1], backend, dist, ids=ids[::-1])
+    run("fused_step_", got[::-1], backend, dist, ids=ids[::-1])
     assert_bitwise(got, base, "reversed order")
 
 
