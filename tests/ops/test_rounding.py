@@ -349,3 +349,34 @@ def test_optimizer_state_carries_rounding():
     assert other.rounding == "nearest"
     with pytest.raises(ValueError, match="unknown rounding"):
         zokern.optim.MeZO(_model(torch.bfloat16).parameters(), rounding="up")
+
+
+def test_finetune_rounding_setting():
+    from zokern.cli import build_parser
+    from zokern.finetune.config import ConfigError, FinetuneConfig, check_config
+    from zokern.finetune.train import make_optimizer
+
+    assert build_parser().parse_args(["finetune", "--rounding", "nearest"]).rounding == "nearest"
+    assert build_parser().parse_args(["finetune"]).rounding is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--rounding", "up"])
+    with pytest.raises(ConfigError, match="--rounding 'up'"):
+        check_config(FinetuneConfig(rounding="up"))
+    with pytest.raises(ConfigError, match="set it with --rounding"):
+        check_config(FinetuneConfig(method_options={"rounding": "nearest"}))
+    config = FinetuneConfig(rounding="nearest")
+    check_config(config)
+    assert make_optimizer(config, list(_model(torch.bfloat16).named_parameters())).rounding == "nearest"
+    assert make_optimizer(FinetuneConfig(), list(_model(torch.bfloat16).named_parameters())).rounding == "stochastic"
+
+
+def test_replay_of_a_log_from_before_rounding_uses_nearest():
+    from dataclasses import asdict
+
+    from zokern.finetune.config import FinetuneConfig
+    from zokern.finetune.replay import _run_config
+
+    header = {"trainable": ["w"], "base_sha256": "0" * 64, "backend": "reference"}
+    old = {k: v for k, v in asdict(FinetuneConfig()).items() if k != "rounding"}
+    assert _run_config("run.jsonl", {**header, "config": old}, []).rounding == "nearest"
+    assert _run_config("run.jsonl", {**header, "config": asdict(FinetuneConfig())}, []).rounding is None
