@@ -380,3 +380,21 @@ def test_replay_of_a_log_from_before_rounding_uses_nearest():
     old = {k: v for k, v in asdict(FinetuneConfig()).items() if k != "rounding"}
     assert _run_config("run.jsonl", {**header, "config": old}, []).rounding == "nearest"
     assert _run_config("run.jsonl", {**header, "config": asdict(FinetuneConfig())}, []).rounding is None
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_masked_step_with_next_perturbation_is_the_step_then_masked_perturb(backend, device):
+    """Sparse MeZO's fused pass: the update rounded as chosen, the next mask from it, the perturbed weights
+    rounded to nearest — bitwise the unfused step followed by masked_perturb_."""
+    g = torch.Generator().manual_seed(6)
+    theta = torch.randn(333, generator=g).to(torch.bfloat16).to(device)
+    h = torch.tensor([0.8], device=device)
+    kw = dict(stream_ids=[STREAM], dist="rademacher", backend=backend)
+    step = dict(restore=1e-3, lr=1e-3, grad=0.37, rounding="stochastic", **kw)
+    fused, masks = theta.clone(), zokern.new_masks([theta])
+    zokern.masked_perturb_([fused], masks, h, SEED, -1e-3, compute_mask=True, **kw)
+    unfused, unfused_masks = fused.clone(), [masks[0].clone()]
+    zokern.masked_fused_step_([fused], masks, h, SEED, next_seed=SEED + 1, next_scale=1e-3, **step)
+    zokern.masked_fused_step_([unfused], unfused_masks, h, SEED, **step)
+    zokern.masked_perturb_([unfused], unfused_masks, h, SEED + 1, 1e-3, compute_mask=True, **kw)
+    assert torch.equal(_bits(fused), _bits(unfused)) and torch.equal(masks[0], unfused_masks[0])
