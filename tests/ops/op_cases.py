@@ -109,11 +109,11 @@ def reference_on_backend_z(monkeypatch, backend: str, device: str) -> None:
     fill = library.implementation("fill_random_", device, backend)
     drawn = {}  # a step's passes draw the same z again
 
-    def z(seed, stream, p, dist):
-        key = (seed, stream, p.numel(), dist)
+    def z(seed, stream, p, dist, offset):
+        key = (seed, stream, p.numel(), dist, offset)
         if key not in drawn:
             drawn[key] = torch.empty(p.numel(), device=device)
-            fill(drawn[key], seed, stream, 0, int(Domain.PERTURBATION), dist)
+            fill(drawn[key], seed, stream, offset, int(Domain.PERTURBATION), dist)
         return drawn[key].to(p.device).view(p.shape)
 
     monkeypatch.setattr(reference, "_z", z)

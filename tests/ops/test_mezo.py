@@ -214,13 +214,13 @@ def test_triton_element_indices_beyond_2_31(backend, device):
     p = torch.randn(n, device=device)
     seed, stream, scale = 2**62 + 5, 0xABCDEF01, 0.5
     got = p.clone()
-    tensors = torch.tensor([[got.data_ptr() - 4 * k, k + n, stream, -(k // chunk)]], dtype=torch.int64,
+    tensors = torch.tensor([[got.data_ptr() - 4 * k, k + n, stream, -(k // chunk), 0]], dtype=torch.int64,
                            device=device)
     chunks = torch.zeros(triton.cdiv(n, chunk), dtype=torch.int32, device=device)
     k0, k1 = multi_tensor.seed_words(seed)
     kernels.zo_update_kernel[(chunks.numel(),)](
         tensors, chunks, tensors, chunk, k0, k1, scale, 0.0, 0.0, 0, 0, 0.0, DTYPE=kernels.FLOAT32.value,
-        DIST=0, FUSED=False, HAS_NEXT=False, ALIGNED_PTRS=False,
+        DIST=0, FUSED=False, HAS_NEXT=False, STOCHASTIC=False, ALIGNED_PTRS=False,
         ALIGNED_ENDS=False, BLOCK=1024, **multi_tensor.launch_options())
     z = zokern.draw(seed, stream, n, offset=k, device=device, backend=backend)
     assert torch.equal(got, p + scale * z)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zokern.random import check_seed, parse_distribution, step_seed
-from zokern.validation import check_step_args
+from zokern.validation import Rounding, check_step_args, parse_rounding
 
 # MeZO's rule: no weight decay on biases and norms [ALGORITHMS.md §0].
 NO_DECAY = re.compile(r"bias|layer_norm|layernorm|norm\.weight|ln_\w*\.weight", re.IGNORECASE)
@@ -162,7 +162,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         return names - {"self", "params", "defaults"}
 
     def __init__(self, params, defaults: dict, *, eps: float, seed: int = 0, dist="normal",
-                 backend: "str | None" = None, two_pass: bool = False, on_nonfinite: str = "skip"):
+                 backend: "str | None" = None, two_pass: bool = False, on_nonfinite: str = "skip",
+                 rounding: "str | None" = None):
         if not eps > 0 or not math.isfinite(eps):
             raise ValueError(f"eps must be a positive finite number, got {eps}")
         if on_nonfinite not in ("skip", "raise"):
@@ -171,6 +172,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__} has no two-pass mode")
         self.eps, self.seed = float(eps), check_seed(seed)
         self.dist, self.backend = int(parse_distribution(dist)), backend
+        # How updates are stored (docs/OPS.md): None is stochastic, which float32 storage ignores, so it means
+        # stochastic for 16-bit tensors and nearest for float32 ones.
+        self.rounding = parse_rounding("stochastic" if rounding is None else rounding).name.lower()
         self.two_pass, self.on_nonfinite = two_pass, on_nonfinite
         self.step_count = 0
         self.nonfinite_steps = 0
@@ -408,7 +412,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["zo"] = {"seed": self.seed, "eps": self.eps, "step_count": self.step_count,
+        state["zo"] = {"seed": self.seed, "eps": self.eps, "step_count": self.step_count, "rounding": self.rounding,
                        "nonfinite_steps": self.nonfinite_steps, "pending_seed": self.pending_seed,
                        "method": self._extra_state(), "optimizer": type(self).__name__, "tensors": self._tensors()}
         return state
@@ -427,6 +431,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if zo.get("optimizer", me) != me:
             raise ValueError(f"the state_dict was saved by {zo['optimizer']}; this optimizer is {me}")
         check_seed(zo["seed"])
+        parse_rounding(zo.get("rounding", "nearest"))
         if not zo["eps"] > 0 or not math.isfinite(zo["eps"]):
             raise ValueError(f"the state_dict's eps must be a positive finite number, got {zo['eps']}")
         groups, mine = state_dict.get("param_groups", []), self._tensors()
@@ -460,5 +465,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         for b, i in zip(self.buckets, groups):
             b.group = self.param_groups[i]  # torch replaced the group dicts: follow them (lr, schedulers)
         self.seed, self.eps, self.step_count = zo["seed"], zo["eps"], zo["step_count"]
+        # A state saved before rounding was recorded was trained with round-to-nearest.
+        self.rounding = parse_rounding(zo.get("rounding", Rounding.NEAREST)).name.lower()
         self.nonfinite_steps, self.pending_seed = zo["nonfinite_steps"], zo["pending_seed"]
         self._load_extra_state(zo["method"])

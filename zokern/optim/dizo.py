@@ -138,10 +138,17 @@ class DiZO(MeZO):
                 torch._foreach_copy_(params, saved)
             raise
         factors = []
-        for params, anchors, saved, t, gamma, _ in work:
+        for params, anchors, saved, t, gamma, ids in work:
             factors.append(_ratio(gamma, t))
-            ops.anchored_rescale_(params, anchors, factors[-1], sources=saved, backend=self.backend)
+            self._project_from(params, anchors, saved, factors[-1], ids)
         return [f.tolist() for f in factors]
+
+    def _project_from(self, params, anchors, saved, factors, ids) -> None:
+        """θ = θ0 + (saved − θ0)·f, the projection's update: stored with the optimizer's rounding, keyed by a seed
+        of its own, derived from the step's (so its rounding words are independent of every update's)."""
+        ops.anchored_rescale_(params, anchors, factors, sources=saved, rounding=self.rounding,
+                              seed=step_seed(step_seed(self.seed, self.step_count), 0), stream_ids=ids,
+                              backend=self.backend)
 
     def _search(self, work, seed, fresh_closure) -> None:
         """The J iterations: each probes γ ± ε_γ·z on a fresh batch and updates γ in place."""
@@ -172,9 +179,9 @@ class DiZO(MeZO):
     def _rescale(self, factors: list[list[float]]) -> None:
         """Replay of a projection: the search's final rescale with its logged factors, from a saved copy as
         there (float32 factors survive the log exactly)."""
-        for (params, anchors, _), f in zip(self._projected(), factors, strict=True):
-            ops.anchored_rescale_(params, anchors, torch.tensor(f, dtype=torch.float32, device=params[0].device),
-                                  sources=[p.clone() for p in params], backend=self.backend)
+        for (params, anchors, ids), f in zip(self._projected(), factors, strict=True):
+            self._project_from(params, anchors, [p.clone() for p in params],
+                               torch.tensor(f, dtype=torch.float32, device=params[0].device), ids)
 
 
 def _ratio(gamma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -61,13 +61,17 @@ class SubZero(ZOOptimizer):
             bucket.extra["cores"] = cached = (seed, cores)
         return cached[1]
 
-    def _apply(self, bucket, step: int, cores: list[torch.Tensor]) -> None:
+    def _apply(self, bucket, step: int, cores: list[torch.Tensor], update_seed: "int | None" = None) -> None:
+        """W += U·C·Vᵀ per matrix; an update (update_seed: the step's seed, its rounding key) is stored with the
+        optimizer's rounding, a perturbation to nearest."""
         matrices = bucket.extra["matrices"]
         if not matrices:
             return
         factors = self._subspaces(bucket, step)
+        rounding = {} if update_seed is None else dict(rounding=self.rounding, seed=update_seed,
+                                                       stream_ids=[bucket.stream_ids[i] for i, _, _ in matrices])
         ops.lowrank_apply_([bucket.params[i].view(shape) for i, shape, _ in matrices], [u for u, _ in factors],
-                           [v for _, v in factors], cores, backend=self.backend)
+                           [v for _, v in factors], cores, backend=self.backend, **rounding)
 
     def _vectors(self, bucket):
         return ([bucket.params[i] for i in bucket.extra["vectors"]],
@@ -90,10 +94,11 @@ class SubZero(ZOOptimizer):
             cores = [(self.eps - lr * grad) * c for c in self._cores(b, seed)]
             if same_window:
                 cores = [c + self.eps * c_next for c, c_next in zip(cores, self._cores(b, next_seed))]
-            self._apply(b, step, cores)
+            self._apply(b, step, cores, update_seed=seed)
             params, ids = self._vectors(b)
             ops.fused_step_(params, seed, stream_ids=ids, restore=self.eps, lr=lr, grad=grad,
-                            next_seed=next_seed, next_scale=self.eps, dist=self.dist, backend=self.backend)
+                            next_seed=next_seed, next_scale=self.eps, dist=self.dist, rounding=self.rounding,
+                            backend=self.backend)
         if next_seed is not None and not same_window:
             for b in self.buckets:
                 self._apply(b, step + 1, [self.eps * c for c in self._cores(b, next_seed)])
