@@ -4,6 +4,7 @@ Environment: ZOKERN_BENCH_DEVICE (cpu|cuda, default cuda when present), ZOKERN_B
 shape sets from shapes.py, each a parameter of every kernel benchmark; default llama7b-layer*2 on CUDA,
 smollm2-layer on CPU).
 """
+import glob
 import os
 import platform
 import time
@@ -35,6 +36,18 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache (sysfs), or for CUDA the device's L2; 0 where unknown."""
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_properties(0).L2_cache_size
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip()
+        sizes.append(int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[text[-1]] if text[-1] in "KMG"
+                     else int(text))
+    return max(sizes, default=0)
+
+
 def environment() -> dict:
     try:
         import triton
@@ -43,7 +56,8 @@ def environment() -> dict:
     except ImportError:
         triton_version = None
     return {"device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
-            "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+            "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "llc_bytes": last_level_cache_bytes(), "threads": torch.get_num_threads()}
 
 
 def median_seconds(fn, repeats: int = 7) -> float:
@@ -86,15 +100,18 @@ def make_params(dtype, shapes: str) -> list[torch.Tensor]:
 
 def record(benchmark, params, passes: float, copy_bandwidth: float, **info):
     """Attach bytes moved and achieved bandwidth (from the benchmark's median) to the results; info names the
-    op, backend, dtype and shape set."""
+    op, backend, dtype, shape set and, for ops that draw, the distribution. fraction_of_copy is against the
+    streaming copy (conftest.copy_bandwidth); set_bytes against llc_bytes says whether the set could stay in
+    the cache between passes."""
     numel = sum(p.numel() for p in params)
-    moved = passes * 2 * sum(p.numel() * p.element_size() for p in params)  # each pass reads and writes once
+    set_bytes = sum(p.numel() * p.element_size() for p in params)
+    moved = passes * 2 * set_bytes  # each pass reads and writes once
     if benchmark.stats is None:  # --benchmark-disable: the smoke run checks that it runs, times nothing
         return
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(environment())
     benchmark.extra_info.update(info)
     benchmark.extra_info.update({
-        "elements": numel, "bytes_moved": moved, "elements_per_s": numel / median, "gb_per_s": moved / median / 1e9,
+        "elements": numel, "set_bytes": set_bytes, "bytes_moved": moved, "elements_per_s": numel / median, "gb_per_s": moved / median / 1e9,
         "copy_gb_per_s": copy_bandwidth / 1e9, "fraction_of_copy": moved / median / copy_bandwidth,
     })

@@ -15,6 +15,9 @@ LAYER_SHAPES = {
     # Llama-3-70B (hidden 8192, 8 KV heads of 128, MLP 28672): 856M elements per layer.
     "llama70b-layer": [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192), (28672, 8192), (28672, 8192),
                        (8192, 28672), (8192,), (8192,)],
+    # Three Llama-2-7B layers, 606M elements: 1.2 GB in bf16, 2.4 GB in float32, larger than a last-level cache
+    # (480 MiB on this project's CPU machine), so every pass streams from memory.
+    "llama7b-3layers": [(4096, 4096)] * 12 + [(11008, 4096), (11008, 4096), (4096, 11008), (4096,), (4096,)] * 3,
     # One flat buffer past 2^31 elements (64-bit indexing; 4.3 GB in bf16): a 70B model viewed flat is larger.
     "flat-2g": [((1 << 31) + 8,)],
     # CI smoke run.

@@ -43,6 +43,23 @@ def _label(info: dict) -> str:
     return f"{info['op']} (r={info['rank']})" if "rank" in info else info["op"]
 
 
+def _dist(info: dict) -> str:
+    return info.get("dist") or "—"
+
+
+def _cache_note(group: list, llc_bytes: int) -> str:
+    """Whether the set's tensors fit in the last-level cache (results from before set_bytes was recorded: unknown)."""
+    sizes = {i["dtype"]: i["set_bytes"] for i, _ in group if "set_bytes" in i}
+    if not sizes or not llc_bytes:
+        return ""
+    fits = sorted(d for d, b in sizes.items() if b <= llc_bytes)
+    per_dtype = ", ".join(f"{d} {b / 2**20:.0f} MiB" for d, b in sorted(sizes.items()))
+    if not fits:
+        return f" Set sizes {per_dtype}: all larger than the {llc_bytes / 2**20:.0f} MiB last-level cache, every pass streams."
+    return (f" Set sizes {per_dtype}; {', '.join(fits)} fit in the {llc_bytes / 2**20:.0f} MiB last-level cache, so "
+            "those passes can run from the cache and \"% of copy\" is not a memory-limit figure there.")
+
+
 def table(path: str) -> str:
     """One table per shape set of a results file (files from before shape sets were a parameter name theirs
     in the environment)."""
@@ -52,21 +69,28 @@ def table(path: str) -> str:
     if not entries:
         return "\n".join([f"## {path}", ""] + step_table(report)) + "\n"
     env = entries[0][0]
+    copy = (f"streaming copy bandwidth {env['copy_gb_per_s']:.1f} GB/s (read + write; source and destination each at "
+            f"least twice the {env['llc_bytes'] / 2**20:.0f} MiB last-level cache)" if env.get("llc_bytes") else
+            f"copy bandwidth {env['copy_gb_per_s']:.0f} GB/s (read + write)")
+    threads = f"{env['threads']} thread{'s' if env['threads'] > 1 else ''} (torch and zokern); " if "threads" in env else ""
     lines = [f"## {env['device']} — {env['date']}", "",
-             f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, python {env['python']}; measured "
-             f"copy bandwidth {env['copy_gb_per_s']:.0f} GB/s (read + write). Source: `{path}`."]
+             f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, python {env['python']}; {threads}measured "
+             f"{copy}. Source: `{path}`."]
     by_shapes: dict = {}
     for info, median in entries:
         by_shapes.setdefault(info["shapes"], []).append((info, median))
     for shapes, group in by_shapes.items():
+        # The authors' references draw Gaussians: every distribution's row is compared with them.
         baseline = {(_label(i), i["dtype"]): t for i, t in group if i["backend"].endswith("-reference")}
-        lines += ["", f"### `{shapes}` ({group[0][0]['elements'] / 1e6:.1f}M elements)", "",
-                  "| op | backend | dtype | median ms | GB/s | % of copy | Gelem/s | speed-up vs authors' reference |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
-        for info, median in sorted(group, key=lambda e: (_label(e[0]), e[0]["dtype"], e[0]["backend"])):
+        note = _cache_note(group, env.get("llc_bytes", 0)).strip()
+        lines += ["", f"### `{shapes}` ({group[0][0]['elements'] / 1e6:.1f}M elements)", ""] + ([note, ""] if note else [])
+        lines += [f"| op | backend | dist | dtype | median ms | GB/s | % of {'streaming ' if note else ''}copy | Gelem/s | "
+                  "speed-up vs authors' reference |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
+        for info, median in sorted(group, key=lambda e: (_label(e[0]), e[0]["dtype"], e[0]["backend"], _dist(e[0]))):
             base = baseline.get((_label(info), info["dtype"]))
             speedup = f"{base / median:.2f}×" if base else "—"
-            lines.append(f"| {_label(info)} | {info['backend']} | {info['dtype']} | {median * 1e3:.3f} | "
+            lines.append(f"| {_label(info)} | {info['backend']} | {_dist(info)} | {info['dtype']} | {median * 1e3:.3f} | "
                          f"{info['gb_per_s']:.1f} | {100 * info['fraction_of_copy']:.1f}% | "
                          f"{info['elements_per_s'] / 1e9:.3f} | {speedup} |")
     return "\n".join(lines + step_table(report)) + "\n"

@@ -1,4 +1,5 @@
-"""The perturb pass and the fused step, per backend and dtype, against the MeZO reference pass.
+"""The perturb pass and the fused step, per backend, dtype and distribution, against the MeZO reference pass
+and a copy of the same tensors.
 
 Run: python -m pytest benchmarks/test_bench_ops.py --benchmark-json=benchmarks/results/<gpu>-<date>.json
 """
@@ -7,6 +8,8 @@ import torch
 
 import zokern
 from bench_utils import BACKENDS, DTYPES, EPS, GRAD, LR, SHAPE_SETS, bench, make_params, record, skip_unavailable
+
+DISTS = ["normal", "rademacher_bit"]
 
 
 def mezo_reference_perturb(params, seed, scale):
@@ -29,25 +32,28 @@ def mezo_reference_step_tail(params, seed):
 
 @pytest.mark.parametrize("shapes", SHAPE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_perturb(benchmark, copy_bandwidth, shapes, backend, dtype):
+def test_perturb(benchmark, copy_bandwidth, shapes, backend, dist, dtype):
     skip_unavailable(backend)
     params = make_params(DTYPES[dtype], shapes)
     ids = list(range(len(params)))
-    bench(benchmark, lambda: zokern.perturb_(params, 1, EPS, stream_ids=ids, backend=backend))
-    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend=backend, dtype=dtype, shapes=shapes)
+    bench(benchmark, lambda: zokern.perturb_(params, 1, EPS, stream_ids=ids, dist=dist, backend=backend))
+    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend=backend, dtype=dtype, shapes=shapes, dist=dist)
 
 
 @pytest.mark.parametrize("shapes", SHAPE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_step(benchmark, copy_bandwidth, shapes, backend, dtype):
+def test_fused_step(benchmark, copy_bandwidth, shapes, backend, dist, dtype):
     skip_unavailable(backend)
     params = make_params(DTYPES[dtype], shapes)
     ids = list(range(len(params)))
     bench(benchmark, lambda: zokern.fused_step_(params, 1, stream_ids=ids, restore=EPS, lr=LR, grad=GRAD,
-                                                 next_seed=2, next_scale=EPS, backend=backend))
-    record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend=backend, dtype=dtype, shapes=shapes)
+                                                 next_seed=2, next_scale=EPS, dist=dist, backend=backend))
+    record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend=backend, dtype=dtype, shapes=shapes,
+           dist=dist)
 
 
 @pytest.mark.parametrize("shapes", SHAPE_SETS)
@@ -69,7 +75,8 @@ def test_fused_step_stochastic(benchmark, copy_bandwidth, shapes, backend, dtype
 def test_mezo_reference_perturb(benchmark, copy_bandwidth, shapes, dtype):
     params = make_params(DTYPES[dtype], shapes)
     bench(benchmark, lambda: mezo_reference_perturb(params, 1, EPS))
-    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="mezo-reference", dtype=dtype, shapes=shapes)
+    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="mezo-reference", dtype=dtype, shapes=shapes,
+           dist="normal")
 
 
 @pytest.mark.parametrize("shapes", SHAPE_SETS)
@@ -78,7 +85,8 @@ def test_mezo_reference_step_tail(benchmark, copy_bandwidth, shapes, dtype):
     params = make_params(DTYPES[dtype], shapes)
     bench(benchmark, lambda: mezo_reference_step_tail(params, 1))
     # Counted as the one pass's worth of bytes the fused step moves, so GB/s compare as useful work per second.
-    record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend="mezo-reference", dtype=dtype, shapes=shapes)
+    record(benchmark, params, 1, copy_bandwidth, op="fused_step", backend="mezo-reference", dtype=dtype, shapes=shapes,
+           dist="normal")
 
 
 @pytest.mark.parametrize("shapes", SHAPE_SETS)
@@ -92,13 +100,15 @@ def test_foreach_perturb(benchmark, copy_bandwidth, shapes, dtype):
         zs = [torch.randn_like(p) for p in params]
         torch._foreach_add_(params, zs, alpha=EPS)
     bench(benchmark, run)
-    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="torch-foreach", dtype=dtype, shapes=shapes)
+    record(benchmark, params, 1, copy_bandwidth, op="perturb", backend="torch-foreach", dtype=dtype, shapes=shapes,
+           dist="normal")
 
 
 @pytest.mark.parametrize("shapes", SHAPE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_copy_same_bytes(benchmark, copy_bandwidth, shapes, dtype):
-    """The physical reference: a device copy of the same tensors (one read and one write per element)."""
+    """The physical reference: a device copy of the same tensors (one read and one write per element); for a set
+    smaller than the last-level cache it runs from the cache, unlike the streaming copy of copy_bandwidth."""
     params = make_params(DTYPES[dtype], shapes)
     targets = [torch.empty_like(p) for p in params]
     bench(benchmark, lambda: torch._foreach_copy_(targets, params))

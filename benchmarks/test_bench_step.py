@@ -2,7 +2,8 @@
 (a) the MeZO reference step (the authors' eager loop), (b) zokern's step for each method, (c) the forward
 passes alone (2, HiZOO 3): the floor no ZO method can beat.
 
-ZOKERN_BENCH_MODEL picks the model (MODELS below; default 1b on CUDA, cpu-small on CPU). Step rows carry
+ZOKERN_BENCH_MODEL picks the model (MODELS below; default 1b on CUDA, cpu-small on CPU), ZOKERN_BENCH_MODEL_DTYPE
+its dtype (float32, bfloat16; default bfloat16 on CUDA, float32 on CPU). Step rows carry
 `step_kind`, tokens/s and, on CUDA, peak memory next to the inference peak; summarize.py derives the
 ratios (b)/(c) and (a)/(b).
 """
@@ -19,12 +20,16 @@ pytest.importorskip("transformers")
 MODELS = {  # (hidden, intermediate, layers, heads, kv heads, vocab, batch, sequence)
     "tiny": (64, 128, 2, 4, 2, 1000, 2, 16),
     "cpu-small": (256, 688, 4, 8, 4, 8000, 4, 64),
+    # The embedded SmolLM2-135M's shapes (134.5M parameters, tied embeddings) and `zokern finetune`'s batch of
+    # 16 prompts (about 25 tokens each).
+    "smollm2": (576, 1536, 30, 9, 3, 49152, 16, 32),
     "1b": (2048, 8192, 16, 32, 8, 128256, 16, 256),       # Llama-3.2-1B shapes
     "8b": (4096, 14336, 32, 32, 8, 128256, 16, 256),      # Llama-3-8B shapes
 }
 MODEL = os.environ.get("ZOKERN_BENCH_MODEL", "1b" if DEVICE == "cuda" else "cpu-small")
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-METHODS = {"mezo": (optim.MeZO, {}), "subzero": (optim.SubZero, {}), "sparse-mezo": (optim.SparseMeZO, {}),
+DTYPE = getattr(torch, os.environ.get("ZOKERN_BENCH_MODEL_DTYPE", "bfloat16" if DEVICE == "cuda" else "float32"))
+METHODS = {"mezo": (optim.MeZO, {}), "mezo-rademacher-bit": (optim.MeZO, {"dist": "rademacher_bit"}),
+           "subzero": (optim.SubZero, {}), "sparse-mezo": (optim.SparseMeZO, {}),
            "hizoo": (optim.HiZOO, {}), "dizo": (optim.DiZO, {"project_every": 10**9})}
 EPS, LR = 1e-3, 1e-6
 

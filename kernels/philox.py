@@ -79,22 +79,37 @@ def rademacher(w):
 
 
 @triton.jit
+def rademacher_bits(j, stream, domain, k0, k1):
+    """The one-bit Rademacher values of elements 4·j[r] + q as an [R, 4] block: bit 4·(j & 7) + q of word
+    (j >> 3) & 3 of Philox call j >> 5 (element i: bit i & 31 of word (i >> 5) & 3 of call i >> 7)."""
+    w0, w1, w2, w3 = philox_calls(j >> 5, stream, domain, k0, k1)
+    sel = (j >> 3) & 3
+    word = tl.where(sel == 0, w0, tl.where(sel == 1, w1, tl.where(sel == 2, w2, w3)))
+    bit = ((j & 7) * 4).to(tl.uint32)[:, None] + tl.arange(0, 4).to(tl.uint32)[None, :]
+    return tl.where(((word[:, None] >> bit) & 1) == 0, 1.0, -1.0)
+
+
+@triton.jit
 def draw_rows(j, stream, domain, k0, k1, DIST: tl.constexpr):
-    """Stream values for Philox calls j ([R] int64) as an [R, 4] float32 block: row r, column q is element
-    4·j[r] + q. The four values of a call are computed once per row and picked by column, so each thread
-    owns four contiguous elements."""
-    w0, w1, w2, w3 = philox_calls(j, stream, domain, k0, k1)
-    if DIST == 0:
-        v0, v1 = box_muller(w0, w1)
-        v2, v3 = box_muller(w2, w3)
+    """Stream values for elements 4·j[r] + q (j: [R] int64) as an [R, 4] float32 block: row r, column q.
+    For DIST 0 and 1, row r is Philox call j[r]: its four values are computed once per row and picked by
+    column, so each thread owns four contiguous elements."""
+    if DIST == 2:
+        z = rademacher_bits(j, stream, domain, k0, k1)
     else:
-        v0 = rademacher(w0)
-        v1 = rademacher(w1)
-        v2 = rademacher(w2)
-        v3 = rademacher(w3)
-    q = tl.arange(0, 4)[None, :]
-    return tl.where(q == 0, v0[:, None],
-                    tl.where(q == 1, v1[:, None], tl.where(q == 2, v2[:, None], v3[:, None])))
+        w0, w1, w2, w3 = philox_calls(j, stream, domain, k0, k1)
+        if DIST == 0:
+            v0, v1 = box_muller(w0, w1)
+            v2, v3 = box_muller(w2, w3)
+        else:
+            v0 = rademacher(w0)
+            v1 = rademacher(w1)
+            v2 = rademacher(w2)
+            v3 = rademacher(w3)
+        q = tl.arange(0, 4)[None, :]
+        z = tl.where(q == 0, v0[:, None],
+                     tl.where(q == 1, v1[:, None], tl.where(q == 2, v2[:, None], v3[:, None])))
+    return z
 
 
 @triton.jit(do_not_specialize=["n", "first_call", "stream", "domain", "k0", "k1"])

@@ -301,6 +301,7 @@ def test_resume_without_a_checkpoint(tiny_model_dir, task_file, tmp_path, fast_l
     (["--option", "bogus=3"], "--option bogus: mezo has no such option"),
     (["--option", "lr=3"], "--option lr: set it with --lr"),
     (["--option", "=3"], "--option takes NAME=VALUE"),
+    (["--option", "dist=uniform"], "--option dist: unknown distribution 'uniform'"),
     (["--template", "{text} {topic}"], "--template has the field {topic}"),
     (["--template", "{text"], "--template '{text'"),
     (["--labels", "neg=bad,pos=bad"], "--labels maps two classes to the word 'bad'"),

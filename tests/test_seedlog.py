@@ -155,6 +155,41 @@ def test_log_resume_cut_back_and_bad_logs(tmp_path):
         other.replay_step(records[0])
 
 
+def test_stream_version(tmp_path):
+    """The log records the random stream's version. A log without it (written before it existed) is of
+    version 1 and still replays bitwise; a run whose distribution its version lacks is refused before any
+    weight moves, and so is a version this zokern does not draw."""
+    from zokern.random import STREAM_VERSION
+
+    path = tmp_path / "seedlog.jsonl"
+    for dist in ("rademacher", "rademacher_bit"):
+        trained, tokens = fresh_model(), make_task(0)
+        opt = make_optimizer("mezo", trained, None, dist=dist)
+        writer = _logged(opt, tmp_path)
+        for _ in range(4):
+            opt.step(lambda: lm_loss(trained, tokens))
+        writer.close()
+        header, records = seedlog.read(path)
+        assert header["stream_version"] == STREAM_VERSION
+        lines = path.read_text().split("\n")
+        old_header = {k: v for k, v in json.loads(lines[0]).items() if k != "stream_version"}
+        path.write_text("\n".join([json.dumps(old_header), *lines[1:]]))
+        header, records = seedlog.read(path)
+        assert header["stream_version"] == 1
+        replayed = fresh_model()
+        opt = make_optimizer("mezo", replayed, None, dist=dist)
+        if dist == "rademacher":  # the stream of version 1, unchanged
+            seedlog.replay(opt, records, header["stream_version"])
+            _assert_equal(trained, replayed)
+        else:
+            with pytest.raises(ValueError, match="'rademacher_bit' does not exist in random stream version 1"):
+                seedlog.replay(opt, records, header["stream_version"])
+            _assert_equal(fresh_model(), replayed)
+    path.write_text("\n".join([json.dumps({**old_header, "stream_version": STREAM_VERSION + 1}), *lines[1:]]))
+    with pytest.raises(seedlog.SeedLogError, match=f"random stream version {STREAM_VERSION + 1} is not one"):
+        seedlog.read(path)
+
+
 def test_finetune_then_replay_cli(tiny_model_dir, tmp_path, capsys):
     """`zokern finetune` (MeZO, two-pass, LoRA, evaluations between steps) then `zokern replay`: the
     replayed tensors are bitwise the checkpoint's; a different base model (frozen under LoRA) is refused."""

@@ -35,17 +35,45 @@ class Domain(enum.IntEnum):
 
 
 class Distribution(enum.IntEnum):
+    """How Philox words become values (docs/RANDOM.md): NORMAL and RADEMACHER (a sign per 32-bit word) take
+    one word per element, RADEMACHER_BIT one bit per element."""
+
     NORMAL = 0
     RADEMACHER = 1
+    RADEMACHER_BIT = 2
+
+
+# The stream's version: raised whenever a change adds a distribution or changes any value drawn, and recorded
+# in the seed log so that a log is replayed only on a stream that draws what it was trained with.
+STREAM_VERSION = 2
+# The stream version that introduced each distribution (none has changed its values since).
+DISTRIBUTION_SINCE = {Distribution.NORMAL: 1, Distribution.RADEMACHER: 1, Distribution.RADEMACHER_BIT: 2}
+# log2 of the elements one Philox call yields: element i comes from call i >> ELEMENTS_PER_CALL_LOG2[dist].
+ELEMENTS_PER_CALL_LOG2 = {Distribution.NORMAL: 2, Distribution.RADEMACHER: 2, Distribution.RADEMACHER_BIT: 7}
 
 
 def parse_distribution(dist: "str | int | Distribution") -> Distribution:
     if isinstance(dist, str):
         try:
-            return Distribution[dist.upper()]
+            return Distribution[dist.upper().replace("-", "_")]
         except KeyError:
-            raise ValueError(f"unknown distribution {dist!r}; expected 'normal' or 'rademacher'") from None
-    return Distribution(int(dist))
+            names = ", ".join(repr(d.name.lower()) for d in Distribution)
+            raise ValueError(f"unknown distribution {dist!r}; expected one of {names}") from None
+    try:
+        return Distribution(int(dist))
+    except ValueError:
+        raise ValueError(f"unknown distribution {dist!r}; expected one of {[int(d) for d in Distribution]}") from None
+
+
+def check_stream_version(version, dist: "str | int | Distribution" = Distribution.NORMAL) -> int:
+    """A stream version this zokern draws, in which `dist` exists (a seed log's, for its run's distribution)."""
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= STREAM_VERSION:
+        raise ValueError(f"random stream version {version!r} is not one this zokern draws (1 to {STREAM_VERSION})")
+    dist = parse_distribution(dist)
+    if DISTRIBUTION_SINCE[dist] > version:
+        raise ValueError(f"distribution {dist.name.lower()!r} does not exist in random stream version {version} "
+                         f"(it was added in version {DISTRIBUTION_SINCE[dist]})")
+    return version
 
 
 def check_seed(seed: int, what: str = "seed") -> int:
@@ -97,6 +125,12 @@ def _rademacher(w: torch.Tensor) -> torch.Tensor:
     return 1.0 - 2.0 * (w >> 31).to(torch.float32)
 
 
+def _rademacher_bits(words: "tuple[torch.Tensor, ...]") -> torch.Tensor:
+    """The 128 signs of each call, in element order: bit b (LSB first) of word q is element 32·q + b."""
+    bits = torch.stack(words, dim=-1)[..., None] >> torch.arange(32, dtype=torch.int64, device=words[0].device)
+    return 1.0 - 2.0 * (bits & 1).to(torch.float32).reshape(-1)
+
+
 def reference_draw(seed: int, stream: int, numel: int, offset: int = 0, domain: int = Domain.PERTURBATION,
                    dist: "str | int | Distribution" = Distribution.NORMAL,
                    device: "torch.device | str" = "cpu") -> torch.Tensor:
@@ -109,16 +143,19 @@ def reference_draw(seed: int, stream: int, numel: int, offset: int = 0, domain: 
         raise ValueError(f"numel and offset must be non-negative, got numel={numel}, offset={offset}")
     if numel == 0:
         return torch.empty(0, dtype=torch.float32, device=device)
-    j = torch.arange(offset >> 2, ((offset + numel - 1) >> 2) + 1, dtype=torch.int64, device=device)
+    shift = ELEMENTS_PER_CALL_LOG2[dist]
+    j = torch.arange(offset >> shift, ((offset + numel - 1) >> shift) + 1, dtype=torch.int64, device=device)
     words = philox4x32((j & MASK32, j >> 32, stream, int(domain)), (seed & MASK32, seed >> 32))
     if dist is Distribution.NORMAL:
         n0, n1 = _box_muller(words[0], words[1])
         n2, n3 = _box_muller(words[2], words[3])
-        values = torch.stack((n0, n1, n2, n3), dim=-1)
+        values = torch.stack((n0, n1, n2, n3), dim=-1).reshape(-1)
+    elif dist is Distribution.RADEMACHER:
+        values = torch.stack([_rademacher(w) for w in words], dim=-1).reshape(-1)
     else:
-        values = torch.stack([_rademacher(w) for w in words], dim=-1)
-    start = offset & 3
-    return values.reshape(-1)[start:start + numel]
+        values = _rademacher_bits(words)
+    start = offset & ((1 << shift) - 1)
+    return values[start:start + numel]
 
 
 def step_seed(base_seed: int, step: int) -> int:

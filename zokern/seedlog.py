@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from zokern.fileio import atomic_write
+from zokern.random import STREAM_VERSION, check_stream_version
 
 FORMAT = "zokern-seedlog"
 VERSION = 1
@@ -43,7 +44,8 @@ class SeedLogWriter:
 
     def __init__(self, path: "str | Path", header: dict, records: "list[dict] | None" = None):
         self.path = Path(path)
-        atomic_write(self.path, (_dumps({"format": FORMAT, "version": VERSION, **header})
+        header = {"format": FORMAT, "version": VERSION, "stream_version": STREAM_VERSION, **header}
+        atomic_write(self.path, (_dumps(header)
                                  + "".join(_dumps(r) for r in records or [])).encode())
         self._file = self.path.open("a")
 
@@ -89,6 +91,12 @@ def read(path: "str | Path") -> tuple[dict, list[dict]]:
     (_, header), *numbered = parsed
     if header.get("version") != VERSION:
         raise SeedLogError(f"{path} has seed log version {header.get('version')}; this zokern reads {VERSION}")
+    # Logs from before the field drew from stream version 1, whose values version 2 keeps.
+    header.setdefault("stream_version", 1)
+    try:
+        check_stream_version(header["stream_version"])
+    except ValueError as exc:
+        raise SeedLogError(f"{path}: {exc}") from None
     for i, (number, r) in enumerate(numbered):
         problem = _record_problem(r)
         if problem:
@@ -135,9 +143,11 @@ def _is_number_list(value) -> bool:
     return isinstance(value, list) and all(_is_number(v) for v in value)
 
 
-def replay(optimizer, records: list[dict]) -> None:
+def replay(optimizer, records: list[dict], stream_version: int = STREAM_VERSION) -> None:
     """Redo the logged steps on `optimizer`, built as in training over the same starting weights, then
-    take out two-pass mode's pending perturbation: the weights are the trained ones."""
+    take out two-pass mode's pending perturbation: the weights are the trained ones. stream_version: the log
+    header's; the optimizer's distribution must exist in it (a ValueError before any weight moves)."""
+    check_stream_version(stream_version, optimizer.dist)
     for record in records:
         optimizer.replay_step(record)
     optimizer.restore_weights()

@@ -254,11 +254,14 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     const float* core = cores[t].data_ptr<float>();
     dispatch(us[t].scalar_type(), [&](auto tag) {
       const auto* u = static_cast<const decltype(tag)*>(us[t].data_ptr());
+      std::vector<float> urow(r);
       for (int64_t i = i0; i < std::min(m, i0 + kRowBlock); ++i) {
-        for (int64_t a = 0; a < r; ++a) {
-          float acc = 0.f;
-          for (int64_t b = 0; b < r; ++b) acc = madd_rn(acc, to_float(u[i * r + b]), core[b * r + a]);
-          uc[t][i * r + a] = acc;
+        // Each (U·C)[i, a] sums over b in order; the loop over a inside runs the r sums side by side.
+        for (int64_t b = 0; b < r; ++b) urow[b] = to_float(u[i * r + b]);
+        float* acc = uc[t].data() + i * r;
+        for (int64_t a = 0; a < r; ++a) acc[a] = 0.f;
+        for (int64_t b = 0; b < r; ++b) {
+          for (int64_t a = 0; a < r; ++a) acc[a] = madd_rn(acc[a], urow[b], core[b * r + a]);
         }
       }
     });
@@ -286,10 +289,9 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
 
 // ---- anchored rescale (DiZO) ----
 
-constexpr int kLanes = 8;  // independent float32 partial sums per chunk: vectorisable, and a shorter error chain
-
-// ‖θ − θ0‖ per tensor: per-chunk sums (kLanes interleaved lanes, then the lanes in order), then each
-// tensor's chunk sums in chunk order: the result depends on the chunk size only, never on the threads.
+// ‖θ − θ0‖ per tensor: per-chunk sums (zo_cpu_kernels.inc's distance_sum: interleaved lanes, then the lanes in
+// order), then each tensor's chunk sums in chunk order: the result depends on the chunk size only, never on
+// the threads.
 at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t chunk) {
   check_params(params);
   check_companions(params, anchors, "anchors");
@@ -300,17 +302,8 @@ at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t
   for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
     dispatch(params[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      const T* p = static_cast<const T*>(params[t].data_ptr());
-      const T* a = static_cast<const T*>(anchors[t].data_ptr());
-      float lanes[kLanes] = {};
-      int64_t i = begin;
-      for (; i + kLanes <= end; i += kLanes) {
-        for (int k = 0; k < kLanes; ++k) lanes[k] = add_rn(lanes[k], square_diff(to_float(p[i + k]), to_float(a[i + k])));
-      }
-      for (int k = 0; i < end; ++i, ++k) lanes[k] = add_rn(lanes[k], square_diff(to_float(p[i]), to_float(a[i])));
-      float sum = 0.f;
-      for (int k = 0; k < kLanes; ++k) sum = add_rn(sum, lanes[k]);
-      partial[first[t] + begin / chunk] = sum;
+      ZK_RUN(distance_sum, static_cast<const T*>(params[t].data_ptr()), static_cast<const T*>(anchors[t].data_ptr()),
+             begin, end, &partial[first[t] + begin / chunk]);
     });
   });
   at::Tensor out = at::empty({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kFloat));

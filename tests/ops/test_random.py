@@ -8,8 +8,9 @@ import torch
 from scipy import stats
 
 import zokern
-from zokern.random import Distribution, Domain, philox4x32, reference_draw
-from conftest import available_pairs, philox_words, ulp_distance
+from zokern.random import (DISTRIBUTION_SINCE, STREAM_VERSION, Distribution, Domain, check_stream_version,
+                           parse_distribution, philox4x32, reference_draw)
+from conftest import available_pairs, backend_kernels, philox_words, ulp_distance
 
 # Random123's known-answer vectors for philox4x32-10: (counter, key) -> words.
 PHILOX_KAT = [
@@ -25,6 +26,10 @@ GOLDEN_NORMAL = [0.23827049136161804, 0.43182945251464844, -0.43032172322273254,
 GOLDEN_NORMAL_AT_2_40_PLUS_2 = [-0.04962553456425667, 0.5200377106666565, -0.21427354216575623,
                                 0.1439128965139389, -0.06266361474990845, 1.3621810674667358]
 GOLDEN_RADEMACHER = [-1, 1, -1, -1, 1, 1, -1, -1]
+# One bit per element: the low byte of call 0's w0 is 0xF7; offset 124 crosses from call 0 into call 1.
+GOLDEN_RADEMACHER_BIT = [-1, -1, -1, 1, -1, -1, -1, -1]
+GOLDEN_RADEMACHER_BIT_AT_124 = [1, -1, 1, -1, 1, -1, -1, 1]
+GOLDEN_RADEMACHER_BIT_AT_2_40_PLUS_126 = [-1, 1, 1, 1, 1, -1]
 GOLDEN_CORE_DOMAIN = [1.4513555765151978, -0.3173693120479584, 0.6547306776046753, -0.3648676872253418]
 
 PAIRS = available_pairs()
@@ -43,6 +48,9 @@ def test_golden_vectors(backend, device):
     assert ulp_distance(draw(8), torch.tensor(GOLDEN_NORMAL)).max() <= 4
     assert ulp_distance(draw(6, offset=(1 << 40) + 2), torch.tensor(GOLDEN_NORMAL_AT_2_40_PLUS_2)).max() <= 4
     assert draw(8, dist="rademacher").tolist() == GOLDEN_RADEMACHER
+    assert draw(8, dist="rademacher_bit").tolist() == GOLDEN_RADEMACHER_BIT
+    assert draw(8, offset=124, dist="rademacher_bit").tolist() == GOLDEN_RADEMACHER_BIT_AT_124
+    assert draw(6, offset=(1 << 40) + 126, dist="rademacher_bit").tolist() == GOLDEN_RADEMACHER_BIT_AT_2_40_PLUS_126
     assert ulp_distance(draw(4, domain=Domain.CORE), torch.tensor(GOLDEN_CORE_DOMAIN)).max() <= 4
 
 
@@ -74,16 +82,18 @@ def test_draw_matches_reference(backend, device, offset, numel):
     expected = reference_draw(SEED, 3, numel, offset)
     got = zokern.draw(SEED, 3, numel, offset=offset, device=device, backend=backend).cpu()
     assert ulp_distance(got, expected).max() <= 4
-    rad = zokern.draw(SEED, 3, numel, offset=offset, dist="rademacher", device=device, backend=backend).cpu()
-    assert torch.equal(rad, reference_draw(SEED, 3, numel, offset, dist="rademacher"))
+    for dist in ("rademacher", "rademacher_bit"):
+        rad = zokern.draw(SEED, 3, numel, offset=offset, dist=dist, device=device, backend=backend).cpu()
+        assert torch.equal(rad, reference_draw(SEED, 3, numel, offset, dist=dist)), dist
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
-def test_draw_is_what_perturb_applies(backend, device):
+@pytest.mark.parametrize("dist", ["normal", "rademacher_bit"])
+def test_draw_is_what_perturb_applies(backend, device, dist):
     """The public draw returns exactly the z a backend's perturbation kernel adds."""
     p = torch.zeros(1031, device=device)
-    zokern.perturb_([p], SEED, 1.0, stream_ids=[11], backend=backend)
-    assert torch.equal(p, zokern.draw(SEED, 11, 1031, device=device, backend=backend))
+    zokern.perturb_([p], SEED, 1.0, stream_ids=[11], dist=dist, backend=backend)
+    assert torch.equal(p, zokern.draw(SEED, 11, 1031, dist=dist, device=device, backend=backend))
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -107,10 +117,48 @@ def test_opcheck(backend, device, op):
     torch.library.opcheck(getattr(torch.ops.zokern, op), args)
 
 
-def test_offsets_are_windows_of_one_stream():
-    whole = reference_draw(5, 9, 64)
-    for offset in (0, 1, 2, 3, 5, 17):
-        assert torch.equal(reference_draw(5, 9, 10, offset), whole[offset:offset + 10])
+@pytest.mark.parametrize("dist", list(Distribution))
+def test_offsets_are_windows_of_one_stream(dist):
+    whole = reference_draw(5, 9, 400, dist=dist)
+    for offset in (0, 1, 2, 3, 5, 17, 127, 128, 250):
+        assert torch.equal(reference_draw(5, 9, 130, offset, dist=dist), whole[offset:offset + 130])
+
+
+def test_rademacher_bit_layout():
+    """Element i is bit i mod 32 (least significant first) of word (i >> 5) mod 4 of Philox call i >> 7:
+    written out here on the raw words, independently of the reference's vectorised form."""
+    seed, stream, domain, first_call, calls = SEED, 5, int(Domain.CORE), (1 << 33) - 1, 3
+    j = torch.arange(first_call, first_call + calls, dtype=torch.int64)
+    words = torch.stack(philox4x32((j & 0xFFFFFFFF, j >> 32, stream, domain), (seed & 0xFFFFFFFF, seed >> 32)), 1)
+    expected = [-1.0 if (int(words[c, q]) >> b) & 1 else 1.0 for c in range(calls) for q in range(4) for b in range(32)]
+    got = reference_draw(seed, stream, 128 * calls, 128 * first_call, domain, dist=Distribution.RADEMACHER_BIT)
+    assert got.tolist() == expected
+
+
+@pytest.mark.parametrize("backend,device", available_pairs(include_reference=False))
+def test_rademacher_bit_depends_on_the_element_alone(backend, device):
+    """Chunk and block edges anywhere (not on the 128-element calls), tensors of awkward sizes and in any
+    grouping: element i of tensor t is always element i of stream t, as the fused ops and fill apply it."""
+    kernels = backend_kernels(backend, device)
+    sizes = [1, 5, 127, 128, 129, 1000, 4099]
+    streams = [40 + k for k in range(len(sizes))]
+    want = [reference_draw(SEED, s, n, dist=Distribution.RADEMACHER_BIT).to(device) for s, n in zip(streams, sizes)]
+    # Triton: small blocks too, so that blocks and not only chunks end inside a call's 128 elements (and no
+    # chunk of 4, thousands of programs for the interpreter).
+    triton = backend == "triton"
+    for chunk in (None, 36, 100) if triton else (None, 4, 36, 100, 1 << 20):
+        kw = {} if chunk is None else {"chunk": chunk, **({"block": 32} if triton else {})}
+        params = [torch.zeros(n, device=device) for n in sizes]
+        kernels.perturb(params, streams, SEED, 1.0, int(Distribution.RADEMACHER_BIT), **kw)
+        assert all(torch.equal(p, z) for p, z in zip(params, want)), f"chunk={chunk}"
+        # restore (−z), update 0, next perturbation with the same seed: z again, bit for bit.
+        kernels.fused_step(params, streams, SEED, -1.0, 0.0, 0.0, [0.0] * len(sizes), SEED, 1.0,
+                           int(Distribution.RADEMACHER_BIT), **kw)
+        assert all(torch.equal(p, z) for p, z in zip(params, want)), f"chunk={chunk}, fused step"
+    for offset in (3, 100, 129):
+        out = torch.empty(500, device=device)
+        kernels.fill_random(out, SEED, 40, offset, 0, int(Distribution.RADEMACHER_BIT))
+        assert torch.equal(out.cpu(), reference_draw(SEED, 40, 500, offset, dist=Distribution.RADEMACHER_BIT))
 
 
 def test_deterministic_and_keyed_by_all_inputs():
@@ -136,12 +184,47 @@ def test_normal_distribution(domain):
     assert abs(torch.corrcoef(torch.stack([z[0:-4], z[4:]]))[0, 1]) < 0.01
 
 
-def test_rademacher_distribution():
-    z = reference_draw(2024, 1, 1 << 20, dist=Distribution.RADEMACHER)
+@pytest.mark.parametrize("dist", [Distribution.RADEMACHER, Distribution.RADEMACHER_BIT])
+def test_rademacher_distribution(dist):
+    z = reference_draw(2024, 1, 1 << 20, dist=dist)
     assert set(z.unique().tolist()) == {-1.0, 1.0}
     plus = int((z > 0).sum())
     assert stats.binomtest(plus, z.numel()).pvalue > 1e-3
     assert abs(torch.corrcoef(torch.stack([z[0:-1], z[1:]]))[0, 1]) < 0.01
+
+
+def test_rademacher_bit_balance_and_independence():
+    """Each of the 128 bit positions of a call is a fair sign (chi-square over positions), and neighbours are
+    independent (chi-square of the 2×2 table of pairs: within a word, across words, across calls)."""
+    minus = (reference_draw(77, 3, 1 << 21, dist=Distribution.RADEMACHER_BIT) < 0).long()
+    calls = minus.view(-1, 128)
+    per_position = calls.sum(0).double()
+    n = calls.shape[0]
+    chi2 = float((((per_position - n / 2) ** 2) / (n / 2) + ((n - per_position - n / 2) ** 2) / (n / 2)).sum())
+    assert stats.chi2.sf(chi2, df=128) > 1e-3, f"bit positions: chi2 {chi2}"
+    for name, left, right in [("neighbours", minus[:-1], minus[1:]),
+                              ("across words", calls[:, 31:127:32].reshape(-1), calls[:, 32::32].reshape(-1)),
+                              ("across calls", calls[:-1, 127], calls[1:, 0]),
+                              ("word lag", minus[:-32], minus[32:])]:
+        table = torch.bincount(2 * left + right, minlength=4).view(2, 2).numpy()
+        assert stats.chi2_contingency(table).pvalue > 1e-3, f"{name}: {table.tolist()}"
+        assert stats.binomtest(int(left.sum()), left.numel()).pvalue > 1e-3, name
+
+
+def test_stream_versions():
+    assert STREAM_VERSION == max(DISTRIBUTION_SINCE.values()) == 2
+    assert set(DISTRIBUTION_SINCE) == set(Distribution)
+    assert check_stream_version(1, "rademacher") == 1
+    with pytest.raises(ValueError, match="'rademacher_bit' does not exist in random stream version 1"):
+        check_stream_version(1, "rademacher_bit")
+    for bad in (0, STREAM_VERSION + 1, "2", True):
+        with pytest.raises(ValueError, match="is not one this zokern draws"):
+            check_stream_version(bad)
+    assert parse_distribution("rademacher-bit") is parse_distribution(2) is Distribution.RADEMACHER_BIT
+    with pytest.raises(ValueError, match="expected one of 'normal', 'rademacher', 'rademacher_bit'"):
+        parse_distribution("uniform")
+    with pytest.raises(ValueError, match="unknown distribution 3"):
+        parse_distribution(3)
 
 
 def test_the_stream_module_imports_nothing_of_zokern():
@@ -157,3 +240,20 @@ def test_the_stream_module_imports_nothing_of_zokern():
         [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     assert not [name for name in imported if name.split(".")[0] == "zokern"]
     assert zokern.draw is zokern.ops.draw
+
+
+@pytest.mark.parametrize("method", ["MeZO", "HiZOO", "SparseMeZO"])
+def test_optimizers_draw_the_one_bit_stream(method):
+    """`dist="rademacher_bit"` reaches the kernels: the first perturbed forward sees θ + ε·z with z the one-bit
+    stream of the step's seed (HiZOO, after its forward at θ: z/√D with D = 1; Sparse MeZO: masked, every
+    element in with sparsity 0)."""
+    from zokern.random import step_seed
+
+    p = torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(3)))
+    start = p.detach().clone()
+    options = {"sparsity": 0.0} if method == "SparseMeZO" else {}
+    opt = getattr(zokern.optim, method)([p], lr=1e-3, eps=0.25, seed=11, dist="rademacher_bit", **options)
+    seen = []
+    opt.step(lambda: seen.append(p.detach().clone()) or p.sum())
+    z = reference_draw(step_seed(11, 0), opt.buckets[0].stream_ids[0], 300, dist=Distribution.RADEMACHER_BIT)
+    assert torch.equal(seen[1 if method == "HiZOO" else 0], start + 0.25 * z)

@@ -12,7 +12,7 @@ import torch
 
 import zokern
 from zokern.optim import METHODS
-from zokern.random import SEED_LIMIT
+from zokern.random import SEED_LIMIT, parse_distribution
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,6 +115,11 @@ def check_config(config: FinetuneConfig) -> None:
         if name not in accepted:
             raise ConfigError(f"--option {name}: {config.method} has no such option; it takes "
                               f"{', '.join(sorted(accepted - set(OPTIMIZER_SETTINGS)))}")
+    if "dist" in config.method_options:
+        try:
+            parse_distribution(config.method_options["dist"])
+        except ValueError as exc:
+            raise ConfigError(f"--option dist: {exc}") from None
 
 
 def _check_types(config: FinetuneConfig) -> None:

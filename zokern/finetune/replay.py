@@ -50,7 +50,7 @@ def replay_run(log_path: str, model: "str | None" = None, output: "str | None" =
               "gives close, not bitwise equal, weights", file=sys.stderr)
     optimizer = make_optimizer(replace(config, backend=backend), trainable)
     try:
-        seedlog.replay(optimizer, records)
+        seedlog.replay(optimizer, records, header["stream_version"])
     except ValueError as exc:  # a record that does not fit this optimizer: its base seed or parameter groups
         raise SeedLogError(f"{log_path}: {exc}") from None
     save_file({name: p.detach().contiguous() for name, p in trainable}, str(out))

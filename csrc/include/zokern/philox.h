@@ -1,5 +1,5 @@
 // The zokern random stream (docs/RANDOM.md), for host and device: Philox4x32-10 and the mapping of its
-// words to normals (Box–Muller, both pairs) and Rademacher signs. Torch-free; the CPU extension, the CUDA
+// words to normals (Box–Muller, both pairs) and Rademacher signs (a word's top bit, or one bit each). Torch-free; the CPU extension, the CUDA
 // kernels and nvcc_check.cu all compile this one definition.
 #pragma once
 
@@ -28,14 +28,15 @@ constexpr int kPhiloxRounds = 10;
 // float32(2π) · 2^-24, exact: one rounding turns the top 24 bits of a word into an angle in [0, 2π).
 constexpr float kTwoPi2m24 = 0x1.921fb6p-22f;
 
-enum Dist : int { kNormal = 0, kRademacher = 1 };
+enum Dist : int { kNormal = 0, kRademacher = 1, kRademacherBit = 2 };
 enum Domain : uint32_t { kPerturbation = 0 };
 
 struct Words {
   uint32_t w[4];
 };
 
-// Philox4x32-10 of call j (element i uses call i >> 2, word i & 3): counter (j lo, j hi, stream, domain),
+// Philox4x32-10 of call j (kNormal, kRademacher: element i uses call i >> 2, word i & 3; kRademacherBit: call
+// i >> 7, word (i >> 5) & 3, bit i & 31): counter (j lo, j hi, stream, domain),
 // key (seed lo, seed hi).
 ZK_HD inline Words philox(uint64_t seed, uint32_t stream, uint32_t domain, uint64_t j) {
   uint32_t c0 = static_cast<uint32_t>(j), c1 = static_cast<uint32_t>(j >> 32), c2 = stream, c3 = domain;
@@ -76,8 +77,21 @@ ZK_HD inline float rademacher(uint32_t w) {
   return (w >> 31) ? -1.0f : 1.0f;
 }
 
-// The four values of call j: elements 4j .. 4j+3 of stream (seed, stream, domain).
+// kRademacherBit: −1 where bit b (0 = least significant) of w is set, else +1.
+ZK_HD inline float rademacher_bit(uint32_t w, uint32_t b) {
+  return ((w >> b) & 1u) ? -1.0f : 1.0f;
+}
+
+// Elements 4j .. 4j+3 of stream (seed, stream, domain): the four values of call j, or for kRademacherBit
+// bits 4(j & 7) .. 4(j & 7) + 3 of word (j >> 3) & 3 of call j >> 5.
 ZK_HD inline void draw4(uint64_t seed, uint32_t stream, uint32_t domain, int dist, uint64_t j, float z[4]) {
+  if (dist == kRademacherBit) {
+    const Words w = philox(seed, stream, domain, j >> 5);
+    const uint32_t word = w.w[(j >> 3) & 3u], first = 4u * static_cast<uint32_t>(j & 7u);
+ZK_UNROLL
+    for (int q = 0; q < 4; ++q) z[q] = rademacher_bit(word, first + q);
+    return;
+  }
   const Words w = philox(seed, stream, domain, j);
   if (dist == kRademacher) {
 ZK_UNROLL
