@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import warnings
 
-from zokern import ops
+from zokern import distributed, ops
 from zokern.optim.base import ZOOptimizer
 
 
@@ -60,15 +60,22 @@ class SparseMeZO(ZOOptimizer):
         """The thresholds of step `step`, from the current unperturbed weights where they are due."""
         thresholds = bucket.extra["thresholds"]
         if thresholds is None or (self.threshold_every and step % self.threshold_every == 0):
-            thresholds = ops.magnitude_thresholds(params, self.sparsity)
+            thresholds = self._magnitude_thresholds(bucket, range(len(params)))
             if bucket.extra["tracked"] is None:
                 bucket.extra["tracked"] = (thresholds == 0).nonzero().flatten().tolist()
         elif bucket.extra["tracked"]:
             tracked = bucket.extra["tracked"]
             thresholds = thresholds.clone()
-            thresholds[tracked] = ops.magnitude_thresholds([params[i] for i in tracked], self.sparsity)
+            thresholds[tracked] = self._magnitude_thresholds(bucket, tracked)
         bucket.extra["thresholds"] = thresholds
         return thresholds
+
+    def _magnitude_thresholds(self, bucket, positions):
+        """The thresholds of the masked tensors at `positions` (in extra["masked"]): a sharded tensor's is its
+        whole tensor's, reduced exactly across its shards."""
+        idx = [bucket.extra["masked"][i] for i in positions]
+        return distributed.magnitude_thresholds([bucket.params[i] for i in idx], [bucket.shards[i] for i in idx],
+                                                self.sparsity, ops.magnitude_thresholds)
 
     def _perturb(self, seed, scale, first):
         for b in self.buckets:

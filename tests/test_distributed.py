@@ -1,0 +1,252 @@
+"""ZO on torch.distributed (docs/DISTRIBUTED.md): CPU processes on gloo, spawned from the test, each run
+under a timeout so that a hang fails instead of blocking.
+
+Data parallel: 2 processes with uneven shares of a batch against 1 process with the whole batch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import traceback
+import warnings
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from zokern.optim import METHODS
+
+TIMEOUT_S = 240
+
+
+def run_ranks(fn, world: int, tmp_path, *args):
+    """fn(rank, world, *args) in `world` spawned processes sharing a gloo group; returns their results (by
+    rank). A process that raises fails the test with its traceback; one still running after TIMEOUT_S (a
+    hang) is killed and fails it too."""
+    ctx = mp.get_context("spawn")
+    init = tmp_path / f"init-{fn.__name__}-{world}"
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, str(init), str(tmp_path), args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} of {fn.__name__} did not finish within {TIMEOUT_S} s (a hang)"
+    results = []
+    for r in range(world):
+        out = torch.load(tmp_path / f"result-{fn.__name__}-{r}.pt", weights_only=False)
+        assert "error" not in out, f"rank {r} of {fn.__name__} failed:\n{out['error']}"
+        results.append(out["value"])
+    return results
+
+
+def _rank_main(fn, rank, world, init, tmp, args):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    torch.set_num_threads(1)
+    try:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+        out = {"value": fn(rank, world, *args)}
+        torch.distributed.destroy_process_group()
+    except BaseException:  # reported to the test process
+        out = {"error": traceback.format_exc()}
+    torch.save(out, os.path.join(tmp, f"result-{fn.__name__}-{rank}.pt"))
+
+
+# --- a tiny model and its data ----------------------------------------------------------------------------
+
+
+class Tiny(torch.nn.Module):
+    """Names that every method finds something in: k_proj/v_proj matrices (DiZO), biases (dense vectors)."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.k_proj = torch.nn.Linear(6, 10, dtype=dtype)
+        self.v_proj = torch.nn.Linear(10, 7, dtype=dtype)
+        self.out = torch.nn.Linear(7, 1, dtype=dtype)
+
+    def forward(self, x):
+        # In float64: a float32 matmul's rounding may depend on the batch size, which data parallel changes.
+        h = x.double()
+        for layer in (self.k_proj, self.v_proj, self.out):
+            h = torch.nn.functional.linear(h, layer.weight.double(), layer.bias.double())
+            h = torch.tanh(h) if layer is not self.out else h
+        return h
+
+
+def tiny(dtype=torch.float32):
+    torch.manual_seed(0)
+    return Tiny(dtype)
+
+
+def data(steps: int, batch: int = 7):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, 6, generator=g), torch.randn(batch, 1, generator=g)) for _ in range(steps)]
+
+
+def share_loss(model, x, y):
+    """Mean squared error over the rows, summed in float64, with the row count: the weighted mean of the
+    shares' means is the whole batch's mean up to float64 rounding."""
+    errors = (model(x) - y).double().square().sum(1)
+    return errors.sum() / len(x), len(x)
+
+
+OPTIONS = {"mezo": {}, "subzero": {"rank": 2, "subspace_every": 2}, "sparse-mezo": {"threshold_every": 2},
+           "hizoo": {"alpha": 1e-2}, "dizo": {"project_every": 2, "project_iters": 2}}
+
+
+def make(method, model, **extra):
+    return METHODS[method](model.named_parameters(), lr=1e-2, eps=1e-3, seed=5, **OPTIONS[method], **extra)
+
+
+def train(method, model, batches, rank=0, world=1, **extra):
+    """Steps on this rank's share of each batch; returns (ρ per step, records, the trained tensors)."""
+    from zokern.distributed import share
+
+    opt = make(method, model, **extra)
+    records = []
+    opt.record_hook = records.append
+    for x, y in batches:
+        rows = share(list(range(len(x))), world, rank)
+        mine = (x[rows], y[rows])
+        fresh = iter(batches[::-1] * 4)
+
+        def fresh_closure():
+            fx, fy = next(fresh)
+            fr = share(list(range(len(fx))), world, rank)
+            return lambda: share_loss(model, fx[fr], fy[fr])
+
+        opt.step(lambda: share_loss(model, *mine), fresh_closure)
+    return [r.get("grad") for r in records], records, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def replayed(method, records, dtype=torch.float32, **extra):
+    model = tiny(dtype)
+    opt = make(method, model, process_group=False, **extra)
+    for record in records:
+        opt.replay_step(record)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# --- data parallel ----------------------------------------------------------------------------------------
+
+
+def _dp_worker(rank, world, methods, steps):
+    batches = data(steps)
+    return {m: train(m, tiny(), batches, rank, world) for m in methods}
+
+
+@pytest.mark.parametrize("methods", [["mezo", "hizoo", "dizo"], ["sparse-mezo", "subzero"]])
+def test_data_parallel_matches_one_process(tmp_path, methods):
+    """2 processes, shares of 4 and 3 rows: ρ equals the 1-process run's up to the loss reduction's rounding;
+    every rank holds the same weights, bitwise those of a 1-process replay of the 2-process run's log."""
+    steps = 4
+    single = {m: train(m, tiny(), data(steps)) for m in methods}
+    ranks = run_ranks(_dp_worker, 2, tmp_path, methods, steps)
+    for m in methods:
+        rho, records, weights = ranks[0][m]
+        assert rho == ranks[1][m][0]
+        for name in weights:
+            assert torch.equal(weights[name], ranks[1][m][2][name]), (m, name)
+        for mine, theirs in zip(rho, single[m][0], strict=True):
+            assert mine == pytest.approx(theirs, rel=1e-9, abs=1e-9), m
+        for name, w in replayed(m, records).items():
+            assert torch.equal(w, weights[name]), (m, name)
+
+
+def _failure_worker(rank, world, method):
+    """Rank 1's closure raises at step 1 and returns NaN at step 2; every rank must skip both together."""
+    from zokern.optim.base import RankFailedError
+
+    model = tiny()
+    opt = make(method, model, on_nonfinite="skip")
+    records, events = [], []
+    opt.record_hook = records.append
+    for step, (x, y) in enumerate(data(4)):
+        calls = iter(range(10))
+
+        def closure():
+            call = next(calls)
+            if rank == 1 and step == 1 and call == 0:
+                raise KeyError("rank 1's batch is broken")
+            if rank == 1 and step == 2:
+                return torch.tensor(math.nan), 3
+            return share_loss(model, x, y)
+
+        try:
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                opt.step(closure)
+            events.append("stepped")
+        except RankFailedError:
+            events.append("other rank failed")
+        except KeyError:
+            events.append("own failure")
+    return events, records, opt.nonfinite_steps, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["mezo", "hizoo"])
+def test_a_failing_rank_makes_every_rank_skip(tmp_path, method):
+    """HiZOO's first forward is at the unperturbed weights: a failure there must still reach the all-reduce."""
+    (events0, log0, nonfinite0, w0), (events1, log1, nonfinite1, w1) = run_ranks(_failure_worker, 2, tmp_path, method)
+    assert events0 == ["stepped", "other rank failed", "stepped", "stepped"]
+    assert events1 == ["stepped", "own failure", "stepped", "stepped"]
+    assert nonfinite0 == nonfinite1 == 1
+    for log in (log0, log1):
+        assert [bool(r.get("skipped")) for r in log] == [False, True, True, False]
+        assert "failed" in log[1] and "failed" not in log[2]
+    assert [r.get("grad") for r in log0] == [r.get("grad") for r in log1]
+    # Skipped together: the same weights on both ranks, those of the log replayed (the skips restore alike).
+    for name, w in replayed(method, log0).items():
+        assert torch.equal(w, w0[name]) and torch.equal(w, w1[name]), name
+
+
+def _ddp_worker(rank, world):
+    model = torch.nn.parallel.DistributedDataParallel(tiny())
+    rho, _, weights = train("mezo", model.module, data(2), rank, world)
+    # The wrapper's own forward (buffer broadcast, no gradient hooks under no_grad) runs as well.
+    x, y = data(1)[0]
+    with torch.no_grad():
+        model(x)
+    return rho, weights
+
+
+def test_ddp_wrapped_model_trains(tmp_path):
+    (rho0, w0), (rho1, w1) = run_ranks(_ddp_worker, 2, tmp_path)
+    assert rho0 == rho1
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+
+
+def _mismatch_worker(rank, world):
+    from zokern.distributed import DistributedError
+
+    model = tiny()
+    try:
+        METHODS["mezo"](model.named_parameters(), lr=1e-2, seed=rank)
+    except DistributedError as exc:
+        return str(exc)
+    return None
+
+
+def test_ranks_with_different_optimizers_are_refused(tmp_path):
+    messages = run_ranks(_mismatch_worker, 2, tmp_path)
+    assert all(m and "differs between ranks" in m and "seed" in m for m in messages)
+
+
+def _world_size_worker(rank, world, state):
+    model = tiny()
+    opt = make("mezo", model)
+    try:
+        opt.load_state_dict(state)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_resume_on_another_world_size_is_refused(tmp_path):
+    state = make("mezo", tiny()).state_dict()
+    messages = run_ranks(_world_size_worker, 2, tmp_path, state)
+    assert all(m and "saved by a run on 1 ranks" in m for m in messages)
