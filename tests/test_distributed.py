@@ -5,6 +5,7 @@ Data parallel: 2 processes with uneven shares of a batch against 1 process with 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import traceback
@@ -250,3 +251,64 @@ def test_resume_on_another_world_size_is_refused(tmp_path):
     state = make("mezo", tiny()).state_dict()
     messages = run_ranks(_world_size_worker, 2, tmp_path, state)
     assert all(m and "saved by a run on 1 ranks" in m for m in messages)
+
+
+# --- entry points -----------------------------------------------------------------------------------------
+
+
+def _trainer_worker(rank, world, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    from test_hf_trainer import trainer
+
+    t = trainer(out, method="mezo", max_steps=3, eval_strategy="no")
+    assert t.args.world_size == world
+    records = []
+    t.create_optimizer()
+    t.zo_optimizer.record_hook = records.append
+    t.train()
+    return [r["grad"] for r in records], {n: p.detach().clone() for n, p in t.model.named_parameters()}
+
+
+def test_zotrainer_trains_data_parallel(tmp_path):
+    """ZOTrainer under 2 processes: each evaluates its own batches, both apply the same updates."""
+    (rho0, w0), (rho1, w1) = run_ranks(_trainer_worker, 2, tmp_path, str(tmp_path / "out"))
+    assert rho0 == rho1 and len(rho0) == 3
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+
+
+def _torchrun(nproc: int, *args: str, timeout: int = TIMEOUT_S):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "zokern", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_torchrun_finetune_writes_from_rank_0_and_replays(tiny_model_dir, tmp_path):
+    """`torchrun -m zokern finetune` on 2 processes: one set of files (metrics, seed log, checkpoints) from rank
+    0; the seed log replays to the checkpoint's weights bitwise on one process; a resume on another world size
+    is refused before the model loads."""
+    from safetensors.torch import load_file
+
+    from zokern.finetune.replay import replay_run
+
+    out = tmp_path / "run"
+    settings = ["finetune", "--model", str(tiny_model_dir), "--steps", "4", "--batch-size", "5", "--eval-every",
+                "2", "--eval-examples", "8", "--checkpoint-every", "2", "--lr", "1e-3", "--lora-rank", "0",
+                "--output-dir", str(out)]
+    done = _torchrun(2, *settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("zero-shot test accuracy") == 1  # rank 0 reports for all
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics if "loss" in r] == [1, 2, 3, 4]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    replay_run(str(out / "seedlog.jsonl"), output=str(tmp_path / "replayed.safetensors"), stream=open(os.devnull, "w"))
+    trained = load_file(str(out / "checkpoint" / "model.safetensors"))
+    rebuilt = load_file(str(tmp_path / "replayed.safetensors"))
+    assert trained.keys() == rebuilt.keys() and all(torch.equal(trained[k], rebuilt[k]) for k in trained)
+
+    from zokern.cli import main
+
+    assert main([*settings[:-2], "--output-dir", str(out), "--steps", "6", "--resume"]) == 2
