@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .multi_tensor import (CODES, alignment, default_sizes, device_ctx, extras, groups, launch_groups, launch_options,
                            tables)
-from .mezo import _load_f32, _pointer, _store_f32, chunk_of_program
+from .mezo import ROW, _load_f32, _pointer, _store_f32, chunk_of_program
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def square_sums_kernel(tensors, extra, chunks, partials, chunk, DTYPE: tl.conste
                        ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
     """partials[pid] = Σ (θ − θ0)² over this program's chunk, in float32. `extra` rows: (anchor address,
     index into the output)."""
-    t, addr, _, start, end = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
+    t, addr, _, start, end, _ = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
     ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
     anchor0 = _pointer(tl.load(extra + 2 * t), DTYPE, ALIGNED_PTRS)
     acc = tl.zeros((BLOCK,), tl.float32)
@@ -38,8 +38,8 @@ def norms_kernel(tensors, extra, partials, out, chunk, BLOCK: tl.constexpr):
     """out[index of tensor t] = sqrt(Σ of tensor t's partials), one program per tensor; `extra` as for
     square_sums_kernel."""
     t = tl.program_id(0).to(tl.int64)
-    first = tl.load(tensors + 4 * t + 3)
-    count = tl.cdiv(tl.load(tensors + 4 * t + 1), chunk)
+    first = tl.load(tensors + ROW * t + 3)
+    count = tl.cdiv(tl.load(tensors + ROW * t + 1), chunk)
     acc = tl.zeros((BLOCK,), tl.float32)
     for off in range(0, count, BLOCK):
         k = off + tl.arange(0, BLOCK)
@@ -52,7 +52,7 @@ def anchored_rescale_kernel(tensors, extra, chunks, factors, chunk, DTYPE: tl.co
                             ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
     """θ = θ0 + (src − θ0)·f. `extra` rows: (index into factors, anchor address, source address); without
     sources the source address is θ's own."""
-    t, addr, _, start, end = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
+    t, addr, _, start, end, _ = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
     ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
     anchor0 = _pointer(tl.load(extra + 3 * t + 1), DTYPE, ALIGNED_PTRS)
     source0 = _pointer(tl.load(extra + 3 * t + 2), DTYPE, ALIGNED_PTRS)

@@ -45,9 +45,9 @@ def assert_same(got, want, what=""):
 def same_z(monkeypatch):
     """The reference drawing the backend's own z (fill_random), so the ops' arithmetic alone is compared:
     the Box–Muller transcendentals of the two differ by a few float32 ulps (docs/RANDOM.md)."""
-    def z(seed, stream, p, dist):
+    def z(seed, stream, p, dist, offset):
         out = torch.empty(p.numel())
-        cpp_cpu.fill_random(out, seed, stream, 0, Domain.PERTURBATION, dist)
+        cpp_cpu.fill_random(out, seed, stream, offset, Domain.PERTURBATION, dist)
         return out.to(p.device).view(p.shape)
 
     monkeypatch.setattr(ref, "_z", z)

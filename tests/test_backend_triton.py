@@ -181,7 +181,7 @@ def test_element_indices_beyond_2_31(device):
     p = torch.randn(n, device=device)
     seed, stream, scale = 2**62 + 5, 0xABCDEF01, 0.5
     got = p.clone()
-    tensors = torch.tensor([[got.data_ptr() - 4 * k, k + n, stream, -(k // chunk)]], dtype=torch.int64,
+    tensors = torch.tensor([[got.data_ptr() - 4 * k, k + n, stream, -(k // chunk), 0]], dtype=torch.int64,
                            device=device)
     chunks = torch.zeros(triton.cdiv(n, chunk), dtype=torch.int32, device=device)
     k0, k1 = multi_tensor.seed_words(seed)

@@ -153,15 +153,15 @@ void for_chunks(at::TensorList params, int64_t chunk, int64_t align, const F& f)
 
 struct Loops {
   template <class Op>
-  static void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<float>& wds,
-                        int64_t chunk, const Op& op) {
+  static void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<int64_t>& offsets,
+                        const std::vector<float>& wds, int64_t chunk, const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
     check_params(params);
     for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
       dispatch(params[t].scalar_type(), [&](auto tag) {
         using T = decltype(tag);
-        ZK_RUN(apply_range, static_cast<T*>(params[t].data_ptr()), begin, end, static_cast<uint32_t>(streams[t]),
-               wds[t], op);
+        ZK_RUN(apply_range, static_cast<T*>(params[t].data_ptr()), begin, end, offsets[t],
+               static_cast<uint32_t>(streams[t]), wds[t], op);
       });
     });
   }
@@ -169,7 +169,8 @@ struct Loops {
   // Sparse MeZO: chunks of whole mask words.
   template <class Op>
   static void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
-                         at::IntArrayRef streams, const std::vector<float>& wds, int64_t chunk, const Op& op) {
+                         at::IntArrayRef streams, const std::vector<int64_t>& offsets, const std::vector<float>& wds,
+                         int64_t chunk, const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
     check_params(params);
     check_companions(params, masks, "masks", /*words=*/true);
@@ -178,7 +179,7 @@ struct Loops {
       dispatch(params[t].scalar_type(), [&](auto tag) {
         using T = decltype(tag);
         ZK_RUN(masked_range, static_cast<T*>(params[t].data_ptr()), static_cast<uint32_t*>(masks[t].data_ptr()),
-               begin, end, static_cast<uint32_t>(streams[t]), wds[t], h[t], op);
+               begin, end, offsets[t], static_cast<uint32_t>(streams[t]), wds[t], h[t], op);
       });
     });
   }
@@ -186,7 +187,8 @@ struct Loops {
   // HiZOO: D in float32 or in the parameter's dtype.
   template <class Op>
   static void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
-                          const std::vector<float>& wds, int64_t chunk, const Op& op) {
+                          const std::vector<int64_t>& offsets, const std::vector<float>& wds, int64_t chunk,
+                          const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
     check_params(params);
     check_companions(params, hessians, "hessians");
@@ -196,7 +198,7 @@ struct Loops {
           using T = decltype(tag);
           using TD = decltype(dtag);
           ZK_RUN(hessian_range, static_cast<T*>(params[t].data_ptr()), static_cast<TD*>(hessians[t].data_ptr()),
-                 begin, end, static_cast<uint32_t>(streams[t]), wds[t], op);
+                 begin, end, offsets[t], static_cast<uint32_t>(streams[t]), wds[t], op);
         });
       });
     });

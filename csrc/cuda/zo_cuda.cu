@@ -156,8 +156,8 @@ void launch_grouped(const std::vector<TensorEntry>& entries, const std::vector<i
 }
 
 TensorEntry entry(const at::Tensor& p, size_t index, uint32_t stream = 0, float wd = 0.f, void* aux = nullptr,
-                  const void* src = nullptr) {
-  return TensorEntry{p.data_ptr(), aux, src, p.numel(), 0, stream, static_cast<int32_t>(index), wd};
+                  const void* src = nullptr, int64_t offset = 0) {
+  return TensorEntry{p.data_ptr(), aux, src, p.numel(), 0, offset, stream, static_cast<int32_t>(index), wd};
 }
 
 int64_t chunk_or_default(int64_t chunk, int64_t align = 1) {
@@ -169,8 +169,8 @@ int64_t chunk_or_default(int64_t chunk, int64_t align = 1) {
 
 struct Loops {
   template <class Op>
-  static void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<float>& wds,
-                        int64_t chunk, const Op& op) {
+  static void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<int64_t>& offsets,
+                        const std::vector<float>& wds, int64_t chunk, const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cuda: list lengths differ");
     if (params.empty()) return;
     const at::Device device = params[0].device();
@@ -180,7 +180,7 @@ struct Loops {
     std::vector<TensorEntry> entries;
     std::vector<int> group;
     for (size_t t = 0; t < params.size(); ++t) {
-      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t]));
+      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], nullptr, nullptr, offsets[t]));
       group.push_back(dtype_index(params[t].scalar_type()));
     }
     launch_grouped(entries, group, kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
@@ -194,7 +194,8 @@ struct Loops {
   // Sparse MeZO: chunks of whole mask words.
   template <class Op>
   static void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
-                         at::IntArrayRef streams, const std::vector<float>& wds, int64_t chunk, const Op& op) {
+                         at::IntArrayRef streams, const std::vector<int64_t>& offsets, const std::vector<float>& wds,
+                         int64_t chunk, const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size() && params.size() == masks.size(),
                 "zokern_cuda: list lengths differ");
     if (params.empty()) return;
@@ -211,7 +212,8 @@ struct Loops {
     std::vector<TensorEntry> entries;
     std::vector<int> group;
     for (size_t t = 0; t < params.size(); ++t) {
-      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], masks[t].data_ptr()));
+      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], masks[t].data_ptr(), nullptr,
+                              offsets[t]));
       group.push_back(dtype_index(params[t].scalar_type()));
     }
     launch_grouped(entries, group, kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
@@ -225,7 +227,8 @@ struct Loops {
   // Groups: 2·dtype(param) + (D in float32 ? 0 : 1); D is float32 or the param dtype (library-checked).
   template <class Op>
   static void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
-                          const std::vector<float>& wds, int64_t chunk, const Op& op) {
+                          const std::vector<int64_t>& offsets, const std::vector<float>& wds, int64_t chunk,
+                          const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cuda: list lengths differ");
     if (params.empty()) return;
     const at::Device device = params[0].device();
@@ -239,7 +242,8 @@ struct Loops {
       const auto dtype = hessians[t].scalar_type();
       TORCH_CHECK(dtype == at::kFloat || dtype == params[t].scalar_type(),
                   "zokern_cuda: hessians must be float32 or their tensors' dtype");
-      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], hessians[t].data_ptr()));
+      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], hessians[t].data_ptr(), nullptr,
+                              offsets[t]));
       group.push_back(2 * dtype_index(params[t].scalar_type()) + (dtype == at::kFloat ? 0 : 1));
     }
     launch_grouped(entries, group, 2 * kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,

@@ -34,6 +34,7 @@ struct TensorEntry {
   const void* src;  // anchored_rescale's source: another tensor, or data itself
   int64_t numel;
   int64_t first;
+  int64_t offset;  // the stream index of element 0: element l draws stream element offset + l
   uint32_t stream;
   int32_t index;  // position in the call's lists: thresholds, factors and norms are indexed by it
   float weight_decay;
@@ -109,17 +110,28 @@ __device__ inline void for_each_step(int64_t begin, int64_t end, F&& f) {
 
 // ---- the ranges: what a block does with elements [begin, end) of tensor t (chunk c of its launch) ----
 
+// The ranges that work in whole Philox calls address a tensor through its pointer moved back by phase =
+// offset mod 4 elements: element v = l + phase of the moved pointer is stream element 4·(offset >> 2) + v, so
+// the steps over v in [begin + phase, end + phase) are whole calls again (only the edge steps are partial).
+// The moved pointer is never dereferenced outside the tensor.
+template <class T>
+__device__ inline T* phase_moved(void* data, int64_t offset) {
+  return static_cast<T*>(data) - (offset & 3);
+}
+
 // perturb / fused step: Op(stream, wd, j, x[4]) on the tensor alone.
 template <class T, class Op>
 struct ElementRange {
   Op op;
 
   __device__ void operator()(const TensorEntry& t, int64_t begin, int64_t end, int64_t /*c*/) const {
-    T* p = static_cast<T*>(t.data);
+    T* p = phase_moved<T>(t.data, t.offset);
+    const int64_t phase = t.offset & 3;
+    const uint64_t call0 = static_cast<uint64_t>(t.offset) >> 2;
     const bool aligned = vector_aligned(p);
-    for_each_step(begin, end, [&](const Step& s) {
+    for_each_step(begin + phase, end + phase, [&](const Step& s) {
       const bool full = aligned && s.lo == s.g && s.hi == s.g + kVec;
-      const uint64_t j = static_cast<uint64_t>(s.g) >> 2;
+      const uint64_t j = call0 + (static_cast<uint64_t>(s.g) >> 2);
       float x[kVec];
       load_vec(p, s.g, s.lo, s.hi, full, x);
       op(t.stream, t.weight_decay, j, x);
@@ -150,12 +162,12 @@ struct MaskedRange {
       if (g < end) {
         const int64_t hi = g + kVec < end ? g + kVec : end;
         const bool full = aligned && hi == g + kVec;
-        const uint64_t j = static_cast<uint64_t>(g) >> 2;
+        const uint64_t i = static_cast<uint64_t>(t.offset + g);  // stream element of element g
         const uint32_t in = op.reads_mask() ? (words[g >> 5] >> (g & 31)) & 0xFFu : 0u;
         float x[kVec];
         load_vec(p, g, g, hi, full, x);
-        byte = op.template apply<T>(t.stream, t.weight_decay, h, j, x, in & 0xFu);
-        if (g + 4 < hi) byte |= op.template apply<T>(t.stream, t.weight_decay, h, j + 1, x + 4, in >> 4) << 4;
+        byte = op.template apply<T>(t.stream, t.weight_decay, h, i, x, in & 0xFu);
+        if (g + 4 < hi) byte |= op.template apply<T>(t.stream, t.weight_decay, h, i + 4, x + 4, in >> 4) << 4;
         store_vec(p, g, g, hi, full, x);
         if (hi - g < kVec) byte &= (1u << (hi - g)) - 1u;  // the tensor's end: zero bits past it
       }
@@ -173,12 +185,14 @@ struct HessianRange {
   Op op;
 
   __device__ void operator()(const TensorEntry& t, int64_t begin, int64_t end, int64_t /*c*/) const {
-    T* p = static_cast<T*>(t.data);
-    TD* dh = static_cast<TD*>(t.aux);
+    T* p = phase_moved<T>(t.data, t.offset);
+    TD* dh = phase_moved<TD>(t.aux, t.offset);
+    const int64_t phase = t.offset & 3;
+    const uint64_t call0 = static_cast<uint64_t>(t.offset) >> 2;
     const bool aligned = vector_aligned(p) && vector_aligned(dh);
-    for_each_step(begin, end, [&](const Step& s) {
+    for_each_step(begin + phase, end + phase, [&](const Step& s) {
       const bool full = aligned && s.lo == s.g && s.hi == s.g + kVec;
-      const uint64_t j = static_cast<uint64_t>(s.g) >> 2;
+      const uint64_t j = call0 + (static_cast<uint64_t>(s.g) >> 2);
       float x[kVec], d[kVec];
       load_vec(p, s.g, s.lo, s.hi, full, x);
       load_vec(dh, s.g, s.lo, s.hi, full, d);

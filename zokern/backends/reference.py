@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from zokern.random import MASK32, Domain, philox4x32, reference_draw
+from zokern.validation import offsets_or_zeros
 
 # The one NaN every backend stores in bfloat16 and float16, whatever NaN the float32 math produced (docs/OPS.md).
 CANONICAL_NAN_16 = 0x7FFF
@@ -15,8 +16,9 @@ def availability(device_type: str) -> tuple[bool, str]:
     return True, "plain PyTorch, runs on every device"
 
 
-def _z(seed: int, stream: int, p: torch.Tensor, dist: int) -> torch.Tensor:
-    return reference_draw(seed, stream, p.numel(), domain=Domain.PERTURBATION, dist=dist,
+def _z(seed: int, stream: int, p: torch.Tensor, dist: int, offset: int) -> torch.Tensor:
+    """z of p's elements: stream elements offset … offset + numel − 1."""
+    return reference_draw(seed, stream, p.numel(), offset, domain=Domain.PERTURBATION, dist=dist,
                           device=p.device).view(p.shape)
 
 
@@ -39,20 +41,22 @@ def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: 
     out.copy_(reference_draw(seed, stream, out.numel(), offset, domain, dist, device=out.device).view(out.shape))
 
 
-def perturb(params: list[torch.Tensor], streams: list[int], seed: int, scale: float, dist: int) -> None:
-    for p, stream in zip(params, streams):
-        x = p.float() + scale * _z(seed, stream, p, dist)
+def perturb(params: list[torch.Tensor], streams: list[int], seed: int, scale: float, dist: int,
+            offsets: list[int] = ()) -> None:
+    for p, stream, offset in zip(params, streams, offsets_or_zeros(offsets, len(params))):
+        x = p.float() + scale * _z(seed, stream, p, dist, offset)
         _store(p, x)
 
 
 def fused_step(params: list[torch.Tensor], streams: list[int], seed: int, restore: float, lr: float, grad: float,
-               weight_decays: list[float], next_seed: int, next_scale: float, dist: int) -> None:
-    for p, stream, wd in zip(params, streams, weight_decays):
-        z = _z(seed, stream, p, dist)
+               weight_decays: list[float], next_seed: int, next_scale: float, dist: int,
+               offsets: list[int] = ()) -> None:
+    for p, stream, wd, offset in zip(params, streams, weight_decays, offsets_or_zeros(offsets, len(params))):
+        z = _z(seed, stream, p, dist, offset)
         x = p.float() + restore * z
         x = x - lr * (grad * z + wd * x)
         if next_seed >= 0:
-            x = x + next_scale * _z(next_seed, stream, p, dist)
+            x = x + next_scale * _z(next_seed, stream, p, dist, offset)
         _store(p, x)
 
 
@@ -79,45 +83,47 @@ def _pack_mask(m: torch.Tensor, mask: torch.Tensor) -> None:
     mask.copy_(((words + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32))  # uint32 bits as int32
 
 
-def masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist) -> None:
-    for t, (p, mask, stream) in enumerate(zip(params, masks, streams)):
+def masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist, offsets=()) -> None:
+    for t, (p, mask, stream, offset) in enumerate(zip(params, masks, streams, offsets_or_zeros(offsets, len(params)))):
         if compute_mask:
             _pack_mask(p.float().abs() <= thresholds[t], mask)
         m = _unpack_mask(mask, p.numel()).view(p.shape)
-        _store(p, p.float() + scale * (m * _z(seed, stream, p, dist)))
+        _store(p, p.float() + scale * (m * _z(seed, stream, p, dist, offset)))
 
 
 def masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
-                      next_scale, dist) -> None:
-    for t, (p, mask, stream, wd) in enumerate(zip(params, masks, streams, weight_decays)):
-        mz = _unpack_mask(mask, p.numel()).view(p.shape) * _z(seed, stream, p, dist)
+                      next_scale, dist, offsets=()) -> None:
+    for t, (p, mask, stream, wd, offset) in enumerate(zip(params, masks, streams, weight_decays,
+                                                          offsets_or_zeros(offsets, len(params)))):
+        mz = _unpack_mask(mask, p.numel()).view(p.shape) * _z(seed, stream, p, dist, offset)
         x = p.float() + restore * mz
         x = x - lr * (grad * mz + wd * x)
         if next_seed >= 0:
             stored = x.to(p.dtype).float()  # the next mask comes from the weights this step would store
             m_next = stored.abs() <= thresholds[t]
             _pack_mask(m_next, mask)
-            x = stored + next_scale * (m_next * _z(next_seed, stream, p, dist))
+            x = stored + next_scale * (m_next * _z(next_seed, stream, p, dist, offset))
         _store(p, x)
 
 
 # --- diagonal Hessian (HiZOO) ------------------------------------------------------------------------
 
-def hessian_perturb(params, hessians, streams, seed, scale, dist) -> None:
-    for p, d, stream in zip(params, hessians, streams):
-        _store(p, p.float() + scale * (_z(seed, stream, p, dist) / torch.sqrt(d.float())))
+def hessian_perturb(params, hessians, streams, seed, scale, dist, offsets=()) -> None:
+    for p, d, stream, offset in zip(params, hessians, streams, offsets_or_zeros(offsets, len(params))):
+        _store(p, p.float() + scale * (_z(seed, stream, p, dist, offset) / torch.sqrt(d.float())))
 
 
 def hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays, next_seed,
-                 next_scale, dist) -> None:
-    for p, d, stream, wd in zip(params, hessians, streams, weight_decays):
-        z = _z(seed, stream, p, dist)
+                 next_scale, dist, offsets=()) -> None:
+    for p, d, stream, wd, offset in zip(params, hessians, streams, weight_decays,
+                                        offsets_or_zeros(offsets, len(params))):
+        z = _z(seed, stream, p, dist, offset)
         d_old = d.float()
         x = p.float() + restore * (z / torch.sqrt(d_old))
         d_new = (1 - alpha) * d_old + alpha * (hess_scale * d_old * (z * z))
         x = x - lr * (grad * (z / torch.sqrt(d_new)) + wd * x)
         if next_seed >= 0:
-            x = x + next_scale * (_z(next_seed, stream, p, dist) / torch.sqrt(d_new))
+            x = x + next_scale * (_z(next_seed, stream, p, dist, offset) / torch.sqrt(d_new))
         _store(p, x)
         _store(d, d_new)
 

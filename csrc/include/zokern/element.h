@@ -250,21 +250,42 @@ struct StepOp {
 // then delta[i, j] = Σ_a (U·C)[i, a]·V[j, a], and W[i, j] = round(W[i, j] + delta[i, j]). So the CPU
 // and the GPU agree bit for bit (the reference's BLAS order differs by rounding only).
 
+// z and zn (zeros where op.next() < 0) of stream elements i .. i+3, any i: call i >> 2 alone when i is a
+// multiple of 4, else the last words of call i >> 2 and the first of the next one (static indices only, so the
+// values stay in registers on the device).
+template <class Op>
+ZK_HD inline void draw_z_at(const Op& op, uint32_t stream, uint64_t i, float z[4], float zn[4]) {
+  const uint32_t phase = static_cast<uint32_t>(i & 3u);
+  if (phase == 0) {
+    draw_z(op, stream, i >> 2, z, zn);
+    return;
+  }
+  float a[8], an[8];
+  draw_z(op, stream, i >> 2, a, an);
+  draw_z(op, stream, (i >> 2) + 1, a + 4, an + 4);
+  ZK_UNROLL
+  for (int q = 0; q < 4; ++q) {
+    z[q] = phase == 1 ? a[q + 1] : phase == 2 ? a[q + 2] : a[q + 3];
+    zn[q] = phase == 1 ? an[q + 1] : phase == 2 ? an[q + 2] : an[q + 3];
+  }
+}
+
 // ---- magnitude mask (Sparse MeZO) ----
-// The masks are bit words: bit b of word w is element 32w + b. An op handles the four elements of one
-// Philox call and their four mask bits (bit q <-> element 4j + q); the caller assembles whole words.
+// The masks are bit words: bit b of word w is the tensor's element 32w + b, whatever its element offset. An op
+// handles four consecutive elements, stream elements i .. i+3, and their four mask bits (bit q <-> the q-th);
+// the caller assembles whole words.
 
 ZK_HD inline bool in_mask(float x, float h) { return fabsf(x) <= h; }  // NaN: out
 
 // m·z as the reference multiplies a bool by z: ±0 where m is off, so even the sign of a zero sum agrees.
 ZK_HD inline float masked_z(uint32_t m, float z) { return mul_rn(m ? 1.0f : 0.0f, z); }
 
-// The four-element form takes the four mask bits (bit q <-> element 4j + q) and returns the four to store.
+// The four-element form takes the four mask bits (bit q <-> stream element i + q) and returns the four to store.
 template <class T, class Op>
-ZK_HD inline uint32_t masked_apply4(const Op& op, uint32_t stream, float wd, float h, uint64_t j, float x[4],
+ZK_HD inline uint32_t masked_apply4(const Op& op, uint32_t stream, float wd, float h, uint64_t i, float x[4],
                                     uint32_t bits) {
   float z[4], zn[4];
-  draw_z(op, stream, j, z, zn);
+  draw_z_at(op, stream, i, z, zn);
   uint32_t out = 0;
   ZK_UNROLL
   for (int q = 0; q < 4; ++q) {
@@ -293,8 +314,8 @@ struct MaskedPerturbOp {
   }
 
   template <class T>
-  ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t j, float x[4], uint32_t bits) const {
-    return masked_apply4<T>(*this, stream, wd, h, j, x, bits);
+  ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t i, float x[4], uint32_t bits) const {
+    return masked_apply4<T>(*this, stream, wd, h, i, x, bits);
   }
 };
 
@@ -321,8 +342,8 @@ struct MaskedStepOp {
   }
 
   template <class T>
-  ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t j, float x[4], uint32_t bits) const {
-    return masked_apply4<T>(*this, stream, wd, h, j, x, bits);
+  ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t i, float x[4], uint32_t bits) const {
+    return masked_apply4<T>(*this, stream, wd, h, i, x, bits);
   }
 };
 
