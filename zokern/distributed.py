@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -29,9 +30,10 @@ class DistributedError(ValueError):
 @dataclass(frozen=True)
 class Shard:
     """Where a rank's local tensor sits in its parameter: elements [offset, offset + local numel) of the
-    flattened global tensor of `numel` elements, split over the ranks of `group`."""
+    flattened global tensor of `numel` elements and shape `shape`, split over the ranks of `group`."""
     offset: int
     numel: int
+    shape: torch.Size
     group: object
 
 
@@ -86,7 +88,7 @@ def local_shard(param: torch.Tensor, name: str) -> "tuple[torch.Tensor, Shard | 
     if local.shape[0] != min(rows, start + chunk) - start or not local.is_contiguous():
         raise DistributedError(f"parameter {name}: local shard of shape {tuple(local.shape)} is not rows "
                                f"[{start}, {min(rows, start + chunk)}) of {tuple(param.shape)}")
-    return local, Shard(start * row_numel, param.numel(), mesh.get_group(sharded[0]))
+    return local, Shard(start * row_numel, param.numel(), param.shape, mesh.get_group(sharded[0]))
 
 
 class LossReduction:
@@ -247,3 +249,43 @@ def broadcast_object(value, source: int = 0):
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+# --- sharded checkpoints --------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, model, optimizer) -> None:
+    """A checkpoint of a sharded (or data-parallel) run in folder `path`: the model's state_dict through
+    torch.distributed.checkpoint (with FSDP2 each rank writes its own shards), and each rank's optimizer state
+    (its shards' method buffers: HiZOO's D, masks, anchors; seed, step, two-pass state) as
+    optimizer-rank<r>.pt beside it. Every rank calls it."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+
+    from zokern.fileio import atomic_write
+
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(path))
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    atomic_write(Path(path) / f"optimizer-rank{rank()}.pt", buffer.getvalue())
+    barrier()
+
+
+def load_checkpoint(path, model, optimizer) -> None:
+    """Resume from `save_checkpoint`'s folder on the world size it was saved on (another is a ValueError from the
+    optimizer's state check): bitwise the state that was saved. Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    file = Path(path) / f"optimizer-rank{rank()}.pt"
+    if not file.exists():
+        raise DistributedError(f"{path} has no optimizer state for rank {rank()}: it was saved on fewer ranks "
+                               f"than this run's {world_size()}; resume on the world size it was saved on")
+    optimizer_state = torch.load(file, weights_only=True)
+    if optimizer_state.get("zo", {}).get("world_size", 1) != world_size() and world_size() > 1:
+        raise DistributedError(f"{path} was saved by a run on {optimizer_state['zo'].get('world_size', 1)} ranks; "
+                               f"this one has {world_size()}: resume on the world size it was saved on")
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(optimizer_state)

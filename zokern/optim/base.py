@@ -45,7 +45,16 @@ class Bucket:
     @property
     def offsets(self) -> "list[int] | None":
         """The stream index of each tensor's element 0 (its shard's global start), or None when none is sharded."""
-        return [0 if s is None else s.offset for s in self.shards] if any(self.shards) else None
+        return self.offsets_at(range(len(self.params)))
+
+    def offsets_at(self, indices) -> "list[int] | None":
+        """`offsets` of the tensors at `indices` (a method's subset of the bucket)."""
+        shards = [self.shards[i] for i in indices]
+        return [0 if s is None else s.offset for s in shards] if any(shards) else None
+
+    def shape(self, i: int) -> torch.Size:
+        """Tensor i's whole shape (a shard's parameter's, not the shard's)."""
+        return self.params[i].shape if self.shards[i] is None else self.shards[i].shape
 
     @property
     def weight_decays(self) -> list[float]:
