@@ -159,7 +159,7 @@ def magnitude_thresholds(params: Sequence[torch.Tensor], shards: Sequence["Shard
     """Per tensor, the k-th smallest |θ| of the whole tensor (k = max(1, ceil((1 − sparsity)·numel))), exactly
     the unsharded value. Whole tensors use `local_thresholds` (the op); sharded ones a radix select on the
     float32 bit patterns of |θ| (ordered like the values, being non-negative): 4 rounds of one all-reduce of
-    a 256-bin histogram per tensor (8 KiB per tensor and round), each round fixing 8 bits of the answer. No
+    a 256-bin int64 histogram per tensor (2 KiB per tensor and round), each round fixing 8 bits of the answer. No
     rank sees another's weights."""
     out = [None] * len(params)
     whole = [i for i, s in enumerate(shards) if s is None]
