@@ -459,3 +459,29 @@ def test_sharded_checkpoint_resumes_bitwise(tmp_path, method):
             for a, b in zip(tensors if isinstance(tensors, list) else [tensors],
                             resumed[buffer] if isinstance(tensors, list) else [resumed[buffer]], strict=True):
                 assert torch.equal(a, b), buffer
+
+
+def _unsupported_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from zokern.distributed import DistributedError
+
+    mesh = init_device_mesh("cpu", (world,))
+    messages = []
+    column = torch.nn.Parameter(distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)]))  # tensor parallel's split
+    row = torch.nn.Parameter(distribute_tensor(torch.ones(4, 6), mesh, [Shard(0)]))
+    for params, options in (([("w", column)], {}), ([("w", row)], {"process_group": False})):
+        try:
+            METHODS["mezo"](params, lr=1e-3, **options)
+            messages.append(None)
+        except DistributedError as exc:
+            messages.append(str(exc))
+    return messages
+
+
+def test_unsupported_sharding_is_refused(tmp_path):
+    """Sharding on dim 1 (tensor parallel) and sharded parameters without the loss reduction: clear errors."""
+    for tensor_parallel, alone in run_ranks(_unsupported_worker, 2, tmp_path):
+        assert tensor_parallel and "tensor parallel" in tensor_parallel and "Shard(dim=1)" in tensor_parallel
+        assert alone and "process_group" in alone
