@@ -251,6 +251,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """End the default process group `init_from_environment` started."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # --- sharded checkpoints --------------------------------------------------------------------------------------
 
 

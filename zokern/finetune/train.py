@@ -3,6 +3,7 @@ checkpoints, exact resume, and the seed log that `zokern replay` rebuilds the we
 are in zokern.finetune.config, the run's files in zokern.finetune.run_files."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -119,14 +120,14 @@ def finetune(config: FinetuneConfig, progress_stream=None) -> dict:
         return _finetune(config, progress_stream or sys.stderr, start_time)
     finally:
         if started_group:
-            distributed.dist.destroy_process_group()
+            distributed.shutdown()
 
 
 def _finetune(config: FinetuneConfig, progress_stream, start_time: float) -> dict:
     world, rank = distributed.world_size(), distributed.rank()
     main = rank == 0
     if not main:
-        progress_stream = open(os.devnull, "w")  # noqa: SIM115 (closed with the process)
+        progress_stream = io.StringIO()  # rank 0 reports for all
     check_config(config)
     if config.batch_size < world:
         raise ConfigError(f"--batch-size {config.batch_size} is the global batch, split over {world} processes: "
