@@ -485,3 +485,29 @@ def test_unsupported_sharding_is_refused(tmp_path):
     for tensor_parallel, alone in run_ranks(_unsupported_worker, 2, tmp_path):
         assert tensor_parallel and "tensor parallel" in tensor_parallel and "Shard(dim=1)" in tensor_parallel
         assert alone and "process_group" in alone
+
+
+def _save_worker(rank, world, checkpoint):
+    from zokern import distributed
+
+    model = sharded_tiny(torch.float32)
+    distributed.save_checkpoint(checkpoint, model, make("hizoo", model))
+
+
+def _load_worker(rank, world, checkpoint):
+    from zokern import distributed
+
+    model = sharded_tiny(torch.float32)
+    try:
+        distributed.load_checkpoint(checkpoint, model, make("hizoo", model))
+    except distributed.DistributedError as exc:
+        return str(exc)
+    return None
+
+
+def test_sharded_checkpoint_on_another_world_size_is_refused(tmp_path):
+    """Saved on 2 ranks, loaded on 3: every rank refuses before loading anything (no collective, no hang)."""
+    checkpoint = str(tmp_path / "checkpoint")
+    run_ranks(_save_worker, 2, tmp_path, checkpoint)
+    messages = run_ranks(_load_worker, 3, tmp_path, checkpoint)
+    assert all(m and "resume on the world size it was saved on" in m for m in messages)
