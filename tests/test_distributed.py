@@ -511,3 +511,28 @@ def test_sharded_checkpoint_on_another_world_size_is_refused(tmp_path):
     run_ranks(_save_worker, 2, tmp_path, checkpoint)
     messages = run_ranks(_load_worker, 3, tmp_path, checkpoint)
     assert all(m and "resume on the world size it was saved on" in m for m in messages)
+
+
+@pytest.mark.parametrize("bad", [((1.0, 2), 3), (1.0, -1), (1.0, float("inf")), (1.0, True), (1.0, "4")])
+def test_closure_share_counts_are_checked(bad):
+    """A closure's (loss, count): the count is a finite number >= 0; anything else is refused, naming it,
+    and as any failed forward leaves the weights as a skipped step does."""
+    model = tiny()
+    opt = make("mezo", model)
+    with pytest.raises((TypeError, ValueError), match="closure returned"):
+        opt.step(lambda: bad)
+    assert opt.step_count == 1  # the step ran as a skipped one (the first forward had moved the weights)
+
+
+def test_a_share_count_alone_changes_nothing():
+    """On one process (loss, count) is the loss: the same ρ as a bare loss, bitwise."""
+    rhos = []
+    for wrap in (lambda loss: loss, lambda loss: (loss, 3)):
+        model = tiny()
+        opt = make("mezo", model)
+        records = []
+        opt.record_hook = records.append
+        for x, y in data(2):
+            opt.step(lambda: wrap(share_loss(model, x, y)[0]))
+        rhos.append([r["grad"] for r in records])
+    assert rhos[0] == rhos[1]

@@ -79,6 +79,8 @@ def check_loss(value, where: str):
         if not isinstance(count, numbers.Real) or isinstance(count, bool) or not count >= 0 or math.isinf(count):
             raise ValueError(f"the closure returned (loss, {count!r}) at {where}; the count must be the number of "
                              "examples of the rank's share, a finite number >= 0")
+        if isinstance(value[0], tuple):
+            raise TypeError(f"the closure returned a nested tuple at {where}; expected (loss, count)")
         return check_loss(value[0], where), count
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_complex():
