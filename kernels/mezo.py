@@ -14,12 +14,13 @@ elements, so that its index v = l + phase is again 4·(call − offset // 4) + q
 import triton
 import triton.language as tl
 
-from .philox import draw_rows
+from .philox import draw_rows, philox_calls
 
 FLOAT32 = tl.constexpr(0)
 BFLOAT16 = tl.constexpr(1)
 FLOAT16 = tl.constexpr(2)
 PERTURBATION = tl.constexpr(0)
+ROUNDING = tl.constexpr(4)
 # Columns of a tensor table row (multi_tensor.tables): address, numel, stream, first chunk, element offset.
 ROW = tl.constexpr(5)
 
@@ -88,6 +89,61 @@ def _store_f32(ptr, x, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def stochastic_bits(x, r, DTYPE: tl.constexpr):
+    """The 16-bit pattern (in uint32) of float32 x rounded stochastically to DTYPE with the rounding words r
+    (docs/RANDOM.md, "Stochastic rounding"; element.h's float_to_*_bits_stochastic): integer arithmetic only."""
+    u = x.to(tl.uint32, bitcast=True)
+    if DTYPE == BFLOAT16:
+        out = (u + (r & 0xFFFF)) >> 16
+    else:
+        sign = (u >> 16) & 0x8000
+        a = u & 0x7FFFFFFF
+        e = a >> 23
+        normal = (a - (112 << 23) + (r & 0x1FFF)) >> 13
+        # float16 subnormals: the value in units of 2^-24 is m / 2^s; lanes with e > 126 are not selected.
+        s = tl.where(e == 0, 125, 126 - tl.minimum(e, 126))
+        t = tl.minimum(s, 32).to(tl.uint64)
+        m = tl.where(e == 0, a & 0x7FFFFF, (a & 0x7FFFFF) | 0x800000) >> tl.minimum(s - t.to(tl.uint32), 31)
+        one = tl.full(t.shape, 1, tl.uint64)
+        subnormal = ((m.to(tl.uint64) + (r.to(tl.uint64) & ((one << t) - 1))) >> t).to(tl.uint32)
+        out = sign | tl.where(a >= 0x47800000, 0x7C00, tl.where(e >= 113, normal, subnormal))
+    return tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FFF, out)
+
+
+@triton.jit
+def store_rounded(ptr, x, mask, r, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """x stored to DTYPE: stochastically with the rounding words r if STOCHASTIC (16-bit DTYPE only), else to
+    nearest even."""
+    if STOCHASTIC:
+        bits = stochastic_bits(x, r, DTYPE).to(tl.uint16)
+        if DTYPE == BFLOAT16:
+            tl.store(ptr, bits, mask=mask)
+        else:
+            tl.store(ptr, bits.to(tl.float16, bitcast=True), mask=mask)
+    else:
+        _store_f32(ptr, x, mask, DTYPE)
+
+
+@triton.jit
+def _pick(w0, w1, w2, w3, q):
+    return tl.where(q == 0, w0, tl.where(q == 1, w1, tl.where(q == 2, w2, w3)))
+
+
+@triton.jit
+def rounding_rows(j, stream, k0, k1):
+    """The rounding words of Philox calls j as an [R, 4] uint32 block (row r, column q: element 4·j[r] + q)."""
+    w0, w1, w2, w3 = philox_calls(j, stream, ROUNDING, k0, k1)
+    return _pick(w0[:, None], w1[:, None], w2[:, None], w3[:, None], tl.arange(0, 4)[None, :])
+
+
+@triton.jit
+def rounding_words(i, stream, k0, k1):
+    """The rounding words of stream elements i (int64, any shape): one Philox call per element."""
+    w0, w1, w2, w3 = philox_calls(i >> 2, stream, ROUNDING, k0, k1)
+    return _pick(w0, w1, w2, w3, i & 3)
+
+
+@triton.jit
 def chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS: tl.constexpr):
     """This program's chunk of the multi-tensor launch: (tensor index t, address, stream, start, end, element
     offset), from the chunk table (tensor index per program) and the tensor table's rows."""
@@ -126,14 +182,20 @@ def call_rows(start, off, offset, phase, end, ROWS: tl.constexpr, ALIGNED_ENDS: 
 
 
 @triton.jit
+def shifted(rows, next_rows, phase):
+    """Row r, column q: column q + phase of `rows`, continued into `next_rows` (the next calls' block), picked
+    exactly (a gather, no arithmetic)."""
+    q = tl.broadcast_to(tl.arange(0, 4)[None, :] + phase.to(tl.int32), rows.shape)
+    return tl.where(q < 4, tl.gather(rows, q & 3, 1), tl.gather(next_rows, q & 3, 1))
+
+
+@triton.jit
 def draw_shifted(j, phase, stream, domain, k0, k1, DIST: tl.constexpr, SHIFTED: tl.constexpr):
     """Row r, column q: stream element 4·j[r] + phase + q. SHIFTED=False promises phase == 0 (one draw);
-    otherwise the elements come from calls j and j + 1, picked exactly (a gather, no arithmetic)."""
+    otherwise the elements come from calls j and j + 1."""
     z = draw_rows(j, stream, domain, k0, k1, DIST)
     if SHIFTED:
-        z_next = draw_rows(j + 1, stream, domain, k0, k1, DIST)
-        q = tl.broadcast_to(tl.arange(0, 4)[None, :] + phase.to(tl.int32), z.shape)
-        z = tl.where(q < 4, tl.gather(z, q & 3, 1), tl.gather(z_next, q & 3, 1))
+        z = shifted(z, draw_rows(j + 1, stream, domain, k0, k1, DIST), phase)
     return z
 
 
@@ -147,11 +209,13 @@ def seed_keys(k0, k1, nk0, nk1):
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
 def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
                      DTYPE: tl.constexpr, DIST: tl.constexpr, FUSED: tl.constexpr, HAS_NEXT: tl.constexpr,
-                     ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
+                     STOCHASTIC: tl.constexpr, ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr,
+                     BLOCK: tl.constexpr):
     """perturb (FUSED=False): x + restore·z with restore = scale. fused_step (FUSED=True): restore, the MeZO
-    update with per-tensor weight decay and, if HAS_NEXT, the next perturbation. Seeds arrive as int32
-    bit patterns of their 32-bit halves (k0, k1) and (nk0, nk1). ALIGNED_PTRS promises that every tensor's
-    phase-moved address is aligned to 4 elements, ALIGNED_ENDS that every numel and offset is a multiple of 4."""
+    update with per-tensor weight decay and, if HAS_NEXT, the next perturbation; stored with stochastic
+    rounding if STOCHASTIC (16-bit DTYPE). Seeds arrive as int32 bit patterns of their 32-bit halves (k0, k1)
+    and (nk0, nk1). ALIGNED_PTRS promises that every tensor's phase-moved address is aligned to 4 elements,
+    ALIGNED_ENDS that every numel and offset is a multiple of 4."""
     t, addr, stream, start, end, offset = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
     phase = phase_of(offset, ALIGNED_ENDS)
     ptr0 = _phase_pointer(addr, phase, DTYPE, ALIGNED_PTRS)
@@ -170,4 +234,8 @@ def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr,
             x = x - lr * (grad * z + wd * x)
             if HAS_NEXT:
                 x = x + next_scale * draw_rows(j, stream, PERTURBATION, next_key0, next_key1, DIST)
-        _store_f32(ptr, x, mask, DTYPE)
+        if STOCHASTIC:
+            r = rounding_rows(j, stream, key0, key1)
+        else:
+            r = 0
+        store_rounded(ptr, x, mask, r, DTYPE, STOCHASTIC)

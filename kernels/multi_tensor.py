@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .philox import INTERPRET
-from .mezo import BFLOAT16, FLOAT16, FLOAT32, _bf16_bits_rne
+from .mezo import BFLOAT16, FLOAT16, FLOAT32, _bf16_bits_rne, stochastic_bits
 
 CODES = {torch.float32: FLOAT32.value, torch.bfloat16: BFLOAT16.value, torch.float16: FLOAT16.value}
 MASK32 = 0xFFFFFFFF
@@ -24,6 +24,12 @@ _CACHE_SIZE = 16
 # Launch tables per (device, chunk, tensors, offsets, weight decays); parameters keep their storage across steps,
 # so a training loop reuses them instead of copying them to the device every call.
 _tables_cache: dict = {}
+
+
+def stochastic(rounding: int, dtype: torch.dtype) -> bool:
+    """Whether a launch for tensors of dtype rounds stochastically (STOCHASTIC): rounding 1 (validation.Rounding)
+    on 16-bit storage; float32 keeps its float32 result either way."""
+    return int(rounding) == 1 and dtype != torch.float32
 
 
 def i32(v: int) -> int:
@@ -150,9 +156,16 @@ def kernel_arg(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def round_to(x, DTYPE: tl.constexpr):
-    """float32(round(x)) in DTYPE, round to nearest even: the value a store of x would leave in memory."""
-    if DTYPE == BFLOAT16:
+def round_to(x, r, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """float32(round(x)) in DTYPE, the value a store of x would leave in memory: round to nearest even, or
+    stochastically with the rounding words r if STOCHASTIC."""
+    if STOCHASTIC:
+        bits = stochastic_bits(x, r, DTYPE)
+        if DTYPE == BFLOAT16:
+            return (bits << 16).to(tl.float32, bitcast=True)
+        else:
+            return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    elif DTYPE == BFLOAT16:
         return (_bf16_bits_rne(x).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     elif DTYPE == FLOAT16:
         return x.to(tl.float16).to(tl.float32)

@@ -13,20 +13,23 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (CODES, alignment, default_sizes, extras, launch_groups, launch_options, round_to,
-                           seed_words)
-from .mezo import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, draw_shifted, seed_keys
+                           seed_words, stochastic)
+from .mezo import (PERTURBATION, _load_f32, _pointer, chunk_of_program, draw_shifted, rounding_rows, seed_keys,
+                   shifted, store_rounded)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
 def masked_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1,
                   next_scale, DTYPE: tl.constexpr, DIST: tl.constexpr, FUSED: tl.constexpr,
                   COMPUTE_MASK: tl.constexpr, HAS_NEXT: tl.constexpr, SHIFTED: tl.constexpr,
-                  ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
+                  STOCHASTIC: tl.constexpr, ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """perturb (FUSED=False): x + restore·(m·z) with restore = scale; m = |x| ≤ h written to the bitmask if
     COMPUTE_MASK, else read from it. fused step (FUSED=True): restore and update with the stored mask; with
-    HAS_NEXT the next mask from the rounded result, written, then the next perturbation under it.
-    `extra` rows: (index into thresholds, mask address). SHIFTED=False promises every offset is a multiple
-    of 4."""
+    HAS_NEXT the next mask from the rounded result, written, then the next perturbation under it. STOCHASTIC
+    (16-bit DTYPE): the update is rounded stochastically (without HAS_NEXT, as stored; with it, before the next
+    mask, and the perturbed result is then stored to nearest). `extra` rows: (index into thresholds, mask
+    address). SHIFTED=False promises every offset is a multiple of 4."""
     WORDS: tl.constexpr = BLOCK // 32
     t, addr, stream, start, end, offset = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
     h = tl.load(thresholds + tl.load(extra + 2 * t))
@@ -58,21 +61,28 @@ def masked_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, 
             m = ((word[:, None] >> bits) & 1) != 0
         mz = m.to(tl.float32) * z
         x = x + restore * mz
+        if STOCHASTIC:
+            r = rounding_rows(j, stream, key0, key1)
+            if SHIFTED:
+                r = shifted(r, rounding_rows(j + 1, stream, key0, key1), offset & 3)
+            r = tl.reshape(r, (WORDS, 32))
+        else:
+            r = 0
         if FUSED:
             x = x - lr * (grad * mz + wd * x)
             if HAS_NEXT:
-                x = round_to(x, DTYPE)
+                x = round_to(x, r, DTYPE, STOCHASTIC)
                 m_next = (tl.abs(x) <= h) & inside
                 tl.store(mask_ptr + w, tl.sum(m_next.to(tl.uint32) << bits, axis=1).to(tl.int32, bitcast=True),
                          mask=word_inside)
                 z_next = tl.reshape(draw_shifted(j, offset & 3, stream, PERTURBATION, next_key0, next_key1, DIST,
                                                  SHIFTED), (WORDS, 32))
                 x = x + next_scale * (m_next.to(tl.float32) * z_next)
-        _store_f32(ptr, x, inside, DTYPE)
+        store_rounded(ptr, x, inside, r, DTYPE, STOCHASTIC and not HAS_NEXT)
 
 
 def _launch(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
-            next_scale, dist, offsets, fused, compute_mask, block, chunk) -> None:
+            next_scale, dist, offsets, fused, compute_mask, block, chunk, rounding=0) -> None:
     block, chunk = default_sizes(block, chunk)
     if block < 32 or chunk % 32:
         raise ValueError(f"masked kernels need block >= 32 and chunk a multiple of 32, got {block}, {chunk}")
@@ -88,7 +98,7 @@ def _launch(params, masks, thresholds, streams, seed, restore, lr, grad, weight_
             tensors, extra, chunks, thresholds, wds if fused else tensors, chunk, k0, k1, restore, lr, grad,
             nk0, nk1, next_scale, DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, COMPUTE_MASK=compute_mask,
             HAS_NEXT=fused and next_seed >= 0, SHIFTED=any(offsets[i] % 4 for i in idxs) if offsets else False,
-            BLOCK=block, **alignment(group), **launch_options())
+            STOCHASTIC=fused and stochastic(rounding, dtype), BLOCK=block, **alignment(group), **launch_options())
 
 
 def masked_perturb(params: list[torch.Tensor], masks: list[torch.Tensor], thresholds: torch.Tensor,
@@ -101,7 +111,8 @@ def masked_perturb(params: list[torch.Tensor], masks: list[torch.Tensor], thresh
 def masked_fused_step(params: list[torch.Tensor], masks: list[torch.Tensor], thresholds: torch.Tensor,
                       streams: list[int], seed: int, restore: float, lr: float, grad: float,
                       weight_decays: list[float], next_seed: int, next_scale: float, dist: int,
-                      offsets: list[int] = (), *, block: "int | None" = None, chunk: "int | None" = None) -> None:
+                      offsets: list[int] = (), rounding: int = 0, *, block: "int | None" = None,
+                      chunk: "int | None" = None) -> None:
     _launch(params, masks, thresholds, streams, seed, float(restore), float(lr), float(grad),
             weight_decays, next_seed, float(next_scale), dist, offsets, fused=True, compute_mask=False, block=block,
-            chunk=chunk)
+            chunk=chunk, rounding=rounding)

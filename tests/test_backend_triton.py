@@ -187,7 +187,7 @@ def test_element_indices_beyond_2_31(device):
     k0, k1 = multi_tensor.seed_words(seed)
     kernels.zo_update_kernel[(chunks.numel(),)](
         tensors, chunks, tensors, chunk, k0, k1, scale, 0.0, 0.0, 0, 0, 0.0, DTYPE=kernels.FLOAT32.value,
-        DIST=0, FUSED=False, HAS_NEXT=False, ALIGNED_PTRS=False,
+        DIST=0, FUSED=False, HAS_NEXT=False, STOCHASTIC=False, ALIGNED_PTRS=False,
         ALIGNED_ENDS=False, BLOCK=1024, **multi_tensor.launch_options())
     z = torch.empty(n, device=device)
     tb.fill_random(z, seed, stream, k, 0, 0)

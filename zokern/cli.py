@@ -65,6 +65,9 @@ def _add_training_options(p, d, *, per_run: bool) -> None:
                             "checkpoint; an empty or new --output-dir starts a new run")
     p.add_argument("--two-pass", action="store_true", help="fold the next perturbation into the update "
                                                             "(MeZO, SubZero, Sparse MeZO)")
+    p.add_argument("--rounding", choices=("nearest", "stochastic"), default=None,
+                   help="how updates are stored in 16-bit weights (default: stochastic, unbiased; float32 weights "
+                        "store the float32 result either way)")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="> 0: train LoRA adapters of this rank; 0: all weights")
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     p.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated module names for LoRA")

@@ -37,6 +37,12 @@ class Shard:
     group: object
 
 
+def offsets(shards: Sequence["Shard | None"]) -> "list[int] | None":
+    """The ops' `offsets` for tensors with these shards (None: whole): each one's global start, or None when
+    none is sharded."""
+    return [0 if s is None else s.offset for s in shards] if any(shards) else None
+
+
 def is_distributed(group=None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 

@@ -19,30 +19,35 @@ from zokern import backends
 from zokern.backends import reference
 from zokern.random import check_seed, check_stream
 from zokern.validation import (check_companions, check_disjoint, check_fill_args, check_lowrank, check_per_tensor,
-                               check_step_args, check_tensor_list, mask_words)
+                               check_step_args, check_tensor_list, mask_words, parse_rounding)
 
 DEVICE_TYPES = ("cpu", "cuda")
 # The stream index of each tensor's element 0 (docs/RANDOM.md); empty: 0 for every tensor.
 _OFFSETS = "int[] offsets=[]"
+# How the stored update is rounded to 16-bit storage (validation.Rounding): 0 nearest even, 1 stochastic.
+_ROUNDING = "int rounding=0"
+# The rounding keys of the ops that had no seed and stream ids: their stream ids (empty: all 0) and seed.
+_KEYS = f"int[] streams=[], int seed=0, {_OFFSETS}, {_ROUNDING}"
 _STEP = "float restore, float lr, float grad, float[] weight_decays, int next_seed, float next_scale"
 SCHEMAS = {
     "philox_words_": "(Tensor(a!) out, int seed, int stream, int domain, int first_call, str backend) -> ()",
     "fill_random_": "(Tensor(a!) out, int seed, int stream, int offset, int domain, int dist, str backend) -> ()",
     "perturb_": f"(Tensor(a!)[] params, int[] streams, int seed, float scale, int dist, str backend, {_OFFSETS}) -> ()",
-    "fused_step_": f"(Tensor(a!)[] params, int[] streams, int seed, {_STEP}, int dist, str backend, {_OFFSETS}) -> ()",
-    "lowrank_apply_": "(Tensor(a!)[] weights, Tensor[] us, Tensor[] vs, Tensor[] cores, str backend) -> ()",
+    "fused_step_": (f"(Tensor(a!)[] params, int[] streams, int seed, {_STEP}, int dist, str backend, {_OFFSETS}, "
+                    f"{_ROUNDING}) -> ()"),
+    "lowrank_apply_": f"(Tensor(a!)[] weights, Tensor[] us, Tensor[] vs, Tensor[] cores, str backend, {_KEYS}) -> ()",
     "masked_perturb_": ("(Tensor(a!)[] params, Tensor(b!)[] masks, Tensor thresholds, int[] streams, int seed, "
                         f"float scale, bool compute_mask, int dist, str backend, {_OFFSETS}) -> ()"),
     "masked_fused_step_": ("(Tensor(a!)[] params, Tensor(b!)[] masks, Tensor thresholds, int[] streams, int seed, "
-                           f"{_STEP}, int dist, str backend, {_OFFSETS}) -> ()"),
+                           f"{_STEP}, int dist, str backend, {_OFFSETS}, {_ROUNDING}) -> ()"),
     "hessian_perturb_": ("(Tensor(a!)[] params, Tensor[] hessians, int[] streams, int seed, float scale, int dist, "
                          f"str backend, {_OFFSETS}) -> ()"),
     "hessian_step_": ("(Tensor(a!)[] params, Tensor(b!)[] hessians, int[] streams, int seed, float restore, "
                       "float lr, float grad, float hess_scale, float alpha, float[] weight_decays, int next_seed, "
-                      f"float next_scale, int dist, str backend, {_OFFSETS}) -> ()"),
+                      f"float next_scale, int dist, str backend, {_OFFSETS}, {_ROUNDING}) -> ()"),
     "distance_norms": "(Tensor[] params, Tensor[] anchors, str backend) -> Tensor",
     "anchored_rescale_": ("(Tensor(a!)[] params, Tensor[] anchors, Tensor[]? sources, Tensor factors, "
-                          "str backend) -> ()"),
+                          f"str backend, {_KEYS}) -> ()"),
 }
 
 # These kernels split their work by shape (one draw per element, tiles of W), so they take no chunk size.
@@ -77,10 +82,18 @@ def _own_dtype(p):
 # before any tensor is written; each returns the tensors' device type ---------------------------------------
 
 def _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, offsets,
-                **extra):
+                rounding, **extra):
     check_step_args(seed=seed, dist=dist, restore=restore, lr=lr, grad=grad, next_scale=next_scale,
                     next_seed=next_seed, weight_decays=weight_decays, count=len(params), **extra)
+    parse_rounding(rounding)
     return check_tensor_list(params, streams, offsets)
+
+
+def _check_keys(params, streams, seed, offsets, rounding):
+    """The rounding keys of lowrank_apply_ and anchored_rescale_: stream ids (or none), seed, offsets."""
+    check_seed(seed)
+    parse_rounding(rounding)
+    return check_tensor_list(params, streams or [0] * len(params), offsets)
 
 
 def _check_masks(params, masks, thresholds):
@@ -116,15 +129,16 @@ def _check_perturb(params, streams, seed, scale, dist, offsets):
     return device_type
 
 
-def _check_fused_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, offsets):
+def _check_fused_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, offsets,
+                      rounding):
     device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
-                              offsets)
+                              offsets, rounding)
     check_disjoint({"params": params})
     return device_type
 
 
-def _check_lowrank_apply(weights, us, vs, cores):
-    device_type = check_tensor_list(weights, [0] * len(weights))
+def _check_lowrank_apply(weights, us, vs, cores, streams, seed, offsets, rounding):
+    device_type = _check_keys(weights, streams, seed, offsets, rounding)
     check_lowrank(weights, us, vs, cores)
     check_disjoint({"weights": weights}, {"us": us, "vs": vs, "cores": cores})
     return device_type
@@ -138,9 +152,9 @@ def _check_masked_perturb(params, masks, thresholds, streams, seed, scale, compu
 
 
 def _check_masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
-                             next_scale, dist, offsets):
+                             next_scale, dist, offsets, rounding):
     device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
-                              offsets)
+                              offsets, rounding)
     _check_masks(params, masks, thresholds)
     return device_type
 
@@ -154,9 +168,9 @@ def _check_hessian_perturb(params, hessians, streams, seed, scale, dist, offsets
 
 
 def _check_hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
-                        next_seed, next_scale, dist, offsets):
+                        next_seed, next_scale, dist, offsets, rounding):
     device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
-                              offsets, hess_scale=hess_scale, alpha=alpha)
+                              offsets, rounding, hess_scale=hess_scale, alpha=alpha)
     check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
     check_disjoint({"params": params, "hessians": hessians})
     return device_type
@@ -168,8 +182,8 @@ def _check_distance_norms(params, anchors):
     return device_type  # writes nothing: its tensors may share memory
 
 
-def _check_anchored_rescale(params, anchors, sources, factors):
-    device_type = check_tensor_list(params, [0] * len(params))
+def _check_anchored_rescale(params, anchors, sources, factors, streams, seed, offsets, rounding):
+    device_type = _check_keys(params, streams, seed, offsets, rounding)
     check_companions(params, anchors, "anchors", dtypes=_own_dtype)
     if sources is not None:
         check_companions(params, sources, "sources", dtypes=_own_dtype)

@@ -2,6 +2,7 @@
 leaves every tensor as it was."""
 from __future__ import annotations
 
+import enum
 import math
 import struct
 
@@ -10,6 +11,24 @@ import torch
 from zokern.random import check_seed, check_stream, parse_distribution
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Rounding(enum.IntEnum):
+    """How an op stores its float32 result in 16-bit storage (docs/RANDOM.md, "Stochastic rounding").
+    float32 storage keeps the float32 result either way."""
+    NEAREST = 0
+    STOCHASTIC = 1
+
+
+def parse_rounding(rounding: "str | int | Rounding") -> Rounding:
+    if isinstance(rounding, str):
+        try:
+            return Rounding[rounding.upper()]
+        except KeyError:
+            raise ValueError(f"unknown rounding {rounding!r}; expected 'nearest' or 'stochastic'") from None
+    if isinstance(rounding, bool) or not isinstance(rounding, int) or rounding not in tuple(Rounding):
+        raise ValueError(f"unknown rounding {rounding!r}; expected 'nearest' or 'stochastic'")
+    return Rounding(rounding)
 
 
 # Stream element indices are below 2^62 (docs/RANDOM.md).

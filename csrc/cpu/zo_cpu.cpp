@@ -212,10 +212,14 @@ constexpr int64_t kColBlock = simd::generic::kBlock;  // columns of W per work i
 
 // W += (U·C)·Vᵀ without an m×n temporary: float32 U·C (m×r) and Vᵀ (r×n) first, then tiles of W, each
 // row summing over the rank into kColBlock accumulators (zo_cpu_kernels.inc's lowrank_rows, vectorised over
-// columns for the CPU's SIMD level). Sums as element.h says.
-void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores) {
+// columns for the CPU's SIMD level). Sums as element.h says; stored with `rounding`, keyed by (seed, streams[t],
+// offsets[t] + row-major index).
+void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores,
+                    at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets, int64_t rounding) {
   const size_t count = weights.size();
   TORCH_CHECK(us.size() == count && vs.size() == count && cores.size() == count, "zokern_cpp: list lengths differ");
+  const std::vector<int64_t> ids = per_tensor_or_zeros(streams, count, "stream id");
+  const std::vector<int64_t> first = element_offsets(offsets, count);
   check_params(weights, "weights");
   check_params(us, "us");
   check_params(vs, "vs");
@@ -274,7 +278,8 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     dispatch(weights[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       ZK_RUN(lowrank_rows, static_cast<T*>(weights[t].data_ptr()), n, r, i0, std::min(m, i0 + kRowBlock), j0,
-             std::min(kColBlock, n - j0), uc[t].data(), vt[t].data());
+             std::min(kColBlock, n - j0), uc[t].data(), vt[t].data(), rounding == kStochastic,
+             static_cast<uint64_t>(seed), static_cast<uint32_t>(ids[t]), first[t]);
     });
   }
 }
@@ -318,9 +323,13 @@ at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t
   return out;
 }
 
+// Stored with `rounding`, keyed by (seed, streams[t], offsets[t] + index).
 void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optional<at::TensorList> sources,
-                       const at::Tensor& factors, int64_t chunk) {
+                       const at::Tensor& factors, at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets,
+                       int64_t rounding, int64_t chunk) {
   check_params(params);
+  const std::vector<int64_t> ids = per_tensor_or_zeros(streams, params.size(), "stream id");
+  const std::vector<int64_t> first = element_offsets(offsets, params.size());
   check_companions(params, anchors, "anchors");
   std::vector<at::Tensor> src;  // the source of each tensor: sources[t], or the tensor itself
   if (sources.has_value()) {
@@ -333,10 +342,9 @@ void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optio
   for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
     dispatch(params[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      T* p = static_cast<T*>(params[t].data_ptr());
-      const T* a = static_cast<const T*>(anchors[t].data_ptr());
-      const T* s = static_cast<const T*>(src[t].data_ptr());
-      for (int64_t i = begin; i < end; ++i) p[i] = from_float<T>(rescale_value(to_float(a[i]), to_float(s[i]), f[t]));
+      ZK_RUN(rescale_range, static_cast<T*>(params[t].data_ptr()), static_cast<const T*>(anchors[t].data_ptr()),
+             static_cast<const T*>(src[t].data_ptr()), begin, end, f[t], rounding == kStochastic,
+             static_cast<uint64_t>(seed), static_cast<uint32_t>(ids[t]), first[t]);
     });
   });
 }

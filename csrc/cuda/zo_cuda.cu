@@ -310,8 +310,11 @@ at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t
 }
 
 void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optional<at::TensorList> sources,
-                       const at::Tensor& factors, int64_t chunk) {
+                       const at::Tensor& factors, at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets,
+                       int64_t rounding, int64_t chunk) {
   if (params.empty()) return;
+  const std::vector<int64_t> ids = per_tensor_or_zeros(streams, params.size(), "stream id");
+  const std::vector<int64_t> first = element_offsets(offsets, params.size());
   const at::Device device = params[0].device();
   check_floats(params, device, "params");
   check_companions(params, anchors, device, "anchors");
@@ -326,13 +329,15 @@ void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optio
     TORCH_CHECK(params[t].scalar_type() == anchors[t].scalar_type() &&
                     (!sources.has_value() || (*sources)[t].scalar_type() == params[t].scalar_type()),
                 "zokern_cuda: anchors and sources must have their tensors' dtype");
-    entries.push_back(entry(params[t], t, 0, 0.f, anchors[t].data_ptr(), src));
+    entries.push_back(entry(params[t], t, static_cast<uint32_t>(ids[t]), 0.f, anchors[t].data_ptr(), src, first[t]));
     group.push_back(dtype_index(params[t].scalar_type()));
   }
   launch_grouped(entries, group, kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
                                                         int blocks, cudaStream_t stream) {
     dispatch(g, [&](auto tag) {
-      launch_multi_tensor(d, count, n, chunk, RescaleRange<decltype(tag)>{f}, blocks, stream);
+      launch_multi_tensor(d, count, n, chunk,
+                          RescaleRange<decltype(tag)>{f, static_cast<uint64_t>(seed), rounding == kStochastic}, blocks,
+                          stream);
     });
   });
 }
@@ -342,10 +347,13 @@ void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optio
 // W += (U·C)·Vᵀ: one launch per factor dtype F for U·C (into a float32 scratch of Σ m·r entries, freed
 // stream-ordered), then one tile launch per (W dtype, F) pair. U and V of different dtypes are both
 // converted to float32 first.
-void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores) {
+void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores,
+                    at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets, int64_t rounding) {
   const size_t count = weights.size();
   TORCH_CHECK(us.size() == count && vs.size() == count && cores.size() == count, "zokern_cuda: list lengths differ");
   if (count == 0) return;
+  const std::vector<int64_t> ids = per_tensor_or_zeros(streams, count, "stream id");
+  const std::vector<int64_t> first = element_offsets(offsets, count);
   const at::Device device = weights[0].device();
   check_floats(weights, device, "weights");
   check_floats(us, device, "us");
@@ -373,7 +381,8 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     const int64_t m = w.size(0), n = w.size(1), r = u_used[t].size(1);
     factor_dtype[t] = dtype_index(u_used[t].scalar_type());
     entries[t] = LowrankEntry{w.data_ptr(), u_used[t].data_ptr(), v_used[t].data_ptr(), c.data_ptr<float>(),
-                              nullptr, m, n, r, scratch, (n + kTileN - 1) / kTileN};
+                              nullptr, m, n, r, scratch, (n + kTileN - 1) / kTileN, static_cast<uint32_t>(ids[t]),
+                              first[t]};
     if (m * n > 0) scratch += m * r;
   }
   at::Tensor uc = at::empty({scratch}, at::TensorOptions().dtype(at::kFloat).device(device));
@@ -417,7 +426,8 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     } else {
       dispatch((g - kDtypes) / kDtypes, [&](auto wtag) {
         dispatch((g - kDtypes) % kDtypes, [&](auto ftag) {
-          launch_lowrank_tiles<decltype(wtag), decltype(ftag)>(d, n, items[g], blocks, stream);
+          launch_lowrank_tiles<decltype(wtag), decltype(ftag)>(d, n, items[g], static_cast<uint64_t>(seed),
+                                                               rounding == kStochastic, blocks, stream);
         });
       });
     }

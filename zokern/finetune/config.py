@@ -43,6 +43,7 @@ class FinetuneConfig:
     resume: bool = False
     checkpoint_every: int = 100
     two_pass: bool = False
+    rounding: "str | None" = None  # how updates are stored in 16-bit weights; None: the optimizers' default
     lora_rank: int = 8  # > 0: train LoRA adapters of this rank on lora_targets; 0: all weights
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,v_proj"
@@ -64,7 +65,8 @@ INTEGER_MINIMUMS = {"steps": 1, "batch_size": 1, "eval_examples": 1, "forward_bu
                     "evaluations": 0, "checkpoint_every": 0, "lora_rank": 0, "seed": 0}
 # Optimizer arguments that make_optimizer sets from the config's own settings.
 OPTIMIZER_SETTINGS = {"lr": "--lr", "eps": "--eps", "seed": "--seed", "backend": "--backend", "two_pass": "--two-pass",
-                      "weight_decay": "--weight-decay"}
+                      "weight_decay": "--weight-decay", "rounding": "--rounding"}
+ROUNDINGS = ("nearest", "stochastic")
 
 
 def _flag(name: str) -> str:
@@ -80,6 +82,8 @@ def check_config(config: FinetuneConfig) -> None:
         raise ConfigError(f"--dtype {config.dtype!r}: choose from {', '.join(DTYPES)}")
     if config.backend is not None and config.backend not in zokern.backends.BACKENDS:
         raise ConfigError(f"--backend {config.backend!r}: choose from {', '.join(zokern.backends.BACKENDS)}")
+    if config.rounding is not None and config.rounding not in ROUNDINGS:
+        raise ConfigError(f"--rounding {config.rounding!r}: choose from {', '.join(ROUNDINGS)}")
     for name in ("lr", "eps", "lora_alpha"):
         value = getattr(config, name)
         if not (math.isfinite(value) and value > 0):

@@ -88,7 +88,8 @@ def make_optimizer(config: FinetuneConfig, trainable: list):
     if config.two_pass:
         options["two_pass"] = True
     try:
-        return method(trainable, lr=config.lr, eps=config.eps, seed=config.seed, backend=config.backend, **options)
+        return method(trainable, lr=config.lr, eps=config.eps, seed=config.seed, backend=config.backend,
+                      rounding=config.rounding, **options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{config.method} with --option {config.method_options}: {exc}") from None
 

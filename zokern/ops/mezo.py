@@ -6,7 +6,7 @@ from typing import Iterable, Sequence
 import torch
 
 from zokern.random import Distribution, Domain, check_seed, check_stream, parse_distribution
-from zokern.validation import check_finite, check_is_tensor_list, check_offsets
+from zokern.validation import Rounding, check_finite, check_is_tensor_list, check_offsets, parse_rounding
 
 
 def checked(params: Iterable[torch.Tensor], stream_ids: Sequence[int], seed: int, next_seed: "int | None" = None,
@@ -19,6 +19,18 @@ def checked(params: Iterable[torch.Tensor], stream_ids: Sequence[int], seed: int
     if next_seed is not None:
         check_seed(next_seed, "next_seed")
     return params, stream_ids, check_offsets(params, [] if offsets is None else offsets)
+
+
+def rounding_keys(params: list, rounding, seed: "int | None", stream_ids: "Sequence[int] | None",
+                  offsets: "Sequence[int] | None") -> tuple[list, int, list, int]:
+    """(stream ids, seed, offsets, rounding) of an op that draws nothing but its rounding words: stochastic
+    rounding needs the seed and stream ids its words are keyed by; nearest rounding ignores them."""
+    rounding = parse_rounding(rounding)
+    if rounding == Rounding.STOCHASTIC and (seed is None or stream_ids is None):
+        raise ValueError("rounding='stochastic' needs the seed and stream_ids that key the rounding words")
+    seed = 0 if seed is None else seed
+    _, streams, offsets = checked(params, [] if stream_ids is None else stream_ids, seed, offsets=offsets)
+    return streams, seed, offsets, int(rounding)
 
 
 def weight_decays(weight_decay: "float | Sequence[float]", count: int) -> list[float]:
@@ -46,11 +58,12 @@ def fused_step_(params: Iterable[torch.Tensor], seed: int, *, stream_ids: Sequen
                 lr: float, grad: float, weight_decay: "float | Sequence[float]" = 0.0,
                 next_seed: "int | None" = None, next_scale: float = 0.0,
                 dist: "str | Distribution" = "normal", offsets: "Sequence[int] | None" = None,
-                backend: "str | None" = None) -> None:
+                rounding: "str | Rounding" = "nearest", backend: "str | None" = None) -> None:
     """Restore, update and optionally re-perturb in one read-modify-write per element (docs/OPS.md).
 
     From θ − restore·z: x = θ + restore·z; x −= lr·(grad·z + wd·x); x += next_scale·z(next_seed). offsets as
-    for perturb_."""
+    for perturb_. rounding: how 16-bit tensors store x, "nearest" (even) or "stochastic" (unbiased, keyed by
+    (seed, stream id, element): docs/RANDOM.md)."""
     params, stream_ids, offsets = checked(params, stream_ids, seed, next_seed, offsets)
     if not params:
         return
@@ -59,7 +72,7 @@ def fused_step_(params: Iterable[torch.Tensor], seed: int, *, stream_ids: Sequen
             params, stream_ids, seed, check_finite("restore", restore), check_finite("lr", lr),
             check_finite("grad", grad), weight_decays(weight_decay, len(params)),
             -1 if next_seed is None else next_seed, check_finite("next_scale", next_scale),
-            int(parse_distribution(dist)), backend or "", offsets)
+            int(parse_distribution(dist)), backend or "", offsets, int(parse_rounding(rounding)))
 
 
 def draw(seed: int, stream: int, numel: int, offset: int = 0, domain: int = Domain.PERTURBATION,

@@ -23,7 +23,7 @@ import torch
 
 from zokern import distributed
 from zokern.random import check_seed, parse_distribution, step_seed
-from zokern.validation import check_step_args
+from zokern.validation import Rounding, check_step_args, parse_rounding
 
 # MeZO's rule: no weight decay on biases and norms [ALGORITHMS.md §0].
 NO_DECAY = re.compile(r"bias|layer_norm|layernorm|norm\.weight|ln_\w*\.weight", re.IGNORECASE)
@@ -49,8 +49,7 @@ class Bucket:
 
     def offsets_at(self, indices) -> "list[int] | None":
         """`offsets` of the tensors at `indices` (a method's subset of the bucket)."""
-        shards = [self.shards[i] for i in indices]
-        return [0 if s is None else s.offset for s in shards] if any(shards) else None
+        return distributed.offsets([self.shards[i] for i in indices])
 
     def shape(self, i: int) -> torch.Size:
         """Tensor i's whole shape (a shard's parameter's, not the shard's)."""
@@ -199,7 +198,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: dict, *, eps: float, seed: int = 0, dist="normal",
                  backend: "str | None" = None, two_pass: bool = False, on_nonfinite: str = "skip",
-                 process_group=None):
+                 rounding: "str | None" = None, process_group=None):
         if not eps > 0 or not math.isfinite(eps):
             raise ValueError(f"eps must be a positive finite number, got {eps}")
         if on_nonfinite not in ("skip", "raise"):
@@ -208,6 +207,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__} has no two-pass mode")
         self.eps, self.seed = float(eps), check_seed(seed)
         self.dist, self.backend = int(parse_distribution(dist)), backend
+        # How updates are stored (docs/OPS.md): None is stochastic, which float32 storage ignores, so it means
+        # stochastic for 16-bit tensors and nearest for float32 ones.
+        self.rounding = parse_rounding("stochastic" if rounding is None else rounding).name.lower()
         self.two_pass, self.on_nonfinite = two_pass, on_nonfinite
         # Data parallel: the losses are averaged over this group's ranks (docs/DISTRIBUTED.md).
         self.loss_reduction = distributed.loss_reduction(process_group)
@@ -486,9 +488,10 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["zo"] = {"seed": self.seed, "eps": self.eps, "step_count": self.step_count,
+        state["zo"] = {"seed": self.seed, "eps": self.eps, "step_count": self.step_count, "rounding": self.rounding,
                        "nonfinite_steps": self.nonfinite_steps, "pending_seed": self.pending_seed,
-                       "world_size": self.world_size, "method": self._extra_state(), "optimizer": type(self).__name__, "tensors": self._tensors()}
+                       "world_size": self.world_size, "method": self._extra_state(), "optimizer": type(self).__name__,
+                       "tensors": self._tensors()}
         return state
 
     def _check_state(self, state_dict: dict) -> None:
@@ -505,6 +508,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if zo.get("optimizer", me) != me:
             raise ValueError(f"the state_dict was saved by {zo['optimizer']}; this optimizer is {me}")
         check_seed(zo["seed"])
+        parse_rounding(zo.get("rounding", "nearest"))
         if zo.get("world_size", 1) != self.world_size:
             raise ValueError(f"the state_dict was saved by a run on {zo.get('world_size', 1)} ranks; this optimizer "
                              f"runs on {self.world_size}: resume on the world size it was saved on")
@@ -541,5 +545,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         for b, i in zip(self.buckets, groups):
             b.group = self.param_groups[i]  # torch replaced the group dicts: follow them (lr, schedulers)
         self.seed, self.eps, self.step_count = zo["seed"], zo["eps"], zo["step_count"]
+        # A state saved before rounding was recorded was trained with round-to-nearest.
+        self.rounding = parse_rounding(zo.get("rounding", Rounding.NEAREST)).name.lower()
         self.nonfinite_steps, self.pending_seed = zo["nonfinite_steps"], zo["pending_seed"]
         self._load_extra_state(zo["method"])

@@ -128,8 +128,9 @@ class DiZO(MeZO):
                           stacklevel=3)
             fresh_closure = lambda: closure  # noqa: E731
         seed = step_seed(self.seed, self.step_count)
-        work = []
+        work, where = [], []
         for params, anchors, ids, shards in projected:
+            where.append(distributed.offsets(shards))
             t = distributed.distance_norms(params, anchors, shards,
                                            lambda p, a: ops.distance_norms(p, a, backend=self.backend))
             work.append((params, anchors, [p.clone() for p in params], t, t.clone(), ids))
@@ -140,10 +141,17 @@ class DiZO(MeZO):
                 torch._foreach_copy_(params, saved)
             raise
         factors = []
-        for params, anchors, saved, t, gamma, _ in work:
+        for (params, anchors, saved, t, gamma, ids), offsets in zip(work, where):
             factors.append(_ratio(gamma, t))
-            ops.anchored_rescale_(params, anchors, factors[-1], sources=saved, backend=self.backend)
+            self._project_from(params, anchors, saved, factors[-1], ids, offsets)
         return [f.tolist() for f in factors]
+
+    def _project_from(self, params, anchors, saved, factors, ids, offsets) -> None:
+        """θ = θ0 + (saved − θ0)·f, the projection's update: stored with the optimizer's rounding, keyed by a seed
+        of its own, derived from the step's (so its rounding words are independent of every update's)."""
+        ops.anchored_rescale_(params, anchors, factors, sources=saved, rounding=self.rounding,
+                              seed=step_seed(step_seed(self.seed, self.step_count), 0), stream_ids=ids,
+                              offsets=offsets, backend=self.backend)
 
     def _search(self, work, seed, fresh_closure) -> None:
         """The J iterations: each probes γ ± ε_γ·z on a fresh batch and updates γ in place."""
@@ -182,9 +190,10 @@ class DiZO(MeZO):
     def _rescale(self, factors: list[list[float]]) -> None:
         """Replay of a projection: the search's final rescale with its logged factors, from a saved copy as
         there (float32 factors survive the log exactly)."""
-        for (params, anchors, *_), f in zip(self._projected(), factors, strict=True):
-            ops.anchored_rescale_(params, anchors, torch.tensor(f, dtype=torch.float32, device=params[0].device),
-                                  sources=[p.clone() for p in params], backend=self.backend)
+        for (params, anchors, ids, shards), f in zip(self._projected(), factors, strict=True):
+            self._project_from(params, anchors, [p.clone() for p in params],
+                               torch.tensor(f, dtype=torch.float32, device=params[0].device), ids,
+                               distributed.offsets(shards))
 
 
 def _ratio(gamma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

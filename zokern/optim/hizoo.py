@@ -62,4 +62,5 @@ class HiZOO(ZOOptimizer):
             wd = b.group["weight_decay"]
             ops.hessian_step_(b.params, b.extra["hessians"], seed, stream_ids=b.stream_ids, restore=self.eps,
                               lr=b.group["lr"], grad=grad, hess_scale=record["hess_scale"], alpha=self.alpha,
-                              weight_decay=wd, dist=self.dist, backend=self.backend, offsets=b.offsets)
+                              weight_decay=wd, dist=self.dist, rounding=self.rounding, backend=self.backend,
+                              offsets=b.offsets)

@@ -25,4 +25,4 @@ class MeZO(ZOOptimizer):
         for b in self.buckets:
             ops.fused_step_(b.params, seed, stream_ids=b.stream_ids, restore=self.eps, lr=b.group["lr"], grad=grad,
                             weight_decay=b.weight_decays, next_seed=next_seed, next_scale=self.eps,
-                            dist=self.dist, backend=self.backend, offsets=b.offsets)
+                            dist=self.dist, rounding=self.rounding, backend=self.backend, offsets=b.offsets)

@@ -96,7 +96,8 @@ class SparseMeZO(ZOOptimizer):
                 fold = None if self._refresh_due(b, self.step_count + 1) else next_seed
                 ops.masked_fused_step_(params, b.extra["masks"], b.extra["thresholds"], seed, stream_ids=ids,
                                        restore=self.eps, lr=lr, grad=grad, weight_decay=wds, next_seed=fold,
-                                       next_scale=self.eps, dist=self.dist, backend=self.backend, offsets=offsets)
+                                       next_scale=self.eps, dist=self.dist, rounding=self.rounding,
+                                       backend=self.backend, offsets=offsets)
                 if next_seed is not None and fold is None:
                     thresholds = self._refresh_thresholds(b, params, self.step_count + 1)
                     ops.masked_perturb_(params, b.extra["masks"], thresholds, next_seed, self.eps,
@@ -104,8 +105,8 @@ class SparseMeZO(ZOOptimizer):
                                         offsets=offsets)
             params, ids, wds, offsets = self._select(b, "dense")
             ops.fused_step_(params, seed, stream_ids=ids, restore=self.eps, lr=lr, grad=grad, weight_decay=wds,
-                            next_seed=next_seed, next_scale=self.eps, dist=self.dist, backend=self.backend,
-                            offsets=offsets)
+                            next_seed=next_seed, next_scale=self.eps, dist=self.dist, rounding=self.rounding,
+                            backend=self.backend, offsets=offsets)
 
 
 def _with_tracked(state_dict):

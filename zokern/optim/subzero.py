@@ -63,7 +63,9 @@ class SubZero(ZOOptimizer):
             bucket.extra["cores"] = cached = (seed, cores)
         return cached[1]
 
-    def _apply(self, bucket, step: int, cores: list[torch.Tensor]) -> None:
+    def _apply(self, bucket, step: int, cores: list[torch.Tensor], update_seed: "int | None" = None) -> None:
+        """W += U·C·Vᵀ per matrix; an update (update_seed: the step's seed, its rounding key) is stored with the
+        optimizer's rounding, a perturbation to nearest."""
         matrices = bucket.extra["matrices"]
         if not matrices:
             return
@@ -71,10 +73,13 @@ class SubZero(ZOOptimizer):
         # A shard is rows [first, first + count) of its matrix: U's same rows perturb it.
         mine = [k for k, (_, count) in enumerate(bucket.extra["rows"]) if count]
         rows = [bucket.extra["rows"][k] for k in mine]
+        rounding = {} if update_seed is None else dict(
+            rounding=self.rounding, seed=update_seed, stream_ids=[bucket.stream_ids[matrices[k][0]] for k in mine],
+            offsets=[first * matrices[k][1][1] for k, (first, _) in zip(mine, rows)])
         ops.lowrank_apply_([bucket.params[matrices[k][0]].view(count, matrices[k][1][1])
                             for k, (_, count) in zip(mine, rows)],
                            [factors[k][0][first:first + count] for k, (first, count) in zip(mine, rows)],
-                           [factors[k][1] for k in mine], [cores[k] for k in mine], backend=self.backend)
+                           [factors[k][1] for k in mine], [cores[k] for k in mine], backend=self.backend, **rounding)
 
     def _vectors(self, bucket):
         idx = bucket.extra["vectors"]
@@ -97,11 +102,11 @@ class SubZero(ZOOptimizer):
             cores = [(self.eps - lr * grad) * c for c in self._cores(b, seed)]
             if same_window:
                 cores = [c + self.eps * c_next for c, c_next in zip(cores, self._cores(b, next_seed))]
-            self._apply(b, step, cores)
+            self._apply(b, step, cores, update_seed=seed)
             params, ids, offsets = self._vectors(b)
             ops.fused_step_(params, seed, stream_ids=ids, restore=self.eps, lr=lr, grad=grad,
-                            next_seed=next_seed, next_scale=self.eps, dist=self.dist, backend=self.backend,
-                            offsets=offsets)
+                            next_seed=next_seed, next_scale=self.eps, dist=self.dist, rounding=self.rounding,
+                            backend=self.backend, offsets=offsets)
         if next_seed is not None and not same_window:
             for b in self.buckets:
                 self._apply(b, step + 1, [self.eps * c for c in self._cores(b, next_seed)])

@@ -19,15 +19,20 @@
 
 namespace zokern {
 
+// Per-tensor integers (element offsets, stream ids) given one per tensor or not at all (then 0 for every tensor).
+inline std::vector<int64_t> per_tensor_or_zeros(at::IntArrayRef values, size_t count, const char* what) {
+  TORCH_CHECK(values.empty() || values.size() == count, "zokern: one ", what, " per tensor, or none");
+  return values.empty() ? std::vector<int64_t>(count, 0) : values.vec();
+}
+
+inline std::vector<int64_t> element_offsets(at::IntArrayRef offsets, size_t count) {
+  return per_tensor_or_zeros(offsets, count, "offset");
+}
+
 template <class Loops>
 struct ElementwiseOps {
   static std::vector<float> decays(at::ArrayRef<double> weight_decays) {
     return std::vector<float>(weight_decays.begin(), weight_decays.end());
-  }
-
-  static std::vector<int64_t> element_offsets(at::IntArrayRef offsets, size_t count) {
-    TORCH_CHECK(offsets.empty() || offsets.size() == count, "zokern: one offset per tensor, or none");
-    return offsets.empty() ? std::vector<int64_t>(count, 0) : offsets.vec();
   }
 
   static void perturb_(at::TensorList params, at::IntArrayRef streams, int64_t seed, double scale, int64_t dist,
@@ -39,9 +44,10 @@ struct ElementwiseOps {
 
   static void fused_step_(at::TensorList params, at::IntArrayRef streams, int64_t seed, double restore, double lr,
                           double grad, at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale,
-                          int64_t dist, at::IntArrayRef offsets, int64_t chunk) {
+                          int64_t dist, at::IntArrayRef offsets, int64_t rounding, int64_t chunk) {
     const StepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
-                    static_cast<float>(grad), next_seed, static_cast<float>(next_scale), static_cast<int>(dist)};
+                    static_cast<float>(grad), next_seed, static_cast<float>(next_scale), static_cast<int>(dist),
+                    static_cast<int>(rounding)};
     Loops::apply_all(params, streams, element_offsets(offsets, params.size()), decays(weight_decays), chunk, op);
   }
 
@@ -57,10 +63,10 @@ struct ElementwiseOps {
   static void masked_fused_step_(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
                                  at::IntArrayRef streams, int64_t seed, double restore, double lr, double grad,
                                  at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale,
-                                 int64_t dist, at::IntArrayRef offsets, int64_t chunk) {
+                                 int64_t dist, at::IntArrayRef offsets, int64_t rounding, int64_t chunk) {
     const MaskedStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
                           static_cast<float>(grad), next_seed, static_cast<float>(next_scale),
-                          static_cast<int>(dist)};
+                          static_cast<int>(dist), static_cast<int>(rounding)};
     Loops::masked_all(params, masks, thresholds, streams, element_offsets(offsets, params.size()),
                       decays(weight_decays), chunk, op);
   }
@@ -75,11 +81,11 @@ struct ElementwiseOps {
   static void hessian_step_(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams, int64_t seed,
                             double restore, double lr, double grad, double hess_scale, double alpha,
                             at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale, int64_t dist,
-                            at::IntArrayRef offsets, int64_t chunk) {
+                            at::IntArrayRef offsets, int64_t rounding, int64_t chunk) {
     const HessianStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
                            static_cast<float>(grad), static_cast<float>(hess_scale), static_cast<float>(alpha),
                            static_cast<float>(1.0 - alpha), next_seed, static_cast<float>(next_scale),
-                           static_cast<int>(dist)};
+                           static_cast<int>(dist), static_cast<int>(rounding)};
     Loops::hessian_all(params, hessians, streams, element_offsets(offsets, params.size()), decays(weight_decays),
                        chunk, op);
   }
