@@ -161,6 +161,8 @@ def finetune_command(args) -> int:
     except (ConfigError, DataError, ModelError, CheckpointError, SeedLogError) as exc:
         print(f"zokern finetune: error: {exc}", file=sys.stderr)
         return 2
+    if summary["final_accuracy"] is None:  # not rank 0 of a torchrun run, which reports for all
+        return 0
     print(f"\nzero-shot test accuracy {summary['zero_shot_accuracy']:.3f} -> fine-tuned {summary['final_accuracy']:.3f} "
           f"({summary['steps']} steps, {summary['wall_seconds'] / 60:.1f} min); results in {config.output_dir}")
     return 0

@@ -55,6 +55,9 @@ class ZOTrainer(Trainer):
     learning_rate 5e-5 is far above ZO's usual 1e-7 to 1e-6.
 
     The optimizer trains the model's parameters with requires_grad=True (the LoRA tensors of a PEFT model).
+    Under torchrun (world_size > 1) every process evaluates its own batches and the optimizer averages the
+    losses over the processes before each update (one all-reduce of a few scalars), so every process applies
+    the same update; Trainer's batches are per device, so the global batch is world_size times as large.
     Each step calls `compute_loss` under `torch.no_grad()` with the model in eval mode; with
     gradient_accumulation_steps = k the step's loss is the mean over its k micro-batches, all evaluated
     at the same perturbation. The logged loss is the one `opt.step` returns (at θ + εz).
@@ -201,8 +204,16 @@ def _check_args(args: TrainingArguments, trainer: Trainer) -> None:
         problems.append("gradient_checkpointing=True: a ZO step stores no activations for a backward pass")
     if args.neftune_noise_alpha:
         problems.append("neftune_noise_alpha: noise would differ between the two probes of a step")
-    if args.world_size > 1 or args.n_gpu > 1 or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-        problems.append("more than one device: data-parallel ZO needs the probe losses averaged across "
-                        "ranks before the update, which ZOTrainer does not do; train on one device")
+    if args.n_gpu > 1:
+        problems.append(f"{args.n_gpu} GPUs in one process (torch.nn.DataParallel): launch one process per GPU "
+                        "with torchrun instead, which ZOTrainer trains data-parallel")
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        problems.append("DeepSpeed or FSDP through Trainer: ZOTrainer trains data-parallel under torchrun (DDP); "
+                        "to shard parameters, shard the model with torch.distributed.fsdp.fully_shard and drive a "
+                        "zokern optimizer yourself (docs/DISTRIBUTED.md)")
+    parallelism = getattr(args, "parallelism_config", None)
+    if parallelism is not None and any((getattr(parallelism, f"{kind}_size", None) or 1) > 1 for kind in ("tp", "cp", "sp")):
+        problems.append("tensor, context or sequence parallel (parallelism_config): not supported; every rank must "
+                        "evaluate the whole model on its own share of the batch")
     if problems:
         raise ValueError("ZOTrainer cannot use these TrainingArguments:\n  " + "\n  ".join(problems))

@@ -8,8 +8,8 @@ import warnings
 
 import torch
 
-from zokern import ops
-from zokern.optim.base import _read_losses, check_loss
+from zokern import distributed, ops
+from zokern.optim.base import check_loss
 from zokern.optim.mezo import MeZO
 from zokern.random import Domain, step_seed
 
@@ -109,11 +109,12 @@ class DiZO(MeZO):
             record["rescale"] = self.project(closure if fresh_closure is None else None, fresh_closure)
 
     def _projected(self):
-        """(params, anchors, stream ids) of the projected tensors, per bucket that has any."""
+        """(params, anchors, stream ids, shards) of the projected tensors, per bucket that has any."""
         for b in self.buckets:
             if b.extra["projected"]:
                 idx = b.extra["projected"]
-                yield [b.params[i] for i in idx], b.extra["anchors"], [b.stream_ids[i] for i in idx]
+                yield ([b.params[i] for i in idx], b.extra["anchors"], [b.stream_ids[i] for i in idx],
+                       [b.shards[i] for i in idx])
 
     @torch.no_grad()
     def project(self, closure=None, fresh_closure=None) -> list[list[float]]:
@@ -127,9 +128,11 @@ class DiZO(MeZO):
                           stacklevel=3)
             fresh_closure = lambda: closure  # noqa: E731
         seed = step_seed(self.seed, self.step_count)
-        work = []
-        for params, anchors, ids in projected:
-            t = ops.distance_norms(params, anchors, backend=self.backend)
+        work, where = [], []
+        for params, anchors, ids, shards in projected:
+            where.append(distributed.offsets(shards))
+            t = distributed.distance_norms(params, anchors, shards,
+                                           lambda p, a: ops.distance_norms(p, a, backend=self.backend))
             work.append((params, anchors, [p.clone() for p in params], t, t.clone(), ids))
         try:
             self._search(work, seed, fresh_closure)
@@ -138,36 +141,44 @@ class DiZO(MeZO):
                 torch._foreach_copy_(params, saved)
             raise
         factors = []
-        for params, anchors, saved, t, gamma, ids in work:
+        for (params, anchors, saved, t, gamma, ids), offsets in zip(work, where):
             factors.append(_ratio(gamma, t))
-            self._project_from(params, anchors, saved, factors[-1], ids)
+            self._project_from(params, anchors, saved, factors[-1], ids, offsets)
         return [f.tolist() for f in factors]
 
-    def _project_from(self, params, anchors, saved, factors, ids) -> None:
+    def _project_from(self, params, anchors, saved, factors, ids, offsets) -> None:
         """θ = θ0 + (saved − θ0)·f, the projection's update: stored with the optimizer's rounding, keyed by a seed
         of its own, derived from the step's (so its rounding words are independent of every update's)."""
         ops.anchored_rescale_(params, anchors, factors, sources=saved, rounding=self.rounding,
                               seed=step_seed(step_seed(self.seed, self.step_count), 0), stream_ids=ids,
-                              backend=self.backend)
+                              offsets=offsets, backend=self.backend)
 
     def _search(self, work, seed, fresh_closure) -> None:
         """The J iterations: each probes γ ± ε_γ·z on a fresh batch and updates γ in place."""
         tau, eg = self.gamma_range, self.gamma_eps
         for j in range(self.project_iters):
-            batch = fresh_closure()
             probes = []
             for params, anchors, saved, t, gamma, ids in work:
                 z = torch.stack([ops.fill_random_(torch.empty(1, device=t.device), seed, k, offset=j,
                                                   domain=Domain.DIZO, backend=self.backend)[0] for k in ids])
                 z = torch.maximum(torch.minimum(z, tau / eg * t), -tau / eg * t)
                 probes.append(z)
-            losses = []
-            for sign in (1.0, -1.0):
-                for (params, anchors, saved, t, gamma, _), z in zip(work, probes):
-                    ops.anchored_rescale_(params, anchors, _ratio(gamma + sign * eg * z, t), sources=saved,
-                                          backend=self.backend)
-                losses.append(check_loss(batch(), f"projection search iteration {j}"))
-            plus, minus = _read_losses(dict(zip(("plus", "minus"), losses))).values()
+            losses, failure = {}, None
+            try:
+                batch = fresh_closure()
+                for key, sign in (("plus", 1.0), ("minus", -1.0)):
+                    for (params, anchors, saved, t, gamma, _), z in zip(work, probes):
+                        ops.anchored_rescale_(params, anchors, _ratio(gamma + sign * eg * z, t), sources=saved,
+                                              backend=self.backend)
+                    losses[key] = check_loss(batch(), f"projection search iteration {j}")
+            except BaseException as exc:
+                if self.loss_reduction is None:
+                    raise
+                failure = exc  # raised after the all-reduce, which tells the other ranks
+            values, failure = self._probe_losses(losses, failure, ("plus", "minus"))
+            if failure is not None:
+                raise failure
+            plus, minus = values["plus"], values["minus"]
             if not (math.isfinite(plus) and math.isfinite(minus)):
                 self.nonfinite_steps += 1
                 continue
@@ -179,9 +190,10 @@ class DiZO(MeZO):
     def _rescale(self, factors: list[list[float]]) -> None:
         """Replay of a projection: the search's final rescale with its logged factors, from a saved copy as
         there (float32 factors survive the log exactly)."""
-        for (params, anchors, ids), f in zip(self._projected(), factors, strict=True):
+        for (params, anchors, ids, shards), f in zip(self._projected(), factors, strict=True):
             self._project_from(params, anchors, [p.clone() for p in params],
-                               torch.tensor(f, dtype=torch.float32, device=params[0].device), ids)
+                               torch.tensor(f, dtype=torch.float32, device=params[0].device), ids,
+                               distributed.offsets(shards))
 
 
 def _ratio(gamma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

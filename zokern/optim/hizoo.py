@@ -49,7 +49,7 @@ class HiZOO(ZOOptimizer):
     def _perturb(self, seed, scale, first):
         for b in self.buckets:
             ops.hessian_perturb_(b.params, b.extra["hessians"], seed, scale, stream_ids=b.stream_ids, dist=self.dist,
-                                 backend=self.backend)
+                                 backend=self.backend, offsets=b.offsets)
 
     def _measure(self, losses):
         if self.curvature_dtype == "float32":
@@ -62,4 +62,5 @@ class HiZOO(ZOOptimizer):
             wd = b.group["weight_decay"]
             ops.hessian_step_(b.params, b.extra["hessians"], seed, stream_ids=b.stream_ids, restore=self.eps,
                               lr=b.group["lr"], grad=grad, hess_scale=record["hess_scale"], alpha=self.alpha,
-                              weight_decay=wd, dist=self.dist, rounding=self.rounding, backend=self.backend)
+                              weight_decay=wd, dist=self.dist, rounding=self.rounding, backend=self.backend,
+                              offsets=b.offsets)

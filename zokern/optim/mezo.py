@@ -18,10 +18,11 @@ class MeZO(ZOOptimizer):
 
     def _perturb(self, seed, scale, first):
         for b in self.buckets:
-            ops.perturb_(b.params, seed, scale, stream_ids=b.stream_ids, dist=self.dist, backend=self.backend)
+            ops.perturb_(b.params, seed, scale, stream_ids=b.stream_ids, dist=self.dist, backend=self.backend,
+                         offsets=b.offsets)
 
     def _update(self, seed, grad, next_seed, record):
         for b in self.buckets:
             ops.fused_step_(b.params, seed, stream_ids=b.stream_ids, restore=self.eps, lr=b.group["lr"], grad=grad,
                             weight_decay=b.weight_decays, next_seed=next_seed, next_scale=self.eps,
-                            dist=self.dist, rounding=self.rounding, backend=self.backend)
+                            dist=self.dist, rounding=self.rounding, backend=self.backend, offsets=b.offsets)

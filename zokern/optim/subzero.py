@@ -6,6 +6,7 @@ import re
 import torch
 
 from zokern import ops
+from zokern.distributed import DistributedError
 from zokern.optim.base import ZOOptimizer
 from zokern.random import step_seed
 
@@ -32,10 +33,11 @@ class SubZero(ZOOptimizer):
 
     def _init_bucket(self, bucket):
         matrices, vectors = [], []
-        for i, (p, name) in enumerate(zip(bucket.params, bucket.names)):
-            shape = ops.lowrank_shape(p.shape, reshape=bool(name and re.search(self.reshape_pattern, name)))
+        for i, name in enumerate(bucket.names):
+            shape = ops.lowrank_shape(bucket.shape(i), reshape=bool(name and re.search(self.reshape_pattern, name)))
             (matrices if shape else vectors).append((i, shape))
         bucket.extra["matrices"] = [(i, shape, min(self.rank, *shape)) for i, shape in matrices]
+        bucket.extra["rows"] = [_local_rows(bucket, i, shape) for i, shape in matrices]
         bucket.extra["vectors"] = [i for i, _ in vectors]
         bucket.extra["window"] = None
 
@@ -68,22 +70,28 @@ class SubZero(ZOOptimizer):
         if not matrices:
             return
         factors = self._subspaces(bucket, step)
-        rounding = {} if update_seed is None else dict(rounding=self.rounding, seed=update_seed,
-                                                       stream_ids=[bucket.stream_ids[i] for i, _, _ in matrices])
-        ops.lowrank_apply_([bucket.params[i].view(shape) for i, shape, _ in matrices], [u for u, _ in factors],
-                           [v for _, v in factors], cores, backend=self.backend, **rounding)
+        # A shard is rows [first, first + count) of its matrix: U's same rows perturb it.
+        mine = [k for k, (_, count) in enumerate(bucket.extra["rows"]) if count]
+        rows = [bucket.extra["rows"][k] for k in mine]
+        rounding = {} if update_seed is None else dict(
+            rounding=self.rounding, seed=update_seed, stream_ids=[bucket.stream_ids[matrices[k][0]] for k in mine],
+            offsets=[first * matrices[k][1][1] for k, (first, _) in zip(mine, rows)])
+        ops.lowrank_apply_([bucket.params[matrices[k][0]].view(count, matrices[k][1][1])
+                            for k, (_, count) in zip(mine, rows)],
+                           [factors[k][0][first:first + count] for k, (first, count) in zip(mine, rows)],
+                           [factors[k][1] for k in mine], [cores[k] for k in mine], backend=self.backend, **rounding)
 
     def _vectors(self, bucket):
-        return ([bucket.params[i] for i in bucket.extra["vectors"]],
-                [bucket.stream_ids[i] for i in bucket.extra["vectors"]])
+        idx = bucket.extra["vectors"]
+        return [bucket.params[i] for i in idx], [bucket.stream_ids[i] for i in idx], bucket.offsets_at(idx)
 
     def _perturb(self, seed, scale, first):
         # Every perturb pass belongs to step_count: the step's own passes, and the pending +εz of two-pass
         # mode, which was drawn for the step that comes next.
         for b in self.buckets:
             self._apply(b, self.step_count, [scale * c for c in self._cores(b, seed)])
-            params, ids = self._vectors(b)
-            ops.perturb_(params, seed, scale, stream_ids=ids, dist=self.dist, backend=self.backend)
+            params, ids, offsets = self._vectors(b)
+            ops.perturb_(params, seed, scale, stream_ids=ids, dist=self.dist, backend=self.backend, offsets=offsets)
 
     def _update(self, seed, grad, next_seed, record):
         step = self.step_count
@@ -95,10 +103,24 @@ class SubZero(ZOOptimizer):
             if same_window:
                 cores = [c + self.eps * c_next for c, c_next in zip(cores, self._cores(b, next_seed))]
             self._apply(b, step, cores, update_seed=seed)
-            params, ids = self._vectors(b)
+            params, ids, offsets = self._vectors(b)
             ops.fused_step_(params, seed, stream_ids=ids, restore=self.eps, lr=lr, grad=grad,
                             next_seed=next_seed, next_scale=self.eps, dist=self.dist, rounding=self.rounding,
-                            backend=self.backend)
+                            backend=self.backend, offsets=offsets)
         if next_seed is not None and not same_window:
             for b in self.buckets:
                 self._apply(b, step + 1, [self.eps * c for c in self._cores(b, next_seed)])
+
+
+def _local_rows(bucket, i: int, shape: "tuple[int, int]") -> "tuple[int, int]":
+    """(first row, row count) of the bucket's tensor i in its m×n matrix: all rows, or a shard's, which must be
+    whole rows (a dim-0 shard of a 2-D weight is; one of a reshaped LoRA tensor may not be)."""
+    shard = bucket.shards[i]
+    if shard is None:
+        return 0, shape[0]
+    n, numel = shape[1], bucket.params[i].numel()
+    if shard.offset % n or numel % n:
+        raise DistributedError(f"SubZero perturbs {bucket.names[i] or '#' + str(i)} as a {shape[0]}x{n} matrix; its "
+                               f"shard, elements [{shard.offset}, {shard.offset + numel}), is not whole rows of it: "
+                               "leave this tensor unsharded or train it with another method")
+    return shard.offset // n, numel // n
