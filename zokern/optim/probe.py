@@ -127,6 +127,9 @@ class ModuleProbes:
 
     # --- the hooks ----------------------------------------------------------------------------------------
 
+    # Not traced by torch.compile: the hooks swap module attributes and call the ops eagerly, so a compiled
+    # model's graph breaks at each hooked module (docs/OPTIMIZERS.md).
+    @torch.compiler.disable
     def _pre(self, module, args, kwargs):
         # A frame per call, pushed first: the always-called forward hook pops it even if this hook raises.
         stack = self._stack.setdefault(module, [])
@@ -160,6 +163,7 @@ class ModuleProbes:
             stack[-1] = (saved, None)
         return args, kwargs
 
+    @torch.compiler.disable
     def _post(self, module, args, output):
         stack = self._stack.get(module)
         if stack:
