@@ -319,3 +319,81 @@ def test_torch_compile_of_the_model():
         ids = batch(step)
         assert float(opt.step(lambda: compiled(ids))) == float(reference.step(lambda: plain(ids)))
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+
+
+@pytest.fixture
+def sentiment_file(tmp_path):
+    lines = [{"text": f"{word} film number {i}", "label": label}
+             for i in range(12) for word, label in (("great", "pos"), ("awful", "neg"))]
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(__import__("json").dumps(line) for line in lines) + "\n")
+    return path
+
+
+def _cli(tiny_model_dir, task, out, *extra):
+    return ["finetune", "--model", str(tiny_model_dir), "--task", str(task), "--template", "Review: {text}\nSentiment:",
+            "--labels", "neg=bad,pos=good", "--output-dir", str(out), "--steps", "4", "--batch-size", "4",
+            "--eval-examples", "2", "--eval-every", "0", "--checkpoint-every", "0", "--lora-rank", "0", *extra]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_finetune_bf16_dry_run_saves_the_base_weights(tiny_model_dir, sentiment_file, tmp_path, method):
+    """`zokern finetune --lora-rank 0 --dtype bfloat16 --lr 0` is a dry run: probe mode (the default for 16-bit
+    weights) saves the base model's weights bit for bit; the seed log says the steps were probed."""
+    pytest.importorskip("transformers")
+    import json
+
+    from safetensors.torch import load_file
+
+    from zokern.cli import main
+    from zokern.finetune.model import load_model
+
+    options = ["--option", "project_every=2", "--option", "project_iters=1"] if method == "dizo" else []
+    assert main(_cli(tiny_model_dir, sentiment_file, tmp_path, "--dtype", "bfloat16", "--lr", "0", "--method", method,
+                     *options)) == 0
+    saved = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    base = dict(load_model(str(tiny_model_dir), torch.bfloat16)[0].named_parameters())
+    assert saved and all(torch.equal(tensor, base[name]) for name, tensor in saved.items())
+    records = [json.loads(line) for line in (tmp_path / "seedlog.jsonl").read_text().splitlines()[1:]]
+    assert len(records) == 4 and all(r.get("probed") for r in records)
+
+
+def test_finetune_probe_mode_settings(tiny_model_dir, sentiment_file, tmp_path, capsys):
+    import json
+
+    from zokern.cli import main
+    from zokern.finetune.config import FinetuneConfig, uses_probes
+    from dataclasses import asdict
+
+    assert not uses_probes(asdict(FinetuneConfig()))  # float32: the in-place path, as before
+    assert uses_probes(asdict(FinetuneConfig(dtype="float16")))
+    assert not uses_probes(asdict(FinetuneConfig(dtype="float16", two_pass=True)))
+    assert uses_probes(asdict(FinetuneConfig(probe_mode="module")))
+    assert not uses_probes({"dtype": "bfloat16", "two_pass": False})  # recorded before probe_mode: in place
+    assert main(_cli(tiny_model_dir, sentiment_file, tmp_path / "x", "--probe-mode", "module", "--two-pass")) == 2
+    assert "--probe-mode module never leaves the weights perturbed" in capsys.readouterr().err
+    out = tmp_path / "f32"
+    assert main(_cli(tiny_model_dir, sentiment_file, out, "--steps", "2")) == 0
+    records = [json.loads(line) for line in (out / "seedlog.jsonl").read_text().splitlines()[1:]]
+    assert len(records) == 2 and not any("probed" in r for r in records)
+
+
+def test_zotrainer_uses_probe_mode_for_16_bit_models(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.test_hf_trainer import TokenDataset, make_args, tiny_llama
+    from zokern.integration import ZOTrainer
+
+    model = tiny_llama().to(torch.bfloat16)
+    start = snapshot(model)
+    trainer = ZOTrainer(model=model, args=make_args(tmp_path, learning_rate=0.0), train_dataset=TokenDataset(),
+                        eval_dataset=TokenDataset(8, seed=1), zo_method="hizoo")
+    trainer.train()
+    assert trainer.zo_optimizer.probes is not None
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+    f32 = ZOTrainer(model=tiny_llama(), args=make_args(tmp_path / "f32", eval_strategy="no"), train_dataset=TokenDataset(),
+                    zo_method="mezo")
+    f32.create_optimizer()
+    assert f32.zo_optimizer.probes is None
+    with pytest.raises(ValueError, match="no two_pass"):
+        ZOTrainer(model=tiny_llama(), args=make_args(tmp_path / "x", eval_strategy="no"), train_dataset=TokenDataset(),
+                  zo_options={"two_pass": True}, zo_probes=True)
