@@ -5,7 +5,7 @@ import torch
 
 from zokern import ops
 from zokern.optim.base import ZOOptimizer
-from zokern.optim.probe import stream_copy
+from zokern.optim.probe import perturbed_rows
 
 
 class HiZOO(ZOOptimizer):
@@ -65,8 +65,8 @@ class HiZOO(ZOOptimizer):
             ops.hessian_perturb_([copy], [hessian], seed, scale, stream_ids=[b.stream_ids[i]], dist=self.dist,
                                  backend=self.backend)
             return copy
-        return stream_copy(p, seed, b.stream_ids[i], scale, rows, dist=self.dist, backend=self.backend,
-                           scaled=lambda z, rows: z / torch.sqrt(hessian[rows].float()))
+        return perturbed_rows(p, seed, b.stream_ids[i], scale, rows, dist=self.dist, backend=self.backend,
+                              direction=lambda z, rows: z / torch.sqrt(hessian[rows].float()))
 
     def _update(self, seed, grad, next_seed, record, restore):
         for b in self.buckets:

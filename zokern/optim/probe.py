@@ -22,7 +22,7 @@ from zokern import ops
 ProbeFn = Callable[[object, int, "torch.Tensor | None"], "torch.Tensor | None"]
 
 
-def row_draws(seed: int, stream: int, rows: torch.Tensor, row_len: int, *, domain=None, dist=0,
+def row_draws(seed: int, stream: int, rows: torch.Tensor, row_len: int, *, dist=0,
               backend: "str | None" = None) -> torch.Tensor:
     """z of the given rows (sorted, unique) of a row-major tensor with `row_len` columns, float32 [len(rows),
     row_len]: elements row·row_len … row·row_len + row_len − 1 of the stream, one fill per run of consecutive
@@ -34,24 +34,28 @@ def row_draws(seed: int, stream: int, rows: torch.Tensor, row_len: int, *, domai
     starts = [0] + breaks
     ends = breaks + [len(rows)]
     first_rows = rows[starts].tolist()
-    extra = {} if domain is None else {"domain": domain}
     for a, b, row in zip(starts, ends, first_rows):
-        ops.fill_random_(out[a:b].view(-1), seed, stream, offset=row * row_len, dist=dist, backend=backend, **extra)
+        ops.fill_random_(out[a:b].view(-1), seed, stream, offset=row * row_len, dist=dist, backend=backend)
     return out
 
 
 def stream_copy(p: torch.Tensor, seed: int, stream: int, scale: float, rows: "torch.Tensor | None", *, dist,
-                backend, scaled=None) -> torch.Tensor:
-    """θ + scale·z as a new tensor, z the tensor's stream: the perturb op on a clone, or for `rows` the rows'
-    draws in float32 and one rounding to θ's dtype. `scaled(z, rows)`, if given, replaces z on rows (a
-    method's mask or preconditioner); the full copy is then left to the caller."""
-    if rows is None:
-        copy = p.detach().clone(memory_format=torch.contiguous_format)
-        ops.perturb_([copy], seed, scale, stream_ids=[stream], dist=dist, backend=backend)
-        return copy
+                backend) -> torch.Tensor:
+    """θ + scale·z as a new tensor, z the tensor's stream: the perturb op on a clone, or `perturbed_rows`."""
+    if rows is not None:
+        return perturbed_rows(p, seed, stream, scale, rows, dist=dist, backend=backend)
+    copy = p.detach().clone(memory_format=torch.contiguous_format)
+    ops.perturb_([copy], seed, scale, stream_ids=[stream], dist=dist, backend=backend)
+    return copy
+
+
+def perturbed_rows(p: torch.Tensor, seed: int, stream: int, scale: float, rows: torch.Tensor, *, dist, backend,
+                   direction=None) -> torch.Tensor:
+    """Rows `rows` of θ + scale·d as a new tensor, d = z of those rows, or `direction(z, rows)` (a method's mask
+    or preconditioner): computed in float32 and rounded once to θ's dtype, as the ops do."""
     z = row_draws(seed, stream, rows, p[0].numel(), dist=dist, backend=backend).view(len(rows), *p.shape[1:])
-    if scaled is not None:
-        z = scaled(z, rows)
+    if direction is not None:
+        z = direction(z, rows)
     return (p[rows].float() + scale * z).to(p.dtype)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from zokern import ops
 from zokern.optim.base import ZOOptimizer
-from zokern.optim.probe import stream_copy
+from zokern.optim.probe import perturbed_rows, stream_copy
 
 
 class SparseMeZO(ZOOptimizer):
@@ -105,8 +105,8 @@ class SparseMeZO(ZOOptimizer):
             ops.masked_perturb_([copy], [b.extra["masks"][j]], threshold, seed, scale, stream_ids=[k],
                                 compute_mask=False, dist=self.dist, backend=self.backend)
             return copy
-        return stream_copy(p, seed, k, scale, rows, dist=self.dist, backend=self.backend,
-                           scaled=lambda z, rows: z * (p[rows].float().abs() <= threshold))
+        return perturbed_rows(p, seed, k, scale, rows, dist=self.dist, backend=self.backend,
+                              direction=lambda z, rows: z * (p[rows].float().abs() <= threshold))
 
     def _update(self, seed, grad, next_seed, record, restore):
         for b in self.buckets:
