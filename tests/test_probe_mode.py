@@ -248,6 +248,8 @@ def test_bad_input_is_refused_before_any_tensor_is_touched():
         def forward(self, x):
             return self.used(x).sum() + (x @ self.unused.weight).sum()  # reads a weight outside its module
 
+    with pytest.raises(IndexError, match="index out of range"):  # a remapped lookup must still reject bad ids
+        MeZO(model, lr=1e-2).step(lambda: model(torch.tensor([[1, 16]])))
     unused = Unused()
     before = snapshot(unused)
     opt = MeZO(unused, lr=1e-2)

@@ -145,6 +145,9 @@ class ModuleProbes:
         if isinstance(module, nn.Embedding):
             ids = args[0] if args else kwargs["input"]
             rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+            if len(rows) and (rows[0] < 0 or rows[-1] >= module.num_embeddings):  # as F.embedding would
+                raise IndexError(f"index out of range in self: token ids in [{int(rows[0])}, {int(rows[-1])}], the "
+                                 f"embedding has {module.num_embeddings} rows")
         saved = []
         try:
             for attr, (b, i) in self.holders[module]:
