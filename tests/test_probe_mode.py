@@ -399,3 +399,20 @@ def test_zotrainer_uses_probe_mode_for_16_bit_models(tmp_path):
     with pytest.raises(ValueError, match="no two_pass"):
         ZOTrainer(model=tiny_llama(), args=make_args(tmp_path / "x", eval_strategy="no"), train_dataset=TokenDataset(),
                   zo_options={"two_pass": True}, zo_probes=True)
+
+
+def test_zokern_replay_rebuilds_a_probe_mode_run_bitwise(tiny_model_dir, sentiment_file, tmp_path):
+    """A bf16 run in probe mode, replayed from its seed log without a model attached: the same weights."""
+    from safetensors.torch import load_file
+
+    from zokern.cli import main
+
+    assert main(_cli(tiny_model_dir, sentiment_file, tmp_path, "--dtype", "bfloat16", "--lr", "1e-2",
+                     "--method", "hizoo")) == 0
+    assert main(["replay", "--log", str(tmp_path / "seedlog.jsonl")]) == 0
+    trained = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    replayed = load_file(str(tmp_path / "replayed.safetensors"))
+    base = load_file(str(next(tiny_model_dir.glob("*.safetensors"))))
+    assert trained.keys() == replayed.keys()
+    assert all(torch.equal(trained[k], replayed[k]) for k in trained)
+    assert any(not torch.equal(trained[k], base[k].to(torch.bfloat16)) for k in trained if k in base)
