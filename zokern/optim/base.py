@@ -2,7 +2,8 @@
 ± probes with one host synchronisation, non-finite losses, the two-pass mode, resumable state, and the
 seed log: one small record per step from which `replay_step` redoes the step without forward passes.
 
-A subclass says how to perturb (`_perturb`) and how to restore + update (`_update`), keeps its buffers in
+A subclass says how to perturb (`_perturb`), how to restore + update (`_update`) and, for probe mode
+(zokern/optim/probe.py), how to make one tensor's perturbed copy (`_probe`); it keeps its buffers in
 `Bucket.extra` (those in `saved_buffers` are its state), and states its capabilities as class attributes
 (`two_pass_supported`, `weight_decay_supported`, `forwards_per_step`, `uses_fresh_batches`,
 `trains_tied_embeddings`), which callers read instead of naming methods; everything else lives here once.
