@@ -416,3 +416,21 @@ def test_zokern_replay_rebuilds_a_probe_mode_run_bitwise(tiny_model_dir, sentime
     assert trained.keys() == replayed.keys()
     assert all(torch.equal(trained[k], replayed[k]) for k in trained)
     assert any(not torch.equal(trained[k], base[k].to(torch.bfloat16)) for k in trained if k in base)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_methods_embedding_rows_are_the_rows_of_its_full_probe(method):
+    """The rows an embedding computes with are those rows of the probe the full tensor gets: the same z, mask,
+    Hessian scaling or low-rank factor rows. Float32 rounding apart: the full copy comes from the op, the
+    rows from a float32 computation of the same formula."""
+    model = tiny()
+    opt = make(method, model, "cpp", lr=1e-2, eps=1e-2, **({"alpha": 0.5} if method == "hizoo" else {}))
+    run(opt, model, 3)  # a HiZOO D away from ones, Sparse MeZO's thresholds set
+    seed = step_seed(opt.seed, opt.step_count)
+    opt._begin_probes(seed)
+    bucket = opt.buckets[0]
+    i = next(i for i, p in enumerate(bucket.params) if p is model.emb.weight)
+    rows = torch.tensor([0, 3, 4, 5, 11, 15])
+    full = opt._probe(bucket, i, seed, 0.5, None)
+    torch.testing.assert_close(opt._probe(bucket, i, seed, 0.5, rows), full[rows], rtol=1e-6, atol=1e-6)
+    assert not torch.equal(full[rows], model.emb.weight[rows])
