@@ -56,7 +56,7 @@ def perturbed_rows(p: torch.Tensor, seed: int, stream: int, scale: float, rows: 
     z = row_draws(seed, stream, rows, p[0].numel(), dist=dist, backend=backend).view(len(rows), *p.shape[1:])
     if direction is not None:
         z = direction(z, rows)
-    return (p[rows].float() + scale * z).to(p.dtype)
+    return z.mul_(scale).add_(p[rows]).to(p.dtype)  # θ + scale·d in the draws' float32 buffer
 
 
 def _has_forward(module: nn.Module) -> bool:
