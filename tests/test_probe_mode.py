@@ -392,8 +392,8 @@ def test_zotrainer_uses_probe_mode_for_16_bit_models(tmp_path):
     trainer.train()
     assert trainer.zo_optimizer.module_probes is not None
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
-    f32 = ZOTrainer(model=tiny_llama(), args=make_args(tmp_path / "f32", eval_strategy="no"), train_dataset=TokenDataset(),
-                    zo_method="mezo")
+    f32 = ZOTrainer(model=tiny_llama(), args=make_args(tmp_path / "f32", eval_strategy="no"),
+                    train_dataset=TokenDataset(), zo_method="mezo")
     f32.create_optimizer()
     assert f32.zo_optimizer.module_probes is None
     with pytest.raises(ValueError, match="no two_pass"):
