@@ -15,6 +15,7 @@ from zokern.optim import METHODS
 from zokern.random import SEED_LIMIT, parse_distribution
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROBE_MODES = ("auto", "module", "in-place")
 
 
 @dataclass
@@ -50,6 +51,9 @@ class FinetuneConfig:
     train_pattern: "str | None" = None  # regex: train only parameters whose names match (e.g. "norm")
     method_options: dict = field(default_factory=dict)
     zero_shot_eval: bool = True  # evaluate the untrained model on the test set first (compare does it once)
+    # "module": probe mode (the forwards see θ ± εP through transient copies; only the update writes the weights);
+    # "in-place": the weights are perturbed and restored; "auto": probe mode for 16-bit weights without --two-pass.
+    probe_mode: str = "auto"
 
 
 class ConfigError(ValueError):
@@ -84,10 +88,16 @@ def check_config(config: FinetuneConfig) -> None:
         raise ConfigError(f"--backend {config.backend!r}: choose from {', '.join(zokern.backends.BACKENDS)}")
     if config.rounding is not None and config.rounding not in ROUNDINGS:
         raise ConfigError(f"--rounding {config.rounding!r}: choose from {', '.join(ROUNDINGS)}")
-    for name in ("lr", "eps", "lora_alpha"):
+    for name in ("eps", "lora_alpha"):
         value = getattr(config, name)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{_flag(name)} must be a positive finite number, got {value!r}")
+    if not (math.isfinite(config.lr) and config.lr >= 0):  # 0: a dry run, which must leave the weights as they are
+        raise ConfigError(f"--lr must be a finite number >= 0, got {config.lr!r}")
+    if config.probe_mode not in PROBE_MODES:
+        raise ConfigError(f"--probe-mode {config.probe_mode!r}: choose from {', '.join(PROBE_MODES)}")
+    if config.probe_mode == "module" and config.two_pass:
+        raise ConfigError("--probe-mode module never leaves the weights perturbed: it has no --two-pass")
     if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
         raise ConfigError(f"--weight-decay must be a finite number >= 0, got {config.weight_decay!r}")
     for name, least in INTEGER_MINIMUMS.items():
@@ -133,9 +143,21 @@ def _check_types(config: FinetuneConfig) -> None:
             raise ConfigError(f"{_flag(f.name)} must be {wanted}, got {value!r}")
 
 
+def uses_probes(settings: dict) -> bool:
+    """Whether a run with these settings (a config as a dict) trains in probe mode. A run recorded before
+    probe_mode existed perturbed in place."""
+    mode = settings.get("probe_mode", "in-place")
+    if mode == "auto":
+        return settings["dtype"] != "float32" and not settings["two_pass"]
+    return mode == "module"
+
+
 def check_resumable(recorded: dict, config: FinetuneConfig) -> None:
-    """A resumed run must continue the recorded one: any other trajectory setting is a ConfigError."""
+    """A resumed run must continue the recorded one: any other trajectory setting is a ConfigError. The probe
+    mode is compared as it resolves ("auto" for a float32 run is "in-place")."""
     requested = json.loads(json.dumps(asdict(config)))  # as the checkpoint stores it (tuples as lists, ...)
+    recorded = {**recorded, "probe_mode": "module" if uses_probes(recorded) else "in-place"}
+    requested["probe_mode"] = "module" if uses_probes(requested) else "in-place"
     changed = [f"{name} {recorded.get(name)!r} -> {value!r}" for name, value in requested.items()
                if name not in RESUMABLE_CHANGES and _comparable(name, recorded.get(name)) != _comparable(name, value)]
     if changed:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 import zokern
 from zokern import distributed
-from zokern.finetune.config import DTYPES, ConfigError, FinetuneConfig, check_config, check_resumable
+from zokern.finetune.config import DTYPES, ConfigError, FinetuneConfig, check_config, check_resumable, uses_probes
 from zokern.finetune.data import Example, Task, bbc_news, jsonl_task
 from zokern.finetune.model import load_model, resolve_model_path
 from zokern.finetune.prompts import PromptClassifier
@@ -149,6 +149,8 @@ def _finetune(config: FinetuneConfig, progress_stream, start_time: float) -> dic
     model, tokenizer, trainable = build_model(config)
     classifier = PromptClassifier(task, tokenizer)
     optimizer = make_optimizer(config, trainable)
+    if uses_probes(asdict(config)):
+        optimizer.attach(model)  # replay reads probe mode from each step's record
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, also when runs share a process

@@ -53,6 +53,9 @@ class ZOTrainer(Trainer):
     zo_options: the optimizer's other keywords (eps, two_pass, backend, rank, ...). lr, weight_decay and
     seed come from TrainingArguments (learning_rate, weight_decay, seed); note that Trainer's default
     learning_rate 5e-5 is far above ZO's usual 1e-7 to 1e-6.
+    zo_probes: probe mode (`opt.attach(model)`: the forwards see θ ± εP through transient copies, only the
+    update writes the weights). None (default): on when a trained tensor is bfloat16 or float16 and two_pass
+    is not set.
 
     The optimizer trains the model's parameters with requires_grad=True (the LoRA tensors of a PEFT model).
     Under torchrun (world_size > 1) every process evaluates its own batches and the optimizer averages the
@@ -63,9 +66,13 @@ class ZOTrainer(Trainer):
     at the same perturbation. The logged loss is the one `opt.step` returns (at θ + εz).
     """
 
-    def __init__(self, *args, zo_method: "str | type" = "mezo", zo_options: "dict | None" = None, **kwargs):
+    def __init__(self, *args, zo_method: "str | type" = "mezo", zo_options: "dict | None" = None,
+                 zo_probes: "bool | None" = None, **kwargs):
         self.zo_class = _resolve_method(zo_method)
         self.zo_options = dict(zo_options or {})
+        if zo_probes and self.zo_options.get("two_pass"):
+            raise ValueError("zo_probes=True: probe mode never leaves the weights perturbed, so it has no two_pass")
+        self.zo_probes = zo_probes
         clash = sorted(set(self.zo_options) & set(_FROM_ARGS))
         if clash:
             raise ValueError(f"zo_options {clash} come from TrainingArguments: set "
@@ -97,7 +104,13 @@ class ZOTrainer(Trainer):
             options = dict(self.zo_options, lr=self.args.learning_rate, seed=self.args.seed)
             if self.args.weight_decay:
                 options["weight_decay"] = self.args.weight_decay
-            self.optimizer = self.zo_optimizer = _trainer_stepped(self.zo_class)(trainable, **options)
+            optimizer = _trainer_stepped(self.zo_class)(trainable, **options)
+            probes = self.zo_probes
+            if probes is None:
+                probes = not options.get("two_pass") and any(p.dtype != torch.float32 for _, p in trainable)
+            if probes:
+                optimizer.attach(model)
+            self.optimizer = self.zo_optimizer = optimizer
         return self.optimizer
 
     # --- the step -----------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 ± probes with one host synchronisation, non-finite losses, the two-pass mode, resumable state, and the
 seed log: one small record per step from which `replay_step` redoes the step without forward passes.
 
-A subclass says how to perturb (`_perturb`) and how to restore + update (`_update`), keeps its buffers in
+A subclass says how to perturb (`_perturb`), how to restore + update (`_update`) and, for probe mode
+(zokern/optim/probe.py), how to make one tensor's perturbed copy (`_probe`); it keeps its buffers in
 `Bucket.extra` (those in `saved_buffers` are its state), and states its capabilities as class attributes
 (`two_pass_supported`, `weight_decay_supported`, `forwards_per_step`, `uses_fresh_batches`,
 `trains_tied_embeddings`), which callers read instead of naming methods; everything else lives here once.
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zokern import distributed
+from zokern.optim.probe import ModuleProbes
 from zokern.random import check_seed, parse_distribution, step_seed
 from zokern.validation import Rounding, check_step_args, parse_rounding
 
@@ -199,6 +201,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, *, eps: float, seed: int = 0, dist="normal",
                  backend: "str | None" = None, two_pass: bool = False, on_nonfinite: str = "skip",
                  rounding: "str | None" = None, process_group=None):
+        # A model instead of parameters: train its parameters with requires_grad=True, in probe mode.
+        model = params if isinstance(params, torch.nn.Module) else None
+        if model is not None:
+            params = list(model.named_parameters())
         if not eps > 0 or not math.isfinite(eps):
             raise ValueError(f"eps must be a positive finite number, got {eps}")
         if on_nonfinite not in ("skip", "raise"):
@@ -221,6 +227,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.buckets: list[Bucket] = []
         # Called with each step's record (docs/SEEDLOG.md), e.g. `opt.record_hook = records.append`.
         self.record_hook: "Callable[[dict], None] | None" = None
+        self.module_probes: "ModuleProbes | None" = None  # probe mode's hooks on the model (attach)
         super().__init__(params, defaults)
         if not any(b.params for b in self.buckets):
             raise ValueError(f"every parameter given to {type(self).__name__} has requires_grad=False: nothing to "
@@ -234,6 +241,33 @@ class ZOOptimizer(torch.optim.Optimizer):
             distributed.check_same_on_ranks(
                 {"optimizer": type(self).__name__, "seed": self.seed, "eps": self.eps, "tensors": self._tensors()},
                 group, f"the {type(self).__name__} optimizer")
+        if model is not None:
+            self.attach(model)
+
+    # --- probe mode ---------------------------------------------------------------------------------------
+
+    def attach(self, model: torch.nn.Module) -> "ZOOptimizer":
+        """Probe mode: the step's forward passes see θ ± εP through transient copies made as `model`'s modules
+        run, and only the update writes the trained tensors (docs/OPTIMIZERS.md). Checked before anything
+        changes: every trained tensor is a parameter of a module of `model`. Returns the optimizer."""
+        if self.two_pass:
+            raise ValueError("probe mode never leaves the weights perturbed between steps: it has no two-pass mode")
+        if type(self)._probe is ZOOptimizer._probe:
+            raise ValueError(f"{type(self).__name__} defines no probe copies (_probe): it has no probe mode")
+        if any(any(b.shards) for b in self.buckets):
+            raise distributed.DistributedError(
+                "probe mode does not take sharded (FSDP2) parameters yet: pass the parameters, not the model, to "
+                "train them with in-place probes (docs/DISTRIBUTED.md)")
+        probes = ModuleProbes(self, model)
+        self.detach()
+        self.module_probes = probes
+        return self
+
+    def detach(self) -> None:
+        """Leave probe mode: the hooks are removed, and the next step perturbs the weights in place."""
+        if self.module_probes is not None:
+            self.module_probes.remove()
+            self.module_probes = None
 
     # --- construction -----------------------------------------------------------------------------------
 
@@ -303,10 +337,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         into the step's record, so replay needs no forward pass."""
         return {}
 
-    def _update(self, seed: int, grad: float, next_seed: "int | None", record: dict) -> None:
-        """From θ − εP(seed): restore, update with the projected gradient, and add +εP(next_seed) if given.
-        `record` holds what `_measure` returned."""
+    def _update(self, seed: int, grad: float, next_seed: "int | None", record: dict, restore: float) -> None:
+        """From θ − restore·P(seed): restore, update with the projected gradient, and add +εP(next_seed) if
+        given. `restore` is ε, or 0 in probe mode, where the weights hold θ. `record` holds what `_measure`
+        returned."""
         raise NotImplementedError
+
+    def _probe(self, bucket: Bucket, i: int, seed: int, scale: float, rows: "torch.Tensor | None") -> torch.Tensor:
+        """Probe mode: a new tensor θ + scale·P(seed) of the bucket's tensor i, with the z of the in-place path;
+        with `rows` (sorted, unique), only those rows of a table, stacked. The stored tensor is not written."""
+        raise NotImplementedError
+
+    def _begin_probes(self, seed: int) -> None:
+        """Probe mode: what the first in-place perturbation pass does besides perturbing (SparseMeZO's mask)."""
 
     def _after_step(self, closure, fresh_closure, record: dict) -> None:
         """Work after the update (DiZO's projection). When replaying, `closure` is None and what the work
@@ -362,14 +405,24 @@ class ZOOptimizer(torch.optim.Optimizer):
                             "weight_decay": [float(g["weight_decay"]) for g in self.param_groups]}
         if self.two_pass and logged is None:
             record["pending"] = self.pending_seed == seed
+        # Probe mode is the record's when replaying: its update restores nothing.
+        probing = self.module_probes is not None if logged is None else bool(logged.get("probed"))
+        if probing and logged is None:
+            record["probed"] = True
         losses, failure, moved = {}, None, False
 
-        def evaluate(where: str) -> None:
+        def evaluate(where: str, scale: "float | None" = None) -> None:
             nonlocal failure
             if closure is None or failure is not None:
                 return
             try:
-                losses[where] = check_loss(closure(), f"the {where} forward")
+                if scale is None:
+                    value = closure()
+                else:  # probe mode: nothing is written, so a failure leaves the step undone
+                    with self.module_probes.probing(lambda b, i, rows: self._probe(b, i, seed, scale, rows)):
+                        value = closure()
+                        self.module_probes.check_seen([(b, i) for b in self.buckets for i in range(len(b.params))])
+                losses[where] = check_loss(value, f"the {where} forward")
             except BaseException as exc:
                 # Under data parallel every rank must reach the step's all-reduce, which carries the failure.
                 if not moved and self.loss_reduction is None:
@@ -378,13 +431,18 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         if self.forwards_per_step == 3:
             evaluate("center")
-        if self.pending_seed != seed:
-            self._perturb(seed, self.eps, first=True)
+        if probing:
+            self._begin_probes(seed)
+            evaluate("plus", self.eps)
+            evaluate("minus", -self.eps)
+        else:
+            if self.pending_seed != seed:
+                self._perturb(seed, self.eps, first=True)
+                moved = True
+            evaluate("plus")
+            self._perturb(seed, -2 * self.eps, first=False)
             moved = True
-        evaluate("plus")
-        self._perturb(seed, -2 * self.eps, first=False)
-        moved = True
-        evaluate("minus")
+            evaluate("minus")
         if logged is None:
             values, failure = self._probe_losses(losses, failure)
         if failure is not None:
@@ -402,7 +460,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             else:
                 record["skipped"] = True
         if record.get("skipped"):
-            self._perturb(seed, self.eps, first=False)  # back to θ, nothing applied
+            if not probing:
+                self._perturb(seed, self.eps, first=False)  # back to θ, nothing applied
             self.pending_seed = None
             self.nonfinite_steps += "failed" not in record
             self.step_count += 1
@@ -418,7 +477,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                               stacklevel=3)
             return self._step_loss(losses, values if logged is None else None)
         next_seed = step_seed(self.seed, self.step_count + 1) if self.two_pass else None
-        self._update(seed, record["grad"], next_seed, record)
+        self._update(seed, record["grad"], next_seed, record, restore=0.0 if probing else self.eps)
         self.pending_seed = next_seed
         self.step_count += 1
         try:

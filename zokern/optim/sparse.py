@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 from zokern import distributed, ops
 from zokern.optim.base import ZOOptimizer
+from zokern.optim.probe import perturbed_rows, stream_copy
 
 
 class SparseMeZO(ZOOptimizer):
@@ -87,7 +90,32 @@ class SparseMeZO(ZOOptimizer):
             params, ids, _, offsets = self._select(b, "dense")
             ops.perturb_(params, seed, scale, stream_ids=ids, dist=self.dist, backend=self.backend, offsets=offsets)
 
-    def _update(self, seed, grad, next_seed, record):
+    def _begin_probes(self, seed):
+        # The step's thresholds and masks, from the unperturbed weights as the first in-place pass takes them; each
+        # mask is computed on a clone (a zero perturbation), so the stored tensor is only read.
+        for b in self.buckets:
+            params, ids, _, _ = self._select(b, "masked")
+            if params:
+                thresholds = self._refresh_thresholds(b, params, self.step_count)
+                for j, (p, k) in enumerate(zip(params, ids)):
+                    ops.masked_perturb_([p.detach().clone()], [b.extra["masks"][j]], thresholds[j:j + 1], seed, 0.0,
+                                        stream_ids=[k], compute_mask=True, dist=self.dist, backend=self.backend)
+
+    def _probe(self, b, i, seed, scale, rows):
+        p, k = b.params[i], b.stream_ids[i]
+        if i not in b.extra["masked"]:
+            return stream_copy(p, seed, k, scale, rows, dist=self.dist, backend=self.backend)
+        j = b.extra["masked"].index(i)
+        threshold = b.extra["thresholds"][j:j + 1]
+        if rows is None:
+            copy = p.detach().clone(memory_format=torch.contiguous_format)
+            ops.masked_perturb_([copy], [b.extra["masks"][j]], threshold, seed, scale, stream_ids=[k],
+                                compute_mask=False, dist=self.dist, backend=self.backend)
+            return copy
+        return perturbed_rows(p, seed, k, scale, rows, dist=self.dist, backend=self.backend,
+                              direction=lambda z, rows: z * (p[rows].float().abs() <= threshold))
+
+    def _update(self, seed, grad, next_seed, record, restore):
         for b in self.buckets:
             lr = b.group["lr"]
             params, ids, wds, offsets = self._select(b, "masked")
@@ -95,7 +123,7 @@ class SparseMeZO(ZOOptimizer):
                 # Thresholds re-estimated next step need that step's own first pass: don't fold it in here.
                 fold = None if self._refresh_due(b, self.step_count + 1) else next_seed
                 ops.masked_fused_step_(params, b.extra["masks"], b.extra["thresholds"], seed, stream_ids=ids,
-                                       restore=self.eps, lr=lr, grad=grad, weight_decay=wds, next_seed=fold,
+                                       restore=restore, lr=lr, grad=grad, weight_decay=wds, next_seed=fold,
                                        next_scale=self.eps, dist=self.dist, rounding=self.rounding,
                                        backend=self.backend, offsets=offsets)
                 if next_seed is not None and fold is None:
@@ -104,7 +132,7 @@ class SparseMeZO(ZOOptimizer):
                                         stream_ids=ids, compute_mask=True, dist=self.dist, backend=self.backend,
                                         offsets=offsets)
             params, ids, wds, offsets = self._select(b, "dense")
-            ops.fused_step_(params, seed, stream_ids=ids, restore=self.eps, lr=lr, grad=grad, weight_decay=wds,
+            ops.fused_step_(params, seed, stream_ids=ids, restore=restore, lr=lr, grad=grad, weight_decay=wds,
                             next_seed=next_seed, next_scale=self.eps, dist=self.dist, rounding=self.rounding,
                             backend=self.backend, offsets=offsets)
 

@@ -8,6 +8,7 @@ import torch
 from zokern import ops
 from zokern.distributed import DistributedError
 from zokern.optim.base import ZOOptimizer
+from zokern.optim.probe import stream_copy
 from zokern.random import step_seed
 
 
@@ -93,18 +94,35 @@ class SubZero(ZOOptimizer):
             params, ids, offsets = self._vectors(b)
             ops.perturb_(params, seed, scale, stream_ids=ids, dist=self.dist, backend=self.backend, offsets=offsets)
 
-    def _update(self, seed, grad, next_seed, record):
+    def _probe(self, b, i, seed, scale, rows):
+        p = b.params[i]
+        where = [j for j, (index, _, _) in enumerate(b.extra["matrices"]) if index == i]
+        if not where:
+            return stream_copy(p, seed, b.stream_ids[i], scale, rows, dist=self.dist, backend=self.backend)
+        j = where[0]
+        shape = b.extra["matrices"][j][1]
+        u, v = self._subspaces(b, self.step_count)[j]
+        core = scale * self._cores(b, seed)[j]
+        if rows is not None and tuple(shape) == tuple(p.shape):
+            copy = p[rows]  # rows of W + U·C·Vᵀ are those of W plus U's rows times C·Vᵀ
+            ops.lowrank_apply_([copy], [u[rows]], [v], [core], backend=self.backend)
+            return copy
+        copy = p.detach().clone(memory_format=torch.contiguous_format)
+        ops.lowrank_apply_([copy.view(shape)], [u], [v], [core], backend=self.backend)
+        return copy if rows is None else copy[rows]
+
+    def _update(self, seed, grad, next_seed, record, restore):
         step = self.step_count
         # The next step's perturbation folds into this pass only while the subspace stays the same.
         same_window = next_seed is not None and (step + 1) // self.subspace_every == step // self.subspace_every
         for b in self.buckets:
             lr = b.group["lr"]
-            cores = [(self.eps - lr * grad) * c for c in self._cores(b, seed)]
+            cores = [(restore - lr * grad) * c for c in self._cores(b, seed)]
             if same_window:
                 cores = [c + self.eps * c_next for c, c_next in zip(cores, self._cores(b, next_seed))]
             self._apply(b, step, cores, update_seed=seed)
             params, ids, offsets = self._vectors(b)
-            ops.fused_step_(params, seed, stream_ids=ids, restore=self.eps, lr=lr, grad=grad,
+            ops.fused_step_(params, seed, stream_ids=ids, restore=restore, lr=lr, grad=grad,
                             next_seed=next_seed, next_scale=self.eps, dist=self.dist, rounding=self.rounding,
                             backend=self.backend, offsets=offsets)
         if next_seed is not None and not same_window:
