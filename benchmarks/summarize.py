@@ -29,9 +29,10 @@ def step_table(report: dict) -> list[str]:
              "|---|---:|---:|---:|---:|---:|"]
     for info, median in steps:
         forwards = info.get("forwards", 2)
-        over = f"{median / floor[f'forward-x{forwards}']:.2f}" if info["step_kind"] in ("zokern", "mezo-reference") \
+        zokern = info["step_kind"] in ("zokern", "zokern-probes")
+        over = f"{median / floor[f'forward-x{forwards}']:.2f}" if (zokern or info["step_kind"] == "mezo-reference") \
             and f"forward-x{forwards}" in floor else "—"
-        speedup = f"{reference / median:.2f}×" if reference and info["step_kind"] == "zokern" else "—"
+        speedup = f"{reference / median:.2f}×" if reference and zokern else "—"
         peak = f"{info['peak_memory_bytes'] / inference_peak:.2f}" if inference_peak and info.get("peak_memory_bytes") \
             else "—"
         lines.append(f"| {info['method']} ({info['step_kind']}) | {median * 1e3:.1f} | {info['tokens_per_s']:.0f} | "

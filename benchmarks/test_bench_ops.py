@@ -57,6 +57,20 @@ def test_fused_step(benchmark, copy_bandwidth, shapes, backend, dist, dtype):
 
 
 @pytest.mark.parametrize("shapes", SHAPE_SETS)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_step_stochastic(benchmark, copy_bandwidth, shapes, backend, dtype):
+    """test_fused_step with stochastic rounding of the stored update: one more Philox call per 4 elements."""
+    skip_unavailable(backend)
+    params = make_params(DTYPES[dtype], shapes)
+    ids = list(range(len(params)))
+    bench(benchmark, lambda: zokern.fused_step_(params, 1, stream_ids=ids, restore=EPS, lr=LR, grad=GRAD,
+                                                 next_seed=2, next_scale=EPS, rounding="stochastic", backend=backend))
+    record(benchmark, params, 1, copy_bandwidth, op="fused_step_stochastic", backend=backend, dtype=dtype,
+           shapes=shapes)
+
+
+@pytest.mark.parametrize("shapes", SHAPE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mezo_reference_perturb(benchmark, copy_bandwidth, shapes, dtype):
     params = make_params(DTYPES[dtype], shapes)

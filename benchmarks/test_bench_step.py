@@ -118,3 +118,17 @@ def test_zokern_step(benchmark, setup, method):
     _measure(benchmark, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern", tokens,
              backend=opt.backend or "auto", method=method,
              forwards=opt.forwards_per_step)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zokern_probe_step(benchmark, setup, method):
+    """Probe mode (docs/OPTIMIZERS.md): the forwards compute with per-module perturbed copies, the update is the
+    step's one write of the weights."""
+    model, tokens = setup
+    cls, options = METHODS[method]
+    opt = cls(model, lr=LR, eps=EPS, **options)
+    try:
+        _measure(benchmark, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern-probes", tokens,
+                 backend=opt.backend or "auto", method=method, forwards=opt.forwards_per_step)
+    finally:
+        opt.detach()

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import (CODES, alignment, default_sizes, device_ctx, extras, groups, launch_groups, launch_options,
-                           tables)
-from .mezo import _load_f32, _pointer, _store_f32, chunk_of_program
+                           seed_words, stochastic, tables)
+from .mezo import ROW, _load_f32, _pointer, chunk_of_program, rounding_words, seed_keys, store_rounded
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def square_sums_kernel(tensors, extra, chunks, partials, chunk, DTYPE: tl.conste
                        ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
     """partials[pid] = Σ (θ − θ0)² over this program's chunk, in float32. `extra` rows: (anchor address,
     index into the output)."""
-    t, addr, _, start, end = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
+    t, addr, _, start, end, _ = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
     ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
     anchor0 = _pointer(tl.load(extra + 2 * t), DTYPE, ALIGNED_PTRS)
     acc = tl.zeros((BLOCK,), tl.float32)
@@ -38,8 +38,8 @@ def norms_kernel(tensors, extra, partials, out, chunk, BLOCK: tl.constexpr):
     """out[index of tensor t] = sqrt(Σ of tensor t's partials), one program per tensor; `extra` as for
     square_sums_kernel."""
     t = tl.program_id(0).to(tl.int64)
-    first = tl.load(tensors + 4 * t + 3)
-    count = tl.cdiv(tl.load(tensors + 4 * t + 1), chunk)
+    first = tl.load(tensors + ROW * t + 3)
+    count = tl.cdiv(tl.load(tensors + ROW * t + 1), chunk)
     acc = tl.zeros((BLOCK,), tl.float32)
     for off in range(0, count, BLOCK):
         k = off + tl.arange(0, BLOCK)
@@ -47,12 +47,15 @@ def norms_kernel(tensors, extra, partials, out, chunk, BLOCK: tl.constexpr):
     tl.store(out + tl.load(extra + 2 * t + 1), tl.sqrt_rn(tl.sum(acc, axis=0)))
 
 
-@triton.jit
-def anchored_rescale_kernel(tensors, extra, chunks, factors, chunk, DTYPE: tl.constexpr,
-                            ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
-    """θ = θ0 + (src − θ0)·f. `extra` rows: (index into factors, anchor address, source address); without
-    sources the source address is θ's own."""
-    t, addr, _, start, end = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
+@triton.jit(do_not_specialize=["k0", "k1"])
+def anchored_rescale_kernel(tensors, extra, chunks, factors, chunk, k0, k1, DTYPE: tl.constexpr,
+                            STOCHASTIC: tl.constexpr, ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """θ = θ0 + (src − θ0)·f, stored with stochastic rounding keyed by (seed (k0, k1), stream, offset + index) if
+    STOCHASTIC. `extra` rows: (index into factors, anchor address, source address); without sources the source
+    address is θ's own."""
+    t, addr, stream, start, end, offset = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
+    key0, key1, _, _ = seed_keys(k0, k1, k0, k1)
     ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
     anchor0 = _pointer(tl.load(extra + 3 * t + 1), DTYPE, ALIGNED_PTRS)
     source0 = _pointer(tl.load(extra + 3 * t + 2), DTYPE, ALIGNED_PTRS)
@@ -62,7 +65,11 @@ def anchored_rescale_kernel(tensors, extra, chunks, factors, chunk, DTYPE: tl.co
         inside = i < end
         anchor = _load_f32(anchor0 + i, inside, DTYPE)
         src = _load_f32(source0 + i, inside, DTYPE)
-        _store_f32(ptr0 + i, anchor + (src - anchor) * f, inside, DTYPE)
+        if STOCHASTIC:
+            words = rounding_words(offset + i, stream, key0, key1)
+        else:
+            words = 0
+        store_rounded(ptr0 + i, anchor + (src - anchor) * f, inside, words, DTYPE, STOCHASTIC)
 
 
 # Partials summed per step of norms_kernel: a tensor has numel / chunk of them, few enough for one block.
@@ -89,14 +96,16 @@ def distance_norms(params: list[torch.Tensor], anchors: list[torch.Tensor], *, b
 
 
 def anchored_rescale(params: list[torch.Tensor], anchors: list[torch.Tensor],
-                     sources: "list[torch.Tensor] | None", factors: torch.Tensor, *, block: "int | None" = None,
+                     sources: "list[torch.Tensor] | None", factors: torch.Tensor, streams: list[int] = (),
+                     seed: int = 0, offsets: list[int] = (), rounding: int = 0, *, block: "int | None" = None,
                      chunk: "int | None" = None) -> None:
     block, chunk = default_sizes(block, chunk)
-    by_dtype = launch_groups(params, lambda i: params[i].dtype, None, None, chunk)
+    k0, k1 = seed_words(seed)
+    by_dtype = launch_groups(params, lambda i: params[i].dtype, streams or None, None, chunk, offsets)
     for dtype, idxs, group, tensors, _, chunks in by_dtype:
         companions = [anchors[i] for i in idxs] + ([] if sources is None else [sources[i] for i in idxs])
         extra = extras([(i, anchors[i].data_ptr(), (params if sources is None else sources)[i].data_ptr())
                         for i in idxs], group[0].device)
         anchored_rescale_kernel[(chunks.numel(),)](
-            tensors, extra, chunks, factors, chunk, DTYPE=CODES[dtype],
+            tensors, extra, chunks, factors, chunk, k0, k1, DTYPE=CODES[dtype], STOCHASTIC=stochastic(rounding, dtype),
             BLOCK=block, **alignment(group + companions), **launch_options())

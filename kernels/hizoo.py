@@ -10,9 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import CODES, alignment, default_sizes, extras, launch_groups, launch_options, seed_words
+from .multi_tensor import (CODES, alignment, default_sizes, extras, launch_groups, launch_options, seed_words,
+                           stochastic)
 from .philox import draw_rows
-from .mezo import PERTURBATION, _load_f32, _pointer, _store_f32, chunk_of_program, seed_keys
+from .mezo import (PERTURBATION, _load_f32, _phase_pointer, _store_f32, call_rows, chunk_of_program, phase_of,
+                   rounding_rows, seed_keys, store_rounded)
 
 
 @triton.jit
@@ -23,26 +25,24 @@ def _scaled(z, d):
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
 def hessian_kernel(tensors, extra, chunks, weight_decays, chunk, k0, k1, restore, lr, grad, hess_scale, alpha,
                    one_minus_alpha, nk0, nk1, next_scale, DTYPE: tl.constexpr, D_DTYPE: tl.constexpr,
-                   DIST: tl.constexpr, FUSED: tl.constexpr, HAS_NEXT: tl.constexpr, ALIGNED_PTRS: tl.constexpr,
-                   ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
+                   DIST: tl.constexpr, FUSED: tl.constexpr, HAS_NEXT: tl.constexpr, STOCHASTIC: tl.constexpr,
+                   ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
     """perturb (FUSED=False): x + restore·z/√D with restore = scale, D read only. fused step: restore with
-    the old D, D' = (1−α)·D + α·(hess_scale·D·z²), update and next perturbation with D', store x and D'.
+    the old D, D' = (1−α)·D + α·(hess_scale·D·z²), update and next perturbation with D', store x (stochastic
+    rounding if STOCHASTIC) and D' (to nearest).
     `extra` rows: (D address,). The alignment flags cover θ and D. one_minus_alpha is 1 − α rounded once from
     double, as the reference's Python scalar is."""
-    t, addr, stream, start, end = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
-    ptr0 = _pointer(addr, DTYPE, ALIGNED_PTRS)
-    d_ptr0 = _pointer(tl.load(extra + t), D_DTYPE, ALIGNED_PTRS)
+    t, addr, stream, start, end, offset = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
+    phase = phase_of(offset, ALIGNED_ENDS)
+    ptr0 = _phase_pointer(addr, phase, DTYPE, ALIGNED_PTRS)
+    d_ptr0 = _phase_pointer(tl.load(extra + t), phase, D_DTYPE, ALIGNED_PTRS)
     key0, key1, next_key0, next_key1 = seed_keys(k0, k1, nk0, nk1)
     if FUSED:
         wd = tl.load(weight_decays + t)
-    rows = tl.arange(0, BLOCK // 4)
-    cols = tl.arange(0, 4)
-    for off in range(0, end - start, BLOCK):
-        j = ((start + off) >> 2) + rows
-        i = (j * 4)[:, None] + cols[None, :]
-        inside = i < end
-        ptr = ptr0 + i
-        d_ptr = d_ptr0 + i
+    for off in range(0, end - start + phase, BLOCK):
+        j, v, inside = call_rows(start, off, offset, phase, end, BLOCK // 4, ALIGNED_ENDS)
+        ptr = ptr0 + v
+        d_ptr = d_ptr0 + v
         x = _load_f32(ptr, inside, DTYPE)
         # Masked-off lanes are never stored; 1.0 there spares the interpreter's numpy 0/0 warnings.
         d = tl.where(inside, _load_f32(d_ptr, inside, D_DTYPE), 1.0)
@@ -54,34 +54,42 @@ def hessian_kernel(tensors, extra, chunks, weight_decays, chunk, k0, k1, restore
             if HAS_NEXT:
                 x = x + next_scale * _scaled(draw_rows(j, stream, PERTURBATION, next_key0, next_key1, DIST), d)
             _store_f32(d_ptr, d, inside, D_DTYPE)
-        _store_f32(ptr, x, inside, DTYPE)
+        if STOCHASTIC:
+            r = rounding_rows(j, stream, key0, key1)
+        else:
+            r = 0
+        store_rounded(ptr, x, inside, r, DTYPE, STOCHASTIC)
 
 
 def _launch(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
-            next_seed, next_scale, dist, fused, block, chunk) -> None:
+            next_seed, next_scale, dist, offsets, fused, block, chunk, rounding=0) -> None:
     block, chunk = default_sizes(block, chunk)
     k0, k1 = seed_words(seed)
     nk0, nk1 = seed_words(next_seed) if next_seed >= 0 else (0, 0)
     for (dtype, d_dtype), idxs, group, tensors, wds, chunks in launch_groups(
-            params, lambda i: (params[i].dtype, hessians[i].dtype), streams, weight_decays if fused else None, chunk):
+            params, lambda i: (params[i].dtype, hessians[i].dtype), streams, weight_decays if fused else None, chunk,
+            offsets):
         extra = extras([(hessians[i].data_ptr(),) for i in idxs], group[0].device)
+        group_offsets = [offsets[i] for i in idxs] * 2 if offsets else None  # θ, then D
         hessian_kernel[(chunks.numel(),)](
             tensors, extra, chunks, wds if fused else tensors, chunk, k0, k1, restore, lr, grad, hess_scale,
             alpha, 1.0 - alpha, nk0, nk1, next_scale, DTYPE=CODES[dtype], D_DTYPE=CODES[d_dtype],
             DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,
-            BLOCK=block, **alignment(group + [hessians[i] for i in idxs]), **launch_options())
+            STOCHASTIC=fused and stochastic(rounding, dtype),
+            BLOCK=block, **alignment(group + [hessians[i] for i in idxs], group_offsets), **launch_options())
 
 
 def hessian_perturb(params: list[torch.Tensor], hessians: list[torch.Tensor], streams: list[int], seed: int,
-                    scale: float, dist: int, *, block: "int | None" = None, chunk: "int | None" = None) -> None:
+                    scale: float, dist: int, offsets: list[int] = (), *, block: "int | None" = None,
+                    chunk: "int | None" = None) -> None:
     _launch(params, hessians, streams, seed, float(scale), 0.0, 0.0, 0.0, 0.0, None, -1, 0.0,
-            dist, fused=False, block=block, chunk=chunk)
+            dist, offsets, fused=False, block=block, chunk=chunk)
 
 
 def hessian_step(params: list[torch.Tensor], hessians: list[torch.Tensor], streams: list[int], seed: int,
                  restore: float, lr: float, grad: float, hess_scale: float, alpha: float, weight_decays: list[float],
-                 next_seed: int, next_scale: float, dist: int, *, block: "int | None" = None,
-                 chunk: "int | None" = None) -> None:
+                 next_seed: int, next_scale: float, dist: int, offsets: list[int] = (), rounding: int = 0, *,
+                 block: "int | None" = None, chunk: "int | None" = None) -> None:
     _launch(params, hessians, streams, seed, float(restore), float(lr), float(grad),
-            float(hess_scale), float(alpha), weight_decays, next_seed, float(next_scale), dist, fused=True,
-            block=block, chunk=chunk)
+            float(hess_scale), float(alpha), weight_decays, next_seed, float(next_scale), dist, offsets, fused=True,
+            block=block, chunk=chunk, rounding=rounding)

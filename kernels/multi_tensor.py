@@ -2,9 +2,10 @@
 hizoo.py, dizo.py, subzero.py for the methods).
 
 The multi-tensor scheme (apex multi_tensor_apply): per dtype group (launch_groups), a tensor table and a chunk
-table from tables() (data_ptr, numel, stream, first chunk). Companion tensors (masks, Hessians,
-anchors, sources) and the tensor's index in the caller's list (for per-tensor device vectors such as
-thresholds and factors) go in a second int64 table, `extras`, one row per tensor.
+table from tables() (data_ptr, numel, stream, first chunk, element offset: the stream index of element 0).
+Companion tensors (masks, Hessians, anchors, sources) and the tensor's index in the caller's list (for
+per-tensor device vectors such as thresholds and factors) go in a second int64 table, `extras`, one row per
+tensor.
 """
 from __future__ import annotations
 
@@ -15,14 +16,20 @@ import triton
 import triton.language as tl
 
 from .philox import INTERPRET
-from .mezo import BFLOAT16, FLOAT16, FLOAT32, _bf16_bits_rne
+from .mezo import BFLOAT16, FLOAT16, FLOAT32, _bf16_bits_rne, stochastic_bits
 
 CODES = {torch.float32: FLOAT32.value, torch.bfloat16: BFLOAT16.value, torch.float16: FLOAT16.value}
 MASK32 = 0xFFFFFFFF
 _CACHE_SIZE = 16
-# Launch tables per (device, chunk, tensors, weight decays); parameters keep their storage across steps,
+# Launch tables per (device, chunk, tensors, offsets, weight decays); parameters keep their storage across steps,
 # so a training loop reuses them instead of copying them to the device every call.
 _tables_cache: dict = {}
+
+
+def stochastic(rounding: int, dtype: torch.dtype) -> bool:
+    """Whether a launch for tensors of dtype rounds stochastically (STOCHASTIC): rounding 1 (validation.Rounding)
+    on 16-bit storage; float32 keeps its float32 result either way."""
+    return int(rounding) == 1 and dtype != torch.float32
 
 
 def i32(v: int) -> int:
@@ -63,17 +70,19 @@ def default_sizes(block: "int | None", chunk: "int | None") -> tuple[int, int]:
 
 
 def tables(group: list[torch.Tensor], streams: list[int], wds: "list[float] | None", chunk: int,
-            device: torch.device):
-    """(tensor table int64 [T, 4], weight decays float32 [T] or None, chunk table int32 [C]) on device."""
-    key = (device, chunk, tuple((p.data_ptr(), p.numel()) for p in group), tuple(streams),
+            device: torch.device, offsets: "list[int] | None" = None):
+    """(tensor table int64 [T, mezo.ROW], weight decays float32 [T] or None, chunk table int32 [C]) on device;
+    offsets None: 0 for every tensor."""
+    offsets = [0] * len(group) if offsets is None else offsets
+    key = (device, chunk, tuple((p.data_ptr(), p.numel()) for p in group), tuple(streams), tuple(offsets),
            None if wds is None else tuple(wds))
     hit = _tables_cache.get(key)
     if hit is not None:
         return hit
     rows, counts, first = [], [], 0
-    for p, stream in zip(group, streams):
+    for p, stream, offset in zip(group, streams, offsets):
         count = cdiv(p.numel(), chunk)
-        rows.append((p.data_ptr(), p.numel(), stream, first))
+        rows.append((p.data_ptr(), p.numel(), stream, first, offset))
         counts.append(count)
         first += count
     tensors = torch.tensor(rows, dtype=torch.int64, device=device)
@@ -99,10 +108,11 @@ def groups(params, key) -> dict:
     return out
 
 
-def launch_groups(params, key, streams: "list[int] | None", weight_decays: "list[float] | None", chunk: int):
+def launch_groups(params, key, streams: "list[int] | None", weight_decays: "list[float] | None", chunk: int,
+                  offsets: "list[int] | None" = None):
     """The launches of a multi-tensor op: per group of non-empty tensors sharing key(index), in first-seen order,
     (key, indices, tensors, tensor table, weight decays or None, chunk table), inside the tensors' device
-    context. streams None: the op draws nothing (stream ids 0)."""
+    context. streams None: the op draws nothing (stream ids 0); offsets None or empty: element offsets 0."""
     by_key = groups(params, key)
     if not by_key:
         return
@@ -112,7 +122,7 @@ def launch_groups(params, key, streams: "list[int] | None", weight_decays: "list
             group = [params[i] for i in idxs]
             tensors, wds, chunks = tables(group, [0] * len(idxs) if streams is None else [streams[i] for i in idxs],
                                           None if weight_decays is None else [float(weight_decays[i]) for i in idxs],
-                                          chunk, device)
+                                          chunk, device, [offsets[i] for i in idxs] if offsets else None)
             yield group_key, idxs, group, tensors, wds, chunks
 
 
@@ -129,11 +139,15 @@ def extras(rows: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
     return hit
 
 
-def alignment(tensors) -> dict:
-    """mezo.py's alignment promises: every address aligned to 4 elements of its own dtype (what
-    _pointer's ALIGNED means), every numel a multiple of 4 (ends fall on whole Philox calls)."""
-    return {"ALIGNED_PTRS": all(t.data_ptr() % (4 * t.element_size()) == 0 for t in tensors),
-            "ALIGNED_ENDS": all(t.numel() % 4 == 0 for t in tensors)}
+def alignment(tensors, offsets: "list[int] | None" = None) -> dict:
+    """mezo.py's alignment promises, for tensors whose element 0 is stream element offsets[k] (None: all 0):
+    every address, moved back by offset mod 4 elements (to where the Philox call of element 0 starts), aligned
+    to 4 elements of its own dtype (what _pointer's ALIGNED means); every offset and numel a multiple of 4
+    (chunks start and end on whole Philox calls)."""
+    phases = [0] * len(tensors) if offsets is None else [o % 4 for o in offsets]
+    return {"ALIGNED_PTRS": all((t.data_ptr() - phase * t.element_size()) % (4 * t.element_size()) == 0
+                                for t, phase in zip(tensors, phases)),
+            "ALIGNED_ENDS": all(t.numel() % 4 == 0 for t in tensors) and not any(phases)}
 
 
 def kernel_arg(t: torch.Tensor) -> torch.Tensor:
@@ -142,9 +156,16 @@ def kernel_arg(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def round_to(x, DTYPE: tl.constexpr):
-    """float32(round(x)) in DTYPE, round to nearest even: the value a store of x would leave in memory."""
-    if DTYPE == BFLOAT16:
+def round_to(x, r, DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """float32(round(x)) in DTYPE, the value a store of x would leave in memory: round to nearest even, or
+    stochastically with the rounding words r if STOCHASTIC."""
+    if STOCHASTIC:
+        bits = stochastic_bits(x, r, DTYPE)
+        if DTYPE == BFLOAT16:
+            return (bits << 16).to(tl.float32, bitcast=True)
+        else:
+            return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    elif DTYPE == BFLOAT16:
         return (_bf16_bits_rne(x).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     elif DTYPE == FLOAT16:
         return x.to(tl.float16).to(tl.float32)

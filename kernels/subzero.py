@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import CODES, cdiv, device_ctx, kernel_arg, launch_options
+from .multi_tensor import CODES, cdiv, device_ctx, i32, kernel_arg, launch_options, seed_words, stochastic
 from .philox import INTERPRET
-from .mezo import BFLOAT16, _load_f32, _store_f32
+from .mezo import BFLOAT16, _load_f32, rounding_words, store_rounded
 
 # On GPU "ieee" dots run on the FMA units: 2r flops per W element, which at r = 64 outruns the FMA
 # throughput of an H100 for 16-bit weights, while the op should stay memory-bound. Plain "tf32" keeps only
@@ -32,12 +32,14 @@ def _load_f32_zero(ptr, mask, DTYPE: tl.constexpr):
         return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
 
 
-@triton.jit
-def lowrank_kernel(w, u, v, c, m, n, r, W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr, V_DTYPE: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, R_PAD: tl.constexpr, COLS: tl.constexpr):
+@triton.jit(do_not_specialize=["k0", "k1", "stream", "offset"])
+def lowrank_kernel(w, u, v, c, m, n, r, k0, k1, stream, offset, W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr,
+                   V_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   R_PAD: tl.constexpr, COLS: tl.constexpr):
     """W (m×n) += U (m×r) · C (r×r, float32) · Vᵀ (V n×r); all row-major contiguous. Offsets within a tile
     are int32 (the launcher checks BM·n < 2^31); only the tiles' base offsets are int64, which keeps
-    per-element pointer arithmetic (and registers) at 32 bits."""
+    per-element pointer arithmetic (and registers) at 32 bits. STOCHASTIC: W's element (i, j) is stored with
+    stochastic rounding keyed by stream element offset + i·n + j under seed (k0, k1) (int32 bit patterns)."""
     row0 = tl.program_id(0) * BM
     rows = tl.arange(0, BM)
     ks = tl.arange(0, R_PAD)
@@ -60,10 +62,16 @@ def lowrank_kernel(w, u, v, c, m, n, r, W_DTYPE: tl.constexpr, U_DTYPE: tl.const
         update = tl.dot(uc, tl.trans(v_tile), input_precision=DOT_PRECISION)
         ptr = w_rows + col0 + (rows[:, None] * n + cols[None, :])
         inside = row_in[:, None] & col_in[None, :]
-        _store_f32(ptr, _load_f32(ptr, inside, W_DTYPE) + update, inside, W_DTYPE)
+        if STOCHASTIC:
+            element = offset.to(tl.int64) + (row0 + rows).to(tl.int64)[:, None] * n + (col0 + cols)[None, :]
+            words = rounding_words(element, stream.to(tl.uint32, bitcast=True), k0.to(tl.uint32, bitcast=True),
+                                   k1.to(tl.uint32, bitcast=True))
+        else:
+            words = 0
+        store_rounded(ptr, _load_f32(ptr, inside, W_DTYPE) + update, inside, words, W_DTYPE, STOCHASTIC)
 
 
-def _tiles(n: int, rank: int) -> tuple[int, int, int, int, dict]:
+def _tiles(n: int, rank: int, stochastic: bool) -> tuple[int, int, int, int, dict]:
     """(BM, BN, R_PAD, COLS, launch options)."""
     r_pad = max(16, triton.next_power_of_2(rank))
     if INTERPRET:
@@ -75,21 +83,27 @@ def _tiles(n: int, rank: int) -> tuple[int, int, int, int, dict]:
     # (Triton specialises on it) 64×64 tiles take 110–250 registers, never spill and move W in 16-byte
     # vectors; for other n, R_PAD = 64 spills up to 192 bytes. BM shrinks for larger ranks (BM ≥ 16 for
     # tl.dot). Four column tiles per program amortise forming U·C (BM·r² flops) over 4·BM·BN·r.
-    bm = max(16, min(64, 4096 // r_pad))
+    # Stochastic rounding draws a Philox call per element of the W tile: half the rows keep it from spilling.
+    bm = max(16, min(64, (2048 if stochastic else 4096) // r_pad))
     bn = 64
     return bm, bn, r_pad, 4 * bn, {**launch_options(), "num_warps": 8}
 
 
 def lowrank_apply(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor],
-                  cores: list[torch.Tensor]) -> None:
-    for w, u, v, core in zip(weights, us, vs, cores):
+                  cores: list[torch.Tensor], streams: list[int] = (), seed: int = 0, offsets: list[int] = (),
+                  rounding: int = 0) -> None:
+    k0, k1 = seed_words(seed)
+    for t, (w, u, v, core) in enumerate(zip(weights, us, vs, cores)):
         (m, n), rank = w.shape, u.shape[1]
         if w.numel() == 0 or rank == 0:
             continue
-        bm, bn, r_pad, cols, options = _tiles(n, rank)
+        rounds = stochastic(rounding, w.dtype)
+        bm, bn, r_pad, cols, options = _tiles(n, rank, rounds)
         if bm * n >= 1 << 31:
             raise ValueError(f"lowrank_apply: {n} columns exceed the kernel's int32 tile offsets")
+        stream, offset = (streams[t] if streams else 0), (offsets[t] if offsets else 0)
         with device_ctx(w.device):
             lowrank_kernel[(cdiv(m, bm), cdiv(n, cols))](
-                kernel_arg(w), kernel_arg(u), kernel_arg(v), core, m, n, rank, W_DTYPE=CODES[w.dtype],
-                U_DTYPE=CODES[u.dtype], V_DTYPE=CODES[v.dtype], BM=bm, BN=bn, R_PAD=r_pad, COLS=cols, **options)
+                kernel_arg(w), kernel_arg(u), kernel_arg(v), core, m, n, rank, k0, k1, i32(stream), offset,
+                W_DTYPE=CODES[w.dtype], U_DTYPE=CODES[u.dtype], V_DTYPE=CODES[v.dtype],
+                STOCHASTIC=rounds, BM=bm, BN=bn, R_PAD=r_pad, COLS=cols, **options)

@@ -100,6 +100,10 @@ def representative_calls() -> None:
                 tb.perturb(params, streams, seed, 1e-3, dist)
                 tb.fused_step(params, streams, seed, 1e-3, 1e-6, 0.5, wds, seed2, 1e-3, dist)
             tb.fused_step(params, streams, seed, 1e-3, 1e-6, 0.5, wds, -1, 0.0, 0)
+            # Element offsets (multiples of 4 keep the aligned specialisations, others do not) and stochastic
+            # rounding of the stored update.
+            tb.fused_step(params, streams, seed, 1e-3, 1e-6, 0.5, wds, -1, 0.0, 0, [8] * len(params), 1)
+            tb.fused_step(params, streams, seed, 1e-3, 1e-6, 0.5, wds, seed2, 1e-3, 0, [3] * len(params), 1)
             masks = [torch.zeros((p.numel() + 31) // 32, dtype=torch.int32) for p in params]
             thresholds = torch.ones(len(params))
             for compute_mask in (True, False):
@@ -107,21 +111,27 @@ def representative_calls() -> None:
             for next_seed in (seed2, -1):
                 tb.masked_fused_step(params, masks, thresholds, streams, seed, 1e-3, 1e-6, 0.5, wds, next_seed,
                                      1e-3, 0)
+                tb.masked_fused_step(params, masks, thresholds, streams, seed, 1e-3, 1e-6, 0.5, wds, next_seed,
+                                     1e-3, 0, [5] * len(params), 1)
             for d_dtype in {torch.float32, dtype}:
                 hessians = [torch.ones(p.numel(), dtype=d_dtype) for p in params]
                 tb.hessian_perturb(params, hessians, streams, seed, 1e-3, 0)
                 for next_seed in (seed2, -1):
                     tb.hessian_step(params, hessians, streams, seed, 1e-3, 1e-6, 0.5, 10.0, 1e-8, wds, next_seed,
                                     1e-3, 0)
+                tb.hessian_step(params, hessians, streams, seed, 1e-3, 1e-6, 0.5, 10.0, 1e-8, wds, -1, 0.0, 0,
+                                [1] * len(params), 1)
             anchors = [torch.zeros_like(p) for p in params]
             tb.distance_norms(params, anchors)
             tb.anchored_rescale(params, anchors, None, torch.ones(len(params)))
             tb.anchored_rescale(params, anchors, [torch.zeros_like(p) for p in params], torch.ones(len(params)))
+            tb.anchored_rescale(params, anchors, None, torch.ones(len(params)), streams, seed, [3] * len(params), 1)
         for factor_dtype in {dtype, torch.float32}:
             for (m, n), rank in itertools.product(((128, 256), (100, 300)), (1, 8, 32, 64)):  # LLM-like, awkward
                 w = torch.zeros(m, n, dtype=dtype)
                 u, v = torch.zeros(m, rank, dtype=factor_dtype), torch.zeros(n, rank, dtype=factor_dtype)
                 tb.lowrank_apply([w], [u], [v], [torch.zeros(rank, rank)])
+                tb.lowrank_apply([w], [u], [v], [torch.zeros(rank, rank)], [3], seed, [5], 1)
     for dist in (0, 1):
         tb.fill_random(torch.zeros(1000), seed, 3, 5, 0, dist)
     tb.philox_words(torch.zeros(100, 4, dtype=torch.int64), seed, 3, 0, 0)

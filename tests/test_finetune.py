@@ -95,7 +95,7 @@ def test_jsonl_task_errors(tmp_path):
     (["--method", "adam"], "invalid choice"),
     (["--task", "/no/such.jsonl", "--template", "{text}", "--labels", "a=x,b=y"], "does not exist"),
     (["--task", "x.jsonl"], "needs --template"),
-    (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
     (["--steps", "-1"], "--steps must be an integer >= 1, got -1"),
 ])
 def test_cli_rejects_bad_input_before_training(args, message):
@@ -190,7 +190,7 @@ def test_compare_over_seeds_gives_mean_and_standard_deviation(tiny_model_dir, tm
     (["--methods", "mezo,adam"], "unknown method(s) adam"),
     (["--option", "rank=4"], "METHOD.NAME=VALUE"),
     (["--model", "/no/such/model"], "does not exist"),
-    (["--lr", "-1"], "--lr must be a positive finite number"),
+    (["--lr", "-1"], "--lr must be a finite number >= 0"),
     (["--methods", "mezo,dizo", "--option", "dizo.bogus=1"], "--option bogus: dizo has no such option"),
 ])
 def test_compare_rejects_bad_input_before_training(args, message):

@@ -288,8 +288,8 @@ def test_resume_without_a_checkpoint(tiny_model_dir, task_file, tmp_path, fast_l
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
-    (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number >= 0, got inf"),
     (["--eps", "0"], "--eps must be a positive finite number, got 0.0"),
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
     (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),

@@ -37,7 +37,7 @@ def info_command(args) -> int:
 def _add_training_options(p, d, *, per_run: bool) -> None:
     """The options `zokern finetune` and `zokern compare` share; per_run: finetune's own (one method, steps,
     evaluation interval, resume)."""
-    from zokern.finetune.config import DTYPES
+    from zokern.finetune.config import DTYPES, PROBE_MODES
 
     p.add_argument("--model", default=None, help="a local Hugging Face model directory or .gguf file "
                                                  "(default: the embedded SmolLM2-135M-Instruct)")
@@ -65,6 +65,13 @@ def _add_training_options(p, d, *, per_run: bool) -> None:
                             "checkpoint; an empty or new --output-dir starts a new run")
     p.add_argument("--two-pass", action="store_true", help="fold the next perturbation into the update "
                                                             "(MeZO, SubZero, Sparse MeZO)")
+    p.add_argument("--rounding", choices=("nearest", "stochastic"), default=None,
+                   help="how updates are stored in 16-bit weights (default: stochastic, unbiased; float32 weights "
+                        "store the float32 result either way)")
+    p.add_argument("--probe-mode", choices=PROBE_MODES, default=d.probe_mode,
+                   help="module: the forward passes see the perturbed weights through transient copies and only the "
+                        "update writes the weights (exact probes for 16-bit weights); in-place: perturb and "
+                        "restore the weights; auto (default): module for bfloat16/float16 without --two-pass")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="> 0: train LoRA adapters of this rank; 0: all weights")
     p.add_argument("--lora-alpha", type=float, default=d.lora_alpha)
     p.add_argument("--lora-targets", default=d.lora_targets, help="comma-separated module names for LoRA")
@@ -158,6 +165,8 @@ def finetune_command(args) -> int:
     except (ConfigError, DataError, ModelError, CheckpointError, SeedLogError) as exc:
         print(f"zokern finetune: error: {exc}", file=sys.stderr)
         return 2
+    if summary["final_accuracy"] is None:  # not rank 0 of a torchrun run, which reports for all
+        return 0
     print(f"\nzero-shot test accuracy {summary['zero_shot_accuracy']:.3f} -> fine-tuned {summary['final_accuracy']:.3f} "
           f"({summary['steps']} steps, {summary['wall_seconds'] / 60:.1f} min); results in {config.output_dir}")
     return 0

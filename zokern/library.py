@@ -8,6 +8,8 @@ type, backend)]; the fake runs the same checks without touching memory.
 The C++ kernels implement `zokern::native_<op>`: the op's schema without `str backend`, plus `int chunk=0`
 where the kernel works in chunks (0: its default size), defined here once. The CPU extension registers its
 kernels for it under the CPU dispatch key, the CUDA extension under CUDA (csrc/include/zokern/backend_ops.h).
+Arguments added to an op after its first release follow `str backend`, with defaults, so that calls written
+before them keep their meaning.
 """
 from __future__ import annotations
 
@@ -17,28 +19,35 @@ from zokern import backends
 from zokern.backends import reference
 from zokern.random import check_seed, check_stream
 from zokern.validation import (check_companions, check_disjoint, check_fill_args, check_lowrank, check_per_tensor,
-                               check_step_args, check_tensor_list, mask_words)
+                               check_step_args, check_tensor_list, mask_words, parse_rounding)
 
 DEVICE_TYPES = ("cpu", "cuda")
+# The stream index of each tensor's element 0 (docs/RANDOM.md); empty: 0 for every tensor.
+_OFFSETS = "int[] offsets=[]"
+# How the stored update is rounded to 16-bit storage (validation.Rounding): 0 nearest even, 1 stochastic.
+_ROUNDING = "int rounding=0"
+# The rounding keys of the ops that had no seed and stream ids: their stream ids (empty: all 0) and seed.
+_KEYS = f"int[] streams=[], int seed=0, {_OFFSETS}, {_ROUNDING}"
 _STEP = "float restore, float lr, float grad, float[] weight_decays, int next_seed, float next_scale"
 SCHEMAS = {
     "philox_words_": "(Tensor(a!) out, int seed, int stream, int domain, int first_call, str backend) -> ()",
     "fill_random_": "(Tensor(a!) out, int seed, int stream, int offset, int domain, int dist, str backend) -> ()",
-    "perturb_": "(Tensor(a!)[] params, int[] streams, int seed, float scale, int dist, str backend) -> ()",
-    "fused_step_": f"(Tensor(a!)[] params, int[] streams, int seed, {_STEP}, int dist, str backend) -> ()",
-    "lowrank_apply_": "(Tensor(a!)[] weights, Tensor[] us, Tensor[] vs, Tensor[] cores, str backend) -> ()",
+    "perturb_": f"(Tensor(a!)[] params, int[] streams, int seed, float scale, int dist, str backend, {_OFFSETS}) -> ()",
+    "fused_step_": (f"(Tensor(a!)[] params, int[] streams, int seed, {_STEP}, int dist, str backend, {_OFFSETS}, "
+                    f"{_ROUNDING}) -> ()"),
+    "lowrank_apply_": f"(Tensor(a!)[] weights, Tensor[] us, Tensor[] vs, Tensor[] cores, str backend, {_KEYS}) -> ()",
     "masked_perturb_": ("(Tensor(a!)[] params, Tensor(b!)[] masks, Tensor thresholds, int[] streams, int seed, "
-                        "float scale, bool compute_mask, int dist, str backend) -> ()"),
+                        f"float scale, bool compute_mask, int dist, str backend, {_OFFSETS}) -> ()"),
     "masked_fused_step_": ("(Tensor(a!)[] params, Tensor(b!)[] masks, Tensor thresholds, int[] streams, int seed, "
-                           f"{_STEP}, int dist, str backend) -> ()"),
+                           f"{_STEP}, int dist, str backend, {_OFFSETS}, {_ROUNDING}) -> ()"),
     "hessian_perturb_": ("(Tensor(a!)[] params, Tensor[] hessians, int[] streams, int seed, float scale, int dist, "
-                         "str backend) -> ()"),
+                         f"str backend, {_OFFSETS}) -> ()"),
     "hessian_step_": ("(Tensor(a!)[] params, Tensor(b!)[] hessians, int[] streams, int seed, float restore, "
                       "float lr, float grad, float hess_scale, float alpha, float[] weight_decays, int next_seed, "
-                      "float next_scale, int dist, str backend) -> ()"),
+                      f"float next_scale, int dist, str backend, {_OFFSETS}, {_ROUNDING}) -> ()"),
     "distance_norms": "(Tensor[] params, Tensor[] anchors, str backend) -> Tensor",
     "anchored_rescale_": ("(Tensor(a!)[] params, Tensor[] anchors, Tensor[]? sources, Tensor factors, "
-                          "str backend) -> ()"),
+                          f"str backend, {_KEYS}) -> ()"),
 }
 
 # These kernels split their work by shape (one draw per element, tiles of W), so they take no chunk size.
@@ -48,7 +57,7 @@ _UNCHUNKED = ("philox_words_", "fill_random_", "lowrank_apply_")
 def native_schema(name: str) -> str:
     """The schema of zokern::native_<name>, which the C++ kernels implement: the op's without `str backend`,
     plus `int chunk=0` where the kernel splits its tensors into chunks (testable chunk sizes)."""
-    schema = SCHEMAS[name].replace(", str backend)", ")")
+    schema = SCHEMAS[name].replace(", str backend", "")
     return schema if name in _UNCHUNKED else schema.replace(") ->", ", int chunk=0) ->", 1)
 
 
@@ -72,10 +81,19 @@ def _own_dtype(p):
 # --- one check per op (its arguments but the backend), run by the device implementation and the fake alike,
 # before any tensor is written; each returns the tensors' device type ---------------------------------------
 
-def _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, **extra):
+def _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, offsets,
+                rounding, **extra):
     check_step_args(seed=seed, dist=dist, restore=restore, lr=lr, grad=grad, next_scale=next_scale,
                     next_seed=next_seed, weight_decays=weight_decays, count=len(params), **extra)
-    return check_tensor_list(params, streams)
+    parse_rounding(rounding)
+    return check_tensor_list(params, streams, offsets)
+
+
+def _check_keys(params, streams, seed, offsets, rounding):
+    """The rounding keys of lowrank_apply_ and anchored_rescale_: stream ids (or none), seed, offsets."""
+    check_seed(seed)
+    parse_rounding(rounding)
+    return check_tensor_list(params, streams or [0] * len(params), offsets)
 
 
 def _check_masks(params, masks, thresholds):
@@ -104,52 +122,55 @@ def _check_fill_random(out, seed, stream, offset, domain, dist):
     return out.device.type
 
 
-def _check_perturb(params, streams, seed, scale, dist):
+def _check_perturb(params, streams, seed, scale, dist, offsets):
     check_step_args(seed=seed, dist=dist, scale=scale)
-    device_type = check_tensor_list(params, streams)
+    device_type = check_tensor_list(params, streams, offsets)
     check_disjoint({"params": params})
     return device_type
 
 
-def _check_fused_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist):
-    device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist)
+def _check_fused_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, offsets,
+                      rounding):
+    device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
+                              offsets, rounding)
     check_disjoint({"params": params})
     return device_type
 
 
-def _check_lowrank_apply(weights, us, vs, cores):
-    device_type = check_tensor_list(weights, [0] * len(weights))
+def _check_lowrank_apply(weights, us, vs, cores, streams, seed, offsets, rounding):
+    device_type = _check_keys(weights, streams, seed, offsets, rounding)
     check_lowrank(weights, us, vs, cores)
     check_disjoint({"weights": weights}, {"us": us, "vs": vs, "cores": cores})
     return device_type
 
 
-def _check_masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist):
+def _check_masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist, offsets):
     check_step_args(seed=seed, dist=dist, scale=scale)
-    device_type = check_tensor_list(params, streams)
+    device_type = check_tensor_list(params, streams, offsets)
     _check_masks(params, masks, thresholds)
     return device_type
 
 
 def _check_masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
-                             next_scale, dist):
-    device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist)
+                             next_scale, dist, offsets, rounding):
+    device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
+                              offsets, rounding)
     _check_masks(params, masks, thresholds)
     return device_type
 
 
-def _check_hessian_perturb(params, hessians, streams, seed, scale, dist):
+def _check_hessian_perturb(params, hessians, streams, seed, scale, dist, offsets):
     check_step_args(seed=seed, dist=dist, scale=scale)
-    device_type = check_tensor_list(params, streams)
+    device_type = check_tensor_list(params, streams, offsets)
     check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
     check_disjoint({"params": params}, {"hessians": hessians}, in_place_reads=("hessians",))
     return device_type
 
 
 def _check_hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
-                        next_seed, next_scale, dist):
+                        next_seed, next_scale, dist, offsets, rounding):
     device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
-                              hess_scale=hess_scale, alpha=alpha)
+                              offsets, rounding, hess_scale=hess_scale, alpha=alpha)
     check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
     check_disjoint({"params": params, "hessians": hessians})
     return device_type
@@ -161,8 +182,8 @@ def _check_distance_norms(params, anchors):
     return device_type  # writes nothing: its tensors may share memory
 
 
-def _check_anchored_rescale(params, anchors, sources, factors):
-    device_type = check_tensor_list(params, [0] * len(params))
+def _check_anchored_rescale(params, anchors, sources, factors, streams, seed, offsets, rounding):
+    device_type = _check_keys(params, streams, seed, offsets, rounding)
     check_companions(params, anchors, "anchors", dtypes=_own_dtype)
     if sources is not None:
         check_companions(params, sources, "sources", dtypes=_own_dtype)
@@ -226,14 +247,32 @@ def _write_back(originals, work) -> None:
             t.copy_(w)
 
 
+def _arguments(name: str) -> list:
+    return torch._C.parse_schema(f"zokern::{name}{SCHEMAS[name]}").arguments
+
+
+def _without_backend(name: str):
+    """Splits a call's arguments into (the backend, all others in schema order, defaults filled in): torch
+    passes the Python kernels only the arguments the caller gave."""
+    arguments = _arguments(name)
+
+    def split(args, kwargs) -> tuple:
+        given = dict(zip((a.name for a in arguments), args), **kwargs)
+        values = [given[a.name] if a.name in given else a.default_value for a in arguments]
+        at = [a.name for a in arguments].index("backend")
+        return values[at], (*values[:at], *values[at + 1:])
+
+    return split
+
+
 def _device_implementation(name: str):
     """The op's check, then its backend's kernel on contiguous stand-ins of every tensor, written back."""
-    check = CHECKS[name]
-    arguments = torch._C.parse_schema(f"zokern::{name}{SCHEMAS[name]}").arguments
+    check, split = CHECKS[name], _without_backend(name)
+    arguments = [a for a in _arguments(name) if a.name != "backend"]
     written = [i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write]
 
-    def device_implementation(*args):
-        *args, backend = args
+    def device_implementation(*args, **kwargs):
+        backend, args = split(args, kwargs)
         device_type = check(*args)
         kernel = implementation(name, device_type, backends.resolve(backend, device_type))
         if written and not any(t.numel() for i in written for t in _listed(args[i])):
@@ -253,15 +292,17 @@ for _name in SCHEMAS:
 
 # --- fakes: the op's check, and for distance_norms an output of the right shape ----------------------------
 
-def _fake(check):
-    def fake(*args):
-        check(*args[:-1])  # the last argument is the backend
+def _fake(name: str):
+    check, split = CHECKS[name], _without_backend(name)
+
+    def fake(*args, **kwargs):
+        check(*split(args, kwargs)[1])
     return fake
 
 
-for _name, _check in CHECKS.items():
+for _name in CHECKS:
     if _name != "distance_norms":
-        torch.library.register_fake(f"zokern::{_name}")(_fake(_check))
+        torch.library.register_fake(f"zokern::{_name}")(_fake(_name))
 
 
 @torch.library.register_fake("zokern::distance_norms")

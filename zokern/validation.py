@@ -2,6 +2,7 @@
 leaves every tensor as it was."""
 from __future__ import annotations
 
+import enum
 import math
 import struct
 
@@ -12,8 +13,52 @@ from zokern.random import check_seed, check_stream, parse_distribution
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_tensor_list(params, streams) -> "str | None":
-    """Check a list of parameter tensors and their stream ids; return the common device type."""
+class Rounding(enum.IntEnum):
+    """How an op stores its float32 result in 16-bit storage (docs/RANDOM.md, "Stochastic rounding").
+    float32 storage keeps the float32 result either way."""
+    NEAREST = 0
+    STOCHASTIC = 1
+
+
+def parse_rounding(rounding: "str | int | Rounding") -> Rounding:
+    if isinstance(rounding, str):
+        try:
+            return Rounding[rounding.upper()]
+        except KeyError:
+            raise ValueError(f"unknown rounding {rounding!r}; expected 'nearest' or 'stochastic'") from None
+    if isinstance(rounding, bool) or not isinstance(rounding, int) or rounding not in tuple(Rounding):
+        raise ValueError(f"unknown rounding {rounding!r}; expected 'nearest' or 'stochastic'")
+    return Rounding(rounding)
+
+
+# Stream element indices are below 2^62 (docs/RANDOM.md).
+MAX_ELEMENT = 1 << 62
+
+
+def check_offsets(params, offsets) -> list:
+    """Element offsets: the stream index of each tensor's element 0, one per tensor, or none (all 0). Each
+    tensor's elements must stay within the stream's 2^62 element indices."""
+    if isinstance(offsets, (str, bytes)) or not isinstance(offsets, (list, tuple)):
+        raise TypeError(f"offsets must be a list of ints, got {type(offsets).__name__}")
+    if offsets and len(offsets) != len(params):
+        raise ValueError(f"got {len(params)} tensors but {len(offsets)} offsets")
+    for i, (p, o) in enumerate(zip(params, offsets)):
+        if isinstance(o, bool) or not isinstance(o, int):
+            raise TypeError(f"offsets[{i}] must be an int, got {type(o).__name__}")
+        numel = p.numel() if isinstance(p, torch.Tensor) else 0
+        if o < 0 or (isinstance(numel, int) and o + numel > MAX_ELEMENT):
+            raise ValueError(f"offsets[{i}] must be in [0, 2**62 - numel], got {o}")
+    return list(offsets)
+
+
+def offsets_or_zeros(offsets, count: int) -> list:
+    """A backend's offsets: the given ones, or 0 for every tensor when none are given."""
+    return list(offsets) if len(offsets) else [0] * count
+
+
+def check_tensor_list(params, streams, offsets=()) -> "str | None":
+    """Check a list of parameter tensors, their stream ids and element offsets; return the common device
+    type."""
     if isinstance(params, torch.Tensor) or not isinstance(params, (list, tuple)):
         raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
     if len(streams) != len(params):
@@ -30,6 +75,7 @@ def check_tensor_list(params, streams) -> "str | None":
             raise ValueError(f"params[{i}] is on {p.device} but params[0] is on {device}; "
                              "one call takes tensors on one device")
         check_stream(k, f"stream_ids[{i}]")
+    check_offsets(params, offsets)
     return None if device is None else device.type
 
 
@@ -188,7 +234,7 @@ def check_fill_args(out, seed: int, stream: int, offset: int, domain: int, dist:
     check_stream(stream)
     check_stream(domain, "domain")
     parse_distribution(dist)
-    if offset < 0 or offset + out.numel() > 1 << 62:
+    if offset < 0 or offset + out.numel() > MAX_ELEMENT:
         raise ValueError(f"offset must be in [0, 2**62 - numel], got {offset}")
 
 

@@ -153,15 +153,15 @@ void for_chunks(at::TensorList params, int64_t chunk, int64_t align, const F& f)
 
 struct Loops {
   template <class Op>
-  static void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<float>& wds,
-                        int64_t chunk, const Op& op) {
+  static void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<int64_t>& offsets,
+                        const std::vector<float>& wds, int64_t chunk, const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
     check_params(params);
     for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
       dispatch(params[t].scalar_type(), [&](auto tag) {
         using T = decltype(tag);
-        ZK_RUN(apply_range, static_cast<T*>(params[t].data_ptr()), begin, end, static_cast<uint32_t>(streams[t]),
-               wds[t], op);
+        ZK_RUN(apply_range, static_cast<T*>(params[t].data_ptr()), begin, end, offsets[t],
+               static_cast<uint32_t>(streams[t]), wds[t], op);
       });
     });
   }
@@ -169,7 +169,8 @@ struct Loops {
   // Sparse MeZO: chunks of whole mask words.
   template <class Op>
   static void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
-                         at::IntArrayRef streams, const std::vector<float>& wds, int64_t chunk, const Op& op) {
+                         at::IntArrayRef streams, const std::vector<int64_t>& offsets, const std::vector<float>& wds,
+                         int64_t chunk, const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
     check_params(params);
     check_companions(params, masks, "masks", /*words=*/true);
@@ -178,7 +179,7 @@ struct Loops {
       dispatch(params[t].scalar_type(), [&](auto tag) {
         using T = decltype(tag);
         ZK_RUN(masked_range, static_cast<T*>(params[t].data_ptr()), static_cast<uint32_t*>(masks[t].data_ptr()),
-               begin, end, static_cast<uint32_t>(streams[t]), wds[t], h[t], op);
+               begin, end, offsets[t], static_cast<uint32_t>(streams[t]), wds[t], h[t], op);
       });
     });
   }
@@ -186,7 +187,8 @@ struct Loops {
   // HiZOO: D in float32 or in the parameter's dtype.
   template <class Op>
   static void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
-                          const std::vector<float>& wds, int64_t chunk, const Op& op) {
+                          const std::vector<int64_t>& offsets, const std::vector<float>& wds, int64_t chunk,
+                          const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
     check_params(params);
     check_companions(params, hessians, "hessians");
@@ -196,7 +198,7 @@ struct Loops {
           using T = decltype(tag);
           using TD = decltype(dtag);
           ZK_RUN(hessian_range, static_cast<T*>(params[t].data_ptr()), static_cast<TD*>(hessians[t].data_ptr()),
-                 begin, end, static_cast<uint32_t>(streams[t]), wds[t], op);
+                 begin, end, offsets[t], static_cast<uint32_t>(streams[t]), wds[t], op);
         });
       });
     });
@@ -210,10 +212,14 @@ constexpr int64_t kColBlock = simd::generic::kBlock;  // columns of W per work i
 
 // W += (U·C)·Vᵀ without an m×n temporary: float32 U·C (m×r) and Vᵀ (r×n) first, then tiles of W, each
 // row summing over the rank into kColBlock accumulators (zo_cpu_kernels.inc's lowrank_rows, vectorised over
-// columns for the CPU's SIMD level). Sums as element.h says.
-void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores) {
+// columns for the CPU's SIMD level). Sums as element.h says; stored with `rounding`, keyed by (seed, streams[t],
+// offsets[t] + row-major index).
+void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores,
+                    at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets, int64_t rounding) {
   const size_t count = weights.size();
   TORCH_CHECK(us.size() == count && vs.size() == count && cores.size() == count, "zokern_cpp: list lengths differ");
+  const std::vector<int64_t> ids = per_tensor_or_zeros(streams, count, "stream id");
+  const std::vector<int64_t> first = element_offsets(offsets, count);
   check_params(weights, "weights");
   check_params(us, "us");
   check_params(vs, "vs");
@@ -275,7 +281,8 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     dispatch(weights[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       ZK_RUN(lowrank_rows, static_cast<T*>(weights[t].data_ptr()), n, r, i0, std::min(m, i0 + kRowBlock), j0,
-             std::min(kColBlock, n - j0), uc[t].data(), vt[t].data());
+             std::min(kColBlock, n - j0), uc[t].data(), vt[t].data(), rounding == kStochastic,
+             static_cast<uint64_t>(seed), static_cast<uint32_t>(ids[t]), first[t]);
     });
   }
 }
@@ -309,9 +316,13 @@ at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t
   return out;
 }
 
+// Stored with `rounding`, keyed by (seed, streams[t], offsets[t] + index).
 void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optional<at::TensorList> sources,
-                       const at::Tensor& factors, int64_t chunk) {
+                       const at::Tensor& factors, at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets,
+                       int64_t rounding, int64_t chunk) {
   check_params(params);
+  const std::vector<int64_t> ids = per_tensor_or_zeros(streams, params.size(), "stream id");
+  const std::vector<int64_t> first = element_offsets(offsets, params.size());
   check_companions(params, anchors, "anchors");
   std::vector<at::Tensor> src;  // the source of each tensor: sources[t], or the tensor itself
   if (sources.has_value()) {
@@ -325,7 +336,8 @@ void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optio
     dispatch(params[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       ZK_RUN(rescale_range, static_cast<T*>(params[t].data_ptr()), static_cast<const T*>(anchors[t].data_ptr()),
-             static_cast<const T*>(src[t].data_ptr()), begin, end, f[t]);
+             static_cast<const T*>(src[t].data_ptr()), begin, end, f[t], rounding == kStochastic,
+             static_cast<uint64_t>(seed), static_cast<uint32_t>(ids[t]), first[t]);
     });
   });
 }

@@ -20,9 +20,9 @@ namespace zokern {
   ZK_INSTANTIATE(RescaleRange<T>)                           \
   ZK_INSTANTIATE(NormRange<T>)                              \
   template void launch_lowrank_uc<T>(const LowrankEntry*, int, int64_t, int, cudaStream_t);            \
-  template void launch_lowrank_tiles<T, float>(const LowrankEntry*, int, int64_t, int, cudaStream_t);  \
-  template void launch_lowrank_tiles<T, bf16>(const LowrankEntry*, int, int64_t, int, cudaStream_t);   \
-  template void launch_lowrank_tiles<T, f16>(const LowrankEntry*, int, int64_t, int, cudaStream_t);
+  template void launch_lowrank_tiles<T, float>(const LowrankEntry*, int, int64_t, uint64_t, bool, int, cudaStream_t);  \
+  template void launch_lowrank_tiles<T, bf16>(const LowrankEntry*, int, int64_t, uint64_t, bool, int, cudaStream_t);   \
+  template void launch_lowrank_tiles<T, f16>(const LowrankEntry*, int, int64_t, uint64_t, bool, int, cudaStream_t);
 
 ZK_INSTANTIATE_DTYPE(float)
 ZK_INSTANTIATE_DTYPE(bf16)

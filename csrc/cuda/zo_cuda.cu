@@ -156,8 +156,8 @@ void launch_grouped(const std::vector<TensorEntry>& entries, const std::vector<i
 }
 
 TensorEntry entry(const at::Tensor& p, size_t index, uint32_t stream = 0, float wd = 0.f, void* aux = nullptr,
-                  const void* src = nullptr) {
-  return TensorEntry{p.data_ptr(), aux, src, p.numel(), 0, stream, static_cast<int32_t>(index), wd};
+                  const void* src = nullptr, int64_t offset = 0) {
+  return TensorEntry{p.data_ptr(), aux, src, p.numel(), 0, offset, stream, static_cast<int32_t>(index), wd};
 }
 
 int64_t chunk_or_default(int64_t chunk, int64_t align = 1) {
@@ -169,8 +169,8 @@ int64_t chunk_or_default(int64_t chunk, int64_t align = 1) {
 
 struct Loops {
   template <class Op>
-  static void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<float>& wds,
-                        int64_t chunk, const Op& op) {
+  static void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<int64_t>& offsets,
+                        const std::vector<float>& wds, int64_t chunk, const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cuda: list lengths differ");
     if (params.empty()) return;
     const at::Device device = params[0].device();
@@ -180,7 +180,7 @@ struct Loops {
     std::vector<TensorEntry> entries;
     std::vector<int> group;
     for (size_t t = 0; t < params.size(); ++t) {
-      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t]));
+      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], nullptr, nullptr, offsets[t]));
       group.push_back(dtype_index(params[t].scalar_type()));
     }
     launch_grouped(entries, group, kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
@@ -194,7 +194,8 @@ struct Loops {
   // Sparse MeZO: chunks of whole mask words.
   template <class Op>
   static void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
-                         at::IntArrayRef streams, const std::vector<float>& wds, int64_t chunk, const Op& op) {
+                         at::IntArrayRef streams, const std::vector<int64_t>& offsets, const std::vector<float>& wds,
+                         int64_t chunk, const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size() && params.size() == masks.size(),
                 "zokern_cuda: list lengths differ");
     if (params.empty()) return;
@@ -211,7 +212,8 @@ struct Loops {
     std::vector<TensorEntry> entries;
     std::vector<int> group;
     for (size_t t = 0; t < params.size(); ++t) {
-      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], masks[t].data_ptr()));
+      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], masks[t].data_ptr(), nullptr,
+                              offsets[t]));
       group.push_back(dtype_index(params[t].scalar_type()));
     }
     launch_grouped(entries, group, kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
@@ -225,7 +227,8 @@ struct Loops {
   // Groups: 2·dtype(param) + (D in float32 ? 0 : 1); D is float32 or the param dtype (library-checked).
   template <class Op>
   static void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
-                          const std::vector<float>& wds, int64_t chunk, const Op& op) {
+                          const std::vector<int64_t>& offsets, const std::vector<float>& wds, int64_t chunk,
+                          const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cuda: list lengths differ");
     if (params.empty()) return;
     const at::Device device = params[0].device();
@@ -239,7 +242,8 @@ struct Loops {
       const auto dtype = hessians[t].scalar_type();
       TORCH_CHECK(dtype == at::kFloat || dtype == params[t].scalar_type(),
                   "zokern_cuda: hessians must be float32 or their tensors' dtype");
-      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], hessians[t].data_ptr()));
+      entries.push_back(entry(params[t], t, static_cast<uint32_t>(streams[t]), wds[t], hessians[t].data_ptr(), nullptr,
+                              offsets[t]));
       group.push_back(2 * dtype_index(params[t].scalar_type()) + (dtype == at::kFloat ? 0 : 1));
     }
     launch_grouped(entries, group, 2 * kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
@@ -306,8 +310,11 @@ at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t
 }
 
 void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optional<at::TensorList> sources,
-                       const at::Tensor& factors, int64_t chunk) {
+                       const at::Tensor& factors, at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets,
+                       int64_t rounding, int64_t chunk) {
   if (params.empty()) return;
+  const std::vector<int64_t> ids = per_tensor_or_zeros(streams, params.size(), "stream id");
+  const std::vector<int64_t> first = element_offsets(offsets, params.size());
   const at::Device device = params[0].device();
   check_floats(params, device, "params");
   check_companions(params, anchors, device, "anchors");
@@ -322,13 +329,15 @@ void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optio
     TORCH_CHECK(params[t].scalar_type() == anchors[t].scalar_type() &&
                     (!sources.has_value() || (*sources)[t].scalar_type() == params[t].scalar_type()),
                 "zokern_cuda: anchors and sources must have their tensors' dtype");
-    entries.push_back(entry(params[t], t, 0, 0.f, anchors[t].data_ptr(), src));
+    entries.push_back(entry(params[t], t, static_cast<uint32_t>(ids[t]), 0.f, anchors[t].data_ptr(), src, first[t]));
     group.push_back(dtype_index(params[t].scalar_type()));
   }
   launch_grouped(entries, group, kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
                                                         int blocks, cudaStream_t stream) {
     dispatch(g, [&](auto tag) {
-      launch_multi_tensor(d, count, n, chunk, RescaleRange<decltype(tag)>{f}, blocks, stream);
+      launch_multi_tensor(d, count, n, chunk,
+                          RescaleRange<decltype(tag)>{f, static_cast<uint64_t>(seed), rounding == kStochastic}, blocks,
+                          stream);
     });
   });
 }
@@ -338,10 +347,13 @@ void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optio
 // W += (U·C)·Vᵀ: one launch per factor dtype F for U·C (into a float32 scratch of Σ m·r entries, freed
 // stream-ordered), then one tile launch per (W dtype, F) pair. U and V of different dtypes are both
 // converted to float32 first.
-void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores) {
+void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores,
+                    at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets, int64_t rounding) {
   const size_t count = weights.size();
   TORCH_CHECK(us.size() == count && vs.size() == count && cores.size() == count, "zokern_cuda: list lengths differ");
   if (count == 0) return;
+  const std::vector<int64_t> ids = per_tensor_or_zeros(streams, count, "stream id");
+  const std::vector<int64_t> first = element_offsets(offsets, count);
   const at::Device device = weights[0].device();
   check_floats(weights, device, "weights");
   check_floats(us, device, "us");
@@ -369,7 +381,8 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     const int64_t m = w.size(0), n = w.size(1), r = u_used[t].size(1);
     factor_dtype[t] = dtype_index(u_used[t].scalar_type());
     entries[t] = LowrankEntry{w.data_ptr(), u_used[t].data_ptr(), v_used[t].data_ptr(), c.data_ptr<float>(),
-                              nullptr, m, n, r, scratch, (n + kTileN - 1) / kTileN};
+                              nullptr, m, n, r, scratch, (n + kTileN - 1) / kTileN, static_cast<uint32_t>(ids[t]),
+                              first[t]};
     if (m * n > 0) scratch += m * r;
   }
   at::Tensor uc = at::empty({scratch}, at::TensorOptions().dtype(at::kFloat).device(device));
@@ -413,7 +426,8 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     } else {
       dispatch((g - kDtypes) / kDtypes, [&](auto wtag) {
         dispatch((g - kDtypes) % kDtypes, [&](auto ftag) {
-          launch_lowrank_tiles<decltype(wtag), decltype(ftag)>(d, n, items[g], blocks, stream);
+          launch_lowrank_tiles<decltype(wtag), decltype(ftag)>(d, n, items[g], static_cast<uint64_t>(seed),
+                                                               rounding == kStochastic, blocks, stream);
         });
       });
     }

@@ -34,6 +34,7 @@ struct TensorEntry {
   const void* src;  // anchored_rescale's source: another tensor, or data itself
   int64_t numel;
   int64_t first;
+  int64_t offset;  // the stream index of element 0: element l draws stream element offset + l
   uint32_t stream;
   int32_t index;  // position in the call's lists: thresholds, factors and norms are indexed by it
   float weight_decay;
@@ -76,21 +77,29 @@ __device__ inline void load_vec(const T* p, int64_t g, int64_t lo, int64_t hi, b
   }
 }
 
+// Stores to nearest even, or with stochastic rounding and the elements' rounding words r.
 template <class T>
-__device__ inline void store_vec(T* p, int64_t g, int64_t lo, int64_t hi, bool full, const float x[kVec]) {
+__device__ inline void store_vec(T* p, int64_t g, int64_t lo, int64_t hi, bool full, const float x[kVec],
+                                 bool stochastic = false, const uint32_t r[kVec] = nullptr) {
   if (full) {
     Pack<T> pack;
     ZK_UNROLL
-    for (int e = 0; e < kVec; ++e) pack.e[e] = from_float<T>(x[e]);
+    for (int e = 0; e < kVec; ++e) pack.e[e] = from_float_rounded<T>(x[e], stochastic, stochastic ? r[e] : 0u);
     uint4* dst = reinterpret_cast<uint4*>(p + g);
     ZK_UNROLL
     for (int k = 0; k < int(sizeof(pack.words) / sizeof(uint4)); ++k) dst[k] = pack.words[k];
   } else {
     ZK_UNROLL
     for (int e = 0; e < kVec; ++e) {
-      if (g + e >= lo && g + e < hi) p[g + e] = from_float<T>(x[e]);
+      if (g + e >= lo && g + e < hi) p[g + e] = from_float_rounded<T>(x[e], stochastic, stochastic ? r[e] : 0u);
     }
   }
+}
+
+// The rounding words of stream elements i .. i+7 (any i) under seed, for a store of kVec elements.
+__device__ inline void rounding_words_vec(uint64_t seed, uint32_t stream, uint64_t i, uint32_t r[kVec]) {
+  rounding_words_at(seed, stream, i, r);
+  rounding_words_at(seed, stream, i + 4, r + 4);
 }
 
 // The steps of a range: g runs over multiples of kVec of the tensor index (whole Philox calls) from the
@@ -109,22 +118,36 @@ __device__ inline void for_each_step(int64_t begin, int64_t end, F&& f) {
 
 // ---- the ranges: what a block does with elements [begin, end) of tensor t (chunk c of its launch) ----
 
+// The ranges that work in whole Philox calls address a tensor through its pointer moved back by phase =
+// offset mod 4 elements: element v = l + phase of the moved pointer is stream element 4·(offset >> 2) + v, so
+// the steps over v in [begin + phase, end + phase) are whole calls again (only the edge steps are partial).
+// The moved pointer is never dereferenced outside the tensor.
+template <class T>
+__device__ inline T* phase_moved(void* data, int64_t offset) {
+  return static_cast<T*>(data) - (offset & 3);
+}
+
 // perturb / fused step: Op(stream, wd, j, x[4]) on the tensor alone.
 template <class T, class Op>
 struct ElementRange {
   Op op;
 
   __device__ void operator()(const TensorEntry& t, int64_t begin, int64_t end, int64_t /*c*/) const {
-    T* p = static_cast<T*>(t.data);
+    T* p = phase_moved<T>(t.data, t.offset);
+    const int64_t phase = t.offset & 3;
+    const uint64_t call0 = static_cast<uint64_t>(t.offset) >> 2;
     const bool aligned = vector_aligned(p);
-    for_each_step(begin, end, [&](const Step& s) {
+    for_each_step(begin + phase, end + phase, [&](const Step& s) {
       const bool full = aligned && s.lo == s.g && s.hi == s.g + kVec;
-      const uint64_t j = static_cast<uint64_t>(s.g) >> 2;
+      const uint64_t j = call0 + (static_cast<uint64_t>(s.g) >> 2);
       float x[kVec];
       load_vec(p, s.g, s.lo, s.hi, full, x);
       op(t.stream, t.weight_decay, j, x);
       if (s.g + 4 < s.hi) op(t.stream, t.weight_decay, j + 1, x + 4);
-      store_vec(p, s.g, s.lo, s.hi, full, x);
+      const bool stochastic = sizeof(T) == 2 && op.stochastic_store();
+      uint32_t r[kVec];
+      if (stochastic) rounding_words_vec(op.seed, t.stream, 4 * j, r);
+      store_vec(p, s.g, s.lo, s.hi, full, x, stochastic, r);
     });
   }
 };
@@ -150,13 +173,15 @@ struct MaskedRange {
       if (g < end) {
         const int64_t hi = g + kVec < end ? g + kVec : end;
         const bool full = aligned && hi == g + kVec;
-        const uint64_t j = static_cast<uint64_t>(g) >> 2;
+        const uint64_t i = static_cast<uint64_t>(t.offset + g);  // stream element of element g
         const uint32_t in = op.reads_mask() ? (words[g >> 5] >> (g & 31)) & 0xFFu : 0u;
         float x[kVec];
+        uint32_t r[kVec] = {};
+        if (sizeof(T) == 2 && op.stochastic()) rounding_words_vec(op.seed, t.stream, i, r);
         load_vec(p, g, g, hi, full, x);
-        byte = op.template apply<T>(t.stream, t.weight_decay, h, j, x, in & 0xFu);
-        if (g + 4 < hi) byte |= op.template apply<T>(t.stream, t.weight_decay, h, j + 1, x + 4, in >> 4) << 4;
-        store_vec(p, g, g, hi, full, x);
+        byte = op.template apply<T>(t.stream, t.weight_decay, h, i, x, in & 0xFu, r);
+        if (g + 4 < hi) byte |= op.template apply<T>(t.stream, t.weight_decay, h, i + 4, x + 4, in >> 4, r + 4) << 4;
+        store_vec(p, g, g, hi, full, x, sizeof(T) == 2 && op.stochastic_store(), r);
         if (hi - g < kVec) byte &= (1u << (hi - g)) - 1u;  // the tensor's end: zero bits past it
       }
       uint32_t word = byte << (8 * (lane & 3));
@@ -173,27 +198,35 @@ struct HessianRange {
   Op op;
 
   __device__ void operator()(const TensorEntry& t, int64_t begin, int64_t end, int64_t /*c*/) const {
-    T* p = static_cast<T*>(t.data);
-    TD* dh = static_cast<TD*>(t.aux);
+    T* p = phase_moved<T>(t.data, t.offset);
+    TD* dh = phase_moved<TD>(t.aux, t.offset);
+    const int64_t phase = t.offset & 3;
+    const uint64_t call0 = static_cast<uint64_t>(t.offset) >> 2;
     const bool aligned = vector_aligned(p) && vector_aligned(dh);
-    for_each_step(begin, end, [&](const Step& s) {
+    for_each_step(begin + phase, end + phase, [&](const Step& s) {
       const bool full = aligned && s.lo == s.g && s.hi == s.g + kVec;
-      const uint64_t j = static_cast<uint64_t>(s.g) >> 2;
+      const uint64_t j = call0 + (static_cast<uint64_t>(s.g) >> 2);
       float x[kVec], d[kVec];
       load_vec(p, s.g, s.lo, s.hi, full, x);
       load_vec(dh, s.g, s.lo, s.hi, full, d);
       op(t.stream, t.weight_decay, j, x, d);
       if (s.g + 4 < s.hi) op(t.stream, t.weight_decay, j + 1, x + 4, d + 4);
-      store_vec(p, s.g, s.lo, s.hi, full, x);
+      const bool stochastic = sizeof(T) == 2 && op.stochastic_store();
+      uint32_t r[kVec];
+      if (stochastic) rounding_words_vec(op.seed, t.stream, 4 * j, r);
+      store_vec(p, s.g, s.lo, s.hi, full, x, stochastic, r);
       if (Op::writes_d) store_vec(dh, s.g, s.lo, s.hi, full, d);
     });
   }
 };
 
-// θ = a + (s − a)·f[t], s = the source (t.src, which may be θ itself).
+// θ = a + (s − a)·f[t], s = the source (t.src, which may be θ itself); stored with stochastic rounding keyed by
+// (seed, t.stream, t.offset + index) where `stochastic` (16-bit T).
 template <class T>
 struct RescaleRange {
   const float* factors;
+  uint64_t seed;
+  bool stochastic;
 
   __device__ void operator()(const TensorEntry& t, int64_t begin, int64_t end, int64_t /*c*/) const {
     T* p = static_cast<T*>(t.data);
@@ -208,7 +241,10 @@ struct RescaleRange {
       load_vec(src, s.g, s.lo, s.hi, full, x);
       ZK_UNROLL
       for (int e = 0; e < kVec; ++e) x[e] = rescale_value(y[e], x[e], f);
-      store_vec(p, s.g, s.lo, s.hi, full, x);
+      const bool rounds = sizeof(T) == 2 && stochastic;
+      uint32_t r[kVec];
+      if (rounds) rounding_words_vec(seed, t.stream, static_cast<uint64_t>(t.offset + s.g), r);
+      store_vec(p, s.g, s.lo, s.hi, full, x, rounds, r);
     });
   }
 };
@@ -287,6 +323,8 @@ struct LowrankEntry {
   int64_t m, n, r;
   int64_t first;
   int64_t tiles_n;  // tiles per row band of W
+  uint32_t stream;  // rounding key: W[i, j] is stream element offset + i·n + j
+  int64_t offset;
 };
 
 constexpr int kUcPerBlock = kThreads * 4;  // U·C entries per work item
@@ -324,7 +362,8 @@ union Quad {
 // and stored once. The m×n product never exists.
 template <class T, class F>
 __global__ void __launch_bounds__(kThreads)
-    lowrank_tile_kernel(const LowrankEntry* __restrict__ entries, int count, int64_t num_tiles) {
+    lowrank_tile_kernel(const LowrankEntry* __restrict__ entries, int count, int64_t num_tiles, uint64_t seed,
+                        bool stochastic) {
   __shared__ float s_uc[kSlice][kTileM + 1];               // +1: conflict-free transposing stores
   __shared__ __align__(16) float s_v[kSlice][kTileN + 4];  // +4 keeps rows 16-byte aligned for float4
   const int tx = threadIdx.x % (kTileN / 4), ty = threadIdx.x / (kTileN / 4);
@@ -369,16 +408,19 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t row = row0 + ty + kRowStep * k;
       if (row >= t.m || col >= t.n) continue;
       T* wp = w + row * t.n + col;
+      const bool rounds = sizeof(T) == 2 && stochastic;
+      uint32_t r[4] = {};
+      if (rounds) rounding_words_at(seed, t.stream, static_cast<uint64_t>(t.offset + row * t.n + col), r);
       if (col + 4 <= t.n && reinterpret_cast<uintptr_t>(wp) % sizeof(Quad<T>) == 0) {
         Quad<T> q;
         q.word = *reinterpret_cast<const decltype(q.word)*>(wp);
         ZK_UNROLL
-        for (int e = 0; e < 4; ++e) q.e[e] = from_float<T>(add_rn(to_float(q.e[e]), acc[k][e]));
+        for (int e = 0; e < 4; ++e) q.e[e] = from_float_rounded<T>(add_rn(to_float(q.e[e]), acc[k][e]), rounds, r[e]);
         *reinterpret_cast<decltype(q.word)*>(wp) = q.word;
       } else {
         ZK_UNROLL
         for (int e = 0; e < 4; ++e) {
-          if (col + e < t.n) wp[e] = from_float<T>(add_rn(to_float(wp[e]), acc[k][e]));
+          if (col + e < t.n) wp[e] = from_float_rounded<T>(add_rn(to_float(wp[e]), acc[k][e]), rounds, r[e]);
         }
       }
     }
@@ -446,10 +488,11 @@ void launch_lowrank_uc(const LowrankEntry* entries, int count, int64_t num_items
 }
 
 template <class T, class F>
-void launch_lowrank_tiles(const LowrankEntry* entries, int count, int64_t num_tiles, int max_blocks,
-                          cudaStream_t stream) {
+void launch_lowrank_tiles(const LowrankEntry* entries, int count, int64_t num_tiles, uint64_t seed, bool stochastic,
+                          int max_blocks, cudaStream_t stream) {
   if (num_tiles == 0) return;
-  lowrank_tile_kernel<T, F><<<grid_for(num_tiles, max_blocks), kThreads, 0, stream>>>(entries, count, num_tiles);
+  lowrank_tile_kernel<T, F><<<grid_for(num_tiles, max_blocks), kThreads, 0, stream>>>(entries, count, num_tiles,
+                                                                                       seed, stochastic);
 }
 
 inline void launch_fill(float* out, int64_t n, int64_t offset, uint64_t seed, uint32_t stream_id, uint32_t domain,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from zokern.random import MASK32, Domain, philox4x32, reference_draw
+from zokern.validation import Rounding, offsets_or_zeros
 
 # The one NaN every backend stores in bfloat16 and float16, whatever NaN the float32 math produced (docs/OPS.md).
 CANONICAL_NAN_16 = 0x7FFF
@@ -15,18 +16,53 @@ def availability(device_type: str) -> tuple[bool, str]:
     return True, "plain PyTorch, runs on every device"
 
 
-def _z(seed: int, stream: int, p: torch.Tensor, dist: int) -> torch.Tensor:
-    return reference_draw(seed, stream, p.numel(), domain=Domain.PERTURBATION, dist=dist,
+def _z(seed: int, stream: int, p: torch.Tensor, dist: int, offset: int) -> torch.Tensor:
+    """z of p's elements: stream elements offset … offset + numel − 1."""
+    return reference_draw(seed, stream, p.numel(), offset, domain=Domain.PERTURBATION, dist=dist,
                           device=p.device).view(p.shape)
 
 
-def _store(p: torch.Tensor, x: torch.Tensor) -> None:
+def _store(p: torch.Tensor, x: torch.Tensor, rounding: int = Rounding.NEAREST, seed: int = 0, stream: int = 0,
+           offset: int = 0) -> None:
     """p ← x rounded to nearest even in p's dtype, with every NaN stored as the canonical NaN 0x7FFF in bfloat16 and
     float16 (docs/OPS.md): torch's own conversion has no single rule (on the CPU bfloat16 gets 0xFFFF and float16
-    the quieted payload and sign; on CUDA, the conversion instructions' canonical NaN)."""
+    the quieted payload and sign; on CUDA, the conversion instructions' canonical NaN). With stochastic rounding,
+    16-bit storage takes the rounding of docs/RANDOM.md keyed by (seed, stream, offset + element index)."""
+    if rounding == Rounding.STOCHASTIC and p.dtype in (torch.bfloat16, torch.float16):
+        words = _rounding_words(seed, stream, offset, p.numel(), p.device)
+        bits = _stochastic_bits(x.float().reshape(-1), words, p.dtype)
+        p.view(torch.int16).copy_(((bits ^ 0x8000) - 0x8000).to(torch.int16).view(p.shape))  # uint16 as int16
+        return
     p.copy_(x)
     if p.dtype in (torch.bfloat16, torch.float16):
         p.view(torch.int16).masked_fill_(p.isnan(), CANONICAL_NAN_16)
+
+
+def _rounding_words(seed: int, stream: int, offset: int, numel: int, device) -> torch.Tensor:
+    """The rounding words of stream elements offset … offset + numel − 1 (int64 holding uint32): word i & 3
+    of Philox call i >> 2 in domain ROUNDING."""
+    j = torch.arange(offset >> 2, ((offset + numel - 1) >> 2) + 1, dtype=torch.int64, device=device)
+    words = torch.stack(philox4x32((j & MASK32, j >> 32, stream, int(Domain.ROUNDING)), (seed & MASK32, seed >> 32)),
+                        dim=-1).reshape(-1)
+    return words[offset & 3:(offset & 3) + numel]
+
+
+def _stochastic_bits(x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The 16-bit patterns (int64) of float32 x rounded stochastically to dtype with rounding words r
+    (docs/RANDOM.md, "Stochastic rounding"): integer arithmetic on x's bit pattern."""
+    u = x.view(torch.int32).to(torch.int64) & MASK32
+    if dtype == torch.bfloat16:
+        out = (u + (r & 0xFFFF)) >> 16
+    else:
+        sign, a = (u >> 16) & 0x8000, u & 0x7FFFFFFF
+        e = a >> 23
+        normal = (a - (112 << 23) + (r & 0x1FFF)) >> 13
+        s = torch.where(e == 0, 125, 126 - e)  # float16 subnormals: the value in units of 2^-24 is m / 2^s
+        t = s.clamp(max=32)
+        m = torch.where(e == 0, a & 0x7FFFFF, (a & 0x7FFFFF) | 0x800000) >> (s - t).clamp(max=31)
+        subnormal = (m + (r & ((1 << t) - 1))) >> t
+        out = sign | torch.where(a >= 0x47800000, 0x7C00, torch.where(e >= 113, normal, subnormal))
+    return torch.where((u & 0x7FFFFFFF) > 0x7F800000, CANONICAL_NAN_16, out)
 
 
 def philox_words(out: torch.Tensor, seed: int, stream: int, domain: int, first_call: int) -> None:
@@ -39,30 +75,34 @@ def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: 
     out.copy_(reference_draw(seed, stream, out.numel(), offset, domain, dist, device=out.device).view(out.shape))
 
 
-def perturb(params: list[torch.Tensor], streams: list[int], seed: int, scale: float, dist: int) -> None:
-    for p, stream in zip(params, streams):
-        x = p.float() + scale * _z(seed, stream, p, dist)
+def perturb(params: list[torch.Tensor], streams: list[int], seed: int, scale: float, dist: int,
+            offsets: list[int] = ()) -> None:
+    for p, stream, offset in zip(params, streams, offsets_or_zeros(offsets, len(params))):
+        x = p.float() + scale * _z(seed, stream, p, dist, offset)
         _store(p, x)
 
 
 def fused_step(params: list[torch.Tensor], streams: list[int], seed: int, restore: float, lr: float, grad: float,
-               weight_decays: list[float], next_seed: int, next_scale: float, dist: int) -> None:
-    for p, stream, wd in zip(params, streams, weight_decays):
-        z = _z(seed, stream, p, dist)
+               weight_decays: list[float], next_seed: int, next_scale: float, dist: int,
+               offsets: list[int] = (), rounding: int = Rounding.NEAREST) -> None:
+    for p, stream, wd, offset in zip(params, streams, weight_decays, offsets_or_zeros(offsets, len(params))):
+        z = _z(seed, stream, p, dist, offset)
         x = p.float() + restore * z
         x = x - lr * (grad * z + wd * x)
         if next_seed >= 0:
-            x = x + next_scale * _z(next_seed, stream, p, dist)
-        _store(p, x)
+            x = x + next_scale * _z(next_seed, stream, p, dist, offset)
+        _store(p, x, rounding, seed, stream, offset)
 
 
 # --- low-rank (SubZero) -----------------------------------------------------------------------------
 
 def lowrank_apply(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor],
-                  cores: list[torch.Tensor]) -> None:
+                  cores: list[torch.Tensor], streams: list[int] = (), seed: int = 0, offsets: list[int] = (),
+                  rounding: int = Rounding.NEAREST) -> None:
     """W += U·C·Vᵀ per tensor (W m×n, U m×r, V n×r, C r×r float32); the oracle may materialise U·C·Vᵀ."""
-    for w, u, v, c in zip(weights, us, vs, cores):
-        _store(w, w.float() + (u.float() @ c) @ v.float().t())
+    for w, u, v, c, stream, offset in zip(weights, us, vs, cores, offsets_or_zeros(streams, len(weights)),
+                                          offsets_or_zeros(offsets, len(weights))):
+        _store(w, w.float() + (u.float() @ c) @ v.float().t(), rounding, seed, stream, offset)
 
 
 # --- magnitude mask (Sparse MeZO) --------------------------------------------------------------------
@@ -79,46 +119,52 @@ def _pack_mask(m: torch.Tensor, mask: torch.Tensor) -> None:
     mask.copy_(((words + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32))  # uint32 bits as int32
 
 
-def masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist) -> None:
-    for t, (p, mask, stream) in enumerate(zip(params, masks, streams)):
+def masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist, offsets=()) -> None:
+    for t, (p, mask, stream, offset) in enumerate(zip(params, masks, streams, offsets_or_zeros(offsets, len(params)))):
         if compute_mask:
             _pack_mask(p.float().abs() <= thresholds[t], mask)
         m = _unpack_mask(mask, p.numel()).view(p.shape)
-        _store(p, p.float() + scale * (m * _z(seed, stream, p, dist)))
+        _store(p, p.float() + scale * (m * _z(seed, stream, p, dist, offset)))
 
 
 def masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
-                      next_scale, dist) -> None:
-    for t, (p, mask, stream, wd) in enumerate(zip(params, masks, streams, weight_decays)):
-        mz = _unpack_mask(mask, p.numel()).view(p.shape) * _z(seed, stream, p, dist)
+                      next_scale, dist, offsets=(), rounding=Rounding.NEAREST) -> None:
+    for t, (p, mask, stream, wd, offset) in enumerate(zip(params, masks, streams, weight_decays,
+                                                          offsets_or_zeros(offsets, len(params)))):
+        mz = _unpack_mask(mask, p.numel()).view(p.shape) * _z(seed, stream, p, dist, offset)
         x = p.float() + restore * mz
         x = x - lr * (grad * mz + wd * x)
         if next_seed >= 0:
-            stored = x.to(p.dtype).float()  # the next mask comes from the weights this step would store
-            m_next = stored.abs() <= thresholds[t]
+            # The next mask comes from the weights this step would store; the next perturbation is then
+            # rounded as masked_perturb_ rounds (to nearest).
+            stored = torch.empty_like(p)
+            _store(stored, x, rounding, seed, stream, offset)
+            m_next = stored.float().abs() <= thresholds[t]
             _pack_mask(m_next, mask)
-            x = stored + next_scale * (m_next * _z(next_seed, stream, p, dist))
-        _store(p, x)
+            _store(p, stored.float() + next_scale * (m_next * _z(next_seed, stream, p, dist, offset)))
+        else:
+            _store(p, x, rounding, seed, stream, offset)
 
 
 # --- diagonal Hessian (HiZOO) ------------------------------------------------------------------------
 
-def hessian_perturb(params, hessians, streams, seed, scale, dist) -> None:
-    for p, d, stream in zip(params, hessians, streams):
-        _store(p, p.float() + scale * (_z(seed, stream, p, dist) / torch.sqrt(d.float())))
+def hessian_perturb(params, hessians, streams, seed, scale, dist, offsets=()) -> None:
+    for p, d, stream, offset in zip(params, hessians, streams, offsets_or_zeros(offsets, len(params))):
+        _store(p, p.float() + scale * (_z(seed, stream, p, dist, offset) / torch.sqrt(d.float())))
 
 
 def hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays, next_seed,
-                 next_scale, dist) -> None:
-    for p, d, stream, wd in zip(params, hessians, streams, weight_decays):
-        z = _z(seed, stream, p, dist)
+                 next_scale, dist, offsets=(), rounding=Rounding.NEAREST) -> None:
+    for p, d, stream, wd, offset in zip(params, hessians, streams, weight_decays,
+                                        offsets_or_zeros(offsets, len(params))):
+        z = _z(seed, stream, p, dist, offset)
         d_old = d.float()
         x = p.float() + restore * (z / torch.sqrt(d_old))
         d_new = (1 - alpha) * d_old + alpha * (hess_scale * d_old * (z * z))
         x = x - lr * (grad * (z / torch.sqrt(d_new)) + wd * x)
         if next_seed >= 0:
-            x = x + next_scale * (_z(next_seed, stream, p, dist) / torch.sqrt(d_new))
-        _store(p, x)
+            x = x + next_scale * (_z(next_seed, stream, p, dist, offset) / torch.sqrt(d_new))
+        _store(p, x, rounding, seed, stream, offset)
         _store(d, d_new)
 
 
@@ -131,9 +177,11 @@ def distance_norms(params, anchors) -> torch.Tensor:
         if params else torch.empty(0, device=device)
 
 
-def anchored_rescale(params, anchors, sources, factors) -> None:
+def anchored_rescale(params, anchors, sources, factors, streams=(), seed=0, offsets=(),
+                     rounding=Rounding.NEAREST) -> None:
     """θ = θ0 + (src − θ0)·f per tensor; src defaults to θ itself."""
     sources = params if sources is None else sources
-    for t, (p, a, s) in enumerate(zip(params, anchors, sources)):
+    for t, (p, a, s, stream, offset) in enumerate(zip(params, anchors, sources, offsets_or_zeros(streams, len(params)),
+                                                      offsets_or_zeros(offsets, len(params)))):
         anchor = a.float()
-        _store(p, anchor + (s.float() - anchor) * factors[t])
+        _store(p, anchor + (s.float() - anchor) * factors[t], rounding, seed, stream, offset)

@@ -15,6 +15,7 @@ from zokern.optim import METHODS
 from zokern.random import SEED_LIMIT, parse_distribution
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROBE_MODES = ("auto", "module", "in-place")
 
 
 @dataclass
@@ -43,12 +44,16 @@ class FinetuneConfig:
     resume: bool = False
     checkpoint_every: int = 100
     two_pass: bool = False
+    rounding: "str | None" = None  # how updates are stored in 16-bit weights; None: the optimizers' default
     lora_rank: int = 8  # > 0: train LoRA adapters of this rank on lora_targets; 0: all weights
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,v_proj"
     train_pattern: "str | None" = None  # regex: train only parameters whose names match (e.g. "norm")
     method_options: dict = field(default_factory=dict)
     zero_shot_eval: bool = True  # evaluate the untrained model on the test set first (compare does it once)
+    # "module": probe mode (the forwards see θ ± εP through transient copies; only the update writes the weights);
+    # "in-place": the weights are perturbed and restored; "auto": probe mode for 16-bit weights without --two-pass.
+    probe_mode: str = "auto"
 
 
 class ConfigError(ValueError):
@@ -64,7 +69,8 @@ INTEGER_MINIMUMS = {"steps": 1, "batch_size": 1, "eval_examples": 1, "forward_bu
                     "evaluations": 0, "checkpoint_every": 0, "lora_rank": 0, "seed": 0}
 # Optimizer arguments that make_optimizer sets from the config's own settings.
 OPTIMIZER_SETTINGS = {"lr": "--lr", "eps": "--eps", "seed": "--seed", "backend": "--backend", "two_pass": "--two-pass",
-                      "weight_decay": "--weight-decay"}
+                      "weight_decay": "--weight-decay", "rounding": "--rounding"}
+ROUNDINGS = ("nearest", "stochastic")
 
 
 def _flag(name: str) -> str:
@@ -80,10 +86,18 @@ def check_config(config: FinetuneConfig) -> None:
         raise ConfigError(f"--dtype {config.dtype!r}: choose from {', '.join(DTYPES)}")
     if config.backend is not None and config.backend not in zokern.backends.BACKENDS:
         raise ConfigError(f"--backend {config.backend!r}: choose from {', '.join(zokern.backends.BACKENDS)}")
-    for name in ("lr", "eps", "lora_alpha"):
+    if config.rounding is not None and config.rounding not in ROUNDINGS:
+        raise ConfigError(f"--rounding {config.rounding!r}: choose from {', '.join(ROUNDINGS)}")
+    for name in ("eps", "lora_alpha"):
         value = getattr(config, name)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{_flag(name)} must be a positive finite number, got {value!r}")
+    if not (math.isfinite(config.lr) and config.lr >= 0):  # 0: a dry run, which must leave the weights as they are
+        raise ConfigError(f"--lr must be a finite number >= 0, got {config.lr!r}")
+    if config.probe_mode not in PROBE_MODES:
+        raise ConfigError(f"--probe-mode {config.probe_mode!r}: choose from {', '.join(PROBE_MODES)}")
+    if config.probe_mode == "module" and config.two_pass:
+        raise ConfigError("--probe-mode module never leaves the weights perturbed: it has no --two-pass")
     if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
         raise ConfigError(f"--weight-decay must be a finite number >= 0, got {config.weight_decay!r}")
     for name, least in INTEGER_MINIMUMS.items():
@@ -129,9 +143,21 @@ def _check_types(config: FinetuneConfig) -> None:
             raise ConfigError(f"{_flag(f.name)} must be {wanted}, got {value!r}")
 
 
+def uses_probes(settings: dict) -> bool:
+    """Whether a run with these settings (a config as a dict) trains in probe mode. A run recorded before
+    probe_mode existed perturbed in place."""
+    mode = settings.get("probe_mode", "in-place")
+    if mode == "auto":
+        return settings["dtype"] != "float32" and not settings["two_pass"]
+    return mode == "module"
+
+
 def check_resumable(recorded: dict, config: FinetuneConfig) -> None:
-    """A resumed run must continue the recorded one: any other trajectory setting is a ConfigError."""
+    """A resumed run must continue the recorded one: any other trajectory setting is a ConfigError. The probe
+    mode is compared as it resolves ("auto" for a float32 run is "in-place")."""
     requested = json.loads(json.dumps(asdict(config)))  # as the checkpoint stores it (tuples as lists, ...)
+    recorded = {**recorded, "probe_mode": "module" if uses_probes(recorded) else "in-place"}
+    requested["probe_mode"] = "module" if uses_probes(requested) else "in-place"
     changed = [f"{name} {recorded.get(name)!r} -> {value!r}" for name, value in requested.items()
                if name not in RESUMABLE_CHANGES and _comparable(name, recorded.get(name)) != _comparable(name, value)]
     if changed:

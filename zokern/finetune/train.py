@@ -3,6 +3,7 @@ checkpoints, exact resume, and the seed log that `zokern replay` rebuilds the we
 are in zokern.finetune.config, the run's files in zokern.finetune.run_files."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -16,11 +17,12 @@ import torch
 from tqdm import tqdm
 
 import zokern
-from zokern.finetune.config import DTYPES, ConfigError, FinetuneConfig, check_config, check_resumable
+from zokern import distributed
+from zokern.finetune.config import DTYPES, ConfigError, FinetuneConfig, check_config, check_resumable, uses_probes
 from zokern.finetune.data import Example, Task, bbc_news, jsonl_task
 from zokern.finetune.model import load_model, resolve_model_path
 from zokern.finetune.prompts import PromptClassifier
-from zokern.finetune.run_files import Run
+from zokern.finetune.run_files import CheckpointError, Run
 from zokern.fileio import atomic_write
 from zokern.optim import METHODS
 from zokern.seedlog import SeedLogWriter, weights_sha256
@@ -86,7 +88,8 @@ def make_optimizer(config: FinetuneConfig, trainable: list):
     if config.two_pass:
         options["two_pass"] = True
     try:
-        return method(trainable, lr=config.lr, eps=config.eps, seed=config.seed, backend=config.backend, **options)
+        return method(trainable, lr=config.lr, eps=config.eps, seed=config.seed, backend=config.backend,
+                      rounding=config.rounding, **options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{config.method} with --option {config.method_options}: {exc}") from None
 
@@ -107,21 +110,47 @@ def finetune(config: FinetuneConfig, progress_stream=None) -> dict:
     """Train and evaluate as `config` says, reporting progress on `progress_stream` (default: sys.stderr at
     the time of the call). The settings, the data, the model path and, with `resume`, the checkpoint to
     continue from are checked before the model loads (ConfigError, DataError, ModelError, CheckpointError,
-    SeedLogError)."""
+    SeedLogError).
+
+    Under torchrun every process trains the same model on its share of each --batch-size batch and the
+    optimizer averages the losses over the processes (docs/DISTRIBUTED.md); rank 0 alone evaluates, reports
+    progress and writes the run's files."""
     start_time = time.perf_counter()
-    progress_stream = progress_stream or sys.stderr
+    started_group = distributed.init_from_environment()
+    try:
+        return _finetune(config, progress_stream or sys.stderr, start_time)
+    finally:
+        if started_group:
+            distributed.shutdown()
+
+
+def _finetune(config: FinetuneConfig, progress_stream, start_time: float) -> dict:
+    world, rank = distributed.world_size(), distributed.rank()
+    main = rank == 0
+    if not main:
+        progress_stream = io.StringIO()  # rank 0 reports for all
     check_config(config)
+    if config.batch_size < world:
+        raise ConfigError(f"--batch-size {config.batch_size} is the global batch, split over {world} processes: "
+                          f"give each at least one example (--batch-size >= {world})")
     task = load_task(config)
     resolve_model_path(config.model)
     run = Run(config.output_dir)
-    resume_from = run.resume_point(progress_stream) if config.resume else None
+    resume_from = run.resume_point(progress_stream) if config.resume and main else None
+    resume_from = distributed.broadcast_object(resume_from)
     if resume_from is not None:
         check_resumable(resume_from[1]["config"], config)
+        saved_world = resume_from[1]["state"].get("world_size", 1)
+        if saved_world != world:
+            raise CheckpointError(f"--resume: the run in {run.dir} was trained on {saved_world} processes; resume "
+                                  f"it on {saved_world} (this is {world})")
     elif config.resume:
         print(f"--resume: nothing in {run.dir} yet; starting a new run", file=progress_stream)
     model, tokenizer, trainable = build_model(config)
     classifier = PromptClassifier(task, tokenizer)
     optimizer = make_optimizer(config, trainable)
+    if uses_probes(asdict(config)):
+        optimizer.attach(model)  # replay reads probe mode from each step's record
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, also when runs share a process
@@ -129,18 +158,22 @@ def finetune(config: FinetuneConfig, progress_stream=None) -> dict:
 
     steps = planned_steps(config, optimizer)
     eval_every = max(1, steps // config.evaluations) if config.evaluations > 0 else config.eval_every
-    state = {"step": 0, "forwards": 0, "best_validation_accuracy": None, "zero_shot_accuracy": None}
+    state = {"step": 0, "forwards": 0, "best_validation_accuracy": None, "zero_shot_accuracy": None,
+             "world_size": world}
     if resume_from is not None:
         path, progress = resume_from
         run.load_checkpoint(path, trainable, optimizer)
         state = {"forwards": 0, **progress["state"]}
         print(f"resuming from {path.name} (step {state['step']})", file=progress_stream)
-        run.truncate_metrics(state["step"])
-        if run.seedlog_path.exists():
-            seedlog = SeedLogWriter.resume(run.seedlog_path, state["step"])
-        else:
-            seedlog = None
-            print(f"{run.seedlog_path} is missing: this run will have no seed log", file=progress_stream)
+        seedlog = None
+        if main:
+            run.truncate_metrics(state["step"])
+            if run.seedlog_path.exists():
+                seedlog = SeedLogWriter.resume(run.seedlog_path, state["step"])
+            else:
+                print(f"{run.seedlog_path} is missing: this run will have no seed log", file=progress_stream)
+    elif not main:
+        seedlog = None
     else:
         run.start_over()
         seedlog = SeedLogWriter(run.seedlog_path, seedlog_header(config, model, trainable, device))
@@ -150,48 +183,55 @@ def finetune(config: FinetuneConfig, progress_stream=None) -> dict:
     if seedlog is not None:
         optimizer.record_hook = seedlog.write
 
-    def closure_for(batch):
+    def closure_for(examples):
+        """The loss on this process's share of a global batch, with the share's size (uneven shares)."""
+        mine = distributed.share(examples, world, rank)
+        batch = classifier.batch(mine, device)
+
         def closure():
             state["forwards"] += 1
-            return classifier.loss(model, batch)
+            loss = classifier.loss(model, batch)
+            return loss if world == 1 else (loss, len(mine))
         return closure
 
     def fresh_closure_for(step):
         """New batches for a step that evaluates more than its own (`uses_fresh_batches`), keyed by (seed,
         step, draw) so a resumed run sees the same ones."""
         draws = iter(range(1_000_000))
-        return lambda: closure_for(classifier.batch(
-            sample(task.train, config.batch_size, config.seed, step, "probe", next(draws)), device))
+        return lambda: closure_for(sample(task.train, config.batch_size, config.seed, step, "probe", next(draws)))
 
     train_start, first_step = time.perf_counter(), state["step"]
     # disable=None: a bar on a terminal only; the evaluation lines are written either way.
     with tqdm(total=steps, initial=first_step, unit="step", file=progress_stream, disable=None,
               dynamic_ncols=True) as bar:
         for step in range(first_step, steps):
-            batch = classifier.batch(sample(task.train, config.batch_size, config.seed, step), device)
-            loss = float(optimizer.step(closure_for(batch), fresh_closure_for(step)))
+            examples = sample(task.train, config.batch_size, config.seed, step)
+            loss = float(optimizer.step(closure_for(examples), fresh_closure_for(step)))
             record = {"step": step + 1, "forwards": state["forwards"], "loss": loss,
                       "lr": optimizer.param_groups[0]["lr"]}
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.update()
             if eval_every and (step + 1) % eval_every == 0 or step + 1 == steps:
-                with optimizer.unperturbed():
+                optimizer.restore_weights()  # on every rank: the ranks' weights stay the same
+                if main:
                     record["validation_accuracy"] = classifier.accuracy(model, eval_set)
-                best = state["best_validation_accuracy"]
-                state["best_validation_accuracy"] = max(best or 0.0, record["validation_accuracy"])
-                bar.write(f"step {step + 1}: validation accuracy {record['validation_accuracy']:.3f}",
-                          file=progress_stream)
-            run.log(record)
+                    best = state["best_validation_accuracy"]
+                    state["best_validation_accuracy"] = max(best or 0.0, record["validation_accuracy"])
+                    bar.write(f"step {step + 1}: validation accuracy {record['validation_accuracy']:.3f}",
+                              file=progress_stream)
             state["step"] = step + 1
-            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                run.save_checkpoint(trainable, optimizer, state, config)
+            if main:
+                run.log(record)
+                if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                    run.save_checkpoint(trainable, optimizer, state, config)
 
     optimizer.restore_weights()
     if seedlog is not None:
         seedlog.close()
     steps_per_second = (state["step"] - first_step) / max(1e-9, time.perf_counter() - train_start)
-    final = classifier.accuracy(model, task.test)
-    run.save_checkpoint(trainable, optimizer, state, config)
+    final = classifier.accuracy(model, task.test) if main else None
+    if main:
+        run.save_checkpoint(trainable, optimizer, state, config)
     summary = {
         "task": task.name, "method": config.method, "zero_shot_accuracy": state["zero_shot_accuracy"],
         "final_accuracy": final, "best_validation_accuracy": state["best_validation_accuracy"],
@@ -201,10 +241,12 @@ def finetune(config: FinetuneConfig, progress_stream=None) -> dict:
         "hyperparameters": asdict(config),
         "versions": _versions(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
-        "backend": zokern.backends.resolve(config.backend, device.type),
+        "backend": zokern.backends.resolve(config.backend, device.type), "world_size": world,
     }
-    atomic_write(run.dir / "summary.json", json.dumps(summary, indent=2).encode())
-    _plot(run)
+    if main:
+        atomic_write(run.dir / "summary.json", json.dumps(summary, indent=2).encode())
+        _plot(run)
+    distributed.barrier()  # the run's files are complete when any process returns
     return summary
 
 

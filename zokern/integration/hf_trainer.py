@@ -53,16 +53,26 @@ class ZOTrainer(Trainer):
     zo_options: the optimizer's other keywords (eps, two_pass, backend, rank, ...). lr, weight_decay and
     seed come from TrainingArguments (learning_rate, weight_decay, seed); note that Trainer's default
     learning_rate 5e-5 is far above ZO's usual 1e-7 to 1e-6.
+    zo_probes: probe mode (`opt.attach(model)`: the forwards see θ ± εP through transient copies, only the
+    update writes the weights). None (default): on when a trained tensor is bfloat16 or float16 and two_pass
+    is not set.
 
     The optimizer trains the model's parameters with requires_grad=True (the LoRA tensors of a PEFT model).
+    Under torchrun (world_size > 1) every process evaluates its own batches and the optimizer averages the
+    losses over the processes before each update (one all-reduce of a few scalars), so every process applies
+    the same update; Trainer's batches are per device, so the global batch is world_size times as large.
     Each step calls `compute_loss` under `torch.no_grad()` with the model in eval mode; with
     gradient_accumulation_steps = k the step's loss is the mean over its k micro-batches, all evaluated
     at the same perturbation. The logged loss is the one `opt.step` returns (at θ + εz).
     """
 
-    def __init__(self, *args, zo_method: "str | type" = "mezo", zo_options: "dict | None" = None, **kwargs):
+    def __init__(self, *args, zo_method: "str | type" = "mezo", zo_options: "dict | None" = None,
+                 zo_probes: "bool | None" = None, **kwargs):
         self.zo_class = _resolve_method(zo_method)
         self.zo_options = dict(zo_options or {})
+        if zo_probes and self.zo_options.get("two_pass"):
+            raise ValueError("zo_probes=True: probe mode never leaves the weights perturbed, so it has no two_pass")
+        self.zo_probes = zo_probes
         clash = sorted(set(self.zo_options) & set(_FROM_ARGS))
         if clash:
             raise ValueError(f"zo_options {clash} come from TrainingArguments: set "
@@ -94,7 +104,13 @@ class ZOTrainer(Trainer):
             options = dict(self.zo_options, lr=self.args.learning_rate, seed=self.args.seed)
             if self.args.weight_decay:
                 options["weight_decay"] = self.args.weight_decay
-            self.optimizer = self.zo_optimizer = _trainer_stepped(self.zo_class)(trainable, **options)
+            optimizer = _trainer_stepped(self.zo_class)(trainable, **options)
+            probes = self.zo_probes
+            if probes is None:
+                probes = not options.get("two_pass") and any(p.dtype != torch.float32 for _, p in trainable)
+            if probes:
+                optimizer.attach(model)
+            self.optimizer = self.zo_optimizer = optimizer
         return self.optimizer
 
     # --- the step -----------------------------------------------------------------------------------------
@@ -201,8 +217,16 @@ def _check_args(args: TrainingArguments, trainer: Trainer) -> None:
         problems.append("gradient_checkpointing=True: a ZO step stores no activations for a backward pass")
     if args.neftune_noise_alpha:
         problems.append("neftune_noise_alpha: noise would differ between the two probes of a step")
-    if args.world_size > 1 or args.n_gpu > 1 or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-        problems.append("more than one device: data-parallel ZO needs the probe losses averaged across "
-                        "ranks before the update, which ZOTrainer does not do; train on one device")
+    if args.n_gpu > 1:
+        problems.append(f"{args.n_gpu} GPUs in one process (torch.nn.DataParallel): launch one process per GPU "
+                        "with torchrun instead, which ZOTrainer trains data-parallel")
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        problems.append("DeepSpeed or FSDP through Trainer: ZOTrainer trains data-parallel under torchrun (DDP); "
+                        "to shard parameters, shard the model with torch.distributed.fsdp.fully_shard and drive a "
+                        "zokern optimizer yourself (docs/DISTRIBUTED.md)")
+    parallelism = getattr(args, "parallelism_config", None)
+    if parallelism is not None and any((getattr(parallelism, f"{kind}_size", None) or 1) > 1 for kind in ("tp", "cp", "sp")):
+        problems.append("tensor, context or sequence parallel (parallelism_config): not supported; every rank must "
+                        "evaluate the whole model on its own share of the batch")
     if problems:
         raise ValueError("ZOTrainer cannot use these TrainingArguments:\n  " + "\n  ".join(problems))

@@ -5,7 +5,8 @@ from typing import Sequence
 
 import torch
 
-from zokern.validation import check_is_tensor_list
+from zokern.ops.mezo import rounding_keys
+from zokern.validation import Rounding, check_is_tensor_list
 
 
 def distance_norms(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], *,
@@ -18,11 +19,15 @@ def distance_norms(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tenso
 
 
 def anchored_rescale_(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], factors: torch.Tensor, *,
-                      sources: "Sequence[torch.Tensor] | None" = None, backend: "str | None" = None) -> None:
-    """θ = θ0 + (src − θ0)·f per tensor, src = `sources` (a saved copy, for exact probes) or θ itself."""
+                      sources: "Sequence[torch.Tensor] | None" = None, rounding: "str | Rounding" = "nearest",
+                      seed: "int | None" = None, stream_ids: "Sequence[int] | None" = None,
+                      offsets: "Sequence[int] | None" = None, backend: "str | None" = None) -> None:
+    """θ = θ0 + (src − θ0)·f per tensor, src = `sources` (a saved copy, for exact probes) or θ itself.
+    rounding, seed, stream_ids and offsets as for lowrank_apply_."""
     params = check_is_tensor_list(list(params))
     if not params:
         return
+    keys = rounding_keys(params, rounding, seed, stream_ids, offsets)
     with torch.no_grad():
         torch.ops.zokern.anchored_rescale_(params, list(anchors), None if sources is None else list(sources),
-                                           factors, backend or "")
+                                           factors, backend or "", *keys)

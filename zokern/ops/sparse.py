@@ -8,7 +8,7 @@ import torch
 
 from zokern.ops.mezo import checked, weight_decays
 from zokern.random import parse_distribution
-from zokern.validation import check_finite, mask_words
+from zokern.validation import Rounding, check_finite, mask_words, parse_rounding
 
 
 def magnitude_thresholds(params: Sequence[torch.Tensor], sparsity: float) -> torch.Tensor:
@@ -42,22 +42,26 @@ def unpack_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def masked_perturb_(params, masks, thresholds: torch.Tensor, seed: int, scale: float, *,
                     stream_ids: Sequence[int], compute_mask: bool, dist="normal",
-                    backend: "str | None" = None) -> None:
-    """p += scale·m·z; with compute_mask the mask m = |p| ≤ h is taken from p first and stored in `masks`."""
-    params, stream_ids = checked(params, stream_ids, seed)
+                    offsets: "Sequence[int] | None" = None, backend: "str | None" = None) -> None:
+    """p += scale·m·z; with compute_mask the mask m = |p| ≤ h is taken from p first and stored in `masks`.
+    offsets as for perturb_ (they move the draws, not the mask: bit b of word w is local element 32w + b)."""
+    params, stream_ids, offsets = checked(params, stream_ids, seed, offsets=offsets)
     if not params:
         return
     with torch.no_grad():
         torch.ops.zokern.masked_perturb_(params, list(masks), thresholds, stream_ids, seed,
                                          check_finite("scale", scale), bool(compute_mask),
-                                         int(parse_distribution(dist)), backend or "")
+                                         int(parse_distribution(dist)), backend or "", offsets)
 
 
 def masked_fused_step_(params, masks, thresholds: torch.Tensor, seed: int, *, stream_ids: Sequence[int],
                        restore: float, lr: float, grad: float, weight_decay=0.0, next_seed: "int | None" = None,
-                       next_scale: float = 0.0, dist="normal", backend: "str | None" = None) -> None:
-    """Masked restore + update (+ the next step's mask and perturbation) in one pass (docs/OPS.md)."""
-    params, stream_ids = checked(params, stream_ids, seed, next_seed)
+                       next_scale: float = 0.0, dist="normal", offsets: "Sequence[int] | None" = None,
+                       rounding: "str | Rounding" = "nearest", backend: "str | None" = None) -> None:
+    """Masked restore + update (+ the next step's mask and perturbation) in one pass (docs/OPS.md); offsets as
+    for masked_perturb_. rounding (as for fused_step_) rounds the update; with a next perturbation, the
+    perturbed weights are then rounded to nearest, as masked_perturb_ rounds them."""
+    params, stream_ids, offsets = checked(params, stream_ids, seed, next_seed, offsets)
     if not params:
         return
     with torch.no_grad():
@@ -65,4 +69,4 @@ def masked_fused_step_(params, masks, thresholds: torch.Tensor, seed: int, *, st
             params, list(masks), thresholds, stream_ids, seed, check_finite("restore", restore),
             check_finite("lr", lr), check_finite("grad", grad), weight_decays(weight_decay, len(params)),
             -1 if next_seed is None else next_seed, check_finite("next_scale", next_scale),
-            int(parse_distribution(dist)), backend or "")
+            int(parse_distribution(dist)), backend or "", offsets, int(parse_rounding(rounding)))

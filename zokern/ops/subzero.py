@@ -6,9 +6,9 @@ from typing import Sequence
 
 import torch
 
-from zokern.ops.mezo import fill_random_
+from zokern.ops.mezo import fill_random_, rounding_keys
 from zokern.random import Domain
-from zokern.validation import check_is_tensor_list
+from zokern.validation import Rounding, check_is_tensor_list
 
 
 def lowrank_shape(shape: Sequence[int], reshape: bool = False) -> "tuple[int, int] | None":
@@ -56,10 +56,17 @@ def core_matrix(seed: int, stream: int, rank: int, *, device="cpu", backend: "st
 
 
 def lowrank_apply_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],
-                   cores: Sequence[torch.Tensor], *, backend: "str | None" = None) -> None:
-    """W += U·C·Vᵀ for every (W, U, V, C), in place, tile by tile (docs/OPS.md)."""
+                   cores: Sequence[torch.Tensor], *, rounding: "str | Rounding" = "nearest",
+                   seed: "int | None" = None, stream_ids: "Sequence[int] | None" = None,
+                   offsets: "Sequence[int] | None" = None, backend: "str | None" = None) -> None:
+    """W += U·C·Vᵀ for every (W, U, V, C), in place, tile by tile (docs/OPS.md).
+
+    rounding "stochastic" rounds 16-bit W stochastically, keyed by (seed, stream id, offset + row-major index)
+    (docs/RANDOM.md): it needs the step's seed and the tensors' stream ids; offsets (default 0) as for
+    perturb_."""
     weights = check_is_tensor_list(list(weights))
     if not weights:
         return
+    keys = rounding_keys(weights, rounding, seed, stream_ids, offsets)
     with torch.no_grad():
-        torch.ops.zokern.lowrank_apply_(weights, list(us), list(vs), list(cores), backend or "")
+        torch.ops.zokern.lowrank_apply_(weights, list(us), list(vs), list(cores), backend or "", *keys)

@@ -2,7 +2,8 @@
 ± probes with one host synchronisation, non-finite losses, the two-pass mode, resumable state, and the
 seed log: one small record per step from which `replay_step` redoes the step without forward passes.
 
-A subclass says how to perturb (`_perturb`) and how to restore + update (`_update`), keeps its buffers in
+A subclass says how to perturb (`_perturb`), how to restore + update (`_update`) and, for probe mode
+(zokern/optim/probe.py), how to make one tensor's perturbed copy (`_probe`); it keeps its buffers in
 `Bucket.extra` (those in `saved_buffers` are its state), and states its capabilities as class attributes
 (`two_pass_supported`, `weight_decay_supported`, `forwards_per_step`, `uses_fresh_batches`,
 `trains_tied_embeddings`), which callers read instead of naming methods; everything else lives here once.
@@ -21,8 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zokern import distributed
+from zokern.optim.probe import ModuleProbes
 from zokern.random import check_seed, parse_distribution, step_seed
-from zokern.validation import check_step_args
+from zokern.validation import Rounding, check_step_args, parse_rounding
 
 # MeZO's rule: no weight decay on biases and norms [ALGORITHMS.md §0].
 NO_DECAY = re.compile(r"bias|layer_norm|layernorm|norm\.weight|ln_\w*\.weight", re.IGNORECASE)
@@ -38,6 +41,21 @@ class Bucket:
     # The method's buffers (masks, Hessians, anchors, subspaces): their one home. The optimizer's
     # `saved_buffers` name those that are its state; the others are fixed at construction or are caches.
     extra: dict = field(default_factory=dict)
+    # Per tensor: where a sharded parameter's local tensor (in `params`) sits in the whole (None: whole).
+    shards: list = field(default_factory=list)
+
+    @property
+    def offsets(self) -> "list[int] | None":
+        """The stream index of each tensor's element 0 (its shard's global start), or None when none is sharded."""
+        return self.offsets_at(range(len(self.params)))
+
+    def offsets_at(self, indices) -> "list[int] | None":
+        """`offsets` of the tensors at `indices` (a method's subset of the bucket)."""
+        return distributed.offsets([self.shards[i] for i in indices])
+
+    def shape(self, i: int) -> torch.Size:
+        """Tensor i's whole shape (a shard's parameter's, not the shard's)."""
+        return self.params[i].shape if self.shards[i] is None else self.shards[i].shape
 
     @property
     def weight_decays(self) -> list[float]:
@@ -49,9 +67,22 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
+class RankFailedError(RuntimeError):
+    """Another rank's closure failed in this step: this rank skipped it too."""
+
+
 def check_loss(value, where: str):
-    """The closure's return value if it is a loss: a real number or a one-element tensor. Checked at
-    each forward, so junk is caught before the next pass moves the weights."""
+    """The closure's return value if it is a loss: a real number or a one-element tensor, or under data
+    parallel `(loss, count)`, count being the size of the rank's share of the batch. Checked at each
+    forward, so junk is caught before the next pass moves the weights."""
+    if isinstance(value, tuple) and len(value) == 2:
+        count = value[1]
+        if not isinstance(count, numbers.Real) or isinstance(count, bool) or not count >= 0 or math.isinf(count):
+            raise ValueError(f"the closure returned (loss, {count!r}) at {where}; the count must be the number of "
+                             "examples of the rank's share, a finite number >= 0")
+        if isinstance(value[0], tuple):
+            raise TypeError(f"the closure returned a nested tuple at {where}; expected (loss, count)")
+        return check_loss(value[0], where), count
     if isinstance(value, torch.Tensor):
         if value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"the closure returned a {value.dtype} tensor at {where}; expected the loss, "
@@ -96,8 +127,14 @@ def _check_like(saved, mine, where: str) -> None:
             _check_like(s, m, f"{where}[{i}]")
 
 
+def _weighted(value) -> tuple:
+    """A checked loss as (loss, weight): a bare loss weighs 1 (an equal share)."""
+    return value if isinstance(value, tuple) else (value, 1.0)
+
+
 def _read_losses(losses: dict) -> dict:
     """The step's losses as floats, with one host synchronisation for all of them."""
+    losses = {key: _weighted(value)[0] for key, value in losses.items()}
     device = next((v.device for v in losses.values() if isinstance(v, torch.Tensor)), "cpu")
     stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).detach().reshape(())
                            for v in losses.values()])
@@ -162,7 +199,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         return names - {"self", "params", "defaults"}
 
     def __init__(self, params, defaults: dict, *, eps: float, seed: int = 0, dist="normal",
-                 backend: "str | None" = None, two_pass: bool = False, on_nonfinite: str = "skip"):
+                 backend: "str | None" = None, two_pass: bool = False, on_nonfinite: str = "skip",
+                 rounding: "str | None" = None, process_group=None):
+        # A model instead of parameters: train its parameters with requires_grad=True, in probe mode.
+        model = params if isinstance(params, torch.nn.Module) else None
+        if model is not None:
+            params = list(model.named_parameters())
         if not eps > 0 or not math.isfinite(eps):
             raise ValueError(f"eps must be a positive finite number, got {eps}")
         if on_nonfinite not in ("skip", "raise"):
@@ -171,7 +213,12 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__} has no two-pass mode")
         self.eps, self.seed = float(eps), check_seed(seed)
         self.dist, self.backend = int(parse_distribution(dist)), backend
+        # How updates are stored (docs/OPS.md): None is stochastic, which float32 storage ignores, so it means
+        # stochastic for 16-bit tensors and nearest for float32 ones.
+        self.rounding = parse_rounding("stochastic" if rounding is None else rounding).name.lower()
         self.two_pass, self.on_nonfinite = two_pass, on_nonfinite
+        # Data parallel: the losses are averaged over this group's ranks (docs/DISTRIBUTED.md).
+        self.loss_reduction = distributed.loss_reduction(process_group)
         self.step_count = 0
         self.nonfinite_steps = 0
         self.pending_seed: "int | None" = None  # two-pass mode: the seed whose +εz the weights hold
@@ -180,10 +227,47 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.buckets: list[Bucket] = []
         # Called with each step's record (docs/SEEDLOG.md), e.g. `opt.record_hook = records.append`.
         self.record_hook: "Callable[[dict], None] | None" = None
+        self.module_probes: "ModuleProbes | None" = None  # probe mode's hooks on the model (attach)
         super().__init__(params, defaults)
         if not any(b.params for b in self.buckets):
             raise ValueError(f"every parameter given to {type(self).__name__} has requires_grad=False: nothing to "
                              "train (pass the tensors to train, e.g. a PEFT model's adapters)")
+        if any(any(b.shards) for b in self.buckets) and self.loss_reduction is None:
+            raise distributed.DistributedError(
+                "sharded parameters need the losses averaged over the ranks: leave process_group=None (the "
+                "default group) or pass the data-parallel group, not False")
+        if self.loss_reduction is not None:
+            group = self.loss_reduction.group
+            distributed.check_same_on_ranks(
+                {"optimizer": type(self).__name__, "seed": self.seed, "eps": self.eps, "tensors": self._tensors()},
+                group, f"the {type(self).__name__} optimizer")
+        if model is not None:
+            self.attach(model)
+
+    # --- probe mode ---------------------------------------------------------------------------------------
+
+    def attach(self, model: torch.nn.Module) -> "ZOOptimizer":
+        """Probe mode: the step's forward passes see θ ± εP through transient copies made as `model`'s modules
+        run, and only the update writes the trained tensors (docs/OPTIMIZERS.md). Checked before anything
+        changes: every trained tensor is a parameter of a module of `model`. Returns the optimizer."""
+        if self.two_pass:
+            raise ValueError("probe mode never leaves the weights perturbed between steps: it has no two-pass mode")
+        if type(self)._probe is ZOOptimizer._probe:
+            raise ValueError(f"{type(self).__name__} defines no probe copies (_probe): it has no probe mode")
+        if any(any(b.shards) for b in self.buckets):
+            raise distributed.DistributedError(
+                "probe mode does not take sharded (FSDP2) parameters yet: pass the parameters, not the model, to "
+                "train them with in-place probes (docs/DISTRIBUTED.md)")
+        probes = ModuleProbes(self, model)
+        self.detach()
+        self.module_probes = probes
+        return self
+
+    def detach(self) -> None:
+        """Leave probe mode: the hooks are removed, and the next step perturbs the weights in place."""
+        if self.module_probes is not None:
+            self.module_probes.remove()
+            self.module_probes = None
 
     # --- construction -----------------------------------------------------------------------------------
 
@@ -205,8 +289,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise TypeError(f"parameter {name or '#' + str(k)} has dtype {p.dtype}; ZO optimizers train "
                                 "float32, bfloat16 or float16 tensors")
-            bucket = by_device.setdefault(p.device, Bucket([], [], [], group))
-            bucket.params.append(p)
+            # A sharded parameter (FSDP2) is trained through its local shard, on global stream offsets.
+            local, shard = distributed.local_shard(p, name or f"#{k}")
+            bucket = by_device.setdefault(local.device, Bucket([], [], [], group))
+            bucket.params.append(local)
+            bucket.shards.append(shard)
             bucket.names.append(name)
             bucket.stream_ids.append(k)
         for bucket in by_device.values():
@@ -250,10 +337,19 @@ class ZOOptimizer(torch.optim.Optimizer):
         into the step's record, so replay needs no forward pass."""
         return {}
 
-    def _update(self, seed: int, grad: float, next_seed: "int | None", record: dict) -> None:
-        """From θ − εP(seed): restore, update with the projected gradient, and add +εP(next_seed) if given.
-        `record` holds what `_measure` returned."""
+    def _update(self, seed: int, grad: float, next_seed: "int | None", record: dict, restore: float) -> None:
+        """From θ − restore·P(seed): restore, update with the projected gradient, and add +εP(next_seed) if
+        given. `restore` is ε, or 0 in probe mode, where the weights hold θ. `record` holds what `_measure`
+        returned."""
         raise NotImplementedError
+
+    def _probe(self, bucket: Bucket, i: int, seed: int, scale: float, rows: "torch.Tensor | None") -> torch.Tensor:
+        """Probe mode: a new tensor θ + scale·P(seed) of the bucket's tensor i, with the z of the in-place path;
+        with `rows` (sorted, unique), only those rows of a table, stacked. The stored tensor is not written."""
+        raise NotImplementedError
+
+    def _begin_probes(self, seed: int) -> None:
+        """Probe mode: what the first in-place perturbation pass does besides perturbing (SparseMeZO's mask)."""
 
     def _after_step(self, closure, fresh_closure, record: dict) -> None:
         """Work after the update (DiZO's projection). When replaying, `closure` is None and what the work
@@ -309,32 +405,49 @@ class ZOOptimizer(torch.optim.Optimizer):
                             "weight_decay": [float(g["weight_decay"]) for g in self.param_groups]}
         if self.two_pass and logged is None:
             record["pending"] = self.pending_seed == seed
+        # Probe mode is the record's when replaying: its update restores nothing.
+        probing = self.module_probes is not None if logged is None else bool(logged.get("probed"))
+        if probing and logged is None:
+            record["probed"] = True
         losses, failure, moved = {}, None, False
 
-        def evaluate(where: str) -> None:
+        def evaluate(where: str, scale: "float | None" = None) -> None:
             nonlocal failure
             if closure is None or failure is not None:
                 return
             try:
-                losses[where] = check_loss(closure(), f"the {where} forward")
+                if scale is None:
+                    value = closure()
+                else:  # probe mode: nothing is written, so a failure leaves the step undone
+                    with self.module_probes.probing(lambda b, i, rows: self._probe(b, i, seed, scale, rows)):
+                        value = closure()
+                        self.module_probes.check_seen([(b, i) for b in self.buckets for i in range(len(b.params))])
+                losses[where] = check_loss(value, f"the {where} forward")
             except BaseException as exc:
-                if not moved:
+                # Under data parallel every rank must reach the step's all-reduce, which carries the failure.
+                if not moved and self.loss_reduction is None:
                     raise
                 failure = exc
 
         if self.forwards_per_step == 3:
             evaluate("center")
-        if self.pending_seed != seed:
-            self._perturb(seed, self.eps, first=True)
+        if probing:
+            self._begin_probes(seed)
+            evaluate("plus", self.eps)
+            evaluate("minus", -self.eps)
+        else:
+            if self.pending_seed != seed:
+                self._perturb(seed, self.eps, first=True)
+                moved = True
+            evaluate("plus")
+            self._perturb(seed, -2 * self.eps, first=False)
             moved = True
-        evaluate("plus")
-        self._perturb(seed, -2 * self.eps, first=False)
-        moved = True
-        evaluate("minus")
+            evaluate("minus")
+        if logged is None:
+            values, failure = self._probe_losses(losses, failure)
         if failure is not None:
             record.update(skipped=True, failed=_describe(failure))
         elif logged is None:
-            values = _read_losses(losses)
             if all(math.isfinite(v) for v in values.values()):
                 record["grad"] = (values["plus"] - values["minus"]) / (2 * self.eps)
                 record.update(self._measure(values))
@@ -347,7 +460,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             else:
                 record["skipped"] = True
         if record.get("skipped"):
-            self._perturb(seed, self.eps, first=False)  # back to θ, nothing applied
+            if not probing:
+                self._perturb(seed, self.eps, first=False)  # back to θ, nothing applied
             self.pending_seed = None
             self.nonfinite_steps += "failed" not in record
             self.step_count += 1
@@ -361,9 +475,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                     raise NonFiniteLossError(message)
                 warnings.warn(f"{message} ({self.nonfinite_steps} such steps so far)", RuntimeWarning,
                               stacklevel=3)
-            return losses.get("plus")
+            return self._step_loss(losses, values if logged is None else None)
         next_seed = step_seed(self.seed, self.step_count + 1) if self.two_pass else None
-        self._update(seed, record["grad"], next_seed, record)
+        self._update(seed, record["grad"], next_seed, record, restore=0.0 if probing else self.eps)
         self.pending_seed = next_seed
         self.step_count += 1
         try:
@@ -373,7 +487,32 @@ class ZOOptimizer(torch.optim.Optimizer):
             emit(record)
             raise
         emit(record)
-        return losses.get("plus")
+        return self._step_loss(losses, values if logged is None else None)
+
+    def _probe_losses(self, losses: dict, failure, keys: "tuple[str, ...] | None" = None):
+        """(the losses as floats, the failure): read with one host synchronisation, or under data parallel
+        averaged over the ranks by one all-reduce, which every rank joins, failed or not, and which tells
+        each rank whether another one failed (then this rank's failure is a RankFailedError)."""
+        if self.loss_reduction is None:
+            return (None if failure is not None else _read_losses(losses)), failure
+        keys = keys or (("center",) if self.forwards_per_step == 3 else ()) + ("plus", "minus")
+        values, failed = self.loss_reduction.reduce({k: _weighted(v) for k, v in losses.items()}, keys,
+                                                    failure is not None)
+        if failure is None and failed:
+            failure = RankFailedError(f"the closure failed on {failed} of {self.loss_reduction.world_size} ranks; "
+                                      "this rank skipped the step with them")
+        return values, failure
+
+    def _step_loss(self, losses: dict, values: "dict | None"):
+        """What `step` returns: the loss at θ + εz, under data parallel the mean over the ranks."""
+        if self.loss_reduction is not None and values is not None:
+            return torch.tensor(values["plus"], dtype=torch.float64)
+        return _weighted(losses["plus"])[0] if "plus" in losses else None
+
+    @property
+    def world_size(self) -> int:
+        """The ranks this optimizer's steps average over (1: it trains alone)."""
+        return 1 if self.loss_reduction is None else self.loss_reduction.world_size
 
     # --- two-pass mode ------------------------------------------------------------------------------------
 
@@ -408,9 +547,10 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["zo"] = {"seed": self.seed, "eps": self.eps, "step_count": self.step_count,
+        state["zo"] = {"seed": self.seed, "eps": self.eps, "step_count": self.step_count, "rounding": self.rounding,
                        "nonfinite_steps": self.nonfinite_steps, "pending_seed": self.pending_seed,
-                       "method": self._extra_state(), "optimizer": type(self).__name__, "tensors": self._tensors()}
+                       "world_size": self.world_size, "method": self._extra_state(), "optimizer": type(self).__name__,
+                       "tensors": self._tensors()}
         return state
 
     def _check_state(self, state_dict: dict) -> None:
@@ -427,6 +567,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         if zo.get("optimizer", me) != me:
             raise ValueError(f"the state_dict was saved by {zo['optimizer']}; this optimizer is {me}")
         check_seed(zo["seed"])
+        parse_rounding(zo.get("rounding", "nearest"))
+        if zo.get("world_size", 1) != self.world_size:
+            raise ValueError(f"the state_dict was saved by a run on {zo.get('world_size', 1)} ranks; this optimizer "
+                             f"runs on {self.world_size}: resume on the world size it was saved on")
         if not zo["eps"] > 0 or not math.isfinite(zo["eps"]):
             raise ValueError(f"the state_dict's eps must be a positive finite number, got {zo['eps']}")
         groups, mine = state_dict.get("param_groups", []), self._tensors()
@@ -460,5 +604,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         for b, i in zip(self.buckets, groups):
             b.group = self.param_groups[i]  # torch replaced the group dicts: follow them (lr, schedulers)
         self.seed, self.eps, self.step_count = zo["seed"], zo["eps"], zo["step_count"]
+        # A state saved before rounding was recorded was trained with round-to-nearest.
+        self.rounding = parse_rounding(zo.get("rounding", Rounding.NEAREST)).name.lower()
         self.nonfinite_steps, self.pending_seed = zo["nonfinite_steps"], zo["pending_seed"]
         self._load_extra_state(zo["method"])

@@ -8,8 +8,8 @@ import warnings
 
 import torch
 
-from zokern import ops
-from zokern.optim.base import _read_losses, check_loss
+from zokern import distributed, ops
+from zokern.optim.base import check_loss
 from zokern.optim.mezo import MeZO
 from zokern.random import Domain, step_seed
 
@@ -109,11 +109,12 @@ class DiZO(MeZO):
             record["rescale"] = self.project(closure if fresh_closure is None else None, fresh_closure)
 
     def _projected(self):
-        """(params, anchors, stream ids) of the projected tensors, per bucket that has any."""
+        """(bucket, params, anchors, stream ids, shards) of the projected tensors, per bucket that has any."""
         for b in self.buckets:
             if b.extra["projected"]:
                 idx = b.extra["projected"]
-                yield [b.params[i] for i in idx], b.extra["anchors"], [b.stream_ids[i] for i in idx]
+                yield (b, [b.params[i] for i in idx], b.extra["anchors"], [b.stream_ids[i] for i in idx],
+                       [b.shards[i] for i in idx])
 
     @torch.no_grad()
     def project(self, closure=None, fresh_closure=None) -> list[list[float]]:
@@ -127,54 +128,101 @@ class DiZO(MeZO):
                           stacklevel=3)
             fresh_closure = lambda: closure  # noqa: E731
         seed = step_seed(self.seed, self.step_count)
-        work = []
-        for params, anchors, ids in projected:
-            t = ops.distance_norms(params, anchors, backend=self.backend)
-            work.append((params, anchors, [p.clone() for p in params], t, t.clone(), ids))
+        # In probe mode the probes are transient copies and θ is only read until the final rescale: no saved copy.
+        probing = self.module_probes is not None
+        work, where = [], []
+        for bucket, params, anchors, ids, shards in projected:
+            where.append(distributed.offsets(shards))
+            t = distributed.distance_norms(params, anchors, shards,
+                                           lambda p, a: ops.distance_norms(p, a, backend=self.backend))
+            work.append((bucket, params, anchors, None if probing else [p.clone() for p in params], t, t.clone(), ids))
         try:
             self._search(work, seed, fresh_closure)
         except BaseException:  # a failed search leaves the weights as they were before it
-            for params, _, saved, *_ in work:
-                torch._foreach_copy_(params, saved)
+            for _, params, _, saved, *_ in work:
+                if saved is not None:
+                    torch._foreach_copy_(params, saved)
             raise
         factors = []
-        for params, anchors, saved, t, gamma, _ in work:
+        for (_, params, anchors, saved, t, gamma, ids), offsets in zip(work, where):
             factors.append(_ratio(gamma, t))
-            ops.anchored_rescale_(params, anchors, factors[-1], sources=saved, backend=self.backend)
+            self._project_from(params, anchors, saved, factors[-1], ids, offsets)
         return [f.tolist() for f in factors]
+
+    def _project_from(self, params, anchors, saved, factors, ids, offsets) -> None:
+        """θ = θ0 + (saved − θ0)·f, the projection's update: stored with the optimizer's rounding, keyed by a seed
+        of its own, derived from the step's (so its rounding words are independent of every update's)."""
+        ops.anchored_rescale_(params, anchors, factors, sources=saved, rounding=self.rounding,
+                              seed=step_seed(step_seed(self.seed, self.step_count), 0), stream_ids=ids,
+                              offsets=offsets, backend=self.backend)
 
     def _search(self, work, seed, fresh_closure) -> None:
         """The J iterations: each probes γ ± ε_γ·z on a fresh batch and updates γ in place."""
         tau, eg = self.gamma_range, self.gamma_eps
         for j in range(self.project_iters):
-            batch = fresh_closure()
             probes = []
-            for params, anchors, saved, t, gamma, ids in work:
+            for _, params, anchors, saved, t, gamma, ids in work:
                 z = torch.stack([ops.fill_random_(torch.empty(1, device=t.device), seed, k, offset=j,
                                                   domain=Domain.DIZO, backend=self.backend)[0] for k in ids])
                 z = torch.maximum(torch.minimum(z, tau / eg * t), -tau / eg * t)
                 probes.append(z)
-            losses = []
-            for sign in (1.0, -1.0):
-                for (params, anchors, saved, t, gamma, _), z in zip(work, probes):
-                    ops.anchored_rescale_(params, anchors, _ratio(gamma + sign * eg * z, t), sources=saved,
-                                          backend=self.backend)
-                losses.append(check_loss(batch(), f"projection search iteration {j}"))
-            plus, minus = _read_losses(dict(zip(("plus", "minus"), losses))).values()
+            losses, failure = {}, None
+            try:
+                batch = fresh_closure()
+                for key, sign in (("plus", 1.0), ("minus", -1.0)):
+                    factors = [_ratio(gamma + sign * eg * z, t) for (*_, t, gamma, _), z in zip(work, probes)]
+                    if self.module_probes is None:
+                        for (_, params, anchors, saved, *_), f in zip(work, factors):
+                            ops.anchored_rescale_(params, anchors, f, sources=saved, backend=self.backend)
+                        loss = batch()
+                    else:
+                        loss = self._probed_search_forward(work, factors, batch)
+                    losses[key] = check_loss(loss, f"projection search iteration {j}")
+            except BaseException as exc:
+                if self.loss_reduction is None:
+                    raise
+                failure = exc  # raised after the all-reduce, which tells the other ranks
+            values, failure = self._probe_losses(losses, failure, ("plus", "minus"))
+            if failure is not None:
+                raise failure
+            plus, minus = values["plus"], values["minus"]
             if not (math.isfinite(plus) and math.isfinite(minus)):
                 self.nonfinite_steps += 1
                 continue
             g = (plus - minus) / (2 * eg)
-            for (params, anchors, saved, t, gamma, _), z in zip(work, probes):
+            for (_, params, anchors, saved, t, gamma, _), z in zip(work, probes):
                 gamma.copy_(torch.minimum(torch.maximum(gamma - self.gamma_lr * t * g * z, (1 - tau) * t),
                                           (1 + tau) * t))
+
+    def _probed_search_forward(self, work, factors, batch):
+        """Probe mode: `batch()` with each projected tensor seen as θ0 + (θ − θ0)·f through a transient copy."""
+        rescaled = {}
+        for (bucket, _, anchors, _, _, _, _), f in zip(work, factors):
+            for position, (i, anchor) in enumerate(zip(bucket.extra["projected"], anchors)):
+                rescaled[(id(bucket), i)] = (anchor, f[position:position + 1])
+
+        def probe(b, i, rows):
+            if (id(b), i) not in rescaled:
+                return None
+            anchor, factor = rescaled[(id(b), i)]
+            source = b.params[i] if rows is None else b.params[i][rows]
+            copy = torch.empty_like(source, memory_format=torch.contiguous_format)
+            ops.anchored_rescale_([copy], [anchor if rows is None else anchor[rows]], factor, sources=[source],
+                                  backend=self.backend)
+            return copy
+
+        with self.module_probes.probing(probe):
+            loss = batch()
+            self.module_probes.check_seen([(bucket, i) for bucket, *_ in work for i in bucket.extra["projected"]])
+        return loss
 
     def _rescale(self, factors: list[list[float]]) -> None:
         """Replay of a projection: the search's final rescale with its logged factors, from a saved copy as
         there (float32 factors survive the log exactly)."""
-        for (params, anchors, _), f in zip(self._projected(), factors, strict=True):
-            ops.anchored_rescale_(params, anchors, torch.tensor(f, dtype=torch.float32, device=params[0].device),
-                                  sources=[p.clone() for p in params], backend=self.backend)
+        for (_, params, anchors, ids, shards), f in zip(self._projected(), factors, strict=True):
+            self._project_from(params, anchors, [p.clone() for p in params],
+                               torch.tensor(f, dtype=torch.float32, device=params[0].device), ids,
+                               distributed.offsets(shards))
 
 
 def _ratio(gamma: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

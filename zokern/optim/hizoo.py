@@ -5,6 +5,7 @@ import torch
 
 from zokern import ops
 from zokern.optim.base import ZOOptimizer
+from zokern.optim.probe import perturbed_rows
 
 
 class HiZOO(ZOOptimizer):
@@ -49,7 +50,7 @@ class HiZOO(ZOOptimizer):
     def _perturb(self, seed, scale, first):
         for b in self.buckets:
             ops.hessian_perturb_(b.params, b.extra["hessians"], seed, scale, stream_ids=b.stream_ids, dist=self.dist,
-                                 backend=self.backend)
+                                 backend=self.backend, offsets=b.offsets)
 
     def _measure(self, losses):
         if self.curvature_dtype == "float32":
@@ -57,9 +58,20 @@ class HiZOO(ZOOptimizer):
             return {"hess_scale": float((plus + minus - 2 * center).abs() / (2 * self.eps ** 2))}
         return {"hess_scale": abs(losses["plus"] + losses["minus"] - 2 * losses["center"]) / (2 * self.eps ** 2)}
 
-    def _update(self, seed, grad, next_seed, record):
+    def _probe(self, b, i, seed, scale, rows):
+        p, hessian = b.params[i], b.extra["hessians"][i]
+        if rows is None:
+            copy = p.detach().clone(memory_format=torch.contiguous_format)
+            ops.hessian_perturb_([copy], [hessian], seed, scale, stream_ids=[b.stream_ids[i]], dist=self.dist,
+                                 backend=self.backend)
+            return copy
+        return perturbed_rows(p, seed, b.stream_ids[i], scale, rows, dist=self.dist, backend=self.backend,
+                              direction=lambda z, rows: z / torch.sqrt(hessian[rows].float()))
+
+    def _update(self, seed, grad, next_seed, record, restore):
         for b in self.buckets:
             wd = b.group["weight_decay"]
-            ops.hessian_step_(b.params, b.extra["hessians"], seed, stream_ids=b.stream_ids, restore=self.eps,
+            ops.hessian_step_(b.params, b.extra["hessians"], seed, stream_ids=b.stream_ids, restore=restore,
                               lr=b.group["lr"], grad=grad, hess_scale=record["hess_scale"], alpha=self.alpha,
-                              weight_decay=wd, dist=self.dist, backend=self.backend)
+                              weight_decay=wd, dist=self.dist, rounding=self.rounding, backend=self.backend,
+                              offsets=b.offsets)

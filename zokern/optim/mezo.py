@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from zokern import ops
 from zokern.optim.base import ZOOptimizer
+from zokern.optim.probe import stream_copy
 
 
 class MeZO(ZOOptimizer):
@@ -18,10 +19,14 @@ class MeZO(ZOOptimizer):
 
     def _perturb(self, seed, scale, first):
         for b in self.buckets:
-            ops.perturb_(b.params, seed, scale, stream_ids=b.stream_ids, dist=self.dist, backend=self.backend)
+            ops.perturb_(b.params, seed, scale, stream_ids=b.stream_ids, dist=self.dist, backend=self.backend,
+                         offsets=b.offsets)
 
-    def _update(self, seed, grad, next_seed, record):
+    def _probe(self, b, i, seed, scale, rows):
+        return stream_copy(b.params[i], seed, b.stream_ids[i], scale, rows, dist=self.dist, backend=self.backend)
+
+    def _update(self, seed, grad, next_seed, record, restore):
         for b in self.buckets:
-            ops.fused_step_(b.params, seed, stream_ids=b.stream_ids, restore=self.eps, lr=b.group["lr"], grad=grad,
+            ops.fused_step_(b.params, seed, stream_ids=b.stream_ids, restore=restore, lr=b.group["lr"], grad=grad,
                             weight_decay=b.weight_decays, next_seed=next_seed, next_scale=self.eps,
-                            dist=self.dist, backend=self.backend)
+                            dist=self.dist, rounding=self.rounding, backend=self.backend, offsets=b.offsets)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import warnings
 
-from zokern import ops
+import torch
+
+from zokern import distributed, ops
 from zokern.optim.base import ZOOptimizer
+from zokern.optim.probe import perturbed_rows, stream_copy
 
 
 class SparseMeZO(ZOOptimizer):
@@ -39,7 +42,7 @@ class SparseMeZO(ZOOptimizer):
         super().load_state_dict(_with_tracked(state_dict))
 
     def _init_bucket(self, bucket):
-        masked = [i for i, p in enumerate(bucket.params) if p.dim() >= 2 or self.mask_vectors]
+        masked = [i for i in range(len(bucket.params)) if len(bucket.shape(i)) >= 2 or self.mask_vectors]
         dense = [i for i in range(len(bucket.params)) if i not in set(masked)]
         # tracked: positions in `masked` re-estimated every step, decided at the first estimate (None before).
         bucket.extra.update(masked=masked, dense=dense, masks=ops.new_masks([bucket.params[i] for i in masked]),
@@ -49,7 +52,7 @@ class SparseMeZO(ZOOptimizer):
     def _select(bucket, key):
         idx = bucket.extra[key]
         return ([bucket.params[i] for i in idx], [bucket.stream_ids[i] for i in idx],
-                [bucket.weight_decays[i] for i in idx])
+                [bucket.weight_decays[i] for i in idx], bucket.offsets_at(idx))
 
     def _refresh_due(self, bucket, step: int) -> bool:
         """Whether step `step`'s first pass re-estimates any of the bucket's thresholds."""
@@ -60,43 +63,78 @@ class SparseMeZO(ZOOptimizer):
         """The thresholds of step `step`, from the current unperturbed weights where they are due."""
         thresholds = bucket.extra["thresholds"]
         if thresholds is None or (self.threshold_every and step % self.threshold_every == 0):
-            thresholds = ops.magnitude_thresholds(params, self.sparsity)
+            thresholds = self._magnitude_thresholds(bucket, range(len(params)))
             if bucket.extra["tracked"] is None:
                 bucket.extra["tracked"] = (thresholds == 0).nonzero().flatten().tolist()
         elif bucket.extra["tracked"]:
             tracked = bucket.extra["tracked"]
             thresholds = thresholds.clone()
-            thresholds[tracked] = ops.magnitude_thresholds([params[i] for i in tracked], self.sparsity)
+            thresholds[tracked] = self._magnitude_thresholds(bucket, tracked)
         bucket.extra["thresholds"] = thresholds
         return thresholds
 
+    def _magnitude_thresholds(self, bucket, positions):
+        """The thresholds of the masked tensors at `positions` (in extra["masked"]): a sharded tensor's is its
+        whole tensor's, reduced exactly across its shards."""
+        idx = [bucket.extra["masked"][i] for i in positions]
+        return distributed.magnitude_thresholds([bucket.params[i] for i in idx], [bucket.shards[i] for i in idx],
+                                                self.sparsity, ops.magnitude_thresholds)
+
     def _perturb(self, seed, scale, first):
         for b in self.buckets:
-            params, ids, _ = self._select(b, "masked")
+            params, ids, _, offsets = self._select(b, "masked")
             if params:
                 thresholds = self._refresh_thresholds(b, params, self.step_count) if first else b.extra["thresholds"]
                 ops.masked_perturb_(params, b.extra["masks"], thresholds, seed, scale, stream_ids=ids,
-                                    compute_mask=first, dist=self.dist, backend=self.backend)
-            params, ids, _ = self._select(b, "dense")
-            ops.perturb_(params, seed, scale, stream_ids=ids, dist=self.dist, backend=self.backend)
+                                    compute_mask=first, dist=self.dist, backend=self.backend, offsets=offsets)
+            params, ids, _, offsets = self._select(b, "dense")
+            ops.perturb_(params, seed, scale, stream_ids=ids, dist=self.dist, backend=self.backend, offsets=offsets)
 
-    def _update(self, seed, grad, next_seed, record):
+    def _begin_probes(self, seed):
+        # The step's thresholds and masks, from the unperturbed weights as the first in-place pass takes them; each
+        # mask is computed on a clone (a zero perturbation), so the stored tensor is only read.
+        for b in self.buckets:
+            params, ids, _, _ = self._select(b, "masked")
+            if params:
+                thresholds = self._refresh_thresholds(b, params, self.step_count)
+                for j, (p, k) in enumerate(zip(params, ids)):
+                    ops.masked_perturb_([p.detach().clone()], [b.extra["masks"][j]], thresholds[j:j + 1], seed, 0.0,
+                                        stream_ids=[k], compute_mask=True, dist=self.dist, backend=self.backend)
+
+    def _probe(self, b, i, seed, scale, rows):
+        p, k = b.params[i], b.stream_ids[i]
+        if i not in b.extra["masked"]:
+            return stream_copy(p, seed, k, scale, rows, dist=self.dist, backend=self.backend)
+        j = b.extra["masked"].index(i)
+        threshold = b.extra["thresholds"][j:j + 1]
+        if rows is None:
+            copy = p.detach().clone(memory_format=torch.contiguous_format)
+            ops.masked_perturb_([copy], [b.extra["masks"][j]], threshold, seed, scale, stream_ids=[k],
+                                compute_mask=False, dist=self.dist, backend=self.backend)
+            return copy
+        return perturbed_rows(p, seed, k, scale, rows, dist=self.dist, backend=self.backend,
+                              direction=lambda z, rows: z * (p[rows].float().abs() <= threshold))
+
+    def _update(self, seed, grad, next_seed, record, restore):
         for b in self.buckets:
             lr = b.group["lr"]
-            params, ids, wds = self._select(b, "masked")
+            params, ids, wds, offsets = self._select(b, "masked")
             if params:
                 # Thresholds re-estimated next step need that step's own first pass: don't fold it in here.
                 fold = None if self._refresh_due(b, self.step_count + 1) else next_seed
                 ops.masked_fused_step_(params, b.extra["masks"], b.extra["thresholds"], seed, stream_ids=ids,
-                                       restore=self.eps, lr=lr, grad=grad, weight_decay=wds, next_seed=fold,
-                                       next_scale=self.eps, dist=self.dist, backend=self.backend)
+                                       restore=restore, lr=lr, grad=grad, weight_decay=wds, next_seed=fold,
+                                       next_scale=self.eps, dist=self.dist, rounding=self.rounding,
+                                       backend=self.backend, offsets=offsets)
                 if next_seed is not None and fold is None:
                     thresholds = self._refresh_thresholds(b, params, self.step_count + 1)
                     ops.masked_perturb_(params, b.extra["masks"], thresholds, next_seed, self.eps,
-                                        stream_ids=ids, compute_mask=True, dist=self.dist, backend=self.backend)
-            params, ids, wds = self._select(b, "dense")
-            ops.fused_step_(params, seed, stream_ids=ids, restore=self.eps, lr=lr, grad=grad, weight_decay=wds,
-                            next_seed=next_seed, next_scale=self.eps, dist=self.dist, backend=self.backend)
+                                        stream_ids=ids, compute_mask=True, dist=self.dist, backend=self.backend,
+                                        offsets=offsets)
+            params, ids, wds, offsets = self._select(b, "dense")
+            ops.fused_step_(params, seed, stream_ids=ids, restore=restore, lr=lr, grad=grad, weight_decay=wds,
+                            next_seed=next_seed, next_scale=self.eps, dist=self.dist, rounding=self.rounding,
+                            backend=self.backend, offsets=offsets)
 
 
 def _with_tracked(state_dict):

@@ -129,6 +129,75 @@ ZK_HD inline f16 from_float<f16>(float x) {
 #endif
 }
 
+// ---- storage <- float32, stochastic rounding (docs/RANDOM.md, "Stochastic rounding") ----
+// r: the element's rounding word, word i & 3 of Philox call i >> 2 in domain ROUNDING. Integer arithmetic on
+// the float32 bit pattern: the result is one of the two storage values around x (by bit pattern: away from
+// zero past the largest finite value is inf), the one away from zero with probability (discarded bits) / 2^k.
+
+constexpr uint32_t kRoundingDomain = 4;  // Domain.ROUNDING
+enum Rounding : int { kNearest = 0, kStochastic = 1 };
+
+ZK_HD inline uint32_t float_to_bf16_bits_stochastic(float x, uint32_t r) {
+  const uint32_t u = float_as_bits(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FFFu;  // NaN: the canonical one
+  return (u + (r & 0xFFFFu)) >> 16;                      // a carry into the exponent is right, up to inf
+}
+
+ZK_HD inline uint16_t float_to_half_bits_stochastic(float x, uint32_t r) {
+  const uint32_t u = float_as_bits(x);
+  const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return 0x7FFFu;
+  if (a >= 0x47800000u) return static_cast<uint16_t>(sign | 0x7C00u);  // >= 2^16 (inf included): inf
+  const uint32_t e = a >> 23;
+  if (e >= 113) {  // normal half: 13 bits discarded; a carry up to 0x7C00 is inf, as it should be
+    return static_cast<uint16_t>(sign | ((a - (112u << 23) + (r & 0x1FFFu)) >> 13));
+  }
+  // Subnormal half (zero and float32 subnormals included): the value in units of 2^-24 is m / 2^s. Of the s
+  // discarded bits the top 32 at most take part (exact for |x| >= 2^-33).
+  const uint32_t s = e == 0 ? 125u : 126u - e;
+  const uint32_t t = s < 32u ? s : 32u;
+  const uint64_t m = static_cast<uint64_t>(e == 0 ? (a & 0x7FFFFFu) : ((a & 0x7FFFFFu) | 0x800000u)) >>
+                     (s - t < 31u ? s - t : 31u);
+  const uint64_t bits = r & ((uint64_t(1) << t) - 1u);
+  return static_cast<uint16_t>(sign | static_cast<uint32_t>((m + bits) >> t));
+}
+
+// x stored in T: round to nearest even, or stochastically with the word r. float32 keeps x.
+template <class T>
+ZK_HD inline T from_float_rounded(float x, bool stochastic, uint32_t r);
+
+template <>
+ZK_HD inline float from_float_rounded<float>(float x, bool /*stochastic*/, uint32_t /*r*/) {
+  return x;
+}
+
+template <>
+ZK_HD inline bf16 from_float_rounded<bf16>(float x, bool stochastic, uint32_t r) {
+  return stochastic ? bf16{static_cast<uint16_t>(float_to_bf16_bits_stochastic(x, r))} : from_float<bf16>(x);
+}
+
+template <>
+ZK_HD inline f16 from_float_rounded<f16>(float x, bool stochastic, uint32_t r) {
+  return stochastic ? f16{float_to_half_bits_stochastic(x, r)} : from_float<f16>(x);
+}
+
+// The rounding words of stream elements i .. i+3 (any i), as draw_z_at picks z.
+ZK_HD inline void rounding_words_at(uint64_t seed, uint32_t stream, uint64_t i, uint32_t r[4]) {
+  const uint32_t phase = static_cast<uint32_t>(i & 3u);
+  const Words a = philox(seed, stream, kRoundingDomain, i >> 2);
+  if (phase == 0) {
+    ZK_UNROLL
+    for (int q = 0; q < 4; ++q) r[q] = a.w[q];
+    return;
+  }
+  const Words b = philox(seed, stream, kRoundingDomain, (i >> 2) + 1);
+  ZK_UNROLL
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t k = q + phase;  // 1 .. 6
+    r[q] = k < 4 ? (k == 1 ? a.w[1] : k == 2 ? a.w[2] : a.w[3]) : (k == 4 ? b.w[0] : k == 5 ? b.w[1] : b.w[2]);
+  }
+}
+
 // ---- separately rounded float32 arithmetic (see the FMA note at the top) ----
 
 ZK_HD inline float mul_rn(float a, float b) {
@@ -191,6 +260,10 @@ ZK_HD inline float step_value(float x, float z, float restore, float lr, float g
 // and zn for whole blocks (csrc/cpu/zo_simd.h) and calls it per element; the four-element form below, one
 // Philox call j, draws them itself (the CUDA kernels). Slots outside the tensor carry junk that the caller
 // never stores. wd is the tensor's weight decay.
+//
+// Rounding: the caller stores what element() returns. stochastic() says whether the op needs the elements'
+// rounding words (drawn under op.seed in domain ROUNDING) for 16-bit storage, stochastic_store() whether the
+// caller stores with them; otherwise it rounds to nearest even. The ops that store an update take `rounding`.
 
 // z and zn (zeros where op.next() < 0) of Philox call j.
 template <class Op>
@@ -210,6 +283,8 @@ struct PerturbOp {
   int dist;
 
   ZK_HD int64_t next() const { return -1; }
+  ZK_HD bool stochastic() const { return false; }
+  ZK_HD bool stochastic_store() const { return false; }
 
   ZK_HD float element(float x, float z, float /*zn*/, float /*wd: no decay in a perturbation*/) const {
     return perturb_value(x, scale, z);
@@ -229,8 +304,11 @@ struct StepOp {
   int64_t next_seed;  // -1: no next perturbation
   float next_scale;
   int dist;
+  int rounding;  // Rounding
 
   ZK_HD int64_t next() const { return next_seed; }
+  ZK_HD bool stochastic() const { return rounding == kStochastic; }
+  ZK_HD bool stochastic_store() const { return stochastic(); }
 
   ZK_HD float element(float x, float z, float zn, float wd) const {
     x = step_value(x, z, restore, lr, grad, wd);
@@ -250,26 +328,48 @@ struct StepOp {
 // then delta[i, j] = Σ_a (U·C)[i, a]·V[j, a], and W[i, j] = round(W[i, j] + delta[i, j]). So the CPU
 // and the GPU agree bit for bit (the reference's BLAS order differs by rounding only).
 
+// z and zn (zeros where op.next() < 0) of stream elements i .. i+3, any i: call i >> 2 alone when i is a
+// multiple of 4, else the last words of call i >> 2 and the first of the next one (static indices only, so the
+// values stay in registers on the device).
+template <class Op>
+ZK_HD inline void draw_z_at(const Op& op, uint32_t stream, uint64_t i, float z[4], float zn[4]) {
+  const uint32_t phase = static_cast<uint32_t>(i & 3u);
+  if (phase == 0) {
+    draw_z(op, stream, i >> 2, z, zn);
+    return;
+  }
+  float a[8], an[8];
+  draw_z(op, stream, i >> 2, a, an);
+  draw_z(op, stream, (i >> 2) + 1, a + 4, an + 4);
+  ZK_UNROLL
+  for (int q = 0; q < 4; ++q) {
+    z[q] = phase == 1 ? a[q + 1] : phase == 2 ? a[q + 2] : a[q + 3];
+    zn[q] = phase == 1 ? an[q + 1] : phase == 2 ? an[q + 2] : an[q + 3];
+  }
+}
+
 // ---- magnitude mask (Sparse MeZO) ----
-// The masks are bit words: bit b of word w is element 32w + b. An op handles the four elements of one
-// Philox call and their four mask bits (bit q <-> element 4j + q); the caller assembles whole words.
+// The masks are bit words: bit b of word w is the tensor's element 32w + b, whatever its element offset. An op
+// handles four consecutive elements, stream elements i .. i+3, and their four mask bits (bit q <-> the q-th);
+// the caller assembles whole words.
 
 ZK_HD inline bool in_mask(float x, float h) { return fabsf(x) <= h; }  // NaN: out
 
 // m·z as the reference multiplies a bool by z: ±0 where m is off, so even the sign of a zero sum agrees.
 ZK_HD inline float masked_z(uint32_t m, float z) { return mul_rn(m ? 1.0f : 0.0f, z); }
 
-// The four-element form takes the four mask bits (bit q <-> element 4j + q) and returns the four to store.
+// The four-element form takes the four mask bits (bit q <-> stream element i + q) and their rounding words
+// r (read where op.stochastic()), and returns the four bits to store.
 template <class T, class Op>
-ZK_HD inline uint32_t masked_apply4(const Op& op, uint32_t stream, float wd, float h, uint64_t j, float x[4],
-                                    uint32_t bits) {
+ZK_HD inline uint32_t masked_apply4(const Op& op, uint32_t stream, float wd, float h, uint64_t i, float x[4],
+                                    uint32_t bits, const uint32_t r[4]) {
   float z[4], zn[4];
-  draw_z(op, stream, j, z, zn);
+  draw_z_at(op, stream, i, z, zn);
   uint32_t out = 0;
   ZK_UNROLL
   for (int q = 0; q < 4; ++q) {
     uint32_t m = (bits >> q) & 1u;
-    x[q] = op.template element<T>(x[q], z[q], zn[q], wd, h, m);
+    x[q] = op.template element<T>(x[q], z[q], zn[q], wd, h, m, r[q]);
     out |= m << q;
   }
   return out;
@@ -284,17 +384,20 @@ struct MaskedPerturbOp {
   ZK_HD int64_t next() const { return -1; }
   ZK_HD bool reads_mask() const { return !compute_mask; }
   ZK_HD bool writes_mask() const { return compute_mask; }
+  ZK_HD bool stochastic() const { return false; }
+  ZK_HD bool stochastic_store() const { return false; }
 
   // m: the stored mask bit (ignored when computing); becomes the bit used, to store if writes_mask.
   template <class T>
-  ZK_HD float element(float x, float z, float /*zn*/, float /*wd*/, float h, uint32_t& m) const {
+  ZK_HD float element(float x, float z, float /*zn*/, float /*wd*/, float h, uint32_t& m, uint32_t /*r*/) const {
     if (compute_mask) m = in_mask(x, h);
     return perturb_value(x, scale, masked_z(m, z));
   }
 
   template <class T>
-  ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t j, float x[4], uint32_t bits) const {
-    return masked_apply4<T>(*this, stream, wd, h, j, x, bits);
+  ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t i, float x[4], uint32_t bits,
+                       const uint32_t r[4]) const {
+    return masked_apply4<T>(*this, stream, wd, h, i, x, bits, r);
   }
 };
 
@@ -304,25 +407,31 @@ struct MaskedStepOp {
   int64_t next_seed;  // -1: no next perturbation (and no new mask)
   float next_scale;
   int dist;
+  int rounding;  // Rounding
 
   ZK_HD int64_t next() const { return next_seed; }
   ZK_HD bool reads_mask() const { return true; }
   ZK_HD bool writes_mask() const { return next_seed >= 0; }
+  ZK_HD bool stochastic() const { return rounding == kStochastic; }
+  // With a next perturbation the update is rounded inside element() and the perturbed weights to nearest,
+  // as masked_perturb_ rounds them.
+  ZK_HD bool stochastic_store() const { return stochastic() && next_seed < 0; }
 
-  // T: the parameter dtype, whose rounding of the updated weights the next mask is taken from.
+  // T: the parameter dtype, whose rounding of the updated weights (word r) the next mask is taken from.
   // m: the stored mask bit; becomes the next perturbation's bit if there is one.
   template <class T>
-  ZK_HD float element(float x, float z, float zn, float wd, float h, uint32_t& m) const {
+  ZK_HD float element(float x, float z, float zn, float wd, float h, uint32_t& m, uint32_t r) const {
     x = step_value(x, masked_z(m, z), restore, lr, grad, wd);
     if (next_seed < 0) return x;
-    x = to_float(from_float<T>(x));  // the weights this step stores
+    x = to_float(from_float_rounded<T>(x, stochastic(), r));  // the weights this step stores
     m = in_mask(x, h);
     return perturb_value(x, next_scale, masked_z(m, zn));
   }
 
   template <class T>
-  ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t j, float x[4], uint32_t bits) const {
-    return masked_apply4<T>(*this, stream, wd, h, j, x, bits);
+  ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t i, float x[4], uint32_t bits,
+                       const uint32_t r[4]) const {
+    return masked_apply4<T>(*this, stream, wd, h, i, x, bits, r);
   }
 };
 
@@ -339,6 +448,8 @@ struct HessianPerturbOp {
 
   static constexpr bool writes_d = false;
   ZK_HD int64_t next() const { return -1; }
+  ZK_HD bool stochastic() const { return false; }
+  ZK_HD bool stochastic_store() const { return false; }
 
   ZK_HD float element(float x, float& d, float z, float /*zn*/, float /*wd*/) const {
     return perturb_value(x, scale, hessian_z(z, d));
@@ -359,9 +470,12 @@ struct HessianStepOp {
   int64_t next_seed;      // -1: no next perturbation
   float next_scale;
   int dist;
+  int rounding;  // Rounding of θ; D is stored to nearest
 
   static constexpr bool writes_d = true;
   ZK_HD int64_t next() const { return next_seed; }
+  ZK_HD bool stochastic() const { return rounding == kStochastic; }
+  ZK_HD bool stochastic_store() const { return stochastic(); }
 
   ZK_HD float element(float x, float& d, float z, float zn, float wd) const {
     x = add_rn(x, mul_rn(restore, hessian_z(z, d)));  // restore with the old D

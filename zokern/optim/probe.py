@@ -1,0 +1,208 @@
+"""Probe mode: the forward passes of a ZO step see θ ± εP(seed), but the stored trained tensors are never
+written by them; only the update writes them (docs/OPTIMIZERS.md, "Probe mode").
+
+`ModuleProbes` hooks the modules that hold an optimizer's trained tensors. While a probe is active, a module's
+forward pre-hook swaps each trained tensor it holds for a transient copy the optimizer makes (`_probe`: the
+method's own perturb op applied to a clone, so the same z as the in-place path), and its forward hook puts the
+stored tensor back and drops the copy: one module's copies live at a time. An `nn.Embedding` gets only the rows
+its input looks up (the stream is counter-based: element i of a tensor has a fixed z), and its input is
+remapped onto them.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from zokern import ops
+
+# (bucket, index in the bucket, rows or None) -> the transient tensor a module computes with, or None to leave
+# the stored tensor in place.
+ProbeFn = Callable[[object, int, "torch.Tensor | None"], "torch.Tensor | None"]
+
+
+def row_draws(seed: int, stream: int, rows: torch.Tensor, row_len: int, *, dist=0,
+              backend: "str | None" = None) -> torch.Tensor:
+    """z of the given rows (sorted, unique) of a row-major tensor with `row_len` columns, float32 [len(rows),
+    row_len]: elements row·row_len … row·row_len + row_len − 1 of the stream, one fill per run of consecutive
+    rows, exactly as the backend's kernels draw them."""
+    out = torch.empty(len(rows), row_len, dtype=torch.float32, device=rows.device)
+    if len(rows) == 0:
+        return out
+    breaks = (torch.nonzero(rows[1:] - rows[:-1] != 1).flatten() + 1).tolist()
+    starts = [0] + breaks
+    ends = breaks + [len(rows)]
+    first_rows = rows[starts].tolist()
+    for a, b, row in zip(starts, ends, first_rows):
+        ops.fill_random_(out[a:b].view(-1), seed, stream, offset=row * row_len, dist=dist, backend=backend)
+    return out
+
+
+def stream_copy(p: torch.Tensor, seed: int, stream: int, scale: float, rows: "torch.Tensor | None", *, dist,
+                backend) -> torch.Tensor:
+    """θ + scale·z as a new tensor, z the tensor's stream: the perturb op on a clone, or `perturbed_rows`."""
+    if rows is not None:
+        return perturbed_rows(p, seed, stream, scale, rows, dist=dist, backend=backend)
+    copy = p.detach().clone(memory_format=torch.contiguous_format)
+    ops.perturb_([copy], seed, scale, stream_ids=[stream], dist=dist, backend=backend)
+    return copy
+
+
+def perturbed_rows(p: torch.Tensor, seed: int, stream: int, scale: float, rows: torch.Tensor, *, dist, backend,
+                   direction=None) -> torch.Tensor:
+    """Rows `rows` of θ + scale·d as a new tensor, d = z of those rows, or `direction(z, rows)` (a method's mask
+    or preconditioner): computed in float32 and rounded once to θ's dtype, as the ops do."""
+    z = row_draws(seed, stream, rows, p[0].numel(), dist=dist, backend=backend).view(len(rows), *p.shape[1:])
+    if direction is not None:
+        z = direction(z, rows)
+    return z.mul_(scale).add_(p[rows]).to(p.dtype)  # θ + scale·d in the draws' float32 buffer
+
+
+def _has_forward(module: nn.Module) -> bool:
+    return type(module).forward is not nn.Module.forward
+
+
+class ModuleProbes:
+    """The hooks of probe mode on `model` for `optimizer` (a ZOOptimizer), installed at construction.
+
+    Checked before any tensor is touched: every tensor the optimizer trains must be a parameter held by a
+    module of `model` that has a forward; an `nn.Embedding` with `max_norm` (its forward rewrites the table)
+    is refused. After each probed forward, `check_seen` names a trained tensor whose modules did not run."""
+
+    def __init__(self, optimizer, model: nn.Module):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"probe mode needs the model (an nn.Module), got {type(model).__name__}")
+        self.active: "ProbeFn | None" = None
+        owner = {id(p): (b, i) for b in optimizer.buckets for i, p in enumerate(b.params)}
+        names = {id(p): name for name, p in model.named_parameters()}  # a tied tensor by its first name
+        self.holders: dict[nn.Module, list[tuple[str, tuple]]] = {}
+        held: set[int] = set()
+        for module_name, module in model.named_modules(remove_duplicate=True):
+            entries = [(attr, owner[id(p)]) for attr, p in module._parameters.items()
+                       if p is not None and id(p) in owner]
+            if not entries:
+                continue
+            label = module_name or type(model).__name__
+            if not _has_forward(module):
+                raise ValueError(f"probe mode: trained tensor {module_name}.{entries[0][0]} is held by "
+                                 f"{type(module).__name__} {label!r}, which has no forward of its own, so no "
+                                 "module's forward would see its probe; train it with the in-place path "
+                                 "(construct the optimizer from parameters, not the model)")
+            if isinstance(module, nn.Embedding) and module.max_norm is not None:
+                raise ValueError(f"probe mode: embedding {label!r} has max_norm, whose forward renormalises the "
+                                 "stored table in place")
+            self.holders[module] = entries
+            held.update(id(b.params[i]) for _, (b, i) in entries)
+        missing = [(b, i) for b in optimizer.buckets for i, p in enumerate(b.params) if id(p) not in held]
+        if missing:
+            b, i = missing[0]
+            label = b.names[i] or f"#{b.stream_ids[i]}"
+            raise ValueError(f"probe mode: the optimizer trains {len(missing)} tensor(s) that are not parameters of "
+                             f"the given model (first: {label!r}, shape {tuple(b.params[i].shape)}); attach the model "
+                             "whose parameters the optimizer was built from")
+        self.names = {(id(b), i): names.get(id(b.params[i])) or b.names[i] or f"#{b.stream_ids[i]}"
+                      for b in optimizer.buckets for i in range(len(b.params))}
+        self._stack: dict[nn.Module, list] = {}
+        self._seen: set = set()
+        self._handles = []
+        for module in self.holders:
+            self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post, always_call=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def probing(self, fn: "ProbeFn | None"):
+        """Context: modules compute with `fn`'s copies inside the block."""
+        return _Probing(self, fn)
+
+    def check_seen(self, trained: list) -> None:
+        """Every (bucket, index) in `trained` had a module run with its probe since `probing` began."""
+        unseen = [key for key in trained if (id(key[0]), key[1]) not in self._seen]
+        if unseen:
+            b, i = unseen[0]
+            raise ValueError(f"probe mode: trained tensor {self.names[(id(b), i)]!r} was used by no module during the "
+                             f"forward ({len(unseen)} such tensor(s)): its modules never ran, or the model reads it "
+                             "outside its module's forward, where probes cannot reach it; the weights are unchanged")
+
+    # --- the hooks ----------------------------------------------------------------------------------------
+
+    # Not traced by torch.compile: the hooks swap module attributes and call the ops eagerly, so a compiled
+    # model's graph breaks at each hooked module (docs/OPTIMIZERS.md).
+    @torch.compiler.disable
+    def _pre(self, module, args, kwargs):
+        # A frame per call, pushed first: the always-called forward hook pops it even if this hook raises.
+        stack = self._stack.setdefault(module, [])
+        stack.append(None)
+        fn = self.active
+        if fn is None:
+            return None
+        rows = inverse = None
+        if isinstance(module, nn.Embedding):
+            ids = args[0] if args else kwargs["input"]
+            rows, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+            if len(rows) and (rows[0] < 0 or rows[-1] >= module.num_embeddings):  # as F.embedding would
+                raise IndexError(f"index out of range in self: token ids in [{int(rows[0])}, {int(rows[-1])}], the "
+                                 f"embedding has {module.num_embeddings} rows")
+        saved = []
+        try:
+            for attr, (b, i) in self.holders[module]:
+                probe = fn(b, i, rows if attr == "weight" else None)
+                self._seen.add((id(b), i))
+                if probe is not None:
+                    saved.append((attr, module._parameters[attr]))
+                    module._parameters[attr] = probe
+        except BaseException:
+            _put_back(module, (saved, None))
+            raise
+        padding = None
+        if rows is not None and any(attr == "weight" for attr, _ in saved):
+            # The table is now the looked-up rows; padding_idx only marks a row for backward, which a ZO step has
+            # none of, and would be out of range of the smaller table.
+            padding, module.padding_idx = module.padding_idx, None
+            args, kwargs = ((inverse, *args[1:]), kwargs) if args else (args, {**kwargs, "input": inverse})
+            stack[-1] = (saved, padding)
+        else:
+            stack[-1] = (saved, None)
+        return args, kwargs
+
+    @torch.compiler.disable
+    def _post(self, module, args, output):
+        stack = self._stack.get(module)
+        if stack:
+            frame = stack.pop()
+            if frame is not None:
+                _put_back(module, frame)
+        return None
+
+
+def _put_back(module: nn.Module, frame) -> None:
+    saved, padding = frame
+    for attr, stored in reversed(saved):
+        module._parameters[attr] = stored
+    if padding is not None:
+        module.padding_idx = padding
+
+
+class _Probing:
+    def __init__(self, probes: ModuleProbes, fn):
+        self.module_probes, self.fn = probes, fn
+
+    def __enter__(self):
+        self.module_probes.active = self.fn
+        self.module_probes._seen = set()
+        return self.module_probes
+
+    def __exit__(self, *exc):
+        self.module_probes.active = None
+        # The always-called forward hooks pop every frame, except where a forward was left by a BaseException that
+        # is not an Exception (KeyboardInterrupt): put those stored tensors back too.
+        for module, stack in self.module_probes._stack.items():
+            while stack:
+                frame = stack.pop()
+                if frame is not None:
+                    _put_back(module, frame)
+        return False
