@@ -121,6 +121,9 @@ def check_config(config: FinetuneConfig) -> None:
         if name not in accepted:
             raise ConfigError(f"--option {name}: {config.method} has no such option; it takes "
                               f"{', '.join(sorted(accepted - set(OPTIMIZER_SETTINGS)))}")
+    if config.method_options.get("side_path") and not uses_probes(asdict(config)):
+        raise ConfigError("--option side_path: SubZero's side path trains in probe mode only; add --probe-mode "
+                          "module (a float32 run's --probe-mode auto is in-place)")
 
 
 def _check_types(config: FinetuneConfig) -> None:
