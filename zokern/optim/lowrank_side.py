@@ -20,9 +20,16 @@ import torch
 from torch import nn
 
 
-def side_term(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
-    """((x·V)·Cᵀ)·Uᵀ in float32: x·(U·C·Vᵀ)ᵀ without the m×n product, O(tokens·(m+n)·r)."""
-    return ((x.float() @ v.float()) @ core.t()) @ u.float().t()
+def side_factors(u: torch.Tensor, v: torch.Tensor, core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, U·C) in float32, once per probe: the side term is then two matmuls per call."""
+    return v.float(), u.float() @ core
+
+
+def add_side_term(output: torch.Tensor, x: torch.Tensor, v: torch.Tensor, uc: torch.Tensor) -> torch.Tensor:
+    """output + ((x·V)·Cᵀ)·Uᵀ = output + (x·V)·(U·C)ᵀ, x·(U·C·Vᵀ)ᵀ without the m×n product: O(tokens·(m+n)·r),
+    in float32 and rounded once to the output's dtype. Few ops on purpose: each is a parallel region."""
+    rows = output.reshape(-1, output.shape[-1]).float()
+    return torch.addmm(rows, x.reshape(-1, x.shape[-1]).float() @ v, uc.t()).view(output.shape).to(output.dtype)
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -36,7 +43,7 @@ class SideCall:
 
     def __init__(self, key):
         self.key = key
-        self.term = None  # (u, v, core) once the probe chose the side path
+        self.term = None  # side_factors(U, V, C) once the probe chose the side path
 
 
 class SideHooks:
@@ -98,7 +105,7 @@ class SideHooks:
         if call is None or call.term is None:
             return None
         x = args[0] if args else kwargs["input"]
-        return (output.float() + side_term(x, *call.term)).to(output.dtype)
+        return add_side_term(output, x, *call.term)
 
     def _before_state_dict(self, module, prefix, keep_vars) -> None:
         self.optimizer.merge()

@@ -7,7 +7,7 @@ import torch
 
 from zokern import ops
 from zokern.optim.base import ZOOptimizer
-from zokern.optim.lowrank_side import SideHooks
+from zokern.optim.lowrank_side import SideHooks, side_factors
 from zokern.optim.probe import stream_copy
 from zokern.random import step_seed
 
@@ -209,7 +209,7 @@ class SubZero(ZOOptimizer):
             core = core + b.extra["accumulators"][j]
             call = self.side_hooks.take((id(b), i)) if rows is None and self.side_hooks is not None else None
             if call is not None:  # an nn.Linear computes with the stored W plus the side term
-                call.term = (u, v, core)
+                call.term = side_factors(u, v, core)
                 return None
         if rows is not None and tuple(shape) == tuple(p.shape):
             copy = p[rows]  # rows of W + U·C·Vᵀ are those of W plus U's rows times C·Vᵀ
