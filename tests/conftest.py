@@ -116,32 +116,6 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs() / ulp
 
 
-def storage_spacing(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of `dtype`'s values at each |magnitude| (float64), subnormals included."""
-    info = torch.finfo(dtype)
-    mantissa_bits = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
-    exponent = torch.floor(torch.log2(magnitude.double().abs().clamp_min(info.tiny)))
-    return torch.pow(2.0, exponent - mantissa_bits)
-
-
-def assert_lowrank_rounded_from_float32(got: torch.Tensor, w, u, v, core) -> None:
-    """got = W + U·C·Vᵀ summed in float32 in any order and stored once, checked against the float64 value.
-
-    Each element is W + Σ_a (Σ_b U_ib C_ba) V_ja: 2r products and 2r sums in float32, so its float32 value is
-    within γ_k·(|W| + Σ|U||C||V|) of the exact one, γ_k = k·u/(1 − k·u), u = 2^-24 and k = 2r + 2 (one spare)
-    whatever the summation order (Higham, Accuracy and Stability of Numerical Algorithms, §3.1). The store
-    rounds that to the nearest value of W's dtype, at most half its spacing at |exact| + bound. No torch matmul
-    in the weights' dtype or float32 enters: its summation order depends on the CPU's BLAS."""
-    unit = 2.0**-24
-    k = 2 * u.shape[1] + 2
-    exact = w.double() + (u.double() @ core.double()) @ v.double().t()  # float64: 2^-29 of the bound's error
-    magnitude = w.double().abs() + (u.double().abs() @ core.double().abs()) @ v.double().abs().t()
-    bound = k * unit / (1 - k * unit) * magnitude
-    allowed = bound + storage_spacing(exact.abs() + bound, got.dtype) / 2
-    excess = (got.double().cpu() - exact.cpu()).abs() - allowed.cpu()
-    assert (excess <= 0).all(), (tuple(got.shape), u.shape[1], got.dtype, excess.max().item())
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 1-layer Llama with random weights and SmolLM2's tokenizer, saved as a local model directory."""

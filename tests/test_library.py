@@ -1,4 +1,5 @@
-"""The registered custom ops: opcheck, torch.compile, and rejection of bad input with nothing modified."""
+"""The registered custom ops: torch.compile, the dispatch table, and rejection of bad input with nothing modified
+(opcheck runs per op family in tests/ops/)."""
 import math
 
 import pytest
@@ -8,53 +9,6 @@ import zokern
 from conftest import available_pairs
 
 PAIRS = available_pairs()
-
-
-def _args(op, params, backend):
-    return {
-        "perturb_": (params, [1, 2], 7, 0.5, 0, backend),
-        "fused_step_": (params, [1, 2], 7, 1e-3, 1e-2, 2.0, [0.1, 0.0], 8, 1e-3, 0, backend),
-    }[op]
-
-
-@pytest.mark.parametrize("backend,device", PAIRS)
-@pytest.mark.parametrize("op", ["perturb_", "fused_step_"])
-def test_opcheck(backend, device, op):
-    params = [torch.randn(6, 5, device=device), torch.randn(11, device=device, dtype=torch.bfloat16)]
-    torch.library.opcheck(getattr(torch.ops.zokern, op), _args(op, params, backend))
-
-
-def _method_args(device):
-    g = torch.Generator().manual_seed(0)
-    params = [torch.randn(6, 5, generator=g).to(device), torch.randn(40, generator=g).to(device, torch.bfloat16)]
-    masks = zokern.new_masks(params)
-    thresholds = torch.tensor([0.5, 0.7], device=device)
-    hessians = [torch.rand(6, 5, generator=g).to(device) + 0.5, torch.rand(40, generator=g).to(device) + 0.5]
-    anchors = [p + 0.1 for p in params]
-    u, v = (torch.linalg.qr(torch.randn(n, 2, generator=g))[0].to(device) for n in (6, 5))
-    return {
-        "lowrank_apply_": ([params[0]], [u], [v], [torch.randn(2, 2, generator=g).to(device)]),
-        "masked_perturb_": (params, masks, thresholds, [1, 2], 7, 0.5, True, 0),
-        "masked_fused_step_": (params, masks, thresholds, [1, 2], 7, 1e-3, 1e-2, 2.0, [0.1, 0.0], 8, 1e-3, 0),
-        "hessian_perturb_": (params, hessians, [1, 2], 7, 0.5, 0),
-        "hessian_step_": (params, hessians, [1, 2], 7, 1e-3, 1e-2, 2.0, 3.0, 0.1, [0.1, 0.0], 8, 1e-3, 0),
-        "distance_norms": (params, anchors),
-        "anchored_rescale_": (params, anchors, None, torch.tensor([0.9, 1.1], device=device)),
-    }
-
-
-@pytest.mark.parametrize("backend,device", PAIRS)
-@pytest.mark.parametrize("op", ["lowrank_apply_", "masked_perturb_", "masked_fused_step_", "hessian_perturb_",
-                                "hessian_step_", "distance_norms", "anchored_rescale_"])
-def test_opcheck_method_ops(backend, device, op):
-    args = _method_args(device)[op]
-    torch.library.opcheck(getattr(torch.ops.zokern, op), (*args, backend))
-
-
-@pytest.mark.parametrize("backend,device", PAIRS)
-def test_opcheck_fill_random(backend, device):
-    out = torch.empty(37, device=device)
-    torch.library.opcheck(torch.ops.zokern.fill_random_, (out, 3, 4, 5, 0, 0, backend))
 
 
 def test_compile_fullgraph():

@@ -1,16 +1,19 @@
 """The C++ extension built at install (setup.py: zokern/zokern_cpp.so and its build stamp) is what the cpp backend
 loads; compiling at first use is only the fallback, used with its reason where that library is missing, does not
 load, or was built against another torch or from other sources, and it gives the same bits. Checked with the CPU
-extension; loading the real library happens in subprocesses (a library registers its ops once per process)."""
+extension; loading the real library happens in subprocesses (a library registers its ops once per process). A
+first-use compile that fails is reported, not raised, and the instruction set chosen at run time changes no bit."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from zokern import backends
 from zokern.backends import _build, _extension
 
 PROBE = r"""
@@ -115,6 +118,16 @@ def test_a_library_that_does_not_load_is_compiled_at_first_use(tmp_path, no_comp
     assert _unavailable_because(tmp_path).startswith(f"{library} does not load (")
 
 
+def test_build_failure_is_reported_not_raised(tmp_path, monkeypatch):
+    (tmp_path / "broken.cpp").write_text("int f( {\n")
+    monkeypatch.setattr(_extension, "source_dir", lambda: tmp_path)
+    monkeypatch.setenv("ZOKERN_BUILD_DIR", str(tmp_path / "build"))
+    broken = _build.ExtensionSource("zokern_broken_test", ("broken.cpp",), cuda=False)
+    with pytest.warns(RuntimeWarning, match="installed without its compiled CPU extension: compiling"):
+        ok, why = _extension._Extension(broken, library_dir=tmp_path).ensure()
+    assert not ok and "error" in why, why
+
+
 def test_zokern_info_says_why_the_extension_is_compiled_at_first_use(tmp_path, no_compiler, monkeypatch, capsys):
     from zokern import cli
 
@@ -124,3 +137,47 @@ def test_zokern_info_says_why_the_extension_is_compiled_at_first_use(tmp_path, n
     (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.split()[:2] == ["cpu", "cpp"]]
     assert line.split()[2] == "no" and line.endswith(
         "zokern was installed without its compiled CPU extension; cannot compile it now: no C++ compiler"), line
+
+
+_SIMD_PROBE = """
+import sys, torch, zokern
+g = torch.Generator().manual_seed(0)
+p = [torch.randn(1031, generator=g), torch.randn(77, generator=g).bfloat16(), torch.randn(45, generator=g).half()]
+zokern.perturb_(p, 5, 0.5, stream_ids=[1, 2, 3], backend="cpp")
+zokern.fused_step_(p, 6, stream_ids=[1, 2, 3], restore=0.1, lr=0.2, grad=0.3, next_seed=7, next_scale=0.01,
+                   backend="cpp")
+masks = zokern.new_masks(p)
+zokern.masked_perturb_(p, masks, zokern.magnitude_thresholds(p, 0.5), 8, 0.1, stream_ids=[1, 2, 3],
+                       compute_mask=True, backend="cpp")
+hessians = [torch.rand(q.shape, generator=g) + 0.5 for q in p]
+zokern.hessian_step_(p, hessians, 9, stream_ids=[1, 2, 3], restore=0.1, lr=0.2, grad=0.3, hess_scale=2.0,
+                     alpha=0.1, backend="cpp")
+anchors = [(q.float() + 0.25).to(q.dtype) for q in p]
+norms = zokern.distance_norms(p, anchors, backend="cpp")
+zokern.anchored_rescale_(p, anchors, torch.tensor([0.9, 1.1, 0.7]), backend="cpp")
+ws = [torch.randn(37, 300, generator=g).bfloat16(), torch.randn(20, 9, generator=g).half(), torch.randn(5, 7, generator=g)]
+ranks = [5, 3, 2]
+us = [torch.randn(w.shape[0], r, generator=g).to(w.dtype) for w, r in zip(ws, ranks)]
+vs = [torch.randn(w.shape[1], r, generator=g).to(w.dtype) for w, r in zip(ws, ranks)]
+zokern.lowrank_apply_(ws, us, vs, [torch.randn(r, r, generator=g) for r in ranks], backend="cpp")
+torch.save(p + masks + hessians + [norms] + ws, sys.argv[1])
+"""
+
+
+CPP_OK, CPP_WHY = backends.availability("cpp", "cpu")
+
+
+@pytest.mark.skipif(not CPP_OK, reason=f"cpp backend unavailable: {CPP_WHY}")
+@pytest.mark.parametrize("level", ["generic", "avx2"])
+def test_narrower_simd_paths_give_the_same_bits(tmp_path, level):
+    """The ISA chosen at run time (baseline, AVX2, AVX-512) changes speed, never results."""
+    results = {}
+    for name, cap in (("default", None), (level, level)):
+        env = {k: v for k, v in os.environ.items() if k != "ZOKERN_CPU_SIMD"}
+        if cap:
+            env["ZOKERN_CPU_SIMD"] = cap
+        out = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, "-c", _SIMD_PROBE, str(out)], env=env, check=True, timeout=300)
+        results[name] = torch.load(out, weights_only=True)
+    for a, b in zip(results["default"], results[level]):
+        assert torch.equal(a, b)

@@ -390,12 +390,47 @@ def test_zotrainer_uses_probe_mode_for_16_bit_models(tmp_path):
     trainer = ZOTrainer(model=model, args=make_args(tmp_path, learning_rate=0.0), train_dataset=TokenDataset(),
                         eval_dataset=TokenDataset(8, seed=1), zo_method="hizoo")
     trainer.train()
-    assert trainer.zo_optimizer.probes is not None
+    assert trainer.zo_optimizer.module_probes is not None
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
-    f32 = ZOTrainer(model=tiny_llama(), args=make_args(tmp_path / "f32", eval_strategy="no"), train_dataset=TokenDataset(),
-                    zo_method="mezo")
+    f32 = ZOTrainer(model=tiny_llama(), args=make_args(tmp_path / "f32", eval_strategy="no"),
+                    train_dataset=TokenDataset(), zo_method="mezo")
     f32.create_optimizer()
-    assert f32.zo_optimizer.probes is None
+    assert f32.zo_optimizer.module_probes is None
     with pytest.raises(ValueError, match="no two_pass"):
         ZOTrainer(model=tiny_llama(), args=make_args(tmp_path / "x", eval_strategy="no"), train_dataset=TokenDataset(),
                   zo_options={"two_pass": True}, zo_probes=True)
+
+
+def test_zokern_replay_rebuilds_a_probe_mode_run_bitwise(tiny_model_dir, sentiment_file, tmp_path):
+    """A bf16 run in probe mode, replayed from its seed log without a model attached: the same weights."""
+    from safetensors.torch import load_file
+
+    from zokern.cli import main
+
+    assert main(_cli(tiny_model_dir, sentiment_file, tmp_path, "--dtype", "bfloat16", "--lr", "1e-2",
+                     "--method", "hizoo")) == 0
+    assert main(["replay", "--log", str(tmp_path / "seedlog.jsonl")]) == 0
+    trained = load_file(str(tmp_path / "checkpoint" / "model.safetensors"))
+    replayed = load_file(str(tmp_path / "replayed.safetensors"))
+    base = load_file(str(next(tiny_model_dir.glob("*.safetensors"))))
+    assert trained.keys() == replayed.keys()
+    assert all(torch.equal(trained[k], replayed[k]) for k in trained)
+    assert any(not torch.equal(trained[k], base[k].to(torch.bfloat16)) for k in trained if k in base)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_methods_embedding_rows_are_the_rows_of_its_full_probe(method):
+    """The rows an embedding computes with are those rows of the probe the full tensor gets: the same z, mask,
+    Hessian scaling or low-rank factor rows. Float32 rounding apart: the full copy comes from the op, the
+    rows from a float32 computation of the same formula."""
+    model = tiny()
+    opt = make(method, model, "cpp", lr=1e-2, eps=1e-2, **({"alpha": 0.5} if method == "hizoo" else {}))
+    run(opt, model, 3)  # a HiZOO D away from ones, Sparse MeZO's thresholds set
+    seed = step_seed(opt.seed, opt.step_count)
+    opt._begin_probes(seed)
+    bucket = opt.buckets[0]
+    i = next(i for i, p in enumerate(bucket.params) if p is model.emb.weight)
+    rows = torch.tensor([0, 3, 4, 5, 11, 15])
+    full = opt._probe(bucket, i, seed, 0.5, None)
+    torch.testing.assert_close(opt._probe(bucket, i, seed, 0.5, rows), full[rows], rtol=1e-6, atol=1e-6)
+    assert not torch.equal(full[rows], model.emb.weight[rows])

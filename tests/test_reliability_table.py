@@ -6,9 +6,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def named_tests():
-    """(file, test) for every `file.py::test_name` in the table; `::test_name` alone refers to the last file."""
+    """(file, test) for every `file.py::test_name` in the table, the file relative to tests/ (`ops/test_mezo.py`);
+    `::test_name` alone refers to the last file."""
     found, last = [], None
-    for cell in re.findall(r"`(test_\w+\.py)?(::\w+)?`", (ROOT / "docs" / "RELIABILITY.md").read_text()):
+    for cell in re.findall(r"`((?:\w+/)*test_\w+\.py)?(::\w+)?`", (ROOT / "docs" / "RELIABILITY.md").read_text()):
         file, name = cell
         last = file or last
         if file or name:

@@ -2,7 +2,8 @@
 ± probes with one host synchronisation, non-finite losses, the two-pass mode, resumable state, and the
 seed log: one small record per step from which `replay_step` redoes the step without forward passes.
 
-A subclass says how to perturb (`_perturb`) and how to restore + update (`_update`), keeps its buffers in
+A subclass says how to perturb (`_perturb`), how to restore + update (`_update`) and, for probe mode
+(zokern/optim/probe.py), how to make one tensor's perturbed copy (`_probe`); it keeps its buffers in
 `Bucket.extra` (those in `saved_buffers` are its state), and states its capabilities as class attributes
 (`two_pass_supported`, `weight_decay_supported`, `forwards_per_step`, `uses_fresh_batches`,
 `trains_tied_embeddings`), which callers read instead of naming methods; everything else lives here once.
@@ -185,7 +186,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.buckets: list[Bucket] = []
         # Called with each step's record (docs/SEEDLOG.md), e.g. `opt.record_hook = records.append`.
         self.record_hook: "Callable[[dict], None] | None" = None
-        self.probes: "ModuleProbes | None" = None  # probe mode's hooks on the model (attach)
+        self.module_probes: "ModuleProbes | None" = None  # probe mode's hooks on the model (attach)
         super().__init__(params, defaults)
         if not any(b.params for b in self.buckets):
             raise ValueError(f"every parameter given to {type(self).__name__} has requires_grad=False: nothing to "
@@ -205,14 +206,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{type(self).__name__} defines no probe copies (_probe): it has no probe mode")
         probes = ModuleProbes(self, model)
         self.detach()
-        self.probes = probes
+        self.module_probes = probes
         return self
 
     def detach(self) -> None:
         """Leave probe mode: the hooks are removed, and the next step perturbs the weights in place."""
-        if self.probes is not None:
-            self.probes.remove()
-            self.probes = None
+        if self.module_probes is not None:
+            self.module_probes.remove()
+            self.module_probes = None
 
     # --- construction -----------------------------------------------------------------------------------
 
@@ -348,7 +349,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.two_pass and logged is None:
             record["pending"] = self.pending_seed == seed
         # Probe mode is the record's when replaying: its update restores nothing.
-        probing = self.probes is not None if logged is None else bool(logged.get("probed"))
+        probing = self.module_probes is not None if logged is None else bool(logged.get("probed"))
         if probing and logged is None:
             record["probed"] = True
         losses, failure, moved = {}, None, False
@@ -361,9 +362,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if scale is None:
                     value = closure()
                 else:  # probe mode: nothing is written, so a failure leaves the step undone
-                    with self.probes.probing(lambda b, i, rows: self._probe(b, i, seed, scale, rows)):
+                    with self.module_probes.probing(lambda b, i, rows: self._probe(b, i, seed, scale, rows)):
                         value = closure()
-                        self.probes.check_seen([(b, i) for b in self.buckets for i in range(len(b.params))])
+                        self.module_probes.check_seen([(b, i) for b in self.buckets for i in range(len(b.params))])
                 losses[where] = check_loss(value, f"the {where} forward")
             except BaseException as exc:
                 if not moved:

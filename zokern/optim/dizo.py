@@ -128,7 +128,7 @@ class DiZO(MeZO):
             fresh_closure = lambda: closure  # noqa: E731
         seed = step_seed(self.seed, self.step_count)
         # In probe mode the probes are transient copies and θ is only read until the final rescale: no saved copy.
-        probing = self.probes is not None
+        probing = self.module_probes is not None
         work = []
         for bucket, params, anchors, ids in projected:
             t = ops.distance_norms(params, anchors, backend=self.backend)
@@ -160,7 +160,7 @@ class DiZO(MeZO):
             losses = []
             for sign in (1.0, -1.0):
                 factors = [_ratio(gamma + sign * eg * z, t) for (_, _, _, _, t, gamma, _), z in zip(work, probes)]
-                if self.probes is None:
+                if self.module_probes is None:
                     for (_, params, anchors, saved, *_), f in zip(work, factors):
                         ops.anchored_rescale_(params, anchors, f, sources=saved, backend=self.backend)
                     loss = batch()
@@ -193,9 +193,9 @@ class DiZO(MeZO):
                                   backend=self.backend)
             return copy
 
-        with self.probes.probing(probe):
+        with self.module_probes.probing(probe):
             loss = batch()
-            self.probes.check_seen([(bucket, i) for bucket, *_ in work for i in bucket.extra["projected"]])
+            self.module_probes.check_seen([(bucket, i) for bucket, *_ in work for i in bucket.extra["projected"]])
         return loss
 
     def _rescale(self, factors: list[list[float]]) -> None:

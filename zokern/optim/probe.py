@@ -56,7 +56,7 @@ def perturbed_rows(p: torch.Tensor, seed: int, stream: int, scale: float, rows: 
     z = row_draws(seed, stream, rows, p[0].numel(), dist=dist, backend=backend).view(len(rows), *p.shape[1:])
     if direction is not None:
         z = direction(z, rows)
-    return (p[rows].float() + scale * z).to(p.dtype)
+    return z.mul_(scale).add_(p[rows]).to(p.dtype)  # θ + scale·d in the draws' float32 buffer
 
 
 def _has_forward(module: nn.Module) -> bool:
@@ -73,10 +73,9 @@ class ModuleProbes:
     def __init__(self, optimizer, model: nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"probe mode needs the model (an nn.Module), got {type(model).__name__}")
-        self.model = model
         self.active: "ProbeFn | None" = None
         owner = {id(p): (b, i) for b in optimizer.buckets for i, p in enumerate(b.params)}
-        names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+        names = {id(p): name for name, p in model.named_parameters()}  # a tied tensor by its first name
         self.holders: dict[nn.Module, list[tuple[str, tuple]]] = {}
         held: set[int] = set()
         for module_name, module in model.named_modules(remove_duplicate=True):
@@ -190,18 +189,18 @@ def _put_back(module: nn.Module, frame) -> None:
 
 class _Probing:
     def __init__(self, probes: ModuleProbes, fn):
-        self.probes, self.fn = probes, fn
+        self.module_probes, self.fn = probes, fn
 
     def __enter__(self):
-        self.probes.active = self.fn
-        self.probes._seen = set()
-        return self.probes
+        self.module_probes.active = self.fn
+        self.module_probes._seen = set()
+        return self.module_probes
 
     def __exit__(self, *exc):
-        self.probes.active = None
+        self.module_probes.active = None
         # The always-called forward hooks pop every frame, except where a forward was left by a BaseException that
         # is not an Exception (KeyboardInterrupt): put those stored tensors back too.
-        for module, stack in self.probes._stack.items():
+        for module, stack in self.module_probes._stack.items():
             while stack:
                 frame = stack.pop()
                 if frame is not None:

@@ -1,4 +1,6 @@
-"""The random stream: golden vectors, cross-backend agreement, invariances and distribution checks."""
+"""The random stream (docs/RANDOM.md) and the ops that expose it, fill_random_ and philox_words_: golden vectors,
+every backend against the reference (words bit for bit, Gaussian values within 4 float32 ulps, Rademacher values
+bit for bit), windows of one stream, opcheck, invariances and distribution checks."""
 import math
 
 import pytest
@@ -44,15 +46,25 @@ def test_golden_vectors(backend, device):
     assert ulp_distance(draw(4, domain=Domain.CORE), torch.tensor(GOLDEN_CORE_DOMAIN)).max() <= 4
 
 
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_philox_known_answer_on_every_backend(backend, device):
+    # Random123's philox4x32-10 vector for counter 0, key 0.
+    assert philox_words(0, 0, 0, 0, 1, device, backend).tolist() == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]]
+
+
 @pytest.mark.parametrize("backend,device", available_pairs(include_reference=False))
-@pytest.mark.parametrize("first_call", [0, 12345, (1 << 32) - 3, (1 << 40) + 7])
+@pytest.mark.parametrize("first_call", [0, 12345, (1 << 32) - 3, (1 << 40) + 7, (1 << 60) - 1000])
 def test_philox_words_identical_to_reference(backend, device, first_call):
+    """Counters crossing into c1 = 1 and beyond, with keys that use both words, every stream and domain bit."""
     n = 1000
-    got = philox_words(SEED, 0xFFFFFFFF, Domain.SUBSPACE_V, first_call, n, device, backend).cpu()
-    j = torch.arange(first_call, first_call + n, dtype=torch.int64)
-    expected = torch.stack(philox4x32((j & 0xFFFFFFFF, j >> 32, 0xFFFFFFFF, int(Domain.SUBSPACE_V)),
-                                      (SEED & 0xFFFFFFFF, SEED >> 32)), dim=-1)
-    assert torch.equal(got, expected)
+    for seed, stream, domain in [(SEED, 0xFFFFFFFF, Domain.SUBSPACE_V), (0, 0, 0), ((1 << 63) - 1, 7, 0xFFFFFFFF),
+                                 (0xFFFFFFFF, 77, Domain.DIZO)]:
+        got = philox_words(seed, stream, domain, first_call, n, device, backend).cpu()
+        assert got.dtype == torch.int64 and got.shape == (n, 4)
+        j = torch.arange(first_call, first_call + n, dtype=torch.int64)
+        expected = torch.stack(philox4x32((j & 0xFFFFFFFF, j >> 32, stream, int(domain)),
+                                          (seed & 0xFFFFFFFF, seed >> 32)), dim=-1)
+        assert torch.equal(got, expected), (seed, stream, domain)
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
@@ -72,6 +84,27 @@ def test_draw_is_what_perturb_applies(backend, device):
     p = torch.zeros(1031, device=device)
     zokern.perturb_([p], SEED, 1.0, stream_ids=[11], backend=backend)
     assert torch.equal(p, zokern.draw(SEED, 11, 1031, device=device, backend=backend))
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("domain", [Domain.PERTURBATION, Domain.CORE])
+def test_windows_are_one_stream_on_every_backend(backend, device, domain):
+    """A draw over several of the C++ kernels' 65536-element chunks and the Triton blocks is the reference stream,
+    and windows at offsets inside a Philox call and across those boundaries are bit for bit its slices."""
+    whole = zokern.draw(SEED, 9, 70001, domain=domain, device=device, backend=backend)
+    assert ulp_distance(whole.cpu(), reference_draw(SEED, 9, 70001, domain=domain)).max() <= 4
+    for offset in (1, 3, 6, 65535):
+        part = zokern.draw(SEED, 9, 4099, offset=offset, domain=domain, device=device, backend=backend)
+        assert torch.equal(part, whole[offset:offset + 4099]), offset
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("op", ["fill_random_", "philox_words_"])
+def test_opcheck(backend, device, op):
+    out = torch.empty((37,) if op == "fill_random_" else (9, 4), dtype=torch.float32 if op == "fill_random_"
+                      else torch.int64, device=device)
+    args = (out, SEED, 4, 5, 0, 0, backend) if op == "fill_random_" else (out, SEED, 4, 3, (1 << 32) - 2, backend)
+    torch.library.opcheck(getattr(torch.ops.zokern, op), args)
 
 
 def test_offsets_are_windows_of_one_stream():

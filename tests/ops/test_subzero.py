@@ -1,0 +1,131 @@
+"""SubZero's op, lowrank_apply_ (docs/OPS.md, "Low-rank perturbation"), on every backend: W + U·C·Vᵀ within the
+float32 error bound of a float64 computation rounded once to W's dtype (the summation order is the backend's), over
+dtypes, ranks, ragged tiles, transposed, misaligned and empty weights, strided and mixed-dtype factors; the C++
+kernels bit for bit in element.h's order; one call per list; invariant to grouping and order; opcheck."""
+import pytest
+import torch
+from op_cases import (BACKENDS, DTYPE_CASES, DTYPE_IDS, assert_bitwise, assert_launches,
+                      assert_lowrank_rounded_from_float32, backends_named, clones, dtype_of)
+
+import zokern
+
+# (m, n, rank): one element, odd sizes, a rank above the tile's 16, a full rank of 64, a thin matrix, ragged 64×64
+# tiles (70×130) and two row blocks and column tiles of the interpreter's 128×256 tiling (130×300).
+MATRICES = [(1, 1, 1), (17, 5, 3), (64, 48, 17), (96, 80, 64), (100, 3, 3), (70, 130, 8), (130, 300, 5)]
+
+
+def lowrank_case(case, device, seed=0, factor_dtypes=None):
+    """Weights (after an empty one) that are in turn contiguous, transposed views and views 3 elements into their
+    storage; U and V alternately transposed views; C float32. Factors in the weight's dtype, or
+    `factor_dtypes` (U's, V's)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+
+    ws, us, vs, cs = [randn(0, 5, dtype=dtype_of(case, 0))], [randn(0, 2)], [randn(5, 2)], [randn(2, 2)]
+    for i, (m, n, r) in enumerate(MATRICES, start=1):
+        dtype = dtype_of(case, i)
+        u_dtype, v_dtype = factor_dtypes or (dtype, dtype)
+        w = [randn(m, n, dtype=dtype), randn(n, m, dtype=dtype).t(),
+             randn(m * n + 3, dtype=dtype)[3:].view(m, n)][i % 3]
+        ws.append(w)
+        us.append(randn(r, m, dtype=u_dtype).t() if i % 2 else randn(m, r, dtype=u_dtype))
+        vs.append(randn(n, r, dtype=v_dtype) if i % 2 else randn(r, n, dtype=v_dtype).t())
+        cs.append(randn(r, r) / r)
+    return ws, us, vs, cs
+
+
+FACTORS = [pytest.param(case, None, id=f"{name}") for case, name in zip(DTYPE_CASES, DTYPE_IDS)] + \
+    [pytest.param("mixed", (torch.float32, torch.float16), id="mixed-fp32-fp16-factors")]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case,factor_dtypes", FACTORS)
+def test_matches_float64_rounded_once(backend, device, case, factor_dtypes, launches):
+    ws, us, vs, cs = lowrank_case(case, device, factor_dtypes=factor_dtypes)
+    originals = clones(ws)
+    zokern.lowrank_apply_(ws, us, vs, cs, backend=backend)
+    assert_launches(launches, backend, "lowrank_apply_", {"lowrank_kernel": len(MATRICES)})  # none for the empty W
+    for got, w, u, v, c in zip(ws, originals, us, vs, cs):
+        assert_lowrank_rounded_from_float32(got, w, u, v, c)
+
+
+def lowrank_in_documented_order(w, u, v, c):
+    """element.h's order with torch's separately rounded float32 ops: U·C over b, then the sum over a."""
+    w, u, v, c = (t.cpu() for t in (w, u, v, c))
+    uc = torch.zeros(u.shape[0], c.shape[1])
+    for b in range(c.shape[0]):
+        uc = uc + u[:, b:b + 1].float() * c[b]
+    delta = torch.zeros(w.shape)
+    for a in range(c.shape[1]):
+        delta = delta + uc[:, a:a + 1] * v[:, a].float()
+    return (w.float() + delta).to(w.dtype)
+
+
+@pytest.mark.parametrize("backend,device", backends_named("cpp", "cuda"))
+@pytest.mark.parametrize("case,factor_dtypes", FACTORS)
+def test_native_kernels_sum_in_the_documented_order(backend, device, case, factor_dtypes):
+    """The C++ kernels, CPU and CUDA alike, bit for bit in the order element.h fixes."""
+    ws, us, vs, cs = lowrank_case(case, device, seed=1, factor_dtypes=factor_dtypes)
+    want = [lowrank_in_documented_order(w, u, v, c) for w, u, v, c in zip(ws, us, vs, cs)]
+    zokern.lowrank_apply_(ws, us, vs, cs, backend=backend)
+    assert_bitwise(ws, want)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_invariant_to_grouping_and_order(backend, device):
+    ws, us, vs, cs = lowrank_case("mixed", device, seed=2)
+    base = clones(ws)
+    zokern.lowrank_apply_(base, us, vs, cs, backend=backend)
+    got = clones(ws)
+    for k in range(len(ws)):
+        zokern.lowrank_apply_(got[k:k + 1], us[k:k + 1], vs[k:k + 1], cs[k:k + 1], backend=backend)
+    assert_bitwise(got, base, "one call per tensor")
+    got = clones(ws)
+    zokern.lowrank_apply_(got[::-1], us[::-1], vs[::-1], cs[::-1], backend=backend)
+    assert_bitwise(got, base, "reversed")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    ws, us, vs, cs = (x[1:4] for x in lowrank_case("mixed", device))
+    torch.library.opcheck(torch.ops.zokern.lowrank_apply_, (ws, us, vs, cs, backend))
+
+
+META = dict(device="meta")
+
+
+@pytest.mark.parametrize("v_rows,core", [(3, torch.empty(3, 3, **META)), (5, torch.empty(2, 2, **META)),
+                                         (3, torch.empty(2, 2, dtype=torch.float16, **META))],
+                         ids=["core shape", "V rows", "core dtype"])
+def test_fakes_run_the_same_checks(v_rows, core):
+    """Meta tensors (as under tracing) go to the fake implementation: it rejects what the device
+    implementations reject (W 4×3, U 4×2)."""
+    with pytest.raises((ValueError, TypeError)):
+        torch.ops.zokern.lowrank_apply_([torch.empty(4, 3, **META)], [torch.empty(4, 2, **META)],
+                                        [torch.empty(v_rows, 2, **META)], [core], "")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_factors_overlapping_the_weights_are_rejected(backend, device):
+    """U, V and C are read for every element of W: not element-wise, so they may not be W itself."""
+    w = torch.randn(3, 3, device=device)
+    before = w.clone()
+    with pytest.raises(ValueError, match=r"weights\[0\] and us\[0\] share memory"):
+        zokern.lowrank_apply_([w], [w], [torch.randn(3, 3, device=device)], [torch.eye(3, device=device)],
+                              backend=backend)
+    assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("dtype,ulps", [(torch.float32, 8), (torch.bfloat16, 1), (torch.float16, 1)], ids=str)
+def test_bound_fails_a_result_off_by_ulps(dtype, ulps):
+    """The float64 comparison can fail: 1 + 1·0.5·1 stored `ulps` storage ulps off 1.5 is rejected (16-bit: one
+    ulp; float32: the bound of 4 float32 operations allows about 3 ulps at 1.5)."""
+    w, u, v = (torch.ones(1, 1, dtype=dtype) for _ in range(3))
+    c = torch.full((1, 1), 0.5)
+    right = torch.full((1, 1), 1.5, dtype=dtype)
+    assert_lowrank_rounded_from_float32(right, w, u, v, c)
+    spacing = torch.finfo(dtype).eps  # the spacing in [1, 2)
+    with pytest.raises(AssertionError):
+        assert_lowrank_rounded_from_float32((right.double() + ulps * spacing).to(dtype), w, u, v, c)
