@@ -84,7 +84,7 @@ class SideHooks:
         @torch.compiler.disable
         def pre(module, args, kwargs):
             self.entering = None
-            probes = self.optimizer.probes
+            probes = self.optimizer.module_probes
             if probes is None or probes.active is None:
                 self.optimizer.merge()  # a forward outside a step: evaluation reads the merged weights
                 if linear_key is not None:

@@ -166,7 +166,7 @@ class SubZero(ZOOptimizer):
             b.extra["pending"] = False
 
     def step(self, closure=None, fresh_closure=None):
-        if self.side_path and self.probes is None:
+        if self.side_path and self.module_probes is None:
             raise ValueError("SubZero(side_path=True) trains in probe mode only: construct it from the model, or "
                              "call opt.attach(model) before stepping")
         return super().step(closure, fresh_closure)
