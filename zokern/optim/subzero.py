@@ -129,7 +129,10 @@ class SubZero(ZOOptimizer):
         if not bucket.extra["pending"]:
             return False
         chosen = [j for j, side in enumerate(bucket.extra["side"]) if side]
-        matrices, factors, accumulators = bucket.extra["matrices"], bucket.extra["factors"], bucket.extra["accumulators"]
+        matrices, factors = bucket.extra["matrices"], bucket.extra["factors"]
+        accumulators = bucket.extra["accumulators"]
+        # Rounded to nearest. Stochastic rounding, once lowrank_apply_ takes it, keys on the merging step's seed:
+        # no other update of these matrices is stored in that step.
         ops.lowrank_apply_([bucket.params[matrices[j][0]] for j in chosen], [factors[j][0] for j in chosen],
                            [factors[j][1] for j in chosen], [accumulators[j] for j in chosen], backend=self.backend)
         for j in chosen:
