@@ -29,7 +29,7 @@ def step_table(report: dict) -> list[str]:
              "|---|---:|---:|---:|---:|---:|"]
     for info, median in steps:
         forwards = info.get("forwards", 2)
-        zokern = info["step_kind"] in ("zokern", "zokern-probes")
+        zokern = info["step_kind"] in ("zokern", "zokern-probes", "zokern-side-path")
         over = f"{median / floor[f'forward-x{forwards}']:.2f}" if (zokern or info["step_kind"] == "mezo-reference") \
             and f"forward-x{forwards}" in floor else "—"
         speedup = f"{reference / median:.2f}×" if reference and zokern else "—"

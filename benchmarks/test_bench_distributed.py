@@ -111,6 +111,8 @@ def test_data_parallel_steps(benchmark, world):
     try:
         sent = []
         benchmark.pedantic(lambda: sent.append(pool.ask("steps")), rounds=ROUNDS, iterations=1)
+        if benchmark.stats is None:  # --benchmark-disable: the smoke run checks that it runs, times nothing
+            return
         benchmark.extra_info.update(world_size=world, global_batch=BATCH, steps_per_round=STEPS,
                                     steps_per_second=STEPS / benchmark.stats.stats.median,
                                     zo_bytes_per_step_per_rank=max(max(s) for s in sent))

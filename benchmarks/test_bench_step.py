@@ -21,8 +21,9 @@ MODELS = {  # (hidden, intermediate, layers, heads, kv heads, vocab, batch, sequ
     "tiny": (64, 128, 2, 4, 2, 1000, 2, 16),
     "cpu-small": (256, 688, 4, 8, 4, 8000, 4, 64),
     # The embedded SmolLM2-135M's shapes (134.5M parameters, tied embeddings) and `zokern finetune`'s batch of
-    # 16 prompts (about 25 tokens each).
+    # 16 prompts (about 25 tokens each); "smollm2-135m": the same shapes at 4 sequences of 64 tokens.
     "smollm2": (576, 1536, 30, 9, 3, 49152, 16, 32),
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152, 4, 64),
     "1b": (2048, 8192, 16, 32, 8, 128256, 16, 256),       # Llama-3.2-1B shapes
     "8b": (4096, 14336, 32, 32, 8, 128256, 16, 256),      # Llama-3-8B shapes
 }
@@ -130,5 +131,17 @@ def test_zokern_probe_step(benchmark, setup, method):
     try:
         _measure(benchmark, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern-probes", tokens,
                  backend=opt.backend or "auto", method=method, forwards=opt.forwards_per_step)
+    finally:
+        opt.detach()
+
+
+def test_subzero_side_path_step(benchmark, setup):
+    """SubZero's side path (docs/OPTIMIZERS.md): between merges an nn.Linear adds ((x·V)·Cᵀ)·Uᵀ to x·Wᵀ and the
+    step writes no matrix; the merge, one pass per window (1000 steps by default), is outside the timed steps."""
+    model, tokens = setup
+    opt = optim.SubZero(model, lr=LR, eps=EPS, side_path=True)
+    try:
+        _measure(benchmark, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern-side-path", tokens,
+                 backend=opt.backend or "auto", method="subzero", forwards=opt.forwards_per_step)
     finally:
         opt.detach()

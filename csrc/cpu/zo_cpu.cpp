@@ -145,7 +145,8 @@ void for_chunks(at::TensorList params, int64_t chunk, int64_t align, const F& f)
     for (int64_t b = 0; b < n; b += chunk) chunks.push_back({static_cast<int64_t>(t), b, std::min(n, b + chunk)});
   }
   const int64_t num_chunks = static_cast<int64_t>(chunks.size());
-#pragma omp parallel for schedule(dynamic, 1)
+// One chunk runs on the calling thread: waking the team costs more than a small tensor's work.
+#pragma omp parallel for schedule(dynamic, 1) if (num_chunks > 1)
   for (int64_t c = 0; c < num_chunks; ++c) f(chunks[c].t, chunks[c].begin, chunks[c].end);
 }
 
@@ -247,7 +248,7 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
   }
 
   const int64_t num_prepare = static_cast<int64_t>(prepare.size());
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (num_prepare > 1)
   for (int64_t k = 0; k < num_prepare; ++k) {
     const int64_t t = prepare[k].t, i0 = prepare[k].row;
     const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
@@ -274,7 +275,7 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
   }
 
   const int64_t num_tiles = static_cast<int64_t>(tiles.size());
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (num_tiles > 1)
   for (int64_t k = 0; k < num_tiles; ++k) {
     const int64_t t = tiles[k].t, i0 = tiles[k].row, j0 = tiles[k].col;
     const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
@@ -350,7 +351,7 @@ void fill_random_(at::Tensor& out, int64_t seed, int64_t stream, int64_t offset,
   float* o = out.data_ptr<float>();
   const int64_t n = out.numel();
   const int64_t num_chunks = (n + kDefaultChunk - 1) / kDefaultChunk;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (num_chunks > 1)
   for (int64_t c = 0; c < num_chunks; ++c) {
     const int64_t first = c * kDefaultChunk, last = std::min(n, first + kDefaultChunk);
     ZK_RUN(fill_range, o + first, offset + first, offset + last, static_cast<uint64_t>(seed),
@@ -365,7 +366,7 @@ void philox_words_(at::Tensor& out, int64_t seed, int64_t stream, int64_t domain
               "zokern_cpp: out must be a contiguous int64 n×4 CPU tensor");
   int64_t* o = out.data_ptr<int64_t>();
   const int64_t n = out.size(0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n > 4096)
   for (int64_t k = 0; k < n; ++k) {
     const Words w = philox(static_cast<uint64_t>(seed), static_cast<uint32_t>(stream),
                            static_cast<uint32_t>(domain), static_cast<uint64_t>(first_call + k));

@@ -130,6 +130,9 @@ def check_config(config: FinetuneConfig) -> None:
             parse_distribution(config.method_options["dist"])
         except ValueError as exc:
             raise ConfigError(f"--option dist: {exc}") from None
+    if config.method_options.get("side_path") and not uses_probes(asdict(config)):
+        raise ConfigError("--option side_path: SubZero's side path trains in probe mode only; add --probe-mode "
+                          "module (a float32 run's --probe-mode auto is in-place)")
 
 
 def _check_types(config: FinetuneConfig) -> None:

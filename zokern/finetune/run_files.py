@@ -96,8 +96,11 @@ class Run:
         name = f"checkpoint-{progress['step']}"
         tmp, final = self.dir / f"{name}.tmp", self.dir / name
         tmp.mkdir()
+        # The optimizer's state first: taking it merges updates a method still holds apart from the weights
+        # (SubZero's side path), so the weights saved next are the trained ones.
+        optimizer_state = optimizer.state_dict()
         save_file({n: p.detach().contiguous() for n, p in trainable}, str(tmp / CHECKPOINT_FILES[0]))
-        torch.save(optimizer.state_dict(), tmp / CHECKPOINT_FILES[1])
+        torch.save(optimizer_state, tmp / CHECKPOINT_FILES[1])
         digests = {f: _sha256(tmp / f) for f in CHECKPOINT_FILES}
         (tmp / "progress.json").write_text(json.dumps({"state": progress, "config": asdict(config),
                                                        "sha256": digests}))
