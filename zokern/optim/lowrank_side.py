@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zokern.optim.probe import eager
+
 
 def side_factors(u: torch.Tensor, v: torch.Tensor, core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(V, U·C) in float32, once per probe: the side term is then two matmuls per call."""
@@ -69,7 +71,8 @@ class SideHooks:
             self._handles.append(module.register_forward_pre_hook(
                 self._pre_hook(linear_key), prepend=True, with_kwargs=True))
             if linear_key is not None:
-                self._handles.append(module.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+                self._handles.append(module.register_forward_hook(eager(self._post), with_kwargs=True,
+                                                                  always_call=True))
             self._handles.append(module.register_state_dict_pre_hook(self._before_state_dict))
 
     def remove(self) -> None:
@@ -80,8 +83,6 @@ class SideHooks:
         self.entering = None
 
     def _pre_hook(self, linear_key):
-        # Not traced by torch.compile, as probe mode's hooks.
-        @torch.compiler.disable
         def pre(module, args, kwargs):
             self.entering = None
             probes = self.optimizer.module_probes
@@ -95,9 +96,8 @@ class SideHooks:
                 self._calls.setdefault(module, []).append(call)
                 self.entering = call
             return None
-        return pre
+        return eager(pre)  # not traced by torch.compile, as probe mode's hooks
 
-    @torch.compiler.disable
     def _post(self, module, args, kwargs, output):
         self.entering = None
         calls = self._calls.get(module)

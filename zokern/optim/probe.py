@@ -22,6 +22,13 @@ from zokern import ops
 ProbeFn = Callable[[object, int, "torch.Tensor | None"], "torch.Tensor | None"]
 
 
+def eager(hook):
+    """`hook`, not traced by torch.compile: the hooks swap module attributes and call the ops eagerly, so a compiled
+    model's graph breaks at each hooked module (docs/OPTIMIZERS.md). Applied when hooks are registered, not at
+    import: torch.compiler.disable loads torch._dynamo, which `import zokern` must not pay for."""
+    return torch.compiler.disable(hook)
+
+
 def row_draws(seed: int, stream: int, rows: torch.Tensor, row_len: int, *, dist=0,
               backend: "str | None" = None) -> torch.Tensor:
     """z of the given rows (sorted, unique) of a row-major tensor with `row_len` columns, float32 [len(rows),
@@ -107,8 +114,8 @@ class ModuleProbes:
         self._seen: set = set()
         self._handles = []
         for module in self.holders:
-            self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._post, always_call=True))
+            self._handles.append(module.register_forward_pre_hook(eager(self._pre), with_kwargs=True))
+            self._handles.append(module.register_forward_hook(eager(self._post), always_call=True))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -130,9 +137,6 @@ class ModuleProbes:
 
     # --- the hooks ----------------------------------------------------------------------------------------
 
-    # Not traced by torch.compile: the hooks swap module attributes and call the ops eagerly, so a compiled
-    # model's graph breaks at each hooked module (docs/OPTIMIZERS.md).
-    @torch.compiler.disable
     def _pre(self, module, args, kwargs):
         # A frame per call, pushed first: the always-called forward hook pops it even if this hook raises.
         stack = self._stack.setdefault(module, [])
@@ -169,7 +173,6 @@ class ModuleProbes:
             stack[-1] = (saved, None)
         return args, kwargs
 
-    @torch.compiler.disable
     def _post(self, module, args, output):
         stack = self._stack.get(module)
         if stack:
