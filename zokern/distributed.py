@@ -160,6 +160,17 @@ def check_same_on_ranks(fingerprint: dict, group, what: str) -> None:
 # --- per-tensor quantities of sharded tensors ------------------------------------------------------------
 
 
+def _by_shard_group(shards: Sequence["Shard | None"]) -> tuple[list[int], list[list[int]]]:
+    """The positions of whole tensors, and those of sharded ones per shard group (one collective per group)."""
+    whole, groups = [], {}
+    for i, s in enumerate(shards):
+        if s is None:
+            whole.append(i)
+        else:
+            groups.setdefault(id(s.group), []).append(i)
+    return whole, list(groups.values())
+
+
 def magnitude_thresholds(params: Sequence[torch.Tensor], shards: Sequence["Shard | None"], sparsity: float,
                          local_thresholds) -> torch.Tensor:
     """Per tensor, the k-th smallest |θ| of the whole tensor (k = max(1, ceil((1 − sparsity)·numel))), exactly
@@ -168,15 +179,11 @@ def magnitude_thresholds(params: Sequence[torch.Tensor], shards: Sequence["Shard
     a 256-bin int64 histogram per tensor (2 KiB per tensor and round), each round fixing 8 bits of the answer. No
     rank sees another's weights."""
     out = [None] * len(params)
-    whole = [i for i, s in enumerate(shards) if s is None]
+    whole, groups = _by_shard_group(shards)
     if whole:
         for i, h in zip(whole, local_thresholds([params[i] for i in whole], sparsity)):
             out[i] = h
-    by_group: dict = {}
-    for i, s in enumerate(shards):
-        if s is not None:
-            by_group.setdefault(id(s.group), []).append(i)
-    for idx in by_group.values():
+    for idx in groups:
         group = shards[idx[0]].group
         bits = [params[i].detach().reshape(-1).abs().float().view(torch.int32).to(torch.int64) for i in idx]
         remaining = torch.tensor([max(1, math.ceil((1.0 - sparsity) * shards[i].numel)) for i in idx],
@@ -206,15 +213,11 @@ def distance_norms(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tenso
     squares all-reduced over their shard group (one all-reduce per group). They equal the unsharded op's
     values up to its float32 accumulation's rounding, and are the same on every rank."""
     out = [None] * len(params)
-    whole = [i for i, s in enumerate(shards) if s is None]
+    whole, groups = _by_shard_group(shards)
     if whole:
         for i, t in zip(whole, local_norms([params[i] for i in whole], [anchors[i] for i in whole])):
             out[i] = t
-    by_group: dict = {}
-    for i, s in enumerate(shards):
-        if s is not None:
-            by_group.setdefault(id(s.group), []).append(i)
-    for idx in by_group.values():
+    for idx in groups:
         sums = torch.stack([(params[i].double() - anchors[i].double()).square().sum() for i in idx])
         dist.all_reduce(sums, group=shards[idx[0]].group)
         for row, i in enumerate(idx):
