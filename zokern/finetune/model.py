@@ -57,4 +57,12 @@ def load_model(path: "str | None" = None, dtype: torch.dtype = torch.float32):
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     return model.eval(), tokenizer
+
+
+def _contiguous_input(module, args):
+    """The output layer's input made contiguous. With `logits_to_keep` its input is a strided last-token view,
+    which torch's matmul does not fold into one GEMM: it multiplies by the weight expanded per batch row (a
+    copy of batch × vocabulary × hidden elements), 80% of a bf16 forward on a CPU."""
+    return (args[0].contiguous(), *args[1:])
