@@ -314,6 +314,41 @@ def test_torchrun_finetune_writes_from_rank_0_and_replays(tiny_model_dir, tmp_pa
     assert main([*settings[:-2], "--output-dir", str(out), "--steps", "6", "--resume"]) == 2
 
 
+@pytest.mark.parametrize("mode", [["--probe-mode", "module"], ["--lora-rank", "0"]], ids=["lora-probes", "full"])
+def test_torchrun_finetune_fsdp_replays_and_resumes(tiny_model_dir, tmp_path, mode):
+    """`torchrun -m zokern finetune --fsdp` on 2 processes, LoRA adapters in probe mode and all weights in place: one
+    set of files from rank 0; the checkpoint's model.safetensors holds the whole trained tensors, which `zokern
+    replay` of the seed log rebuilds bitwise on one process; a run stopped at step 2 and resumed from its sharded
+    checkpoint ends bitwise where the uninterrupted run does, with the same log. --fsdp on one process, and a
+    resume without --fsdp, are refused with exit code 2."""
+    from safetensors.torch import load_file
+
+    from zokern import seedlog
+    from zokern.cli import main
+
+    def settings(out, steps):
+        return ["finetune", "--model", str(tiny_model_dir), "--steps", str(steps), "--batch-size", "5",
+                "--eval-every", "2", "--eval-examples", "8", "--checkpoint-every", "2", "--lr", "1e-3", "--fsdp",
+                *mode, "--output-dir", str(out)]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for args in (settings(straight, 4), settings(resumed, 2), [*settings(resumed, 4), "--resume"]):
+        done = _torchrun(2, *args)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("zero-shot test accuracy") == 1  # rank 0 reports for all
+    assert json.loads((straight / "summary.json").read_text())["world_size"] == 2
+    trained = load_file(str(straight / "checkpoint" / "model.safetensors"))
+    assert main(["replay", "--log", str(straight / "seedlog.jsonl"), "--output", str(tmp_path / "replayed.safetensors")]) == 0
+    rebuilt = load_file(str(tmp_path / "replayed.safetensors"))
+    assert trained.keys() == rebuilt.keys() and all(torch.equal(trained[k], rebuilt[k]) for k in trained)
+    again = load_file(str(resumed / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(trained[k], again[k]) for k in trained)
+    assert seedlog.read(straight / "seedlog.jsonl")[1] == seedlog.read(resumed / "seedlog.jsonl")[1]
+
+    assert main(settings(tmp_path / "alone", 2)) == 2
+    assert main([a for a in settings(resumed, 6) if a != "--fsdp"] + ["--resume"]) == 2
+
+
 # --- sharded parameters (FSDP2) -----------------------------------------------------------------------------
 
 
