@@ -338,8 +338,9 @@ def test_torchrun_finetune_fsdp_replays_and_resumes(tiny_model_dir, tmp_path, mo
         assert done.stdout.count("zero-shot test accuracy") == 1  # rank 0 reports for all
     assert json.loads((straight / "summary.json").read_text())["world_size"] == 2
     trained = load_file(str(straight / "checkpoint" / "model.safetensors"))
-    assert main(["replay", "--log", str(straight / "seedlog.jsonl"), "--output", str(tmp_path / "replayed.safetensors")]) == 0
-    rebuilt = load_file(str(tmp_path / "replayed.safetensors"))
+    replayed = tmp_path / "replayed.safetensors"
+    assert main(["replay", "--log", str(straight / "seedlog.jsonl"), "--output", str(replayed)]) == 0
+    rebuilt = load_file(str(replayed))
     assert trained.keys() == rebuilt.keys() and all(torch.equal(trained[k], rebuilt[k]) for k in trained)
     again = load_file(str(resumed / "checkpoint" / "model.safetensors"))
     assert all(torch.equal(trained[k], again[k]) for k in trained)

@@ -68,7 +68,8 @@ def shard(model) -> None:
     layers = [layer for name, module in root.named_modules()
               if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" for layer in module]
     if not layers:
-        raise ConfigError(f"--fsdp: {type(root).__name__} has no decoder layers (a module list named 'layers') to shard")
+        raise ConfigError(f"--fsdp: {type(root).__name__} has no decoder layers (a module list named 'layers') to "
+                          "shard")
     for layer in layers:
         fully_shard(layer)
     fully_shard(root)

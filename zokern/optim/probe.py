@@ -241,7 +241,7 @@ def fsdp_groups(model: nn.Module, owner: dict) -> "tuple[list, list]":
     anything changes: probes reach a group's all-gather only if it gathers before every forward from the stored
     shards. Then each group is lazily initialised, as FSDP's own `unshard()` does, so that its first forward does not
     re-pad a shard while the probe stands in for it."""
-    if not any(type(p).__name__ == "DTensor" for p in _given(owner)):
+    if not any(type(b.given[i]).__name__ == "DTensor" for b, i in owner.values()):
         return [], []
     from torch.distributed.fsdp import FSDPModule
 
@@ -259,7 +259,7 @@ def fsdp_groups(model: nn.Module, owner: dict) -> "tuple[list, list]":
             if len(state._modules) > 1:
                 raise DistributedError(f"probe mode: FSDP2 module {label!r} is one of {len(state._modules)} modules "
                                        "sharded together (fully_shard([...])); shard each module on its own")
-            (fp, (b, i)), = entries[:1]
+            _, (b, i) = entries[0]
             if b.shards[i] is None:
                 raise DistributedError(f"probe mode: trained tensor {b.names[i]!r} is sharded by FSDP2 "
                                        "over one rank; probe mode needs a shard group of two ranks or more (on one "
@@ -268,8 +268,9 @@ def fsdp_groups(model: nn.Module, owner: dict) -> "tuple[list, list]":
             if keeps:
                 raise DistributedError(f"probe mode: FSDP2 module {label!r} keeps its parameters gathered after its "
                                        "forward, so the next forward would see the last probe; call "
-                                       f"set_reshard_after_forward(True) on it (on the root too) before attaching")
-            extension = [b.names[i] for fp, (b, i) in entries if hasattr(fp._sharded_local_tensor, "fsdp_pre_all_gather")]
+                                       "set_reshard_after_forward(True) on it (on the root too) before attaching")
+            extension = [b.names[i] for fp, (b, i) in entries
+                         if hasattr(fp._sharded_local_tensor, "fsdp_pre_all_gather")]
             if extension:
                 raise DistributedError(f"probe mode: FSDP2 parameter {extension[0]!r} is a tensor subclass "
                                        "with its own all-gather (fsdp_pre_all_gather), which probes cannot reach")
@@ -283,11 +284,6 @@ def fsdp_groups(model: nn.Module, owner: dict) -> "tuple[list, list]":
                                        "the optimizer trains (its parameters were replaced after the optimizer was "
                                        "built); build the optimizer after loading the model's weights")
     return found, roots
-
-
-def _given(owner: dict):
-    for b, i in owner.values():
-        yield b.given[i]
 
 
 def _put_back(module: nn.Module, frame) -> None:
