@@ -314,40 +314,51 @@ def test_torchrun_finetune_writes_from_rank_0_and_replays(tiny_model_dir, tmp_pa
     assert main([*settings[:-2], "--output-dir", str(out), "--steps", "6", "--resume"]) == 2
 
 
-@pytest.mark.parametrize("mode", [["--probe-mode", "module"], ["--lora-rank", "0"]], ids=["lora-probes", "full"])
-def test_torchrun_finetune_fsdp_replays_and_resumes(tiny_model_dir, tmp_path, mode):
-    """`torchrun -m zokern finetune --fsdp` on 2 processes, LoRA adapters in probe mode and all weights in place: one
+@pytest.mark.parametrize("lora", [True, False], ids=["lora-probes", "full-in-place"])
+def test_torchrun_finetune_fsdp_replays_and_resumes(tiny_model_dir, tmp_path, lora):
+    """`torchrun -m zokern finetune --fsdp` on 2 processes, LoRA adapters in probe mode or all weights in place: one
     set of files from rank 0; the checkpoint's model.safetensors holds the whole trained tensors, which `zokern
-    replay` of the seed log rebuilds bitwise on one process; a run stopped at step 2 and resumed from its sharded
-    checkpoint ends bitwise where the uninterrupted run does, with the same log. --fsdp on one process, and a
-    resume without --fsdp, are refused with exit code 2."""
+    replay` of the seed log rebuilds bitwise on one process. LoRA: the run cut back to its step-2 checkpoint and
+    resumed from its shards ends bitwise where it did, with the same log records. All weights: a resume on 3
+    processes is refused. --fsdp on one process, and a resume without --fsdp, are refused with exit code 2."""
+    import shutil
+
     from safetensors.torch import load_file
 
     from zokern import seedlog
     from zokern.cli import main
 
     def settings(out, steps):
+        mode = ["--probe-mode", "module"] if lora else ["--lora-rank", "0"]
         return ["finetune", "--model", str(tiny_model_dir), "--steps", str(steps), "--batch-size", "5",
                 "--eval-every", "2", "--eval-examples", "8", "--checkpoint-every", "2", "--lr", "1e-3", "--fsdp",
                 *mode, "--output-dir", str(out)]
 
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    for args in (settings(straight, 4), settings(resumed, 2), [*settings(resumed, 4), "--resume"]):
-        done = _torchrun(2, *args)
+    def run(out, *extra):
+        done = _torchrun(2, *settings(out, 4), *extra)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.count("zero-shot test accuracy") == 1  # rank 0 reports for all
-    assert json.loads((straight / "summary.json").read_text())["world_size"] == 2
-    trained = load_file(str(straight / "checkpoint" / "model.safetensors"))
+        return load_file(str(out / "checkpoint" / "model.safetensors"))
+
+    out = tmp_path / "run"
+    trained = run(out)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
     replayed = tmp_path / "replayed.safetensors"
-    assert main(["replay", "--log", str(straight / "seedlog.jsonl"), "--output", str(replayed)]) == 0
+    assert main(["replay", "--log", str(out / "seedlog.jsonl"), "--output", str(replayed)]) == 0
     rebuilt = load_file(str(replayed))
     assert trained.keys() == rebuilt.keys() and all(torch.equal(trained[k], rebuilt[k]) for k in trained)
-    again = load_file(str(resumed / "checkpoint" / "model.safetensors"))
-    assert all(torch.equal(trained[k], again[k]) for k in trained)
-    assert seedlog.read(straight / "seedlog.jsonl")[1] == seedlog.read(resumed / "seedlog.jsonl")[1]
-
+    if lora:
+        resumed = tmp_path / "resumed"  # as if stopped after step 2's checkpoint
+        shutil.copytree(out, resumed, symlinks=True)
+        shutil.rmtree(resumed / "checkpoint-4")
+        again = run(resumed, "--resume")
+        assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)
+        assert seedlog.read(out / "seedlog.jsonl")[1] == seedlog.read(resumed / "seedlog.jsonl")[1]
+    else:
+        done = _torchrun(3, *settings(out, 6), "--resume")
+        assert done.returncode != 0 and "trained on 2 processes; resume it on 2 (this is 3)" in done.stderr
     assert main(settings(tmp_path / "alone", 2)) == 2
-    assert main([a for a in settings(resumed, 6) if a != "--fsdp"] + ["--resume"]) == 2
+    assert main([a for a in settings(out, 6) if a != "--fsdp"] + ["--resume"]) == 2
 
 
 # --- sharded parameters (FSDP2) -----------------------------------------------------------------------------
