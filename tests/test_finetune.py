@@ -198,3 +198,40 @@ def test_compare_rejects_bad_input_before_training(args, message):
                             timeout=120)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_lr_schedule_sets_each_step_rate_resumes_and_replays(tiny_model_dir, tmp_path, schedule):
+    """--lr-schedule: step t of T trains at lr·(1 − t/T) (linear) or lr·(1 + cos πt/T)/2 (cosine), the rates
+    the seed log records; a resume continues the schedule bitwise; a resume that changes the run's length
+    (which moves every later rate) is refused; replay of the log gives the trained weights."""
+    import math
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from zokern.finetune.config import ConfigError
+    from zokern.finetune.replay import replay_run
+
+    sink = open("/dev/null", "w")
+    finetune(_config(tiny_model_dir, tmp_path / "straight", lr_schedule=schedule), progress_stream=sink)
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["lr"] for r in records if "lr" in r]
+    shape = (lambda p: 1 - p) if schedule == "linear" else (lambda p: 0.5 * (1 + math.cos(math.pi * p)))
+    assert rates == pytest.approx([1e-3 * shape(t / 4) for t in range(4)], rel=1e-12)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "straight" / "seedlog.jsonl").read_text().splitlines()[1:]]
+    assert [lr[0] for lr in logged] == rates
+
+    finetune(_config(tiny_model_dir, tmp_path / "resumed", lr_schedule=schedule, steps=2), progress_stream=sink)
+    with pytest.raises(ConfigError, match=f"steps 2 -> 4 \\(with --lr-schedule {schedule}\\)"):
+        finetune(_config(tiny_model_dir, tmp_path / "resumed", lr_schedule=schedule, resume=True), progress_stream=sink)
+    # A schedule's run resumes at its own length: made 4 steps long from the start, cut after 2.
+    finetune(_config(tiny_model_dir, tmp_path / "cut", lr_schedule=schedule, checkpoint_every=2), progress_stream=sink)
+    shutil.rmtree(tmp_path / "cut" / "checkpoint-4")  # as if killed after step 2's checkpoint
+    finetune(_config(tiny_model_dir, tmp_path / "cut", lr_schedule=schedule, resume=True), progress_stream=sink)
+    a = load_file(str(tmp_path / "straight" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "checkpoint" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    replay_run(str(tmp_path / "straight" / "seedlog.jsonl"), output=str(tmp_path / "replayed.safetensors"))
+    r = load_file(str(tmp_path / "replayed.safetensors"))
+    assert all(torch.equal(a[k], r[k]) for k in r)

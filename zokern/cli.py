@@ -37,7 +37,7 @@ def info_command(args) -> int:
 def _add_training_options(p, d, *, per_run: bool) -> None:
     """The options `zokern finetune` and `zokern compare` share; per_run: finetune's own (one method, steps,
     evaluation interval, resume)."""
-    from zokern.finetune.config import DTYPES, PROBE_MODES
+    from zokern.finetune.config import DTYPES, LR_SCHEDULES, PROBE_MODES
 
     p.add_argument("--model", default=None, help="a local Hugging Face model directory or .gguf file "
                                                  "(default: the embedded SmolLM2-135M-Instruct)")
@@ -50,6 +50,8 @@ def _add_training_options(p, d, *, per_run: bool) -> None:
         numbers += [("steps", int), ("eval-every", int)]
     for name, kind in numbers:
         p.add_argument(f"--{name}", type=kind, default=getattr(d, name.replace("-", "_")))
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help="constant (default), or linear / cosine decay from --lr at the first step towards 0")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
     p.add_argument("--backend", choices=backends.BACKENDS, default=None)
     if per_run:

@@ -16,6 +16,7 @@ from zokern.random import SEED_LIMIT, parse_distribution
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE_MODES = ("auto", "module", "in-place")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -32,6 +33,7 @@ class FinetuneConfig:
     forward_budget: int = 0  # > 0: train for this many forward passes (steps = budget / forwards per step)
     batch_size: int = 16
     lr: float = 1e-3
+    lr_schedule: str = "constant"  # "linear" / "cosine": from lr at the first step towards 0 after the last
     eps: float = 1e-2
     weight_decay: float = 0.0
     eval_every: int = 100
@@ -97,6 +99,8 @@ def check_config(config: FinetuneConfig) -> None:
             raise ConfigError(f"{_flag(name)} must be a positive finite number, got {value!r}")
     if not (math.isfinite(config.lr) and config.lr >= 0):  # 0: a dry run, which must leave the weights as they are
         raise ConfigError(f"--lr must be a finite number >= 0, got {config.lr!r}")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"--lr-schedule {config.lr_schedule!r}: choose from {', '.join(LR_SCHEDULES)}")
     if config.probe_mode not in PROBE_MODES:
         raise ConfigError(f"--probe-mode {config.probe_mode!r}: choose from {', '.join(PROBE_MODES)}")
     if config.probe_mode == "module" and config.two_pass:
@@ -149,6 +153,17 @@ def _check_types(config: FinetuneConfig) -> None:
             raise ConfigError(f"{_flag(f.name)} must be {wanted}, got {value!r}")
 
 
+def scheduled_lr(config: FinetuneConfig, step: int, steps: int) -> float:
+    """The learning rate of 0-based step `step` of `steps`: a pure function of the step, so a resumed run and
+    the seed log (which records each step's rate) agree."""
+    progress = step / steps
+    if config.lr_schedule == "linear":
+        return config.lr * (1.0 - progress)
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr
+
+
 def uses_probes(settings: dict) -> bool:
     """Whether a run with these settings (a config as a dict) trains in probe mode. A run recorded before
     probe_mode existed perturbed in place."""
@@ -166,6 +181,10 @@ def check_resumable(recorded: dict, config: FinetuneConfig) -> None:
     requested["probe_mode"] = "module" if uses_probes(requested) else "in-place"
     changed = [f"{name} {recorded.get(name)!r} -> {value!r}" for name, value in requested.items()
                if name not in RESUMABLE_CHANGES and _comparable(name, recorded.get(name)) != _comparable(name, value)]
+    if recorded.get("lr_schedule", "constant") != "constant":  # the rates depend on the run's length
+        changed += [f"{name} {recorded.get(name)!r} -> {requested[name]!r} (with --lr-schedule "
+                    f"{recorded['lr_schedule']})" for name in ("steps", "forward_budget")
+                    if recorded.get(name) != requested[name]]
     if changed:
         raise ConfigError(f"--resume: the run in {config.output_dir} was started with other settings "
                           f"({'; '.join(changed)}); resume with its settings or use a new --output-dir")

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 import zokern
 from zokern import distributed
-from zokern.finetune.config import DTYPES, ConfigError, FinetuneConfig, check_config, check_resumable, uses_probes
+from zokern.finetune.config import (DTYPES, ConfigError, FinetuneConfig, check_config, check_resumable, scheduled_lr,
+                                    uses_probes)
 from zokern.finetune.data import Example, Task, bbc_news, jsonl_task
 from zokern.finetune.model import load_model, resolve_model_path
 from zokern.finetune.prompts import PromptClassifier
@@ -245,6 +246,8 @@ def _finetune(config: FinetuneConfig, progress_stream, start_time: float) -> dic
               dynamic_ncols=True) as bar:
         for step in range(first_step, steps):
             examples = sample(task.train, config.batch_size, config.seed, step)
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(config, step, steps)
             loss = float(optimizer.step(closure_for(examples), fresh_closure_for(step)))
             record = {"step": step + 1, "forwards": state["forwards"], "loss": loss,
                       "lr": optimizer.param_groups[0]["lr"]}
