@@ -314,6 +314,53 @@ def test_torchrun_finetune_writes_from_rank_0_and_replays(tiny_model_dir, tmp_pa
     assert main([*settings[:-2], "--output-dir", str(out), "--steps", "6", "--resume"]) == 2
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora-probes", "full-in-place"])
+def test_torchrun_finetune_fsdp_replays_and_resumes(tiny_model_dir, tmp_path, lora):
+    """`torchrun -m zokern finetune --fsdp` on 2 processes, LoRA adapters in probe mode or all weights in place: one
+    set of files from rank 0; the checkpoint's model.safetensors holds the whole trained tensors, which `zokern
+    replay` of the seed log rebuilds bitwise on one process. LoRA: the run cut back to its step-2 checkpoint and
+    resumed from its shards ends bitwise where it did, with the same log records. All weights: a resume on 3
+    processes is refused. --fsdp on one process, and a resume without --fsdp, are refused with exit code 2."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from zokern import seedlog
+    from zokern.cli import main
+
+    def settings(out, steps):
+        mode = ["--probe-mode", "module"] if lora else ["--lora-rank", "0"]
+        return ["finetune", "--model", str(tiny_model_dir), "--steps", str(steps), "--batch-size", "5",
+                "--eval-every", "2", "--eval-examples", "8", "--checkpoint-every", "2", "--lr", "1e-3", "--fsdp",
+                *mode, "--output-dir", str(out)]
+
+    def run(out, *extra):
+        done = _torchrun(2, *settings(out, 4), *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("zero-shot test accuracy") == 1  # rank 0 reports for all
+        return load_file(str(out / "checkpoint" / "model.safetensors"))
+
+    out = tmp_path / "run"
+    trained = run(out)
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    replayed = tmp_path / "replayed.safetensors"
+    assert main(["replay", "--log", str(out / "seedlog.jsonl"), "--output", str(replayed)]) == 0
+    rebuilt = load_file(str(replayed))
+    assert trained.keys() == rebuilt.keys() and all(torch.equal(trained[k], rebuilt[k]) for k in trained)
+    if lora:
+        resumed = tmp_path / "resumed"  # as if stopped after step 2's checkpoint
+        shutil.copytree(out, resumed, symlinks=True)
+        shutil.rmtree(resumed / "checkpoint-4")
+        again = run(resumed, "--resume")
+        assert trained.keys() == again.keys() and all(torch.equal(trained[k], again[k]) for k in trained)
+        assert seedlog.read(out / "seedlog.jsonl")[1] == seedlog.read(resumed / "seedlog.jsonl")[1]
+    else:
+        done = _torchrun(3, *settings(out, 6), "--resume")
+        assert done.returncode != 0 and "trained on 2 processes; resume it on 2 (this is 3)" in done.stderr
+    assert main(settings(tmp_path / "alone", 2)) == 2
+    assert main([a for a in settings(out, 6) if a != "--fsdp"] + ["--resume"]) == 2
+
+
 # --- sharded parameters (FSDP2) -----------------------------------------------------------------------------
 
 
@@ -536,3 +583,220 @@ def test_a_share_count_alone_changes_nothing():
             opt.step(lambda: wrap(share_loss(model, x, y)[0]))
         rhos.append([r["grad"] for r in records])
     assert rhos[0] == rhos[1]
+
+
+# --- probe mode on sharded parameters (FSDP2) ----------------------------------------------------------------
+
+
+PROBE_RUNS = [(m, dtype) for m in OPTIONS for dtype in (torch.float32, torch.bfloat16)]
+LAYERS = ("k_proj", "v_proj", "out")
+
+
+def _sharded_probe_worker(rank, world, runs, steps):
+    """Probe mode on an FSDP2 model: per run, the seed log, this rank's shards and buffers, and (rank 0) the
+    gathered weights every forward computed with. Inside each forward the stored shards must be those of the
+    step's start: probes never write them."""
+    from zokern import distributed
+
+    out = {}
+    for method, dtype in runs:
+        model = sharded_tiny(dtype)
+        opt = make(method, model).attach(model)
+        records, seen = [], []
+        opt.record_hook = records.append
+        for layer in LAYERS:  # after FSDP's pre-forward: the module holds the gathered weight
+            getattr(model, layer).register_forward_pre_hook(
+                lambda module, args: seen.append((module.weight.detach().clone(), module.bias.detach().clone())))
+        for x, y in data(steps):
+            rows = distributed.share(list(range(len(x))), world, rank)
+            stored = [p.clone() for b in opt.buckets for p in b.params]
+            calls = iter(range(100))
+
+            def closure(x=x[rows], y=y[rows], stored=stored, calls=calls):
+                if next(calls) < opt.forwards_per_step:  # the step's own forwards, before its update
+                    assert all(torch.equal(p, s) for p, s in zip((p for b in opt.buckets for p in b.params), stored))
+                return (model(x) - y).double().square().sum(1).sum() / len(x), len(x)
+
+            opt.step(closure, lambda: closure)
+        out[(method, str(dtype))] = (records, method_state(opt), seen if rank == 0 else None)
+    return out
+
+
+def expected_forwards(method, dtype, records):
+    """The weights each forward of the logged steps must see, per layer, from a single process: before step k
+    (a replay of k records), the unperturbed weights for HiZOO's centre forward, then the method's own probe
+    copies θ ± εP of the whole tensors (Sparse MeZO's masks taken first), then DiZO's search probes are skipped."""
+    forwards = []
+    for k, record in enumerate(records):
+        model = tiny(dtype)
+        opt = make(method, model, process_group=False)
+        for r in records[:k]:
+            opt.replay_step(r)
+        b = opt.buckets[0]
+        index = {name: i for i, name in enumerate(b.names)}
+        layers = [(getattr(model, layer), f"{layer}.weight", f"{layer}.bias") for layer in LAYERS]
+        if opt.forwards_per_step == 3:
+            forwards += [(m.weight.detach().clone(), m.bias.detach().clone()) for m, _, _ in layers]
+        opt._begin_probes(record["seed"])
+        for scale in (opt.eps, -opt.eps):
+            forwards += [tuple(opt._probe(b, index[n], record["seed"], scale, None) for n in (w, bias))
+                         for _, w, bias in layers]
+        if method == "dizo" and (k + 1) % opt.project_every == 0:
+            forwards += [None] * (2 * opt.project_iters * len(LAYERS))  # the search's forwards: not compared here
+    return forwards
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_probe_mode_matches_one_process(tmp_path, world):
+    """Probe mode on FSDP2 shards, 2 and 3 processes (uneven shards; the output layer's one row leaves the other
+    ranks empty), every method, float32 and bfloat16: every forward computes with bitwise the single-process probe
+    copies of the whole tensors (HiZOO's centre forward with the stored weights), the stored shards are not written
+    during the step's forwards, and after the steps the shards put together are bitwise the single-process replay
+    of the seed log: weights, HiZOO's D, Sparse MeZO's masks and thresholds, DiZO's anchors."""
+    steps = 3
+    ranks = run_ranks(_sharded_probe_worker, world, tmp_path, PROBE_RUNS, steps)
+    for method, dtype in PROBE_RUNS:
+        key = (method, str(dtype))
+        records, _, seen = ranks[0][key]
+        assert all(r[key][0] == records for r in ranks), key
+        assert all(r.get("probed") and not r.get("skipped") for r in records), key
+        expected = expected_forwards(method, dtype, records)
+        assert len(seen) == len(expected), key
+        for n, (got, want) in enumerate(zip(seen, expected)):
+            if want is not None:
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (key, n)
+        model = tiny(dtype)
+        opt = make(method, model, process_group=False)
+        for record in records:
+            opt.replay_step(record)
+        for buffer, tensors in method_state(opt).items():
+            if buffer == "thresholds":
+                assert all(torch.equal(r[key][1][buffer], tensors) for r in ranks), key
+                continue
+            for i, whole in enumerate(tensors):
+                pieces = [r[key][1][buffer][i].reshape(-1) for r in ranks]
+                assert torch.equal(torch.cat(pieces), whole.reshape(-1)), (key, buffer, i)
+
+
+def _sharded_probe_lr0_worker(rank, world):
+    """bfloat16 shards, lr = 0, every method in probe mode: the update writes each shard back bitwise."""
+    from zokern import distributed
+
+    out = {}
+    for method in OPTIONS:
+        model = sharded_tiny(torch.bfloat16)
+        opt = make(method, model).attach(model)
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+        before = [p.clone() for b in opt.buckets for p in b.params]
+        for x, y in data(3):
+            rows = distributed.share(list(range(len(x))), world, rank)
+
+            def closure(x=x[rows], y=y[rows]):
+                return (model(x) - y).double().square().sum(1).sum() / len(x), len(x)
+
+            opt.step(closure, lambda: closure)
+        out[method] = all(torch.equal(p, q) for p, q in zip((p for b in opt.buckets for p in b.params), before))
+    return out
+
+
+def test_sharded_probe_mode_lr_0_leaves_bfloat16_shards_unchanged(tmp_path):
+    for result in run_ranks(_sharded_probe_lr0_worker, 2, tmp_path):
+        assert result == {m: True for m in OPTIONS}
+
+
+def _sharded_probe_failure_worker(rank, world, method):
+    """Step 1: rank 1's closure raises after its forward. Step 2: every rank's forward raises inside v_proj, with
+    k_proj's probe gathered and v_proj's being gathered. Steps 0 and 3 train."""
+    from torch.distributed.tensor import DTensor
+
+    from zokern import distributed
+    from zokern.optim.base import RankFailedError
+
+    model = sharded_tiny(torch.float32)
+    opt = make(method, model).attach(model)
+    records, events, unchanged = [], [], []
+    opt.record_hook = records.append
+
+    def broken_layer(module, args):
+        raise RuntimeError("v_proj is broken")
+
+    for step, (x, y) in enumerate(data(4)):
+        rows = distributed.share(list(range(len(x))), world, rank)
+        before = [p.clone() for b in opt.buckets for p in b.params]
+
+        def closure(x=x[rows], y=y[rows]):
+            loss = (model(x) - y).double().square().sum(1).sum() / len(x)
+            if rank == 1 and step == 1:
+                raise KeyError("rank 1's labels are broken")
+            return loss, len(x)
+
+        handle = model.v_proj.register_forward_pre_hook(broken_layer) if step == 2 else None
+        try:
+            opt.step(closure)
+            events.append("stepped")
+        except RankFailedError:
+            events.append("other rank failed")
+        except (KeyError, RuntimeError) as exc:
+            events.append(type(exc).__name__)
+        if handle is not None:
+            handle.remove()
+        if step in (1, 2):
+            unchanged.append(all(torch.equal(p, q) for p, q in zip((p for b in opt.buckets for p in b.params), before)))
+            # FSDP resharded: no module holds a gathered probe for a later forward to compute with.
+            unchanged.append(all(isinstance(getattr(model, layer).weight, DTensor) for layer in LAYERS))
+    return events, unchanged, records, method_state(opt)
+
+
+@pytest.mark.parametrize("method", ["mezo", "hizoo"])
+def test_sharded_probe_mode_failure_leaves_shards_unchanged(tmp_path, method):
+    """A closure that raises on one rank, and a forward that raises inside a sharded layer on every rank: every
+    rank skips the step, no rank hangs, the shards are bitwise unchanged, FSDP holds no gathered probe afterwards,
+    and the run goes on to the single-process replay's weights."""
+    ranks = run_ranks(_sharded_probe_failure_worker, 2, tmp_path, method)
+    assert ranks[0][0] == ["stepped", "other rank failed", "RuntimeError", "stepped"]
+    assert ranks[1][0] == ["stepped", "KeyError", "RuntimeError", "stepped"]
+    records = ranks[0][2]
+    assert [bool(r.get("skipped")) for r in records] == [False, True, True, False]
+    model = tiny()
+    opt = make(method, model, process_group=False)
+    for record in records:
+        opt.replay_step(record)
+    whole = method_state(opt)
+    for events, unchanged, _, state in ranks:
+        assert all(unchanged), unchanged
+    for i, tensor in enumerate(whole["params"]):
+        assert torch.equal(torch.cat([r[3]["params"][i].reshape(-1) for r in ranks]), tensor.reshape(-1)), i
+
+
+def _probe_unsupported_worker(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    from zokern.distributed import DistributedError
+
+    messages = []
+    model = sharded_tiny(torch.float32)
+    try:
+        METHODS["subzero"](model, lr=1e-3, rank=2, side_path=True)
+        messages.append(None)
+    except DistributedError as exc:
+        messages.append(str(exc))
+    torch.manual_seed(0)
+    model = TinyModules()
+    fully_shard(model.k_proj)
+    fully_shard(model)  # the root, holding v_proj and out, keeps its parameters gathered after a forward
+    opt = METHODS["mezo"](model.named_parameters(), lr=1e-3)
+    try:
+        opt.attach(model)
+        messages.append(None)
+    except DistributedError as exc:
+        messages.append(str(exc))
+    return messages
+
+
+def test_sharded_probe_mode_refusals(tmp_path):
+    """What probe mode does not take on shards, refused at construction or attach: SubZero's side path, and a root
+    that keeps its parameters gathered after its forward."""
+    for side_path, root in run_ranks(_probe_unsupported_worker, 2, tmp_path):
+        assert side_path and "side path" in side_path and "sharded" in side_path
+        assert root and "set_reshard_after_forward(True)" in root

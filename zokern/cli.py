@@ -60,6 +60,9 @@ def _add_training_options(p, d, *, per_run: bool) -> None:
         p.add_argument("--evaluations", type=int, default=d.evaluations,
                        help="> 0: evaluate this many times, evenly over the run, instead of every --eval-every")
         p.add_argument("--output-dir", default=d.output_dir)
+        p.add_argument("--fsdp", action="store_true",
+                       help="under torchrun (2 processes or more): shard the model with FSDP2, each decoder layer "
+                            "and the root, instead of holding all of it on every process")
         p.add_argument("--resume", action="store_true",
                        help="continue from --output-dir's newest complete checkpoint (a damaged one is skipped) "
                             "with the run's own settings: a change to one that alters the trajectory (method, "

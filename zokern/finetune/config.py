@@ -56,6 +56,9 @@ class FinetuneConfig:
     # "module": probe mode (the forwards see θ ± εP through transient copies; only the update writes the weights);
     # "in-place": the weights are perturbed and restored; "auto": probe mode for 16-bit weights without --two-pass.
     probe_mode: str = "auto"
+    # Under torchrun: shard the model with FSDP2 (each decoder layer and the root) instead of copying it to every
+    # process (docs/DISTRIBUTED.md).
+    fsdp: bool = False
 
 
 class ConfigError(ValueError):

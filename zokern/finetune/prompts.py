@@ -42,7 +42,9 @@ class PromptClassifier:
     def loss(self, model, batch: dict) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(self.label_logits(model, batch), batch["labels"])
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: FSDP2 reuses its all-gather buffers across forwards, and a buffer made in
+    # inference mode cannot be written by a training step's gather.
+    @torch.no_grad()
     def accuracy(self, model, examples: list[Example], batch_size: int = 32) -> float:
         device = next(model.parameters()).device
         correct = 0

@@ -104,6 +104,37 @@ class Run:
         digests = {f: _sha256(tmp / f) for f in CHECKPOINT_FILES}
         (tmp / "progress.json").write_text(json.dumps({"state": progress, "config": asdict(config),
                                                        "sha256": digests}))
+        self._publish(tmp, final)
+
+    def save_sharded_checkpoint(self, model, trainable: list, optimizer, progress: dict,
+                                config: "FinetuneConfig") -> None:
+        """save_checkpoint for a sharded (--fsdp) run, called by every rank: the model's and the optimizer's shards
+        through torch.distributed.checkpoint (zokern.distributed.save_checkpoint), and the trained tensors gathered
+        whole into model.safetensors, as an unsharded run saves them; rank 0 records every file's sha256."""
+        from safetensors.torch import save_file
+
+        from zokern import distributed
+
+        main = distributed.rank() == 0
+        name = f"checkpoint-{progress['step']}"
+        tmp, final = self.dir / f"{name}.tmp", self.dir / name
+        if main:
+            self.remove_leftovers()
+            tmp.mkdir()
+        distributed.barrier()
+        distributed.save_checkpoint(tmp, model, optimizer)
+        # full_tensor() is a collective: every rank gathers, rank 0 writes.
+        whole = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().contiguous() for n, p in trainable}
+        if main:
+            save_file(whole, str(tmp / CHECKPOINT_FILES[0]))
+            digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+            (tmp / "progress.json").write_text(json.dumps({"state": progress, "config": asdict(config),
+                                                           "sha256": digests}))
+            self._publish(tmp, final)
+        distributed.barrier()
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """A complete checkpoint-<step>.tmp/ synced, renamed into place, linked, and the old ones rotated out."""
         for path in (*tmp.iterdir(), tmp):
             _fsync(path)
         if final.exists():  # the final save after restore_weights() rewrites the last step's checkpoint
@@ -111,7 +142,7 @@ class Run:
         os.replace(tmp, final)
         _fsync(self.dir)
         link = self.dir / "checkpoint.tmp"
-        os.symlink(name, link)
+        os.symlink(final.name, link)
         os.replace(link, self.checkpoint)
         _fsync(self.dir)
         for old in self.checkpoints()[KEPT_CHECKPOINTS:]:
@@ -162,6 +193,15 @@ class Run:
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{path.name}: its optimizer state does not fit this optimizer ({exc})") from None
 
+    def load_sharded_checkpoint(self, path: Path, model, optimizer) -> None:
+        """Every rank loads its shards of save_sharded_checkpoint's checkpoint (the world size it was saved on)."""
+        from zokern import distributed
+
+        try:
+            distributed.load_checkpoint(path, model, optimizer)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path.name}: cannot resume from it ({exc})") from None
+
 
 def _verified_progress(path: Path) -> dict:
     """The progress.json of a checkpoint whose files all match their recorded sha256."""
@@ -169,7 +209,14 @@ def _verified_progress(path: Path) -> dict:
         progress = json.loads((path / "progress.json").read_text())
         if not isinstance(progress["state"]["step"], int) or not isinstance(progress["config"], dict):
             raise ValueError("progress.json lacks the step or the configuration")
-        damaged = [name for name in CHECKPOINT_FILES if _sha256(path / name) != progress["sha256"][name]]
+        recorded = progress["sha256"]
+        # A sharded run's checkpoint holds torch.distributed.checkpoint's files (.metadata, one per rank) and the
+        # optimizer's per rank: every file it recorded is checked.
+        required = (CHECKPOINT_FILES[0], ".metadata") if progress["config"].get("fsdp") else CHECKPOINT_FILES
+        absent = [name for name in required if name not in recorded]
+        if absent:
+            raise ValueError(f"progress.json records no sha256 of {absent[0]}")
+        damaged = [name for name in recorded if _sha256(path / name) != recorded[name]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"unreadable ({type(exc).__name__}: {exc})") from None
     if damaged:

@@ -59,6 +59,24 @@ def build_model(config: FinetuneConfig):
     return model, tokenizer, trainable_parameters(config, model)
 
 
+def shard(model) -> None:
+    """--fsdp: FSDP2's fully_shard on each decoder layer (the items of every module list named `layers`) and on the
+    root (the base model under LoRA adapters, which hold no parameters of their own), which must reshard after its
+    forward so that every forward gathers the optimizer's writes (docs/DISTRIBUTED.md)."""
+    from torch.distributed.fsdp import fully_shard
+
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = [layer for name, module in root.named_modules()
+              if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" for layer in module]
+    if not layers:
+        raise ConfigError(f"--fsdp: {type(root).__name__} has no decoder layers (a module list named 'layers') to "
+                          "shard")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(root)
+    root.set_reshard_after_forward(True)
+
+
 def seedlog_header(config: FinetuneConfig, model, trainable: list, device: torch.device) -> dict:
     """What replay needs to rebuild the run's starting point and optimizer, and to refuse a different one:
     the hash covers every parameter, so a LoRA run also pins its frozen base."""
@@ -131,6 +149,9 @@ def _finetune(config: FinetuneConfig, progress_stream, start_time: float) -> dic
     if not main:
         progress_stream = io.StringIO()  # rank 0 reports for all
     check_config(config)
+    if config.fsdp and world < 2:
+        raise ConfigError(f"--fsdp shards the model over torchrun's processes; this run has {world}: start it with "
+                          "torchrun --nproc-per-node 2 (or more) -m zokern finetune --fsdp ...")
     if config.batch_size < world:
         raise ConfigError(f"--batch-size {config.batch_size} is the global batch, split over {world} processes: "
                           f"give each at least one example (--batch-size >= {world})")
@@ -148,11 +169,18 @@ def _finetune(config: FinetuneConfig, progress_stream, start_time: float) -> dic
     elif config.resume:
         print(f"--resume: nothing in {run.dir} yet; starting a new run", file=progress_stream)
     model, tokenizer, trainable = build_model(config)
+    device = next(model.parameters()).device
+    # Taken from the whole model, which replay starts from.
+    header = seedlog_header(config, model, trainable, device) if main and resume_from is None else None
+    if config.fsdp:
+        shard(model)
+        trainable = trainable_parameters(config, model)  # the sharded parameters, under the same names
+    # Under --fsdp every forward gathers on every rank: all ranks evaluate, rank 0 reports.
+    evaluates = main or config.fsdp
     classifier = PromptClassifier(task, tokenizer)
     optimizer = make_optimizer(config, trainable)
     if uses_probes(asdict(config)):
         optimizer.attach(model)  # replay reads probe mode from each step's record
-    device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, also when runs share a process
     eval_set = task.validation[:config.eval_examples]
@@ -163,7 +191,10 @@ def _finetune(config: FinetuneConfig, progress_stream, start_time: float) -> dic
              "world_size": world}
     if resume_from is not None:
         path, progress = resume_from
-        run.load_checkpoint(path, trainable, optimizer)
+        if config.fsdp:
+            run.load_sharded_checkpoint(path, model, optimizer)
+        else:
+            run.load_checkpoint(path, trainable, optimizer)
         state = {"forwards": 0, **progress["state"]}
         print(f"resuming from {path.name} (step {state['step']})", file=progress_stream)
         seedlog = None
@@ -177,9 +208,10 @@ def _finetune(config: FinetuneConfig, progress_stream, start_time: float) -> dic
         seedlog = None
     else:
         run.start_over()
-        seedlog = SeedLogWriter(run.seedlog_path, seedlog_header(config, model, trainable, device))
-        if config.zero_shot_eval:
-            state["zero_shot_accuracy"] = classifier.accuracy(model, task.test)
+        seedlog = SeedLogWriter(run.seedlog_path, header)
+    if resume_from is None and config.zero_shot_eval and evaluates:
+        state["zero_shot_accuracy"] = classifier.accuracy(model, task.test)
+        if main:
             run.log({"step": 0, "zero_shot_test_accuracy": state["zero_shot_accuracy"]})
     if seedlog is not None:
         optimizer.record_hook = seedlog.write
@@ -201,6 +233,13 @@ def _finetune(config: FinetuneConfig, progress_stream, start_time: float) -> dic
         draws = iter(range(1_000_000))
         return lambda: closure_for(sample(task.train, config.batch_size, config.seed, step, "probe", next(draws)))
 
+    def save_checkpoint():
+        """Rank 0 saves the whole trained tensors; under --fsdp every rank saves its shards."""
+        if config.fsdp:
+            run.save_sharded_checkpoint(model, trainable, optimizer, state, config)
+        elif main:
+            run.save_checkpoint(trainable, optimizer, state, config)
+
     train_start, first_step = time.perf_counter(), state["step"]
     # disable=None: a bar on a terminal only; the evaluation lines are written either way.
     with tqdm(total=steps, initial=first_step, unit="step", file=progress_stream, disable=None,
@@ -216,8 +255,9 @@ def _finetune(config: FinetuneConfig, progress_stream, start_time: float) -> dic
             bar.update()
             if eval_every and (step + 1) % eval_every == 0 or step + 1 == steps:
                 optimizer.restore_weights()  # on every rank: the ranks' weights stay the same
+                accuracy = classifier.accuracy(model, eval_set) if evaluates else None
                 if main:
-                    record["validation_accuracy"] = classifier.accuracy(model, eval_set)
+                    record["validation_accuracy"] = accuracy
                     best = state["best_validation_accuracy"]
                     state["best_validation_accuracy"] = max(best or 0.0, record["validation_accuracy"])
                     bar.write(f"step {step + 1}: validation accuracy {record['validation_accuracy']:.3f}",
@@ -225,19 +265,18 @@ def _finetune(config: FinetuneConfig, progress_stream, start_time: float) -> dic
             state["step"] = step + 1
             if main:
                 run.log(record)
-                if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                    run.save_checkpoint(trainable, optimizer, state, config)
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                save_checkpoint()
 
     optimizer.restore_weights()
     if seedlog is not None:
         seedlog.close()
     steps_per_second = (state["step"] - first_step) / max(1e-9, time.perf_counter() - train_start)
-    final = classifier.accuracy(model, task.test) if main else None
-    if main:
-        run.save_checkpoint(trainable, optimizer, state, config)
+    final = classifier.accuracy(model, task.test) if evaluates else None
+    save_checkpoint()
     summary = {
         "task": task.name, "method": config.method, "zero_shot_accuracy": state["zero_shot_accuracy"],
-        "final_accuracy": final, "best_validation_accuracy": state["best_validation_accuracy"],
+        "final_accuracy": final if main else None, "best_validation_accuracy": state["best_validation_accuracy"],
         "steps": state["step"], "forwards": state["forwards"], "steps_per_second": steps_per_second,
         "wall_seconds": time.perf_counter() - start_time,
         "peak_memory_bytes": _peak_memory(device), "nonfinite_steps": optimizer.nonfinite_steps,

@@ -43,6 +43,8 @@ class Bucket:
     extra: dict = field(default_factory=dict)
     # Per tensor: where a sharded parameter's local tensor (in `params`) sits in the whole (None: whole).
     shards: list = field(default_factory=list)
+    # Per tensor: the parameter as given, which the model's modules hold (a sharded one's DTensor; else params[i]).
+    given: list = field(default_factory=list)
 
     @property
     def offsets(self) -> "list[int] | None":
@@ -254,10 +256,6 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError("probe mode never leaves the weights perturbed between steps: it has no two-pass mode")
         if type(self)._probe is ZOOptimizer._probe:
             raise ValueError(f"{type(self).__name__} defines no probe copies (_probe): it has no probe mode")
-        if any(any(b.shards) for b in self.buckets):
-            raise distributed.DistributedError(
-                "probe mode does not take sharded (FSDP2) parameters yet: pass the parameters, not the model, to "
-                "train them with in-place probes (docs/DISTRIBUTED.md)")
         probes = ModuleProbes(self, model)
         self.detach()
         self.module_probes = probes
@@ -293,6 +291,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             local, shard = distributed.local_shard(p, name or f"#{k}")
             bucket = by_device.setdefault(local.device, Bucket([], [], [], group))
             bucket.params.append(local)
+            bucket.given.append(p)
             bucket.shards.append(shard)
             bucket.names.append(name)
             bucket.stream_ids.append(k)
@@ -413,7 +412,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         def evaluate(where: str, scale: "float | None" = None) -> None:
             nonlocal failure
-            if closure is None or failure is not None:
+            if closure is None or (failure is not None and not self.forwards_gather):
                 return
             try:
                 if scale is None:
@@ -422,12 +421,13 @@ class ZOOptimizer(torch.optim.Optimizer):
                     with self.module_probes.probing(lambda b, i, rows: self._probe(b, i, seed, scale, rows)):
                         value = closure()
                         self.module_probes.check_seen([(b, i) for b in self.buckets for i in range(len(b.params))])
-                losses[where] = check_loss(value, f"the {where} forward")
+                if failure is None:
+                    losses[where] = check_loss(value, f"the {where} forward")
             except BaseException as exc:
                 # Under data parallel every rank must reach the step's all-reduce, which carries the failure.
                 if not moved and self.loss_reduction is None:
                     raise
-                failure = exc
+                failure = failure or exc
 
         if self.forwards_per_step == 3:
             evaluate("center")
@@ -508,6 +508,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self.loss_reduction is not None and values is not None:
             return torch.tensor(values["plus"], dtype=torch.float64)
         return _weighted(losses["plus"])[0] if "plus" in losses else None
+
+    @property
+    def forwards_gather(self) -> bool:
+        """Whether the model's forwards run collectives (FSDP2's all-gathers of sharded parameters): then a rank
+        whose closure failed still runs the step's remaining forwards, so that every rank joins them."""
+        return any(any(b.shards) for b in self.buckets)
 
     @property
     def world_size(self) -> int:

@@ -166,10 +166,17 @@ class DiZO(MeZO):
                                                   domain=Domain.DIZO, backend=self.backend)[0] for k in ids])
                 z = torch.maximum(torch.minimum(z, tau / eg * t), -tau / eg * t)
                 probes.append(z)
-            losses, failure = {}, None
+            losses, failure, batch = {}, None, None
             try:
                 batch = fresh_closure()
-                for key, sign in (("plus", 1.0), ("minus", -1.0)):
+            except BaseException as exc:
+                if self.loss_reduction is None:
+                    raise
+                failure = exc  # raised after the all-reduce, which tells the other ranks
+            for key, sign in (("plus", 1.0), ("minus", -1.0)):
+                if batch is None or (failure is not None and not self.forwards_gather):
+                    break  # with sharded weights, a failed rank still runs the forwards: every rank gathers
+                try:
                     factors = [_ratio(gamma + sign * eg * z, t) for (*_, t, gamma, _), z in zip(work, probes)]
                     if self.module_probes is None:
                         for (_, params, anchors, saved, *_), f in zip(work, factors):
@@ -177,11 +184,12 @@ class DiZO(MeZO):
                         loss = batch()
                     else:
                         loss = self._probed_search_forward(work, factors, batch)
-                    losses[key] = check_loss(loss, f"projection search iteration {j}")
-            except BaseException as exc:
-                if self.loss_reduction is None:
-                    raise
-                failure = exc  # raised after the all-reduce, which tells the other ranks
+                    if failure is None:
+                        losses[key] = check_loss(loss, f"projection search iteration {j}")
+                except BaseException as exc:
+                    if self.loss_reduction is None:
+                        raise
+                    failure = failure or exc
             values, failure = self._probe_losses(losses, failure, ("plus", "minus"))
             if failure is not None:
                 raise failure

@@ -63,7 +63,7 @@ class HiZOO(ZOOptimizer):
         if rows is None:
             copy = p.detach().clone(memory_format=torch.contiguous_format)
             ops.hessian_perturb_([copy], [hessian], seed, scale, stream_ids=[b.stream_ids[i]], dist=self.dist,
-                                 backend=self.backend)
+                                 backend=self.backend, offsets=b.offsets_at([i]))
             return copy
         return perturbed_rows(p, seed, b.stream_ids[i], scale, rows, dist=self.dist, backend=self.backend,
                               direction=lambda z, rows: z / torch.sqrt(hessian[rows].float()))

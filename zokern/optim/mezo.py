@@ -23,7 +23,8 @@ class MeZO(ZOOptimizer):
                          offsets=b.offsets)
 
     def _probe(self, b, i, seed, scale, rows):
-        return stream_copy(b.params[i], seed, b.stream_ids[i], scale, rows, dist=self.dist, backend=self.backend)
+        return stream_copy(b.params[i], seed, b.stream_ids[i], scale, rows, dist=self.dist, backend=self.backend,
+                           offsets=b.offsets_at([i]))
 
     def _update(self, seed, grad, next_seed, record, restore):
         for b in self.buckets:

@@ -7,15 +7,23 @@ method's own perturb op applied to a clone, so the same z as the in-place path),
 stored tensor back and drops the copy: one module's copies live at a time. An `nn.Embedding` gets only the rows
 its input looks up (the stream is counter-based: element i of a tensor has a fixed z), and its input is
 remapped onto them.
+
+A trained tensor sharded by FSDP2 (`fully_shard`) is probed before its all-gather instead: a forward pre-hook on
+the FSDP module, run ahead of FSDP's own, makes the probe copy of this rank's shard (z at the shard's global
+element indices) and points the parameter's all-gather input at it; FSDP gathers the probe, the module computes
+with it, FSDP frees it after the forward, and the post hook points the all-gather back at the stored shard.
+Each rank perturbs only its 1/N of the tensor, with its own shard of the method's buffers (docs/DISTRIBUTED.md).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from zokern import ops
+from zokern.distributed import DistributedError
 
 # (bucket, index in the bucket, rows or None) -> the transient tensor a module computes with, or None to leave
 # the stored tensor in place.
@@ -47,12 +55,13 @@ def row_draws(seed: int, stream: int, rows: torch.Tensor, row_len: int, *, dist=
 
 
 def stream_copy(p: torch.Tensor, seed: int, stream: int, scale: float, rows: "torch.Tensor | None", *, dist,
-                backend) -> torch.Tensor:
-    """θ + scale·z as a new tensor, z the tensor's stream: the perturb op on a clone, or `perturbed_rows`."""
+                backend, offsets: "list[int] | None" = None) -> torch.Tensor:
+    """θ + scale·z as a new tensor, z the tensor's stream (at `offsets`, a shard's global start): the perturb op on
+    a clone, or `perturbed_rows`."""
     if rows is not None:
         return perturbed_rows(p, seed, stream, scale, rows, dist=dist, backend=backend)
     copy = p.detach().clone(memory_format=torch.contiguous_format)
-    ops.perturb_([copy], seed, scale, stream_ids=[stream], dist=dist, backend=backend)
+    ops.perturb_([copy], seed, scale, stream_ids=[stream], dist=dist, backend=backend, offsets=offsets)
     return copy
 
 
@@ -81,13 +90,16 @@ class ModuleProbes:
         if not isinstance(model, nn.Module):
             raise TypeError(f"probe mode needs the model (an nn.Module), got {type(model).__name__}")
         self.active: "ProbeFn | None" = None
-        owner = {id(p): (b, i) for b in optimizer.buckets for i, p in enumerate(b.params)}
+        owner = {id(p): (b, i) for b in optimizer.buckets for i, p in enumerate(b.given)}
         names = {id(p): name for name, p in model.named_parameters()}  # a tied tensor by its first name
+        # FSDP2 groups holding trained tensors: probed through their all-gathers, not their modules' attributes.
+        self.gathered, self.fsdp_roots = fsdp_groups(model, owner)
+        gathered = {id(b.given[i]) for _, _, entries in self.gathered for _, (b, i) in entries}
+        held = set(gathered)
         self.holders: dict[nn.Module, list[tuple[str, tuple]]] = {}
-        held: set[int] = set()
         for module_name, module in model.named_modules(remove_duplicate=True):
             entries = [(attr, owner[id(p)]) for attr, p in module._parameters.items()
-                       if p is not None and id(p) in owner]
+                       if p is not None and id(p) in owner and id(p) not in gathered]
             if not entries:
                 continue
             label = module_name or type(model).__name__
@@ -100,22 +112,29 @@ class ModuleProbes:
                 raise ValueError(f"probe mode: embedding {label!r} has max_norm, whose forward renormalises the "
                                  "stored table in place")
             self.holders[module] = entries
-            held.update(id(b.params[i]) for _, (b, i) in entries)
-        missing = [(b, i) for b in optimizer.buckets for i, p in enumerate(b.params) if id(p) not in held]
+            held.update(id(b.given[i]) for _, (b, i) in entries)
+        missing = [(b, i) for b in optimizer.buckets for i, p in enumerate(b.given) if id(p) not in held]
         if missing:
             b, i = missing[0]
             label = b.names[i] or f"#{b.stream_ids[i]}"
             raise ValueError(f"probe mode: the optimizer trains {len(missing)} tensor(s) that are not parameters of "
                              f"the given model (first: {label!r}, shape {tuple(b.params[i].shape)}); attach the model "
                              "whose parameters the optimizer was built from")
-        self.names = {(id(b), i): names.get(id(b.params[i])) or b.names[i] or f"#{b.stream_ids[i]}"
+        self.names = {(id(b), i): names.get(id(b.given[i])) or b.names[i] or f"#{b.stream_ids[i]}"
                       for b in optimizer.buckets for i in range(len(b.params))}
         self._stack: dict[nn.Module, list] = {}
+        self._swaps: dict[object, list] = {}  # per FSDP group: frames of (FSDPParam, its stored all-gather input)
         self._seen: set = set()
         self._handles = []
         for module in self.holders:
             self._handles.append(module.register_forward_pre_hook(eager(self._pre), with_kwargs=True))
             self._handles.append(module.register_forward_hook(eager(self._post), always_call=True))
+        for module, group, entries in self.gathered:
+            # prepend: before FSDP's pre-forward, which all-gathers.
+            self._handles.append(module.register_forward_pre_hook(
+                eager(functools.partial(self._gather_pre, group, entries)), prepend=True))
+            self._handles.append(module.register_forward_hook(
+                eager(functools.partial(self._gather_post, group)), always_call=True))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -181,6 +200,91 @@ class ModuleProbes:
                 _put_back(module, frame)
         return None
 
+    def _gather_pre(self, group, entries, module, args):
+        # As in _pre: a frame per call, pushed first, popped by the always-called post hook.
+        stack = self._swaps.setdefault(group, [])
+        stack.append([])
+        fn = self.active
+        if fn is None:
+            return None
+        if not group.is_sharded or group._all_gather_result is not None:
+            raise DistributedError(f"probe mode: FSDP2 module {type(module).__name__} was gathered before its forward "
+                                   "(an explicit unshard() or forward prefetch), so its probe cannot reach the "
+                                   "all-gather; the weights are unchanged")
+        for fsdp_param, (b, i) in entries:
+            probe = fn(b, i, None)
+            self._seen.add((id(b), i))
+            if probe is not None:
+                # The all-gather input is the padded shard: the probe fills its first elements, the padding stays.
+                stored = fsdp_param._sharded_param_data
+                scratch = stored.clone()
+                scratch[:probe.numel()].copy_(probe.view(-1))
+                stack[-1].append((fsdp_param, stored))
+                fsdp_param._sharded_param_data = scratch
+        return None
+
+    def _gather_post(self, group, module, args, output):
+        stack = self._swaps.get(group)
+        if stack:
+            _gather_from_stored(stack.pop())
+        return None
+
+
+def _gather_from_stored(frame) -> None:
+    for fsdp_param, stored in reversed(frame):
+        fsdp_param._sharded_param_data = stored
+
+
+def fsdp_groups(model: nn.Module, owner: dict) -> "tuple[list, list]":
+    """([(module, FSDP parameter group, [(FSDPParam, (bucket, index))])] for the groups of `model` that hold
+    trained tensors (`owner`: id of a given parameter → its place), [the outermost FSDP modules]). Checked before
+    anything changes: probes reach a group's all-gather only if it gathers before every forward from the stored
+    shards. Then each group is lazily initialised, as FSDP's own `unshard()` does, so that its first forward does not
+    re-pad a shard while the probe stands in for it."""
+    if not any(type(b.given[i]).__name__ == "DTensor" for b, i in owner.values()):
+        return [], []
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [(name, m) for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    roots = [m for name, m in sharded
+             if not any(other != name and (other == "" or name.startswith(other + ".")) for other, _ in sharded)]
+    found = []
+    for name, module in sharded:
+        state = module._get_fsdp_state()
+        label = name or type(module).__name__
+        for group in state._fsdp_param_groups:
+            entries = [(fp, owner[id(fp.sharded_param)]) for fp in group.fsdp_params if id(fp.sharded_param) in owner]
+            if not entries:
+                continue
+            if len(state._modules) > 1:
+                raise DistributedError(f"probe mode: FSDP2 module {label!r} is one of {len(state._modules)} modules "
+                                       "sharded together (fully_shard([...])); shard each module on its own")
+            _, (b, i) = entries[0]
+            if b.shards[i] is None:
+                raise DistributedError(f"probe mode: trained tensor {b.names[i]!r} is sharded by FSDP2 "
+                                       "over one rank; probe mode needs a shard group of two ranks or more (on one "
+                                       "process, train the model without fully_shard)")
+            keeps = group.post_forward_mesh_info is None or (state._auto_reshard_after_forward and module in roots)
+            if keeps:
+                raise DistributedError(f"probe mode: FSDP2 module {label!r} keeps its parameters gathered after its "
+                                       "forward, so the next forward would see the last probe; call "
+                                       "set_reshard_after_forward(True) on it (on the root too) before attaching")
+            extension = [b.names[i] for fp, (b, i) in entries
+                         if hasattr(fp._sharded_local_tensor, "fsdp_pre_all_gather")]
+            if extension:
+                raise DistributedError(f"probe mode: FSDP2 parameter {extension[0]!r} is a tensor subclass "
+                                       "with its own all-gather (fsdp_pre_all_gather), which probes cannot reach")
+            found.append((module, group, entries))
+    for module, group, entries in found:
+        group.lazy_init()
+        for fp, (b, i) in entries:
+            if b.params[i].numel() and (fp._sharded_param_data.untyped_storage().data_ptr()
+                                        != b.params[i].untyped_storage().data_ptr()):
+                raise DistributedError(f"probe mode: FSDP2 holds the shard of {b.names[i]!r} in other storage than "
+                                       "the optimizer trains (its parameters were replaced after the optimizer was "
+                                       "built); build the optimizer after loading the model's weights")
+    return found, roots
+
 
 def _put_back(module: nn.Module, frame) -> None:
     saved, padding = frame
@@ -199,13 +303,22 @@ class _Probing:
         self.module_probes._seen = set()
         return self.module_probes
 
-    def __exit__(self, *exc):
-        self.module_probes.active = None
+    def __exit__(self, exc_type, *exc):
+        probes = self.module_probes
+        probes.active = None
         # The always-called forward hooks pop every frame, except where a forward was left by a BaseException that
         # is not an Exception (KeyboardInterrupt): put those stored tensors back too.
-        for module, stack in self.module_probes._stack.items():
+        for module, stack in probes._stack.items():
             while stack:
                 frame = stack.pop()
                 if frame is not None:
                     _put_back(module, frame)
+        for stack in probes._swaps.values():
+            while stack:
+                _gather_from_stored(stack.pop())
+        if exc_type is not None:
+            # A forward that raised skipped FSDP's reshard: drop the gathered probes, so that no later forward
+            # computes with them.
+            for root in probes.fsdp_roots:
+                root.reset_iter_state()
         return False

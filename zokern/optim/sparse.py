@@ -99,18 +99,19 @@ class SparseMeZO(ZOOptimizer):
                 thresholds = self._refresh_thresholds(b, params, self.step_count)
                 for j, (p, k) in enumerate(zip(params, ids)):
                     ops.masked_perturb_([p.detach().clone()], [b.extra["masks"][j]], thresholds[j:j + 1], seed, 0.0,
-                                        stream_ids=[k], compute_mask=True, dist=self.dist, backend=self.backend)
+                                        stream_ids=[k], compute_mask=True, dist=self.dist, backend=self.backend,
+                                        offsets=b.offsets_at([b.extra["masked"][j]]))
 
     def _probe(self, b, i, seed, scale, rows):
         p, k = b.params[i], b.stream_ids[i]
         if i not in b.extra["masked"]:
-            return stream_copy(p, seed, k, scale, rows, dist=self.dist, backend=self.backend)
+            return stream_copy(p, seed, k, scale, rows, dist=self.dist, backend=self.backend, offsets=b.offsets_at([i]))
         j = b.extra["masked"].index(i)
         threshold = b.extra["thresholds"][j:j + 1]
         if rows is None:
             copy = p.detach().clone(memory_format=torch.contiguous_format)
             ops.masked_perturb_([copy], [b.extra["masks"][j]], threshold, seed, scale, stream_ids=[k],
-                                compute_mask=False, dist=self.dist, backend=self.backend)
+                                compute_mask=False, dist=self.dist, backend=self.backend, offsets=b.offsets_at([i]))
             return copy
         return perturbed_rows(p, seed, k, scale, rows, dist=self.dist, backend=self.backend,
                               direction=lambda z, rows: z * (p[rows].float().abs() <= threshold))

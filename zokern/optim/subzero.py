@@ -118,6 +118,10 @@ class SubZero(ZOOptimizer):
                 if side}
 
     def attach(self, model: torch.nn.Module) -> "SubZero":
+        if self.side_path and self.forwards_gather:
+            raise DistributedError("SubZero's side path does not take sharded (FSDP2) parameters: a sharded Linear "
+                                   "computes with its gathered weight, not the stored one the side term goes with; "
+                                   "construct SubZero without side_path (its probe copies work on shards)")
         super().attach(model)
         if self.side_path:
             if not self._side_keys():
@@ -217,7 +221,8 @@ class SubZero(ZOOptimizer):
         p = b.params[i]
         where = [j for j, (index, _, _) in enumerate(b.extra["matrices"]) if index == i]
         if not where:
-            return stream_copy(p, seed, b.stream_ids[i], scale, rows, dist=self.dist, backend=self.backend)
+            return stream_copy(p, seed, b.stream_ids[i], scale, rows, dist=self.dist, backend=self.backend,
+                               offsets=b.offsets_at([i]))
         j = where[0]
         shape = b.extra["matrices"][j][1]
         u, v = self._subspaces(b, self.step_count)[j]
@@ -232,8 +237,10 @@ class SubZero(ZOOptimizer):
             copy = p[rows]  # rows of W + U·C·Vᵀ are those of W plus U's rows times C·Vᵀ
             ops.lowrank_apply_([copy], [u[rows]], [v], [core], backend=self.backend)
             return copy
+        # A shard is rows [first, first + count) of the matrix: U's same rows perturb it.
+        first, count = b.extra["rows"][j]
         copy = p.detach().clone(memory_format=torch.contiguous_format)
-        ops.lowrank_apply_([copy.view(shape)], [u], [v], [core], backend=self.backend)
+        ops.lowrank_apply_([copy.view(count, shape[1])], [u[first:first + count]], [v], [core], backend=self.backend)
         return copy if rows is None else copy[rows]
 
     def _update(self, seed, grad, next_seed, record, restore):
