@@ -2,8 +2,9 @@
 (a) the MeZO reference step (the authors' eager loop), (b) zokern's step for each method, (c) the forward
 passes alone (2, HiZOO 3): the floor no ZO method can beat.
 
-ZOKERN_BENCH_MODEL picks the model (MODELS below; default 1b on CUDA, cpu-small on CPU), ZOKERN_BENCH_MODEL_DTYPE
-its dtype (float32, bfloat16; default bfloat16 on CUDA, float32 on CPU). Step rows carry
+ZOKERN_BENCH_MODEL picks the model (MODELS below; default 1b on CUDA, cpu-small on CPU), ZOKERN_BENCH_BATCH its batch
+as <sequences>x<tokens> (default the model's, e.g. 16x32 for smollm2), ZOKERN_BENCH_MODEL_DTYPE its dtype (float32,
+bfloat16; default bfloat16 on CUDA, float32 on CPU). Step rows carry
 `step_kind`, tokens/s and, on CUDA, peak memory next to the inference peak; summarize.py derives the
 ratios (b)/(c) and (a)/(b).
 """
@@ -21,13 +22,29 @@ MODELS = {  # (hidden, intermediate, layers, heads, kv heads, vocab, batch, sequ
     "tiny": (64, 128, 2, 4, 2, 1000, 2, 16),
     "cpu-small": (256, 688, 4, 8, 4, 8000, 4, 64),
     # The embedded SmolLM2-135M's shapes (134.5M parameters, tied embeddings) and `zokern finetune`'s batch of
-    # 16 prompts (about 25 tokens each); "smollm2-135m": the same shapes at 4 sequences of 64 tokens.
+    # 16 prompts (about 25 tokens each); the side-path figures used ZOKERN_BENCH_BATCH=4x64 (results before that
+    # setting name the model "smollm2-135m").
     "smollm2": (576, 1536, 30, 9, 3, 49152, 16, 32),
-    "smollm2-135m": (576, 1536, 30, 9, 3, 49152, 4, 64),
     "1b": (2048, 8192, 16, 32, 8, 128256, 16, 256),       # Llama-3.2-1B shapes
     "8b": (4096, 14336, 32, 32, 8, 128256, 16, 256),      # Llama-3-8B shapes
 }
 MODEL = os.environ.get("ZOKERN_BENCH_MODEL", "1b" if DEVICE == "cuda" else "cpu-small")
+if MODEL not in MODELS:
+    raise ValueError(f"ZOKERN_BENCH_MODEL must be one of {', '.join(MODELS)}, got {MODEL!r}")
+
+
+def batch_setting(value: "str | None", default: tuple[int, int]) -> tuple[int, int]:
+    """(sequences, tokens per sequence) from ZOKERN_BENCH_BATCH, "<sequences>x<tokens>"; `default` when unset."""
+    if value is None:
+        return default
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"ZOKERN_BENCH_BATCH must be <sequences>x<tokens> with positive integers, e.g. 4x64, "
+                         f"got {value!r}")
+    return int(parts[0]), int(parts[1])
+
+
+BATCH = batch_setting(os.environ.get("ZOKERN_BENCH_BATCH"), MODELS[MODEL][6:])
 DTYPE = getattr(torch, os.environ.get("ZOKERN_BENCH_MODEL_DTYPE", "bfloat16" if DEVICE == "cuda" else "float32"))
 METHODS = {"mezo": (optim.MeZO, {}), "mezo-rademacher-bit": (optim.MeZO, {"dist": "rademacher_bit"}),
            "subzero": (optim.SubZero, {}), "sparse-mezo": (optim.SparseMeZO, {}),
@@ -39,7 +56,8 @@ EPS, LR = 1e-3, 1e-6
 def setup():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, inter, layers, heads, kv, vocab, batch, seq = MODELS[MODEL]
+    hidden, inter, layers, heads, kv, vocab = MODELS[MODEL][:6]
+    batch, seq = BATCH
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
                          tie_word_embeddings=MODEL != "8b")
@@ -93,7 +111,7 @@ def _measure(benchmark, fn, kind, tokens, **info):
     benchmark.extra_info.update(info)
     benchmark.extra_info.update({
         "op": "zo_step", "step_kind": kind, "model": MODEL, "model_dtype": str(DTYPE).replace("torch.", ""),
-        "tokens_per_step": tokens.numel(), "tokens_per_s": tokens.numel() / median,
+        "batch": "x".join(map(str, tokens.shape)), "tokens_per_step": tokens.numel(), "tokens_per_s": tokens.numel() / median,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None})
 
 
