@@ -2,11 +2,13 @@
 (a) the MeZO reference step (the authors' eager loop), (b) zokern's step for each method, (c) the forward
 passes alone (2, HiZOO 3): the floor no ZO method can beat.
 
-ZOKERN_BENCH_MODEL picks the model (MODELS below; default 1b on CUDA, cpu-small on CPU), ZOKERN_BENCH_BATCH its batch
-as <sequences>x<tokens> (default the model's, e.g. 16x32 for smollm2), ZOKERN_BENCH_MODEL_DTYPE its dtype (float32,
-bfloat16; default bfloat16 on CUDA, float32 on CPU). Step rows carry
-`step_kind`, tokens/s and, on CUDA, peak memory next to the inference peak; summarize.py derives the
-ratios (b)/(c) and (a)/(b).
+ZOKERN_BENCH_MODEL picks the model (MODELS below; default 1b on CUDA, cpu-small on CPU), ZOKERN_BENCH_BATCH its
+batch as <sequences>x<tokens> (default the model's, e.g. 16x32 for smollm2), ZOKERN_BENCH_MODEL_DTYPE its dtype
+(float32, bfloat16; default bfloat16 on CUDA, float32 on CPU), ZOKERN_BENCH_ROUNDS the timed rounds (default 5; 3
+for 1b and 8b). Step rows carry `step_kind`, tokens/s and peak memory next to the inference peak; summarize.py
+derives the ratios (b)/(c) and (a)/(b). Peak memory: on CUDA `max_memory_allocated` over the timed rounds; on the
+CPU the weights plus the most bytes the allocator held beyond them during one more, profiled, call
+(`cpu_peak_bytes`).
 """
 import os
 
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from zokern import optim
-from bench_utils import DEVICE, environment, synchronize
+from bench_utils import DEVICE, cpu_peak_bytes, environment, synchronize
 
 pytest.importorskip("transformers")
 
@@ -45,6 +47,10 @@ def batch_setting(value: "str | None", default: tuple[int, int]) -> tuple[int, i
 
 
 BATCH = batch_setting(os.environ.get("ZOKERN_BENCH_BATCH"), MODELS[MODEL][6:])
+ROUNDS = os.environ.get("ZOKERN_BENCH_ROUNDS", "3" if MODEL in ("1b", "8b") else "5")
+if not ROUNDS.isdigit() or int(ROUNDS) < 1:
+    raise ValueError(f"ZOKERN_BENCH_ROUNDS must be a positive integer, got {ROUNDS!r}")
+ROUNDS = int(ROUNDS)
 DTYPE = getattr(torch, os.environ.get("ZOKERN_BENCH_MODEL_DTYPE", "bfloat16" if DEVICE == "cuda" else "float32"))
 METHODS = {"mezo": (optim.MeZO, {}), "mezo-rademacher-bit": (optim.MeZO, {"dist": "rademacher_bit"}),
            "subzero": (optim.SubZero, {}), "sparse-mezo": (optim.SparseMeZO, {}),
@@ -96,36 +102,40 @@ def mezo_reference_step(model, tokens, seed):
         p.data = p.data - LR * grad * z
 
 
-def _measure(benchmark, fn, kind, tokens, **info):
+def _measure(benchmark, model, fn, kind, tokens, **info):
     def run():
         fn()
         synchronize()
     run()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(run, rounds=3 if MODEL in ("1b", "8b") else 5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     if benchmark.stats is None:
         return
+    if DEVICE == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = sum(p.numel() * p.element_size() for p in model.parameters()) + cpu_peak_bytes(run)
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(environment())
     benchmark.extra_info.update(info)
     benchmark.extra_info.update({
         "op": "zo_step", "step_kind": kind, "model": MODEL, "model_dtype": str(DTYPE).replace("torch.", ""),
-        "batch": "x".join(map(str, tokens.shape)), "tokens_per_step": tokens.numel(), "tokens_per_s": tokens.numel() / median,
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if DEVICE == "cuda" else None})
+        "batch": "x".join(map(str, tokens.shape)), "tokens_per_step": tokens.numel(),
+        "tokens_per_s": tokens.numel() / median, "peak_memory_bytes": peak})
 
 
 @pytest.mark.parametrize("forwards", [2, 3])
 def test_forward_floor(benchmark, setup, forwards):
     model, tokens = setup
-    _measure(benchmark, lambda: [loss_fn(model, tokens) for _ in range(forwards)], f"forward-x{forwards}", tokens,
-             backend="torch", method=f"forwards-{forwards}")
+    _measure(benchmark, model, lambda: [loss_fn(model, tokens) for _ in range(forwards)], f"forward-x{forwards}",
+             tokens, backend="torch", method=f"forwards-{forwards}")
 
 
 def test_mezo_reference_step(benchmark, setup):
     model, tokens = setup
     seeds = iter(range(10**6))
-    _measure(benchmark, lambda: mezo_reference_step(model, tokens, next(seeds)), "mezo-reference", tokens,
+    _measure(benchmark, model, lambda: mezo_reference_step(model, tokens, next(seeds)), "mezo-reference", tokens,
              backend="mezo-reference", method="mezo")
 
 
@@ -134,7 +144,7 @@ def test_zokern_step(benchmark, setup, method):
     model, tokens = setup
     cls, options = METHODS[method]
     opt = cls(model.named_parameters(), lr=LR, eps=EPS, **options)
-    _measure(benchmark, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern", tokens,
+    _measure(benchmark, model, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern", tokens,
              backend=opt.backend or "auto", method=method,
              forwards=opt.forwards_per_step)
 
@@ -147,7 +157,7 @@ def test_zokern_probe_step(benchmark, setup, method):
     cls, options = METHODS[method]
     opt = cls(model, lr=LR, eps=EPS, **options)
     try:
-        _measure(benchmark, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern-probes", tokens,
+        _measure(benchmark, model, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern-probes", tokens,
                  backend=opt.backend or "auto", method=method, forwards=opt.forwards_per_step)
     finally:
         opt.detach()
@@ -159,7 +169,7 @@ def test_subzero_side_path_step(benchmark, setup):
     model, tokens = setup
     opt = optim.SubZero(model, lr=LR, eps=EPS, side_path=True)
     try:
-        _measure(benchmark, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern-side-path", tokens,
+        _measure(benchmark, model, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern-side-path", tokens,
                  backend=opt.backend or "auto", method="subzero", forwards=opt.forwards_per_step)
     finally:
         opt.detach()
