@@ -288,6 +288,31 @@ def test_two_merges_in_one_step_round_with_their_own_words(monkeypatch):
     assert all(torch.equal(p, trained[name]) for name, p in resumed.named_parameters())
 
 
+def test_a_merge_before_a_skipped_step_is_in_that_steps_record():
+    """An evaluation merges at step count 2 and step 2's loss is not finite (skipped): the merge is in step 2's
+    record, so replay merges at step count 2 too, with its seed, and stays bitwise in bf16."""
+    model = side_lm(torch.bfloat16)
+    records = []
+    opt = SubZero(model, side_path=True, **OPTIONS)
+    opt.record_hook = records.append
+    run(opt, model, 2)
+    with torch.no_grad():
+        model(batch(99))
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        opt.step(lambda: model(batch(2)) * float("nan"))
+    run(opt, model, 3, start=3)
+    opt.merge()
+    assert records[2]["skipped"] and records[2]["merged"] == 1
+    assert [r["step"] for r in records if r.get("merged")] == [2]
+    again = side_lm(torch.bfloat16)
+    replayer = SubZero(again.named_parameters(), side_path=True, **OPTIONS)
+    for record in records:
+        replayer.replay_step(record)
+    replayer.restore_weights()
+    for (name, p), q in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), name
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_lr0_in_16_bits_leaves_every_tensor_bitwise(dtype):
     """At lr 0 the accumulators stay zero and the merges at the window ends add exact zeros."""

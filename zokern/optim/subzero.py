@@ -41,7 +41,7 @@ class SubZero(ZOOptimizer):
         self.side_path = bool(side_path)
         self.side_hooks: "SideHooks | None" = None
         if self.side_path:
-            # merge_unlogged: a merge outside the window's end (evaluation, saving) not yet in the seed log.
+            # merge_unlogged: merges outside a step (evaluation, saving) not yet in the seed log.
             self.saved_buffers = ("merge_unlogged",)
         super().__init__(params, dict(lr=lr, weight_decay=0.0), eps=eps, **options)
 
@@ -60,7 +60,7 @@ class SubZero(ZOOptimizer):
         bucket.extra["accumulators"] = [torch.zeros(r, r, device=bucket.params[i].device) if side else None
                                         for (i, _, r), side in zip(bucket.extra["matrices"], bucket.extra["side"])]
         bucket.extra["pending"] = False  # the accumulators hold updates not yet merged
-        bucket.extra["merge_unlogged"] = False
+        bucket.extra["merge_unlogged"] = 0  # merges outside a step not yet logged: their count at the step count
         bucket.extra["merges"] = (None, 0)  # (step_count, merges made at it): each merge's rounding seed is its own
 
     def _subspaces(self, bucket, step: int):
@@ -172,7 +172,7 @@ class SubZero(ZOOptimizer):
         record ("merged"), so replay and resume merge at the same point."""
         for b in self.buckets:
             if self._merge_bucket(b):
-                b.extra["merge_unlogged"] = True
+                b.extra["merge_unlogged"] = b.extra["merges"][1]
 
     def restore_weights(self) -> None:
         self.merge()
@@ -184,20 +184,30 @@ class SubZero(ZOOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        # A saved state holds no pending updates (state_dict merges them); updates pending here are dropped. An
-        # unlogged merge is the one merge made at the saved step count: the next one there is the second.
+        # A saved state holds no pending updates (state_dict merges them); updates pending here are dropped. The
+        # unlogged merges (a flag in states saved before merges were counted) are those the saved step count saw.
         for b in self.buckets:
             for a in b.extra["accumulators"]:
                 if a is not None:
                     a.zero_()
             b.extra["pending"] = False
-            b.extra["merges"] = (self.step_count, int(bool(b.extra["merge_unlogged"])))
+            b.extra["merge_unlogged"] = int(b.extra["merge_unlogged"])
+            b.extra["merges"] = (self.step_count, b.extra["merge_unlogged"])
 
     def step(self, closure=None, fresh_closure=None):
         if self.side_path and self.module_probes is None:
             raise ValueError("SubZero(side_path=True) trains in probe mode only: construct it from the model, or "
                              "call opt.attach(model) before stepping")
         return super().step(closure, fresh_closure)
+
+    def _complete_record(self, record: dict) -> None:
+        # Merges outside a step go into the record of the next step that happened, applied or skipped (replay
+        # merges before it), with their count at its step count.
+        unlogged = [b.extra["merge_unlogged"] for b in self.buckets if b.extra["merge_unlogged"]]
+        if unlogged:
+            record["merged"] = max(unlogged)
+            for b in self.buckets:
+                b.extra["merge_unlogged"] = 0
 
     def replay_step(self, record: dict) -> None:
         if self.side_path and not record.get("probed"):
@@ -252,11 +262,6 @@ class SubZero(ZOOptimizer):
         # The next step's perturbation folds into this pass only while the subspace stays the same.
         window_ends = (step + 1) // self.subspace_every != step // self.subspace_every
         same_window = next_seed is not None and not window_ends
-        unlogged = [b.extra["merges"][1] for b in self.buckets if b.extra["merge_unlogged"]]
-        if unlogged:
-            record["merged"] = max(unlogged)  # how many merges this step count saw before the update
-            for b in self.buckets:
-                b.extra["merge_unlogged"] = False
         # A log written before merges were counted says `true`: its window-end merge took the first merge's seed.
         legacy_seed = record.get("merged") is True
         for b in self.buckets:
