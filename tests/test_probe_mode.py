@@ -42,8 +42,9 @@ def tiny(dtype=torch.float32, seed=0, vocab=16, width=8):
 
 def tiny_table(dtype):
     """The Triton interpreter's model: TinyLM trained only in its tied table, which the probes reach both ways (an
-    embedding's rows, the output layer's whole copy). An interpreted kernel program costs some 20 ms whatever its
-    size, and a step here runs about five (one per probe copy, one update): a few seconds for 50 steps."""
+    embedding's rows, the output layer's whole copy). An interpreted kernel program costs 20–50 ms of Python
+    whatever its size (one per tensor a launch covers), and a step here runs five or six (one per probe copy, the
+    update, SubZero's core draw): 50 steps take 8–15 s of CPU time."""
     model = tiny(dtype, vocab=TABLE_VOCAB, width=4)
     for name, p in model.named_parameters():
         p.requires_grad_(name == "emb.weight")
