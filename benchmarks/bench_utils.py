@@ -78,6 +78,29 @@ def median_seconds(fn, repeats: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def cpu_peak_bytes(fn) -> int:
+    """The most bytes torch's CPU allocator held during fn() beyond what it held before: the profiler records every
+    allocation and free with its size, in order (its trace's "[memory]" events), and their running sum peaks
+    there. One untimed call: the profiler's bookkeeping slows it."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("name") == "[memory]"]
+    held = top = 0
+    for event in sorted(events, key=lambda e: e["ts"]):
+        held += event["args"]["Bytes"]
+        top = max(top, held)
+    return top
+
+
 def bench(benchmark, fn):
     """Times fn (synchronised) after an untimed run: compilation, extension load and caches stay out."""
     def run():

@@ -23,8 +23,9 @@ def step_table(report: dict) -> list[str]:
     inference_peak = next((i["peak_memory_bytes"] for i, _ in steps if i["step_kind"] == "forward-x2"), None)
     reference = next((t for i, t in steps if i["step_kind"] == "mezo-reference"), None)
     env = steps[0][0]
+    batch = f" ({env['batch']})" if "batch" in env else ""
     lines = ["", f"### End-to-end ZO step: `{env['model']}` model, {env['model_dtype']}, "
-                 f"{env['tokens_per_step']} tokens per step", "",
+                 f"{env['tokens_per_step']} tokens per step{batch}", "",
              "| step | median ms | tokens/s | × forward floor | speed-up vs MeZO reference | peak memory / inference |",
              "|---|---:|---:|---:|---:|---:|"]
     for info, median in steps:

@@ -367,6 +367,7 @@ def _edit_record(line: str, **changes) -> str:
     (lambda h, r: (h, [_edit_record(r[0], lr=None), r[1]]), ":2: the record lacks 'lr'"),
     (lambda h, r: (h, [r[0], _edit_record(r[1], hess_scale=None)]), "record 1 lacks 'hess_scale'"),
     (lambda h, r: (h, [r[0], _edit_record(r[1], seed=5)]), "record 1 has seed 5"),
+    (lambda h, r: (h, [_edit_record(r[0], merged=0), r[1]]), ":2: 'merged' must be a positive integer (or true), got 0"),
     (lambda h, r: (h, ["[1, 2]", r[1]]), ":2: a record must be a JSON object"),
     (lambda h, r: (h, ["{torn", r[1]]), ":2 is not a JSON line"),
     (lambda h, r: (_edit_record(h, config=None), r), "the header has no 'config'"),

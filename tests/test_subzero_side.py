@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zokern.optim import SubZero
+from zokern.random import step_seed
 
 WINDOW = 4
 OPTIONS = dict(lr=1e-2, eps=1e-2, rank=2, subspace_every=WINDOW, backend="cpp")
@@ -226,6 +227,89 @@ def test_resume_mid_window_is_bitwise():
     opt_resumed.merge()
     assert resumed_records == records[3:] and resumed_records[0].get("merged")
     for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_two_merges_in_one_step_round_with_their_own_words(monkeypatch):
+    """A save at step count WINDOW − 1 merges, and that step's update ends the window and merges again: the two
+    merges round (bf16, stochastic) with different seeds, so different words. Replay and resume of the run count
+    the same merges: bitwise. A record from before merges were counted ("merged": true) replays with the first
+    merge's seed for both, as it was trained then."""
+    import zokern
+
+    seeds = []
+    lowrank_apply_ = zokern.ops.lowrank_apply_
+
+    def spy(*args, **kwargs):  # every rounded lowrank_apply_ here is a merge: all the matrices are on the side path
+        if "rounding" in kwargs:
+            seeds.append(kwargs["seed"])
+        return lowrank_apply_(*args, **kwargs)
+
+    monkeypatch.setattr(zokern.ops, "lowrank_apply_", spy)
+    model = side_lm(torch.bfloat16)
+    records = []
+    opt = SubZero(model, side_path=True, **OPTIONS)
+    opt.record_hook = records.append
+    run(opt, model, WINDOW - 1)
+    opt_state, model_state = opt.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
+    run(opt, model, WINDOW + 1, start=WINDOW - 1)
+    opt.merge()
+    first = step_seed(step_seed(opt.seed, WINDOW - 1), 1)
+    assert seeds[:2] == [first, step_seed(first, 1)]
+    assert records[WINDOW - 1]["merged"] == 1 and [r["step"] for r in records if r.get("merged")] == [WINDOW - 1]
+    trained, trained_seeds = snapshot(model), list(seeds)
+
+    def replay(log):
+        seeds.clear()
+        again = side_lm(torch.bfloat16)
+        replayer = SubZero(again.named_parameters(), side_path=True, **OPTIONS)
+        for record in log:
+            replayer.replay_step(record)
+        replayer.restore_weights()
+        return snapshot(again)
+
+    replayed = replay(records)
+    assert seeds == trained_seeds
+    assert all(torch.equal(replayed[name], trained[name]) for name in trained)
+    legacy = replay([{**r, "merged": True} if r.get("merged") else r for r in records])
+    assert seeds[:2] == [first, first]
+    assert any(not torch.equal(legacy[name], trained[name]) for name in trained)
+
+    seeds.clear()
+    resumed = side_lm(torch.bfloat16)
+    resumed.load_state_dict(model_state)
+    opt_resumed = SubZero(resumed, side_path=True, **OPTIONS)
+    opt_resumed.load_state_dict(opt_state)
+    resumed_records = []
+    opt_resumed.record_hook = resumed_records.append
+    run(opt_resumed, resumed, WINDOW + 1, start=WINDOW - 1)
+    opt_resumed.merge()
+    assert resumed_records == records[WINDOW - 1:] and seeds == trained_seeds[1:]
+    assert all(torch.equal(p, trained[name]) for name, p in resumed.named_parameters())
+
+
+def test_a_merge_before_a_skipped_step_is_in_that_steps_record():
+    """An evaluation merges at step count 2 and step 2's loss is not finite (skipped): the merge is in step 2's
+    record, so replay merges at step count 2 too, with its seed, and stays bitwise in bf16."""
+    model = side_lm(torch.bfloat16)
+    records = []
+    opt = SubZero(model, side_path=True, **OPTIONS)
+    opt.record_hook = records.append
+    run(opt, model, 2)
+    with torch.no_grad():
+        model(batch(99))
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        opt.step(lambda: model(batch(2)) * float("nan"))
+    run(opt, model, 3, start=3)
+    opt.merge()
+    assert records[2]["skipped"] and records[2]["merged"] == 1
+    assert [r["step"] for r in records if r.get("merged")] == [2]
+    again = side_lm(torch.bfloat16)
+    replayer = SubZero(again.named_parameters(), side_path=True, **OPTIONS)
+    for record in records:
+        replayer.replay_step(record)
+    replayer.restore_weights()
+    for (name, p), q in zip(model.named_parameters(), again.parameters()):
         assert torch.equal(p, q), name
 
 

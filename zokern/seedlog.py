@@ -132,9 +132,11 @@ def _record_problem(r) -> "str | None":
         return f"'grad' must be a finite number, got {r.get('grad', '(nothing)')!r}"
     if "hess_scale" in r and not _is_number(r["hess_scale"]):
         return f"'hess_scale' must be a finite number, got {r['hess_scale']!r}"
-    for key in ("pending", "merged"):
-        if key in r and not isinstance(r[key], bool):
-            return f"{key!r} must be true or false, got {r[key]!r}"
+    if "pending" in r and not isinstance(r["pending"], bool):
+        return f"'pending' must be true or false, got {r['pending']!r}"
+    # merged: a count of merges (a log from before merges were counted: true)
+    if "merged" in r and not (r["merged"] is True or (_is_integer(r["merged"]) and r["merged"] > 0)):
+        return f"'merged' must be a positive integer (or true), got {r['merged']!r}"
     if "rescale" in r and not (isinstance(r["rescale"], list) and all(_is_number_list(b) for b in r["rescale"])):
         return f"'rescale' must be a list of lists of finite numbers, got {r['rescale']!r}"
     return None

@@ -131,6 +131,29 @@ def test_mask_words_past_the_end_are_zero(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_magnitude_mask_is_the_ops_mask_bitwise(backend, device):
+    """magnitude_mask_ (the mask without a perturbation pass: probe mode's) writes the words masked_perturb_ with
+    compute_mask writes, whole or a chunk at a time, and leaves the weights as they were: every dtype, the awkward
+    layouts, ±0, NaN and values at the threshold (bit 31 set: negative words)."""
+    for dtype in DTYPES:
+        params = awkward_params(dtype, device)
+        params[2].view(-1)[:6] = torch.tensor([0.0, -0.0, float("nan"), 0.5, -0.5, 0.25], dtype=dtype)
+        thresholds = zokern.magnitude_thresholds(params, 0.5)
+        thresholds[2] = 0.5
+        expected = zokern.new_masks(params)
+        zokern.masked_perturb_(clones(params), expected, thresholds, SEED, 1.0, stream_ids=stream_ids(len(params)),
+                               compute_mask=True, backend=backend)
+        assert any(int(m.min()) < 0 for m in expected if m.numel())
+        before = clones(params)
+        for chunk in (64, 1 << 20):
+            got = [torch.full_like(m, -1) for m in expected]
+            for m, p, h in zip(got, params, thresholds):
+                zokern.magnitude_mask_(m, p, h, chunk=chunk)
+            assert_bitwise(got, expected, f"chunk {chunk}")
+        assert_bitwise(params, before, "the weights")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dist", [RADEMACHER, NORMAL], ids=["rademacher", "normal"])
 def test_round_trip_at_the_threshold(backend, device, dist):
     """Weights exactly at h = 0.75, one ulp either side, their negatives and 0, in every dtype: +ε (mask from the

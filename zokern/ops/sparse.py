@@ -40,6 +40,22 @@ def unpack_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.bool().view(like.shape)
 
 
+def magnitude_mask_(mask: torch.Tensor, param: torch.Tensor, threshold: torch.Tensor,
+                    chunk: int = 1 << 20) -> torch.Tensor:
+    """Writes into `mask` the bitmask m = |float32(param)| ≤ threshold that masked_perturb_ with compute_mask takes
+    (bit b of word w is element 32w + b, the last word's spare bits 0), reading `param` only: `chunk` elements at
+    a time (a multiple of 32), so the temporaries stay a chunk's, not a copy of the tensor. Returns `mask`."""
+    flat = param.detach().reshape(-1)
+    shifts = torch.arange(32, dtype=torch.int32, device=param.device)
+    for start in range(0, flat.numel(), chunk):
+        bits = (flat[start:start + chunk].float().abs() <= threshold).to(torch.int32)
+        bits = torch.nn.functional.pad(bits, (0, -bits.numel() % 32))
+        # Distinct powers of two: the int32 sum has no carries, and bit 31 is the sign bit.
+        words = (bits.view(-1, 32) << shifts).sum(-1, dtype=torch.int32)
+        mask[start // 32:start // 32 + words.numel()].copy_(words)
+    return mask
+
+
 def masked_perturb_(params, masks, thresholds: torch.Tensor, seed: int, scale: float, *,
                     stream_ids: Sequence[int], compute_mask: bool, dist="normal",
                     offsets: "Sequence[int] | None" = None, backend: "str | None" = None) -> None:

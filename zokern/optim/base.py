@@ -350,6 +350,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _begin_probes(self, seed: int) -> None:
         """Probe mode: what the first in-place perturbation pass does besides perturbing (SparseMeZO's mask)."""
 
+    def _complete_record(self, record: dict) -> None:
+        """Training: what the method adds to the record of a step that happened (applied or skipped) as it is
+        logged; a step that did not happen (its closure failed before any weight moved) logs nothing."""
+
     def _after_step(self, closure, fresh_closure, record: dict) -> None:
         """Work after the update (DiZO's projection). When replaying, `closure` is None and what the work
         decided is read from `record`; when training, it is written there."""
@@ -395,7 +399,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         Transactional: the rates are checked before any weight moves. A closure that raises or returns no
         loss ends the step as a skipped step (same weight operations, so the same bits, and a record that
         replays them), then the error is raised again; if no weight had moved yet, the step did not happen."""
-        emit = (self.record_hook if logged is None else None) or (lambda record: None)
+        hook = self.record_hook if logged is None else None
+
+        def emit(record: dict) -> None:
+            if logged is None:
+                self._complete_record(record)
+            if hook is not None:
+                hook(record)
+
         seed = step_seed(self.seed, self.step_count)
         for group in self.param_groups:
             self._check_rates(group)

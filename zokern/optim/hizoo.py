@@ -5,7 +5,7 @@ import torch
 
 from zokern import ops
 from zokern.optim.base import ZOOptimizer
-from zokern.optim.probe import perturbed_rows
+from zokern.optim.probe import probe_copy
 
 
 class HiZOO(ZOOptimizer):
@@ -59,14 +59,15 @@ class HiZOO(ZOOptimizer):
         return {"hess_scale": abs(losses["plus"] + losses["minus"] - 2 * losses["center"]) / (2 * self.eps ** 2)}
 
     def _probe(self, b, i, seed, scale, rows):
-        p, hessian = b.params[i], b.extra["hessians"][i]
-        if rows is None:
-            copy = p.detach().clone(memory_format=torch.contiguous_format)
-            ops.hessian_perturb_([copy], [hessian], seed, scale, stream_ids=[b.stream_ids[i]], dist=self.dist,
-                                 backend=self.backend, offsets=b.offsets_at([i]))
-            return copy
-        return perturbed_rows(p, seed, b.stream_ids[i], scale, rows, dist=self.dist, backend=self.backend,
-                              direction=lambda z, rows: z / torch.sqrt(hessian[rows].float()))
+        hessian = b.extra["hessians"][i]
+
+        def perturb(copies, offsets):
+            pieces = [hessian] if rows is None else [hessian.reshape(-1)[o:o + c.numel()].view_as(c)
+                                                     for c, o in zip(copies, offsets)]
+            ops.hessian_perturb_(copies, pieces, seed, scale, stream_ids=[b.stream_ids[i]] * len(copies),
+                                 offsets=offsets, dist=self.dist, backend=self.backend)
+
+        return probe_copy(b.params[i], rows, perturb, b.offsets_at([i]))
 
     def _update(self, seed, grad, next_seed, record, restore):
         for b in self.buckets:

@@ -37,42 +37,37 @@ def eager(hook):
     return torch.compiler.disable(hook)
 
 
-def row_draws(seed: int, stream: int, rows: torch.Tensor, row_len: int, *, dist=0,
-              backend: "str | None" = None) -> torch.Tensor:
-    """z of the given rows (sorted, unique) of a row-major tensor with `row_len` columns, float32 [len(rows),
-    row_len]: elements row·row_len … row·row_len + row_len − 1 of the stream, one fill per run of consecutive
-    rows, exactly as the backend's kernels draw them."""
-    out = torch.empty(len(rows), row_len, dtype=torch.float32, device=rows.device)
-    if len(rows) == 0:
-        return out
-    breaks = (torch.nonzero(rows[1:] - rows[:-1] != 1).flatten() + 1).tolist()
-    starts = [0] + breaks
-    ends = breaks + [len(rows)]
-    first_rows = rows[starts].tolist()
-    for a, b, row in zip(starts, ends, first_rows):
-        ops.fill_random_(out[a:b].view(-1), seed, stream, offset=row * row_len, dist=dist, backend=backend)
-    return out
-
-
 def stream_copy(p: torch.Tensor, seed: int, stream: int, scale: float, rows: "torch.Tensor | None", *, dist,
                 backend, offsets: "list[int] | None" = None) -> torch.Tensor:
-    """θ + scale·z as a new tensor, z the tensor's stream (at `offsets`, a shard's global start): the perturb op on
-    a clone, or `perturbed_rows`."""
-    if rows is not None:
-        return perturbed_rows(p, seed, stream, scale, rows, dist=dist, backend=backend)
-    copy = p.detach().clone(memory_format=torch.contiguous_format)
-    ops.perturb_([copy], seed, scale, stream_ids=[stream], dist=dist, backend=backend, offsets=offsets)
+    """θ + scale·z as a new tensor (or its `rows`), z the tensor's stream (at `offsets`, a shard's global start):
+    `probe_copy` with the perturb op."""
+    return probe_copy(p, rows, lambda copies, offsets: ops.perturb_(
+        copies, seed, scale, stream_ids=[stream] * len(copies), offsets=offsets, dist=dist, backend=backend), offsets)
+
+
+def probe_copy(p: torch.Tensor, rows: "torch.Tensor | None", perturb: Callable,
+               offsets: "list[int] | None" = None) -> torch.Tensor:
+    """A probe of p as a new tensor: `perturb(copies, offsets)` is the method's perturb op, applied in place to a
+    copy of p (at `offsets`: a shard's global start, or None) or to copies of pieces of it (each at the element
+    offset of its first element in p).
+
+    With `rows` (sorted, unique; p a whole row-major table, not a shard), only those rows: p[rows], perturbed in
+    one call over its pieces that are runs of consecutive rows, each at offset first row·row length. Element i of
+    the table draws from stream element i whatever the piece (docs/OPS.md, "Element offsets"), so the rows are
+    bitwise those of the full tensor's probe."""
+    if rows is None:
+        copy = p.detach().clone(memory_format=torch.contiguous_format)
+        perturb([copy], offsets)
+        return copy
+    copy = p.detach()[rows]
+    if len(rows) == 0:
+        return copy
+    row_len = p[0].numel()
+    table = copy.view(len(rows), row_len)
+    starts = [0] + (torch.nonzero(rows[1:] - rows[:-1] != 1).flatten() + 1).tolist()
+    ends = starts[1:] + [len(rows)]
+    perturb([table[a:b] for a, b in zip(starts, ends)], [row * row_len for row in rows[starts].tolist()])
     return copy
-
-
-def perturbed_rows(p: torch.Tensor, seed: int, stream: int, scale: float, rows: torch.Tensor, *, dist, backend,
-                   direction=None) -> torch.Tensor:
-    """Rows `rows` of θ + scale·d as a new tensor, d = z of those rows, or `direction(z, rows)` (a method's mask
-    or preconditioner): computed in float32 and rounded once to θ's dtype, as the ops do."""
-    z = row_draws(seed, stream, rows, p[0].numel(), dist=dist, backend=backend).view(len(rows), *p.shape[1:])
-    if direction is not None:
-        z = direction(z, rows)
-    return z.mul_(scale).add_(p[rows]).to(p.dtype)  # θ + scale·d in the draws' float32 buffer
 
 
 def _has_forward(module: nn.Module) -> bool:

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import warnings
 
-import torch
-
 from zokern import distributed, ops
 from zokern.optim.base import ZOOptimizer
-from zokern.optim.probe import perturbed_rows, stream_copy
+from zokern.optim.probe import probe_copy, stream_copy
 
 
 class SparseMeZO(ZOOptimizer):
@@ -91,16 +89,14 @@ class SparseMeZO(ZOOptimizer):
             ops.perturb_(params, seed, scale, stream_ids=ids, dist=self.dist, backend=self.backend, offsets=offsets)
 
     def _begin_probes(self, seed):
-        # The step's thresholds and masks, from the unperturbed weights as the first in-place pass takes them; each
-        # mask is computed on a clone (a zero perturbation), so the stored tensor is only read.
+        # The step's thresholds and masks, from the unperturbed weights as the first in-place pass takes them; the
+        # stored tensors are only read.
         for b in self.buckets:
-            params, ids, _, _ = self._select(b, "masked")
+            params, _, _, _ = self._select(b, "masked")
             if params:
                 thresholds = self._refresh_thresholds(b, params, self.step_count)
-                for j, (p, k) in enumerate(zip(params, ids)):
-                    ops.masked_perturb_([p.detach().clone()], [b.extra["masks"][j]], thresholds[j:j + 1], seed, 0.0,
-                                        stream_ids=[k], compute_mask=True, dist=self.dist, backend=self.backend,
-                                        offsets=b.offsets_at([b.extra["masked"][j]]))
+                for j, p in enumerate(params):
+                    ops.magnitude_mask_(b.extra["masks"][j], p, thresholds[j])
 
     def _probe(self, b, i, seed, scale, rows):
         p, k = b.params[i], b.stream_ids[i]
@@ -108,13 +104,15 @@ class SparseMeZO(ZOOptimizer):
             return stream_copy(p, seed, k, scale, rows, dist=self.dist, backend=self.backend, offsets=b.offsets_at([i]))
         j = b.extra["masked"].index(i)
         threshold = b.extra["thresholds"][j:j + 1]
-        if rows is None:
-            copy = p.detach().clone(memory_format=torch.contiguous_format)
-            ops.masked_perturb_([copy], [b.extra["masks"][j]], threshold, seed, scale, stream_ids=[k],
-                                compute_mask=False, dist=self.dist, backend=self.backend, offsets=b.offsets_at([i]))
-            return copy
-        return perturbed_rows(p, seed, k, scale, rows, dist=self.dist, backend=self.backend,
-                              direction=lambda z, rows: z * (p[rows].float().abs() <= threshold))
+
+        def perturb(copies, offsets):
+            # The whole tensor takes the step's mask; pieces of rows their own, from the same weights and threshold.
+            masks = [b.extra["masks"][j]] if rows is None else ops.new_masks(copies)
+            ops.masked_perturb_(copies, masks, threshold.repeat(len(copies)), seed, scale,
+                                stream_ids=[k] * len(copies), compute_mask=rows is not None, offsets=offsets,
+                                dist=self.dist, backend=self.backend)
+
+        return probe_copy(p, rows, perturb, b.offsets_at([i]))
 
     def _update(self, seed, grad, next_seed, record, restore):
         for b in self.buckets:

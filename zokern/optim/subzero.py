@@ -41,7 +41,7 @@ class SubZero(ZOOptimizer):
         self.side_path = bool(side_path)
         self.side_hooks: "SideHooks | None" = None
         if self.side_path:
-            # merge_unlogged: a merge outside the window's end (evaluation, saving) not yet in the seed log.
+            # merge_unlogged: merges outside a step (evaluation, saving) not yet in the seed log.
             self.saved_buffers = ("merge_unlogged",)
         super().__init__(params, dict(lr=lr, weight_decay=0.0), eps=eps, **options)
 
@@ -60,7 +60,8 @@ class SubZero(ZOOptimizer):
         bucket.extra["accumulators"] = [torch.zeros(r, r, device=bucket.params[i].device) if side else None
                                         for (i, _, r), side in zip(bucket.extra["matrices"], bucket.extra["side"])]
         bucket.extra["pending"] = False  # the accumulators hold updates not yet merged
-        bucket.extra["merge_unlogged"] = False
+        bucket.extra["merge_unlogged"] = 0  # merges outside a step not yet logged: their count at the step count
+        bucket.extra["merges"] = (None, 0)  # (step_count, merges made at it): each merge's rounding seed is its own
 
     def _subspaces(self, bucket, step: int):
         """U, V of every matrix for the window holding `step`, cached while the window lasts. The side path's
@@ -139,23 +140,31 @@ class SubZero(ZOOptimizer):
             self.side_hooks = None
         super().detach()
 
-    def _merge_bucket(self, bucket) -> bool:
+    def _merge_bucket(self, bucket, legacy_seed: bool = False) -> bool:
         """W += U·A·Vᵀ for the bucket's side-path matrices in one pass, A then zero; whether anything was
-        pending."""
+        pending. `legacy_seed`: round with the first merge's seed whatever the count (seed logs from before
+        merges were counted)."""
         if not bucket.extra["pending"]:
             return False
         chosen = [j for j, side in enumerate(bucket.extra["side"]) if side]
         matrices, factors = bucket.extra["matrices"], bucket.extra["factors"]
         accumulators = bucket.extra["accumulators"]
-        # Stored with the optimizer's rounding, keyed by a seed of the merge's own, derived from the step's (the
-        # matrices take no other update in a step; replay merges at the same step_count, so with the same bits).
+        step, made = bucket.extra["merges"]
+        index = made if step == self.step_count else 0
+        # Stored with the optimizer's rounding, keyed by a seed of the merge's own: derived from the step's and
+        # from how many merges the step count has seen (a save, then the window's end), so no two merges share
+        # rounding words; replay and resume count the same merges, so they round with the same bits.
+        seed = step_seed(step_seed(self.seed, self.step_count), 1)
+        if index and not legacy_seed:
+            seed = step_seed(seed, index)
         ops.lowrank_apply_([bucket.params[matrices[j][0]] for j in chosen], [factors[j][0] for j in chosen],
                            [factors[j][1] for j in chosen], [accumulators[j] for j in chosen], backend=self.backend,
-                           rounding=self.rounding, seed=step_seed(step_seed(self.seed, self.step_count), 1),
+                           rounding=self.rounding, seed=seed,
                            stream_ids=[bucket.stream_ids[matrices[j][0]] for j in chosen])
         for j in chosen:
             accumulators[j].zero_()
         bucket.extra["pending"] = False
+        bucket.extra["merges"] = (self.step_count, index + 1)
         return True
 
     @torch.no_grad()
@@ -167,7 +176,7 @@ class SubZero(ZOOptimizer):
         record ("merged"), so replay and resume merge at the same point."""
         for b in self.buckets:
             if self._merge_bucket(b):
-                b.extra["merge_unlogged"] = True
+                b.extra["merge_unlogged"] = b.extra["merges"][1]
 
     def restore_weights(self) -> None:
         self.merge()
@@ -179,18 +188,30 @@ class SubZero(ZOOptimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        # A saved state holds no pending updates (state_dict merges them); updates pending here are dropped.
+        # A saved state holds no pending updates (state_dict merges them); updates pending here are dropped. The
+        # unlogged merges (a flag in states saved before merges were counted) are those the saved step count saw.
         for b in self.buckets:
             for a in b.extra["accumulators"]:
                 if a is not None:
                     a.zero_()
             b.extra["pending"] = False
+            b.extra["merge_unlogged"] = int(b.extra["merge_unlogged"])
+            b.extra["merges"] = (self.step_count, b.extra["merge_unlogged"])
 
     def step(self, closure=None, fresh_closure=None):
         if self.side_path and self.module_probes is None:
             raise ValueError("SubZero(side_path=True) trains in probe mode only: construct it from the model, or "
                              "call opt.attach(model) before stepping")
         return super().step(closure, fresh_closure)
+
+    def _complete_record(self, record: dict) -> None:
+        # Merges outside a step go into the record of the next step that happened, applied or skipped (replay
+        # merges before it), with their count at its step count.
+        unlogged = [b.extra["merge_unlogged"] for b in self.buckets if b.extra["merge_unlogged"]]
+        if unlogged:
+            record["merged"] = max(unlogged)
+            for b in self.buckets:
+                b.extra["merge_unlogged"] = 0
 
     def replay_step(self, record: dict) -> None:
         if self.side_path and not record.get("probed"):
@@ -248,10 +269,8 @@ class SubZero(ZOOptimizer):
         # The next step's perturbation folds into this pass only while the subspace stays the same.
         window_ends = (step + 1) // self.subspace_every != step // self.subspace_every
         same_window = next_seed is not None and not window_ends
-        if any(b.extra["merge_unlogged"] for b in self.buckets):
-            record["merged"] = True
-            for b in self.buckets:
-                b.extra["merge_unlogged"] = False
+        # A log written before merges were counted says `true`: its window-end merge took the first merge's seed.
+        legacy_seed = record.get("merged") is True
         for b in self.buckets:
             lr = b.group["lr"]
             if any(b.extra["side"]):
@@ -265,7 +284,7 @@ class SubZero(ZOOptimizer):
                 cores = [c + self.eps * c_next for c, c_next in zip(cores, self._cores(b, next_seed))]
             self._apply(b, step, cores, update_seed=seed)
             if window_ends:
-                self._merge_bucket(b)
+                self._merge_bucket(b, legacy_seed)
             params, ids, offsets = self._vectors(b)
             ops.fused_step_(params, seed, stream_ids=ids, restore=restore, lr=lr, grad=grad,
                             next_seed=next_seed, next_scale=self.eps, dist=self.dist, rounding=self.rounding,
