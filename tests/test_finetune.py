@@ -184,6 +184,34 @@ def test_compare_over_seeds_gives_mean_and_standard_deviation(tiny_model_dir, tm
     assert zero_shot == [1, 0, 0, 0]  # measured once: B = 0, so every LoRA model starts as the base model
 
 
+def test_compare_resume_gathers_runs_made_apart(tiny_model_dir, tmp_path, monkeypatch):
+    """Runs made by separate `compare` calls on subsets of the methods are gathered by `compare --resume` without
+    training again, into the table the whole comparison gives; a finished run with other settings is not taken."""
+    from zokern.finetune import compare as compare_module
+    from zokern.finetune.config import ConfigError
+
+    sink = open("/dev/null", "w")
+    config = _config(tiny_model_dir, tmp_path / "whole", lora_rank=2)
+    whole = compare_module.compare(config, ["mezo", "hizoo"], forward_budget=12, evaluations=2, progress_stream=sink)
+    apart = _config(tiny_model_dir, tmp_path / "apart", lora_rank=2)
+    compare_module.compare(apart, ["mezo"], forward_budget=12, evaluations=2, progress_stream=sink)
+    compare_module.compare(apart, ["hizoo"], forward_budget=12, evaluations=2, progress_stream=sink)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    with monkeypatch.context() as m:
+        m.setattr(compare_module, "finetune", no_training)
+        gathered = compare_module.compare(apart, ["mezo", "hizoo"], forward_budget=12, evaluations=2, resume=True,
+                                          progress_stream=sink)
+    keep = ("method", "steps", "forwards", "final_accuracies", "best_validation_accuracy")
+    assert [{k: r[k] for k in keep} for r in gathered["runs"]] == [{k: r[k] for k in keep} for r in whole["runs"]]
+    assert gathered["zero_shot_accuracy"] == whole["zero_shot_accuracy"]
+    with pytest.raises(ConfigError, match="started with other settings"):  # lr changed: not the same runs
+        compare_module.compare(_config(tiny_model_dir, tmp_path / "apart", lora_rank=2, lr=2e-3), ["mezo"],
+                               forward_budget=12, evaluations=2, resume=True, progress_stream=sink)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--forward-budget", "0"], "the forward budget must be positive"),

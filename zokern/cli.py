@@ -111,6 +111,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--seeds", type=int, default=1, help="runs per method, with seeds --seed, --seed + 1, ...; the "
                                                         "table gives mean ± standard deviation, the plot a band")
     p.add_argument("--output-dir", default="runs/compare")
+    p.add_argument("--resume", action="store_true",
+                   help="take runs already finished under --output-dir with the same settings as they are, and "
+                        "continue interrupted ones from their checkpoints")
     _add_training_options(p, d, per_run=False)
     p.add_argument("--option", action="append", default=[], metavar="METHOD.NAME=VALUE",
                    help="a method's option, e.g. subzero.rank=4, dizo.project_pattern=k_proj")
@@ -186,7 +189,7 @@ def compare_command(args) -> int:
     from zokern.optim import METHODS
 
     fields = {k: v for k, v in vars(args).items()
-              if k not in ("command", "func", "option", "methods", "forward_budget", "evaluations", "seeds")}
+              if k not in ("command", "func", "option", "methods", "forward_budget", "evaluations", "seeds", "resume")}
     try:
         check_settings(args.forward_budget, args.seeds)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -205,7 +208,7 @@ def compare_command(args) -> int:
         resolve_model_path(base.model)
         # compare checks every run's settings before the model loads and the first run trains
         result = compare(base, methods, args.forward_budget, evaluations=args.evaluations, method_options=options,
-                         seeds=args.seeds)
+                         seeds=args.seeds, resume=args.resume)
     except (DataError, ModelError, ValueError) as exc:  # ConfigError, CheckpointError are ValueErrors
         print(f"zokern compare: error: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from zokern.finetune.config import FinetuneConfig, check_config
@@ -53,10 +53,26 @@ def run_configs(base: FinetuneConfig, methods: "list[str]", forward_budget: int,
             for method in methods for seed in run_seeds]
 
 
+def completed_summary(config: FinetuneConfig) -> "dict | None":
+    """The summary of a finished run in config.output_dir with the same settings (who measured the zero-shot
+    accuracy aside), or None."""
+    path = Path(config.output_dir) / "summary.json"
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    ignored = ("resume", "zero_shot_eval")
+    recorded = {k: v for k, v in summary.get("hyperparameters", {}).items() if k not in ignored}
+    requested = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in ignored}
+    return summary if recorded == requested else None
+
+
 def compare(base: FinetuneConfig, methods: "list[str]", forward_budget: int, evaluations: int = 6,
-            method_options: "dict[str, dict] | None" = None, seeds: int = 1, progress_stream=sys.stderr) -> dict:
+            method_options: "dict[str, dict] | None" = None, seeds: int = 1, resume: bool = False,
+            progress_stream=sys.stderr) -> dict:
     """Runs of every method over `seeds` seeds (run_configs), every run's settings checked before the first
-    trains."""
+    trains. With `resume`, a run already finished under the output folder with the same settings is taken as it
+    is, and an interrupted one continues from its newest checkpoint (so a comparison can be completed, or its
+    runs spread over several processes and gathered by a last call)."""
     check_settings(forward_budget, seeds)
     configs = run_configs(base, methods, forward_budget, evaluations, method_options, seeds)
     for _, config in configs:
@@ -66,9 +82,15 @@ def compare(base: FinetuneConfig, methods: "list[str]", forward_budget: int, eva
     for method in methods:
         summaries = []
         for config in [c for m, c in configs if m == method]:
-            print(f"== {method}, seed {config.seed}: {forward_budget} forward passes", file=progress_stream)
-            summary = finetune(config, progress_stream=progress_stream)
-            zero_shot = summary["zero_shot_accuracy"] if config.zero_shot_eval else zero_shot
+            summary = completed_summary(config) if resume else None
+            if summary is not None:
+                print(f"== {method}, seed {config.seed}: finished in {config.output_dir}, taken as it is",
+                      file=progress_stream)
+            else:
+                print(f"== {method}, seed {config.seed}: {forward_budget} forward passes", file=progress_stream)
+                summary = finetune(replace(config, resume=resume), progress_stream=progress_stream)
+            if zero_shot is None:
+                zero_shot = summary["zero_shot_accuracy"]
             summaries.append(summary)
         accuracy, accuracy_sd = _mean_sd([s["final_accuracy"] for s in summaries])
         best, best_sd = _mean_sd([s["best_validation_accuracy"] for s in summaries])
