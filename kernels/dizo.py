@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import (CODES, alignment, default_sizes, device_ctx, extras, groups, launch_groups, launch_options,
-                           seed_words, stochastic, tables)
+from .multi_tensor import (CODES, RoundingScalars, alignment, default_sizes, device_ctx, extras, groups, launch_groups,
+                           launch_options, stochastic, tables)
 from .mezo import ROW, _load_f32, _pointer, chunk_of_program, rounding_words, seed_keys, store_rounded
 
 
@@ -100,12 +100,13 @@ def anchored_rescale(params: list[torch.Tensor], anchors: list[torch.Tensor],
                      seed: int = 0, offsets: list[int] = (), rounding: int = 0, *, block: "int | None" = None,
                      chunk: "int | None" = None) -> None:
     block, chunk = default_sizes(block, chunk)
-    k0, k1 = seed_words(seed)
+    scalars = RoundingScalars(seed, rounding)
     by_dtype = launch_groups(params, lambda i: params[i].dtype, streams or None, None, chunk, offsets)
     for dtype, idxs, group, tensors, _, chunks in by_dtype:
         companions = [anchors[i] for i in idxs] + ([] if sources is None else [sources[i] for i in idxs])
         extra = extras([(i, anchors[i].data_ptr(), (params if sources is None else sources)[i].data_ptr())
                         for i in idxs], group[0].device)
         anchored_rescale_kernel[(chunks.numel(),)](
-            tensors, extra, chunks, factors, chunk, k0, k1, DTYPE=CODES[dtype], STOCHASTIC=stochastic(rounding, dtype),
+            tensors, extra, chunks, factors, chunk, *scalars.kernel_args(), DTYPE=CODES[dtype],
+            STOCHASTIC=stochastic(scalars.rounding, dtype),
             BLOCK=block, **alignment(group + companions), **launch_options())
