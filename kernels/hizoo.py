@@ -25,7 +25,7 @@ def _scaled(z, d):
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
-def hessian_kernel(tensors, extra, chunks, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
+def hizoo_kernel(tensors, extra, chunks, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
                    hess_scale, alpha, one_minus_alpha, DTYPE: tl.constexpr, D_DTYPE: tl.constexpr,
                    DIST: tl.constexpr, FUSED: tl.constexpr, HAS_NEXT: tl.constexpr, STOCHASTIC: tl.constexpr,
                    ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
@@ -74,14 +74,14 @@ class HizooScalars(StepScalars):
 
 
 def _launch(params, hessians, streams, weight_decays, offsets, dist, scalars: HizooScalars, block, chunk) -> None:
-    """One hessian_kernel launch per (weight dtype, D dtype); weight_decays None: a perturbation."""
+    """One hizoo_kernel launch per (weight dtype, D dtype); weight_decays None: a perturbation."""
     block, chunk = default_sizes(block, chunk)
     fused = weight_decays is not None
     for (dtype, d_dtype), idxs, group, tensors, wds, chunks in launch_groups(
             params, lambda i: (params[i].dtype, hessians[i].dtype), streams, weight_decays, chunk, offsets):
         extra = extras([(hessians[i].data_ptr(),) for i in idxs], group[0].device)
         group_offsets = [offsets[i] for i in idxs] * 2 if offsets else None  # θ, then D
-        hessian_kernel[(chunks.numel(),)](
+        hizoo_kernel[(chunks.numel(),)](
             tensors, extra, chunks, wds if fused else tensors, chunk, *scalars.kernel_args(), DTYPE=CODES[dtype],
             D_DTYPE=CODES[d_dtype], DIST=int(dist), FUSED=fused, HAS_NEXT=scalars.has_next,
             STOCHASTIC=stochastic(scalars.rounding, dtype), BLOCK=block,

@@ -207,7 +207,7 @@ def seed_keys(k0, k1, nk0, nk1):
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
-def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
+def mezo_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
                      DTYPE: tl.constexpr, DIST: tl.constexpr, FUSED: tl.constexpr, HAS_NEXT: tl.constexpr,
                      STOCHASTIC: tl.constexpr, ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr,
                      BLOCK: tl.constexpr):

@@ -19,7 +19,7 @@ from .mezo import (PERTURBATION, _load_f32, _pointer, chunk_of_program, draw_shi
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
-def masked_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1,
+def sparse_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1,
                   next_scale, DTYPE: tl.constexpr, DIST: tl.constexpr, FUSED: tl.constexpr,
                   COMPUTE_MASK: tl.constexpr, HAS_NEXT: tl.constexpr, SHIFTED: tl.constexpr,
                   STOCHASTIC: tl.constexpr, ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr,
@@ -83,10 +83,10 @@ def masked_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, 
 
 def _launch(params, masks, thresholds, streams, weight_decays, offsets, dist, scalars: StepScalars, compute_mask,
             block, chunk) -> None:
-    """One masked_kernel launch per dtype; weight_decays None: a perturbation."""
+    """One sparse_kernel launch per dtype; weight_decays None: a perturbation."""
     block, chunk = default_sizes(block, chunk)
     if block < 32 or chunk % 32:
-        raise ValueError(f"masked kernels need block >= 32 and chunk a multiple of 32, got {block}, {chunk}")
+        raise ValueError(f"sparse kernels need block >= 32 and chunk a multiple of 32, got {block}, {chunk}")
     if not all(m.is_contiguous() for m in masks):
         raise ValueError("masks must be contiguous int32 tensors")
     fused = weight_decays is not None
@@ -94,7 +94,7 @@ def _launch(params, masks, thresholds, streams, weight_decays, offsets, dist, sc
                                                                   weight_decays, chunk, offsets):
         extra = extras([(i, masks[i].data_ptr()) for i in idxs], group[0].device)
         # The mask's blocks follow the tensor's own elements, so the alignment promises are offset-free.
-        masked_kernel[(chunks.numel(),)](
+        sparse_kernel[(chunks.numel(),)](
             tensors, extra, chunks, thresholds, wds if fused else tensors, chunk, *scalars.kernel_args(),
             DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, COMPUTE_MASK=compute_mask, HAS_NEXT=scalars.has_next,
             SHIFTED=any(offsets[i] % 4 for i in idxs) if offsets else False,

@@ -33,7 +33,7 @@ def _load_f32_zero(ptr, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "stream", "offset"])
-def lowrank_kernel(w, u, v, c, m, n, r, k0, k1, stream, offset, W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr,
+def subzero_kernel(w, u, v, c, m, n, r, k0, k1, stream, offset, W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr,
                    V_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    R_PAD: tl.constexpr, COLS: tl.constexpr):
     """W (m×n) += U (m×r) · C (r×r, float32) · Vᵀ (V n×r); all row-major contiguous. Offsets within a tile
@@ -103,7 +103,8 @@ def lowrank_apply(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[
             raise ValueError(f"lowrank_apply: {n} columns exceed the kernel's int32 tile offsets")
         stream, offset = (streams[t] if streams else 0), (offsets[t] if offsets else 0)
         with device_ctx(w.device):
-            lowrank_kernel[(cdiv(m, bm), cdiv(n, cols))](
-                kernel_arg(w), kernel_arg(u), kernel_arg(v), core, m, n, rank, *scalars.kernel_args(), i32(stream), offset,
+            subzero_kernel[(cdiv(m, bm), cdiv(n, cols))](
+                kernel_arg(w), kernel_arg(u), kernel_arg(v), core, m, n, rank, *scalars.kernel_args(), i32(stream),
+                offset,
                 W_DTYPE=CODES[w.dtype], U_DTYPE=CODES[u.dtype], V_DTYPE=CODES[v.dtype],
                 STOCHASTIC=rounds, BM=bm, BN=bn, R_PAD=r_pad, COLS=cols, **options)

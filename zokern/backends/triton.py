@@ -56,12 +56,12 @@ def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: 
 
 
 def _launch(params, streams, weight_decays, offsets, dist, scalars: StepScalars, block, chunk) -> None:
-    """One zo_update_kernel launch per dtype; weight_decays None: a perturbation."""
+    """One mezo_kernel launch per dtype; weight_decays None: a perturbation."""
     block, chunk = default_sizes(block, chunk)
     fused = weight_decays is not None
     for dtype, idxs, group, tensors, wds, chunks in launch_groups(params, lambda i: params[i].dtype, streams,
                                                                   weight_decays, chunk, offsets):
-        kernels.zo_update_kernel[(chunks.numel(),)](
+        kernels.mezo_kernel[(chunks.numel(),)](
             tensors, chunks, wds if fused else tensors, chunk, *scalars.kernel_args(), DTYPE=CODES[dtype],
             DIST=int(dist), FUSED=fused, HAS_NEXT=scalars.has_next, STOCHASTIC=stochastic(scalars.rounding, dtype),
             BLOCK=block, **alignment(group, [offsets[i] for i in idxs] if offsets else None), **launch_options())

@@ -1,11 +1,11 @@
-"""MeZO's ops: perturb, the fused restore + update (+ next perturbation), and raw stream access."""
+"""MeZO's ops: perturb and the fused restore + update (+ next perturbation)."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence
 
 import torch
 
-from zokern.random import Distribution, Domain, check_seed, check_stream, parse_distribution
+from zokern.random import Distribution, check_seed, check_stream, parse_distribution
 from zokern.validation import Rounding, check_finite, check_is_tensor_list, check_offsets, parse_rounding
 
 
@@ -73,21 +73,3 @@ def fused_step_(params: Iterable[torch.Tensor], seed: int, *, stream_ids: Sequen
             check_finite("grad", grad), weight_decays(weight_decay, len(params)),
             -1 if next_seed is None else next_seed, check_finite("next_scale", next_scale),
             int(parse_distribution(dist)), backend or "", offsets, int(parse_rounding(rounding)))
-
-
-def draw(seed: int, stream: int, numel: int, offset: int = 0, domain: int = Domain.PERTURBATION,
-         dist: "str | int | Distribution" = Distribution.NORMAL, device: "torch.device | str" = "cpu",
-         backend: "str | None" = None) -> torch.Tensor:
-    """The stream's values exactly as `backend`'s kernels use them (default: the device's backend)."""
-    out = torch.empty(numel, dtype=torch.float32, device=device)
-    return fill_random_(out, seed, stream, offset=offset, domain=domain, dist=dist, backend=backend)
-
-
-def fill_random_(out: torch.Tensor, seed: int, stream: int, *, offset: int = 0,
-                 domain: "int | Domain" = Domain.PERTURBATION, dist: "str | Distribution" = "normal",
-                 backend: "str | None" = None) -> torch.Tensor:
-    """Write elements offset … offset+numel−1 of stream (seed, stream, domain) into float32 `out`."""
-    with torch.no_grad():
-        torch.ops.zokern.fill_random_(out, seed, stream, offset, int(domain), int(parse_distribution(dist)),
-                                      backend or "")
-    return out

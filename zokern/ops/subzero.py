@@ -6,7 +6,8 @@ from typing import Sequence
 
 import torch
 
-from zokern.ops.mezo import fill_random_, rounding_keys
+from zokern.ops.mezo import rounding_keys
+from zokern.ops.random import fill_random_
 from zokern.random import Domain
 from zokern.validation import Rounding, check_is_tensor_list
 
