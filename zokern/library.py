@@ -290,6 +290,17 @@ for _name in SCHEMAS:
     torch.library.impl(f"zokern::{_name}", DEVICE_TYPES)(_device_implementation(_name))
 
 
+def call(name: str, *args):
+    """torch.ops.zokern.<name>(*args), for the public functions (zokern/ops): the op checks its arguments, once.
+    torch's schema cast refuses what it cannot convert (an int beyond int64, a float or a str for an int) before
+    the op's check runs, with a message that names nothing: then the op's check says which argument is wrong."""
+    try:
+        return getattr(torch.ops.zokern, name)(*args)
+    except RuntimeError:
+        CHECKS[name](*_without_backend(name)(args, {})[1])
+        raise
+
+
 # --- fakes: the op's check, and for distance_norms an output of the right shape ----------------------------
 
 def _fake(name: str):

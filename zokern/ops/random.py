@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from zokern.library import call
 from zokern.random import Distribution, Domain, parse_distribution
 
 
@@ -19,6 +20,5 @@ def fill_random_(out: torch.Tensor, seed: int, stream: int, *, offset: int = 0,
                  backend: "str | None" = None) -> torch.Tensor:
     """Write elements offset … offset+numel−1 of stream (seed, stream, domain) into float32 `out`."""
     with torch.no_grad():
-        torch.ops.zokern.fill_random_(out, seed, stream, offset, int(domain), int(parse_distribution(dist)),
-                                      backend or "")
+        call("fill_random_", out, seed, stream, offset, int(domain), int(parse_distribution(dist)), backend or "")
     return out
