@@ -15,8 +15,8 @@ import triton.language as tl
 from .multi_tensor import (CODES, StepScalars, alignment, default_sizes, extras, launch_groups, launch_options,
                            stochastic)
 from .philox import draw_rows
-from .mezo import (PERTURBATION, _load_f32, _phase_pointer, _store_f32, call_rows, chunk_of_program, phase_of,
-                   rounding_rows, seed_keys, store_rounded)
+from .mezo import (PERTURBATION, _load_f32, _phase_pointer, _store_f32, call_rows, rounding_rows, step_prologue,
+                   store_rounded)
 
 
 @triton.jit
@@ -34,13 +34,9 @@ def hizoo_kernel(tensors, extra, chunks, weight_decays, chunk, k0, k1, restore, 
     rounding if STOCHASTIC) and D' (to nearest).
     `extra` rows: (D address,). The alignment flags cover θ and D. one_minus_alpha is 1 − α rounded once from
     double, as the reference's Python scalar is."""
-    t, addr, stream, start, end, offset = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
-    phase = phase_of(offset, ALIGNED_ENDS)
-    ptr0 = _phase_pointer(addr, phase, DTYPE, ALIGNED_PTRS)
+    t, stream, start, end, offset, phase, ptr0, key0, key1, next_key0, next_key1, wd = step_prologue(
+        tensors, chunks, weight_decays, chunk, k0, k1, nk0, nk1, DTYPE, FUSED, ALIGNED_PTRS, ALIGNED_ENDS)
     d_ptr0 = _phase_pointer(tl.load(extra + t), phase, D_DTYPE, ALIGNED_PTRS)
-    key0, key1, next_key0, next_key1 = seed_keys(k0, k1, nk0, nk1)
-    if FUSED:
-        wd = tl.load(weight_decays + t)
     for off in range(0, end - start + phase, BLOCK):
         j, v, inside = call_rows(start, off, offset, phase, end, BLOCK // 4, ALIGNED_ENDS)
         ptr = ptr0 + v
