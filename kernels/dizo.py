@@ -11,13 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import (CODES, alignment, default_sizes, device_ctx, extras, groups, launch_groups, launch_options,
-                           seed_words, stochastic, tables)
+from .multi_tensor import (CODES, RoundingScalars, alignment, default_sizes, device_ctx, extras, groups, launch_groups,
+                           launch_options, stochastic, tables)
 from .mezo import ROW, _load_f32, _pointer, chunk_of_program, rounding_words, seed_keys, store_rounded
 
 
 @triton.jit
-def square_sums_kernel(tensors, extra, chunks, partials, chunk, DTYPE: tl.constexpr, ALIGNED_PTRS: tl.constexpr,
+def dizo_square_sums_kernel(tensors, extra, chunks, partials, chunk, DTYPE: tl.constexpr, ALIGNED_PTRS: tl.constexpr,
                        ALIGNED_ENDS: tl.constexpr, BLOCK: tl.constexpr):
     """partials[pid] = Σ (θ − θ0)² over this program's chunk, in float32. `extra` rows: (anchor address,
     index into the output)."""
@@ -34,9 +34,9 @@ def square_sums_kernel(tensors, extra, chunks, partials, chunk, DTYPE: tl.conste
 
 
 @triton.jit
-def norms_kernel(tensors, extra, partials, out, chunk, BLOCK: tl.constexpr):
+def dizo_norms_kernel(tensors, extra, partials, out, chunk, BLOCK: tl.constexpr):
     """out[index of tensor t] = sqrt(Σ of tensor t's partials), one program per tensor; `extra` as for
-    square_sums_kernel."""
+    dizo_square_sums_kernel."""
     t = tl.program_id(0).to(tl.int64)
     first = tl.load(tensors + ROW * t + 3)
     count = tl.cdiv(tl.load(tensors + ROW * t + 1), chunk)
@@ -48,7 +48,7 @@ def norms_kernel(tensors, extra, partials, out, chunk, BLOCK: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["k0", "k1"])
-def anchored_rescale_kernel(tensors, extra, chunks, factors, chunk, k0, k1, DTYPE: tl.constexpr,
+def dizo_rescale_kernel(tensors, extra, chunks, factors, chunk, k0, k1, DTYPE: tl.constexpr,
                             STOCHASTIC: tl.constexpr, ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr,
                             BLOCK: tl.constexpr):
     """θ = θ0 + (src − θ0)·f, stored with stochastic rounding keyed by (seed (k0, k1), stream, offset + index) if
@@ -72,7 +72,7 @@ def anchored_rescale_kernel(tensors, extra, chunks, factors, chunk, k0, k1, DTYP
         store_rounded(ptr0 + i, anchor + (src - anchor) * f, inside, words, DTYPE, STOCHASTIC)
 
 
-# Partials summed per step of norms_kernel: a tensor has numel / chunk of them, few enough for one block.
+# Partials summed per step of dizo_norms_kernel: a tensor has numel / chunk of them, few enough for one block.
 _PARTIALS_BLOCK = 1024
 
 
@@ -87,10 +87,10 @@ def distance_norms(params: list[torch.Tensor], anchors: list[torch.Tensor], *, b
             tensors, _, chunks = tables(group, [0] * len(idxs), None, chunk, device)
             extra = extras([(anchors[i].data_ptr(), i) for i in idxs], device)
             partials = torch.empty(chunks.numel(), dtype=torch.float32, device=device)
-            square_sums_kernel[(chunks.numel(),)](
+            dizo_square_sums_kernel[(chunks.numel(),)](
                 tensors, extra, chunks, partials, chunk, DTYPE=CODES[dtype],
                 BLOCK=block, **alignment(group + [anchors[i] for i in idxs]), **launch_options())
-            norms_kernel[(len(idxs),)](tensors, extra, partials, out, chunk, BLOCK=_PARTIALS_BLOCK,
+            dizo_norms_kernel[(len(idxs),)](tensors, extra, partials, out, chunk, BLOCK=_PARTIALS_BLOCK,
                                        **launch_options())
     return out
 
@@ -100,12 +100,13 @@ def anchored_rescale(params: list[torch.Tensor], anchors: list[torch.Tensor],
                      seed: int = 0, offsets: list[int] = (), rounding: int = 0, *, block: "int | None" = None,
                      chunk: "int | None" = None) -> None:
     block, chunk = default_sizes(block, chunk)
-    k0, k1 = seed_words(seed)
+    scalars = RoundingScalars(seed, rounding)
     by_dtype = launch_groups(params, lambda i: params[i].dtype, streams or None, None, chunk, offsets)
     for dtype, idxs, group, tensors, _, chunks in by_dtype:
         companions = [anchors[i] for i in idxs] + ([] if sources is None else [sources[i] for i in idxs])
         extra = extras([(i, anchors[i].data_ptr(), (params if sources is None else sources)[i].data_ptr())
                         for i in idxs], group[0].device)
-        anchored_rescale_kernel[(chunks.numel(),)](
-            tensors, extra, chunks, factors, chunk, k0, k1, DTYPE=CODES[dtype], STOCHASTIC=stochastic(rounding, dtype),
+        dizo_rescale_kernel[(chunks.numel(),)](
+            tensors, extra, chunks, factors, chunk, *scalars.kernel_args(), DTYPE=CODES[dtype],
+            STOCHASTIC=stochastic(scalars.rounding, dtype),
             BLOCK=block, **alignment(group + companions), **launch_options())

@@ -206,8 +206,25 @@ def seed_keys(k0, k1, nk0, nk1):
             nk1.to(tl.uint32, bitcast=True))
 
 
+@triton.jit
+def step_prologue(tensors, chunks, weight_decays, chunk, k0, k1, nk0, nk1, DTYPE: tl.constexpr, FUSED: tl.constexpr,
+                  ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr):
+    """What an element-wise step kernel (MeZO's, HiZOO's) takes from its launch before its loop: (tensor index t,
+    stream, start, end, element offset, phase, the tensor's phase-moved pointer, the Philox keys of this step's
+    seed and the next's, the tensor's weight decay (0 unless FUSED))."""
+    t, addr, stream, start, end, offset = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
+    phase = phase_of(offset, ALIGNED_ENDS)
+    ptr0 = _phase_pointer(addr, phase, DTYPE, ALIGNED_PTRS)
+    key0, key1, next_key0, next_key1 = seed_keys(k0, k1, nk0, nk1)
+    if FUSED:
+        wd = tl.load(weight_decays + t)
+    else:
+        wd = 0.0
+    return t, stream, start, end, offset, phase, ptr0, key0, key1, next_key0, next_key1, wd
+
+
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
-def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
+def mezo_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
                      DTYPE: tl.constexpr, DIST: tl.constexpr, FUSED: tl.constexpr, HAS_NEXT: tl.constexpr,
                      STOCHASTIC: tl.constexpr, ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr,
                      BLOCK: tl.constexpr):
@@ -216,12 +233,8 @@ def zo_update_kernel(tensors, chunks, weight_decays, chunk, k0, k1, restore, lr,
     rounding if STOCHASTIC (16-bit DTYPE). Seeds arrive as int32 bit patterns of their 32-bit halves (k0, k1)
     and (nk0, nk1). ALIGNED_PTRS promises that every tensor's phase-moved address is aligned to 4 elements,
     ALIGNED_ENDS that every numel and offset is a multiple of 4."""
-    t, addr, stream, start, end, offset = chunk_of_program(tensors, chunks, chunk, ALIGNED_ENDS)
-    phase = phase_of(offset, ALIGNED_ENDS)
-    ptr0 = _phase_pointer(addr, phase, DTYPE, ALIGNED_PTRS)
-    key0, key1, next_key0, next_key1 = seed_keys(k0, k1, nk0, nk1)
-    if FUSED:
-        wd = tl.load(weight_decays + t)
+    t, stream, start, end, offset, phase, ptr0, key0, key1, next_key0, next_key1, wd = step_prologue(
+        tensors, chunks, weight_decays, chunk, k0, k1, nk0, nk1, DTYPE, FUSED, ALIGNED_PTRS, ALIGNED_ENDS)
     # start and BLOCK are multiples of 4, so row r of a block is exactly one Philox call. The loop runs over
     # offsets within the chunk: the interpreter's loop variable is a Python int, and indices must stay int64.
     for off in range(0, end - start + phase, BLOCK):

@@ -10,6 +10,7 @@ tensor.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import triton
@@ -39,6 +40,40 @@ def i32(v: int) -> int:
 
 def seed_words(seed: int) -> tuple[int, int]:
     return i32(seed & MASK32), i32(seed >> 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepScalars:
+    """The scalars of a MeZO or Sparse MeZO launch, built once by the op's launcher; kernel_args() is what the
+    kernels take after the chunk size. A perturbation is a step with restore = scale and nothing else."""
+    seed: int
+    restore: float
+    lr: float = 0.0
+    grad: float = 0.0
+    next_seed: int = -1  # none
+    next_scale: float = 0.0
+    rounding: int = 0
+
+    @property
+    def has_next(self) -> bool:
+        return self.next_seed >= 0
+
+    def kernel_args(self) -> tuple:
+        """(k0, k1, restore, lr, grad, nk0, nk1, next_scale): seeds as the int32 words of their halves."""
+        return (*seed_words(self.seed), float(self.restore), float(self.lr), float(self.grad),
+                *(seed_words(self.next_seed) if self.has_next else (0, 0)), float(self.next_scale))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundingScalars:
+    """The scalars of the ops that draw only their rounding words (SubZero, DiZO): the seed that keys them and
+    the rounding mode (validation.Rounding)."""
+    seed: int = 0
+    rounding: int = 0
+
+    def kernel_args(self) -> tuple:
+        """(k0, k1): the seed as the int32 words of its halves."""
+        return seed_words(self.seed)
 
 
 def cdiv(a: int, b: int) -> int:

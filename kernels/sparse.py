@@ -12,14 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import (CODES, alignment, default_sizes, extras, launch_groups, launch_options, round_to,
-                           seed_words, stochastic)
+from .multi_tensor import (CODES, StepScalars, alignment, default_sizes, extras, launch_groups, launch_options,
+                           round_to, stochastic)
 from .mezo import (PERTURBATION, _load_f32, _pointer, chunk_of_program, draw_shifted, rounding_rows, seed_keys,
                    shifted, store_rounded)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "nk0", "nk1"])
-def masked_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1,
+def sparse_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, k1, restore, lr, grad, nk0, nk1,
                   next_scale, DTYPE: tl.constexpr, DIST: tl.constexpr, FUSED: tl.constexpr,
                   COMPUTE_MASK: tl.constexpr, HAS_NEXT: tl.constexpr, SHIFTED: tl.constexpr,
                   STOCHASTIC: tl.constexpr, ALIGNED_PTRS: tl.constexpr, ALIGNED_ENDS: tl.constexpr,
@@ -81,31 +81,31 @@ def masked_kernel(tensors, extra, chunks, thresholds, weight_decays, chunk, k0, 
         store_rounded(ptr, x, inside, r, DTYPE, STOCHASTIC and not HAS_NEXT)
 
 
-def _launch(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
-            next_scale, dist, offsets, fused, compute_mask, block, chunk, rounding=0) -> None:
+def _launch(params, masks, thresholds, streams, weight_decays, offsets, dist, scalars: StepScalars, compute_mask,
+            block, chunk) -> None:
+    """One sparse_kernel launch per dtype; weight_decays None: a perturbation."""
     block, chunk = default_sizes(block, chunk)
     if block < 32 or chunk % 32:
-        raise ValueError(f"masked kernels need block >= 32 and chunk a multiple of 32, got {block}, {chunk}")
+        raise ValueError(f"sparse kernels need block >= 32 and chunk a multiple of 32, got {block}, {chunk}")
     if not all(m.is_contiguous() for m in masks):
         raise ValueError("masks must be contiguous int32 tensors")
-    k0, k1 = seed_words(seed)
-    nk0, nk1 = seed_words(next_seed) if next_seed >= 0 else (0, 0)
+    fused = weight_decays is not None
     for dtype, idxs, group, tensors, wds, chunks in launch_groups(params, lambda i: params[i].dtype, streams,
-                                                                  weight_decays if fused else None, chunk, offsets):
+                                                                  weight_decays, chunk, offsets):
         extra = extras([(i, masks[i].data_ptr()) for i in idxs], group[0].device)
         # The mask's blocks follow the tensor's own elements, so the alignment promises are offset-free.
-        masked_kernel[(chunks.numel(),)](
-            tensors, extra, chunks, thresholds, wds if fused else tensors, chunk, k0, k1, restore, lr, grad,
-            nk0, nk1, next_scale, DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, COMPUTE_MASK=compute_mask,
-            HAS_NEXT=fused and next_seed >= 0, SHIFTED=any(offsets[i] % 4 for i in idxs) if offsets else False,
-            STOCHASTIC=fused and stochastic(rounding, dtype), BLOCK=block, **alignment(group), **launch_options())
+        sparse_kernel[(chunks.numel(),)](
+            tensors, extra, chunks, thresholds, wds if fused else tensors, chunk, *scalars.kernel_args(),
+            DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, COMPUTE_MASK=compute_mask, HAS_NEXT=scalars.has_next,
+            SHIFTED=any(offsets[i] % 4 for i in idxs) if offsets else False,
+            STOCHASTIC=stochastic(scalars.rounding, dtype), BLOCK=block, **alignment(group), **launch_options())
 
 
 def masked_perturb(params: list[torch.Tensor], masks: list[torch.Tensor], thresholds: torch.Tensor,
                    streams: list[int], seed: int, scale: float, compute_mask: bool, dist: int,
                    offsets: list[int] = (), *, block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch(params, masks, thresholds, streams, seed, float(scale), 0.0, 0.0, None, -1, 0.0,
-            dist, offsets, fused=False, compute_mask=bool(compute_mask), block=block, chunk=chunk)
+    _launch(params, masks, thresholds, streams, None, offsets, dist, StepScalars(seed, scale), bool(compute_mask),
+            block, chunk)
 
 
 def masked_fused_step(params: list[torch.Tensor], masks: list[torch.Tensor], thresholds: torch.Tensor,
@@ -113,6 +113,5 @@ def masked_fused_step(params: list[torch.Tensor], masks: list[torch.Tensor], thr
                       weight_decays: list[float], next_seed: int, next_scale: float, dist: int,
                       offsets: list[int] = (), rounding: int = 0, *, block: "int | None" = None,
                       chunk: "int | None" = None) -> None:
-    _launch(params, masks, thresholds, streams, seed, float(restore), float(lr), float(grad),
-            weight_decays, next_seed, float(next_scale), dist, offsets, fused=True, compute_mask=False, block=block,
-            chunk=chunk, rounding=rounding)
+    _launch(params, masks, thresholds, streams, weight_decays, offsets, dist,
+            StepScalars(seed, restore, lr, grad, next_seed, next_scale, rounding), False, block, chunk)

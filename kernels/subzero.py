@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import CODES, cdiv, device_ctx, i32, kernel_arg, launch_options, seed_words, stochastic
+from .multi_tensor import CODES, RoundingScalars, cdiv, device_ctx, i32, kernel_arg, launch_options, stochastic
 from .philox import INTERPRET
 from .mezo import BFLOAT16, _load_f32, rounding_words, store_rounded
 
@@ -33,7 +33,7 @@ def _load_f32_zero(ptr, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "stream", "offset"])
-def lowrank_kernel(w, u, v, c, m, n, r, k0, k1, stream, offset, W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr,
+def subzero_kernel(w, u, v, c, m, n, r, k0, k1, stream, offset, W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr,
                    V_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    R_PAD: tl.constexpr, COLS: tl.constexpr):
     """W (m×n) += U (m×r) · C (r×r, float32) · Vᵀ (V n×r); all row-major contiguous. Offsets within a tile
@@ -92,18 +92,19 @@ def _tiles(n: int, rank: int, stochastic: bool) -> tuple[int, int, int, int, dic
 def lowrank_apply(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor],
                   cores: list[torch.Tensor], streams: list[int] = (), seed: int = 0, offsets: list[int] = (),
                   rounding: int = 0) -> None:
-    k0, k1 = seed_words(seed)
+    scalars = RoundingScalars(seed, rounding)
     for t, (w, u, v, core) in enumerate(zip(weights, us, vs, cores)):
         (m, n), rank = w.shape, u.shape[1]
         if w.numel() == 0 or rank == 0:
             continue
-        rounds = stochastic(rounding, w.dtype)
+        rounds = stochastic(scalars.rounding, w.dtype)
         bm, bn, r_pad, cols, options = _tiles(n, rank, rounds)
         if bm * n >= 1 << 31:
             raise ValueError(f"lowrank_apply: {n} columns exceed the kernel's int32 tile offsets")
         stream, offset = (streams[t] if streams else 0), (offsets[t] if offsets else 0)
         with device_ctx(w.device):
-            lowrank_kernel[(cdiv(m, bm), cdiv(n, cols))](
-                kernel_arg(w), kernel_arg(u), kernel_arg(v), core, m, n, rank, k0, k1, i32(stream), offset,
+            subzero_kernel[(cdiv(m, bm), cdiv(n, cols))](
+                kernel_arg(w), kernel_arg(u), kernel_arg(v), core, m, n, rank, *scalars.kernel_args(), i32(stream),
+                offset,
                 W_DTYPE=CODES[w.dtype], U_DTYPE=CODES[u.dtype], V_DTYPE=CODES[v.dtype],
                 STOCHASTIC=rounds, BM=bm, BN=bn, R_PAD=r_pad, COLS=cols, **options)

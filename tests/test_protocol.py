@@ -15,7 +15,6 @@ from test_optim import METHOD_SETTINGS, fresh_model, lm_loss, make_optimizer, ma
 class FreshProbe(ZOOptimizer):
     """MeZO's step that then evaluates `probes` fresh batches; no weight decay; leaves a tied embedding alone."""
 
-    uses_fresh_batches = True
     weight_decay_supported = False
     trains_tied_embeddings = False
     made: list = []
@@ -85,9 +84,9 @@ def test_finetune_and_the_trainer_name_no_method():
 def test_the_capabilities_agree_with_what_the_class_does(method):
     cls, _ = METHOD_SETTINGS[method]
     assert cls.weight_decay_supported == ("weight_decay" in cls.option_names())
-    assert cls.uses_fresh_batches == ("fresh_batches_per_search" in vars(cls))
     model, tokens = fresh_model(), make_task(0)
     opt = make_optimizer(method, model, None)
+    assert opt.uses_fresh_batches == (method == "dizo")
     calls, records = {"closure": 0, "fresh": 0}, []
     opt.record_hook = records.append
 

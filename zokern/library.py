@@ -70,7 +70,7 @@ def _mask_shape(p, m):
     return (mask_words(p.numel()),)
 
 
-def _hessian_dtypes(p):
+def _hizoo_dtypes(p):
     return (torch.float32, p.dtype)
 
 
@@ -96,7 +96,7 @@ def _check_keys(params, streams, seed, offsets, rounding):
     return check_tensor_list(params, streams or [0] * len(params), offsets)
 
 
-def _check_masks(params, masks, thresholds):
+def _check_sparse_masks(params, masks, thresholds):
     check_companions(params, masks, "masks", dtypes=(torch.int32,), shapes=_mask_shape)
     check_per_tensor(params, thresholds, "thresholds")
     check_disjoint({"params": params, "masks": masks}, {"thresholds": [thresholds]})
@@ -147,7 +147,7 @@ def _check_lowrank_apply(weights, us, vs, cores, streams, seed, offsets, roundin
 def _check_masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist, offsets):
     check_step_args(seed=seed, dist=dist, scale=scale)
     device_type = check_tensor_list(params, streams, offsets)
-    _check_masks(params, masks, thresholds)
+    _check_sparse_masks(params, masks, thresholds)
     return device_type
 
 
@@ -155,14 +155,14 @@ def _check_masked_fused_step(params, masks, thresholds, streams, seed, restore, 
                              next_scale, dist, offsets, rounding):
     device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
                               offsets, rounding)
-    _check_masks(params, masks, thresholds)
+    _check_sparse_masks(params, masks, thresholds)
     return device_type
 
 
 def _check_hessian_perturb(params, hessians, streams, seed, scale, dist, offsets):
     check_step_args(seed=seed, dist=dist, scale=scale)
     device_type = check_tensor_list(params, streams, offsets)
-    check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
+    check_companions(params, hessians, "hessians", dtypes=_hizoo_dtypes)
     check_disjoint({"params": params}, {"hessians": hessians}, in_place_reads=("hessians",))
     return device_type
 
@@ -171,7 +171,7 @@ def _check_hessian_step(params, hessians, streams, seed, restore, lr, grad, hess
                         next_seed, next_scale, dist, offsets, rounding):
     device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
                               offsets, rounding, hess_scale=hess_scale, alpha=alpha)
-    check_companions(params, hessians, "hessians", dtypes=_hessian_dtypes)
+    check_companions(params, hessians, "hessians", dtypes=_hizoo_dtypes)
     check_disjoint({"params": params, "hessians": hessians})
     return device_type
 
@@ -288,6 +288,17 @@ def _device_implementation(name: str):
 
 for _name in SCHEMAS:
     torch.library.impl(f"zokern::{_name}", DEVICE_TYPES)(_device_implementation(_name))
+
+
+def call(name: str, *args):
+    """torch.ops.zokern.<name>(*args), for the public functions (zokern/ops): the op checks its arguments, once.
+    torch's schema cast refuses what it cannot convert (an int beyond int64, a float or a str for an int) before
+    the op's check runs, with a message that names nothing: then the op's check says which argument is wrong."""
+    try:
+        return getattr(torch.ops.zokern, name)(*args)
+    except RuntimeError:
+        CHECKS[name](*_without_backend(name)(args, {})[1])
+        raise
 
 
 # --- fakes: the op's check, and for distance_norms an output of the right shape ----------------------------

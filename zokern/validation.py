@@ -220,7 +220,7 @@ def check_step_args(*, seed: int, dist: int, count: int = 0, next_seed: int = -1
             raise ValueError(f"{' * '.join(names)} * z overflows float32 for |z| up to {Z_BOUND:g} "
                              f"({', '.join(f'{name}={values[name]:g}' for name in names)})")
     if next_seed != -1:
-        check_seed(next_seed)
+        check_seed(next_seed, "next_seed")
     if count and len(weight_decays) != count:
         raise ValueError(f"got {len(weight_decays)} weight decays for {count} tensors")
     for i, wd in enumerate(weight_decays):

@@ -154,14 +154,14 @@ void for_chunks(at::TensorList params, int64_t chunk, int64_t align, const F& f)
 
 struct Loops {
   template <class Op>
-  static void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<int64_t>& offsets,
+  static void mezo_all(at::TensorList params, at::IntArrayRef streams, const std::vector<int64_t>& offsets,
                         const std::vector<float>& wds, int64_t chunk, const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
     check_params(params);
     for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
       dispatch(params[t].scalar_type(), [&](auto tag) {
         using T = decltype(tag);
-        ZK_RUN(apply_range, static_cast<T*>(params[t].data_ptr()), begin, end, offsets[t],
+        ZK_RUN(mezo_range, static_cast<T*>(params[t].data_ptr()), begin, end, offsets[t],
                static_cast<uint32_t>(streams[t]), wds[t], op);
       });
     });
@@ -169,7 +169,7 @@ struct Loops {
 
   // Sparse MeZO: chunks of whole mask words.
   template <class Op>
-  static void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
+  static void sparse_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
                          at::IntArrayRef streams, const std::vector<int64_t>& offsets, const std::vector<float>& wds,
                          int64_t chunk, const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
@@ -179,7 +179,7 @@ struct Loops {
     for_chunks(params, chunk, 32, [&](int64_t t, int64_t begin, int64_t end) {
       dispatch(params[t].scalar_type(), [&](auto tag) {
         using T = decltype(tag);
-        ZK_RUN(masked_range, static_cast<T*>(params[t].data_ptr()), static_cast<uint32_t*>(masks[t].data_ptr()),
+        ZK_RUN(sparse_range, static_cast<T*>(params[t].data_ptr()), static_cast<uint32_t*>(masks[t].data_ptr()),
                begin, end, offsets[t], static_cast<uint32_t>(streams[t]), wds[t], h[t], op);
       });
     });
@@ -187,7 +187,7 @@ struct Loops {
 
   // HiZOO: D in float32 or in the parameter's dtype.
   template <class Op>
-  static void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
+  static void hizoo_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
                           const std::vector<int64_t>& offsets, const std::vector<float>& wds, int64_t chunk,
                           const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cpp: list lengths differ");
@@ -198,7 +198,7 @@ struct Loops {
         dispatch(hessians[t].scalar_type(), [&](auto dtag) {
           using T = decltype(tag);
           using TD = decltype(dtag);
-          ZK_RUN(hessian_range, static_cast<T*>(params[t].data_ptr()), static_cast<TD*>(hessians[t].data_ptr()),
+          ZK_RUN(hizoo_range, static_cast<T*>(params[t].data_ptr()), static_cast<TD*>(hessians[t].data_ptr()),
                  begin, end, offsets[t], static_cast<uint32_t>(streams[t]), wds[t], op);
         });
       });
@@ -212,7 +212,7 @@ constexpr int64_t kRowBlock = 16;                     // rows of W per work item
 constexpr int64_t kColBlock = simd::generic::kBlock;  // columns of W per work item: Vᵀ's r×256 floats stay in L2
 
 // W += (U·C)·Vᵀ without an m×n temporary: float32 U·C (m×r) and Vᵀ (r×n) first, then tiles of W, each
-// row summing over the rank into kColBlock accumulators (zo_cpu_kernels.inc's lowrank_rows, vectorised over
+// row summing over the rank into kColBlock accumulators (zo_cpu_kernels.inc's subzero_rows, vectorised over
 // columns for the CPU's SIMD level). Sums as element.h says; stored with `rounding`, keyed by (seed, streams[t],
 // offsets[t] + row-major index).
 void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores,
@@ -281,7 +281,7 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
     dispatch(weights[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      ZK_RUN(lowrank_rows, static_cast<T*>(weights[t].data_ptr()), n, r, i0, std::min(m, i0 + kRowBlock), j0,
+      ZK_RUN(subzero_rows, static_cast<T*>(weights[t].data_ptr()), n, r, i0, std::min(m, i0 + kRowBlock), j0,
              std::min(kColBlock, n - j0), uc[t].data(), vt[t].data(), rounding == kStochastic,
              static_cast<uint64_t>(seed), static_cast<uint32_t>(ids[t]), first[t]);
     });
@@ -290,8 +290,8 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
 
 // ---- anchored rescale (DiZO) ----
 
-// ‖θ − θ0‖ per tensor: per-chunk sums (zo_cpu_kernels.inc's distance_sum: interleaved lanes, then the lanes in
-// order), then each tensor's chunk sums in chunk order: the result depends on the chunk size only, never on
+// ‖θ − θ0‖ per tensor: per-chunk sums (zo_cpu_kernels.inc's dizo_distance_sum: interleaved lanes, then the lanes
+// in order), then each tensor's chunk sums in chunk order: the result depends on the chunk size only, never on
 // the threads.
 at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t chunk) {
   check_params(params);
@@ -303,8 +303,8 @@ at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t
   for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
     dispatch(params[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      ZK_RUN(distance_sum, static_cast<const T*>(params[t].data_ptr()), static_cast<const T*>(anchors[t].data_ptr()),
-             begin, end, &partial[first[t] + begin / chunk]);
+      ZK_RUN(dizo_distance_sum, static_cast<const T*>(params[t].data_ptr()),
+             static_cast<const T*>(anchors[t].data_ptr()), begin, end, &partial[first[t] + begin / chunk]);
     });
   });
   at::Tensor out = at::empty({static_cast<int64_t>(params.size())}, at::TensorOptions().dtype(at::kFloat));
@@ -336,7 +336,7 @@ void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optio
   for_chunks(params, chunk, 1, [&](int64_t t, int64_t begin, int64_t end) {
     dispatch(params[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
-      ZK_RUN(rescale_range, static_cast<T*>(params[t].data_ptr()), static_cast<const T*>(anchors[t].data_ptr()),
+      ZK_RUN(dizo_rescale_range, static_cast<T*>(params[t].data_ptr()), static_cast<const T*>(anchors[t].data_ptr()),
              static_cast<const T*>(src[t].data_ptr()), begin, end, f[t], rounding == kStochastic,
              static_cast<uint64_t>(seed), static_cast<uint32_t>(ids[t]), first[t]);
     });

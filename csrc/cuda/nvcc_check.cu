@@ -11,32 +11,32 @@ namespace zokern {
 
 // T: parameter dtype; the Hessian ranges take D in float32 or in T.
 #define ZK_INSTANTIATE_DTYPE(T)                             \
-  ZK_INSTANTIATE(ElementRange<T, PerturbOp>)                \
-  ZK_INSTANTIATE(ElementRange<T, StepOp>)                   \
-  ZK_INSTANTIATE(MaskedRange<T, MaskedPerturbOp>)           \
-  ZK_INSTANTIATE(MaskedRange<T, MaskedStepOp>)              \
-  ZK_INSTANTIATE(HessianRange<T, float, HessianPerturbOp>)  \
-  ZK_INSTANTIATE(HessianRange<T, float, HessianStepOp>)     \
-  ZK_INSTANTIATE(RescaleRange<T>)                           \
-  ZK_INSTANTIATE(NormRange<T>)                              \
-  template void launch_lowrank_uc<T>(const LowrankEntry*, int, int64_t, int, cudaStream_t);            \
-  template void launch_lowrank_tiles<T, float>(const LowrankEntry*, int, int64_t, uint64_t, bool, int, cudaStream_t);  \
-  template void launch_lowrank_tiles<T, bf16>(const LowrankEntry*, int, int64_t, uint64_t, bool, int, cudaStream_t);   \
-  template void launch_lowrank_tiles<T, f16>(const LowrankEntry*, int, int64_t, uint64_t, bool, int, cudaStream_t);
+  ZK_INSTANTIATE(MezoRange<T, MezoPerturbOp>)                \
+  ZK_INSTANTIATE(MezoRange<T, MezoStepOp>)                   \
+  ZK_INSTANTIATE(SparseRange<T, SparsePerturbOp>)           \
+  ZK_INSTANTIATE(SparseRange<T, SparseStepOp>)              \
+  ZK_INSTANTIATE(HizooRange<T, float, HizooPerturbOp>)  \
+  ZK_INSTANTIATE(HizooRange<T, float, HizooStepOp>)     \
+  ZK_INSTANTIATE(DizoRescaleRange<T>)                           \
+  ZK_INSTANTIATE(DizoNormRange<T>)                              \
+  template void launch_subzero_uc<T>(const SubzeroEntry*, int, int64_t, int, cudaStream_t);            \
+  template void launch_subzero_tiles<T, float>(const SubzeroEntry*, int, int64_t, uint64_t, bool, int, cudaStream_t);  \
+  template void launch_subzero_tiles<T, bf16>(const SubzeroEntry*, int, int64_t, uint64_t, bool, int, cudaStream_t);   \
+  template void launch_subzero_tiles<T, f16>(const SubzeroEntry*, int, int64_t, uint64_t, bool, int, cudaStream_t);
 
 ZK_INSTANTIATE_DTYPE(float)
 ZK_INSTANTIATE_DTYPE(bf16)
 ZK_INSTANTIATE_DTYPE(f16)
-ZK_INSTANTIATE(HessianRange<bf16, bf16, HessianPerturbOp>)
-ZK_INSTANTIATE(HessianRange<bf16, bf16, HessianStepOp>)
-ZK_INSTANTIATE(HessianRange<f16, f16, HessianPerturbOp>)
-ZK_INSTANTIATE(HessianRange<f16, f16, HessianStepOp>)
+ZK_INSTANTIATE(HizooRange<bf16, bf16, HizooPerturbOp>)
+ZK_INSTANTIATE(HizooRange<bf16, bf16, HizooStepOp>)
+ZK_INSTANTIATE(HizooRange<f16, f16, HizooPerturbOp>)
+ZK_INSTANTIATE(HizooRange<f16, f16, HizooStepOp>)
 
 #undef ZK_INSTANTIATE_DTYPE
 #undef ZK_INSTANTIATE
 
 // Calls the non-template launchers so that their kernels are compiled too.
-void nvcc_check_other_kernels(float* out, int64_t* words, const NormEntry* norms, cudaStream_t stream) {
+void nvcc_check_other_kernels(float* out, int64_t* words, const DizoNormEntry* norms, cudaStream_t stream) {
   launch_fill(out, 1, 0, 0, 0, kPerturbation, kNormal, 1, stream);
   launch_philox_words(words, 1, 0, 0, kPerturbation, 0, 1, stream);
   launch_norm_finish(norms, 1, out, out, stream);

@@ -169,7 +169,7 @@ int64_t chunk_or_default(int64_t chunk, int64_t align = 1) {
 
 struct Loops {
   template <class Op>
-  static void apply_all(at::TensorList params, at::IntArrayRef streams, const std::vector<int64_t>& offsets,
+  static void mezo_all(at::TensorList params, at::IntArrayRef streams, const std::vector<int64_t>& offsets,
                         const std::vector<float>& wds, int64_t chunk, const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cuda: list lengths differ");
     if (params.empty()) return;
@@ -186,14 +186,14 @@ struct Loops {
     launch_grouped(entries, group, kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
                                                           int blocks, cudaStream_t stream) {
       dispatch(g, [&](auto tag) {
-        launch_multi_tensor(d, count, n, chunk, ElementRange<decltype(tag), Op>{op}, blocks, stream);
+        launch_multi_tensor(d, count, n, chunk, MezoRange<decltype(tag), Op>{op}, blocks, stream);
       });
     });
   }
 
   // Sparse MeZO: chunks of whole mask words.
   template <class Op>
-  static void masked_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
+  static void sparse_all(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
                          at::IntArrayRef streams, const std::vector<int64_t>& offsets, const std::vector<float>& wds,
                          int64_t chunk, const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size() && params.size() == masks.size(),
@@ -219,14 +219,14 @@ struct Loops {
     launch_grouped(entries, group, kDtypes, chunk, device, [&](int g, const TensorEntry* d, int count, int64_t n,
                                                           int blocks, cudaStream_t stream) {
       dispatch(g, [&](auto tag) {
-        launch_multi_tensor(d, count, n, chunk, MaskedRange<decltype(tag), Op>{op, h}, blocks, stream);
+        launch_multi_tensor(d, count, n, chunk, SparseRange<decltype(tag), Op>{op, h}, blocks, stream);
       });
     });
   }
 
   // Groups: 2·dtype(param) + (D in float32 ? 0 : 1); D is float32 or the param dtype (library-checked).
   template <class Op>
-  static void hessian_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
+  static void hizoo_all(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
                           const std::vector<int64_t>& offsets, const std::vector<float>& wds, int64_t chunk,
                           const Op& op) {
     TORCH_CHECK(params.size() == streams.size() && params.size() == wds.size(), "zokern_cuda: list lengths differ");
@@ -251,9 +251,9 @@ struct Loops {
       dispatch(g / 2, [&](auto tag) {
         using T = decltype(tag);
         if (g % 2 == 0) {
-          launch_multi_tensor(d, count, n, chunk, HessianRange<T, float, Op>{op}, blocks, stream);
+          launch_multi_tensor(d, count, n, chunk, HizooRange<T, float, Op>{op}, blocks, stream);
         } else {
-          launch_multi_tensor(d, count, n, chunk, HessianRange<T, T, Op>{op}, blocks, stream);
+          launch_multi_tensor(d, count, n, chunk, HizooRange<T, T, Op>{op}, blocks, stream);
         }
       });
     });
@@ -280,12 +280,12 @@ at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t
   const Groups groups = make_groups(entries, group, kDtypes, chunk);
   std::vector<int64_t> partial_offset(kDtypes + 1, 0);  // group g's partials start here
   for (int g = 0; g < kDtypes; ++g) partial_offset[g + 1] = partial_offset[g] + groups.chunks[g];
-  std::vector<NormEntry> finish(params.size(), NormEntry{0, 0, 0});
+  std::vector<DizoNormEntry> finish(params.size(), DizoNormEntry{0, 0, 0});
   for (size_t t = 0; t < params.size(); ++t) finish[t].index = static_cast<int64_t>(t);  // empty: norm 0
   for (int g = 0; g < kDtypes; ++g) {
     for (size_t k = groups.first[g]; k < groups.first[g + 1]; ++k) {
       const TensorEntry& e = groups.table[k];
-      finish[e.index] = NormEntry{partial_offset[g] + e.first, (e.numel + chunk - 1) / chunk, e.index};
+      finish[e.index] = DizoNormEntry{partial_offset[g] + e.first, (e.numel + chunk - 1) / chunk, e.index};
     }
   }
   Upload up;
@@ -299,11 +299,11 @@ at::Tensor distance_norms(at::TensorList params, at::TensorList anchors, int64_t
   launch_groups(groups, at_offset<TensorEntry>(dev, table_offset),
                 [&](int g, const TensorEntry* d, int count, int64_t n) {
                   dispatch(g, [&](auto tag) {
-                    launch_multi_tensor(d, count, n, chunk, NormRange<decltype(tag)>{p + partial_offset[g]}, blocks,
+                    launch_multi_tensor(d, count, n, chunk, DizoNormRange<decltype(tag)>{p + partial_offset[g]}, blocks,
                                         stream);
                   });
                 });
-  launch_norm_finish(at_offset<NormEntry>(dev, finish_offset), static_cast<int>(params.size()), p,
+  launch_norm_finish(at_offset<DizoNormEntry>(dev, finish_offset), static_cast<int>(params.size()), p,
                      out.data_ptr<float>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -336,8 +336,8 @@ void anchored_rescale_(at::TensorList params, at::TensorList anchors, std::optio
                                                         int blocks, cudaStream_t stream) {
     dispatch(g, [&](auto tag) {
       launch_multi_tensor(d, count, n, chunk,
-                          RescaleRange<decltype(tag)>{f, static_cast<uint64_t>(seed), rounding == kStochastic}, blocks,
-                          stream);
+                          DizoRescaleRange<decltype(tag)>{f, static_cast<uint64_t>(seed), rounding == kStochastic},
+                          blocks, stream);
     });
   });
 }
@@ -361,7 +361,7 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
   const c10::cuda::CUDAGuard guard(device);
 
   std::vector<at::Tensor> u_used(count), v_used(count);  // alive until the launches are made
-  std::vector<LowrankEntry> entries(count);
+  std::vector<SubzeroEntry> entries(count);
   std::vector<int> factor_dtype(count);
   int64_t scratch = 0;
   for (size_t t = 0; t < count; ++t) {
@@ -380,23 +380,23 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     }
     const int64_t m = w.size(0), n = w.size(1), r = u_used[t].size(1);
     factor_dtype[t] = dtype_index(u_used[t].scalar_type());
-    entries[t] = LowrankEntry{w.data_ptr(), u_used[t].data_ptr(), v_used[t].data_ptr(), c.data_ptr<float>(),
+    entries[t] = SubzeroEntry{w.data_ptr(), u_used[t].data_ptr(), v_used[t].data_ptr(), c.data_ptr<float>(),
                               nullptr, m, n, r, scratch, (n + kTileN - 1) / kTileN, static_cast<uint32_t>(ids[t]),
                               first[t]};
     if (m * n > 0) scratch += m * r;
   }
   at::Tensor uc = at::empty({scratch}, at::TensorOptions().dtype(at::kFloat).device(device));
-  for (LowrankEntry& e : entries) e.uc = uc.data_ptr<float>() + e.first;
+  for (SubzeroEntry& e : entries) e.uc = uc.data_ptr<float>() + e.first;
 
   // U·C tables by F; tile tables by (W dtype, F). `first` becomes the first work item in the launch.
-  std::vector<LowrankEntry> table;
+  std::vector<SubzeroEntry> table;
   std::vector<size_t> begin;
   std::vector<int64_t> items;
   for (int g = 0; g < kDtypes + kDtypes * kDtypes; ++g) {
     begin.push_back(table.size());
     items.push_back(0);
     for (size_t t = 0; t < count; ++t) {
-      const LowrankEntry& e = entries[t];
+      const SubzeroEntry& e = entries[t];
       if (e.m * e.n == 0) continue;
       const bool uc_group = g < kDtypes;
       const int key = uc_group ? factor_dtype[t] : kDtypes + kDtypes * dtype_index(weights[t].scalar_type()) +
@@ -414,19 +414,19 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
   Upload up;
   const size_t offset = up.add(table);
   const at::Tensor dev = up.to(device);
-  const LowrankEntry* d_table = at_offset<LowrankEntry>(dev, offset);
+  const SubzeroEntry* d_table = at_offset<SubzeroEntry>(dev, offset);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int blocks = max_blocks();
   for (int g = 0; g < kDtypes + kDtypes * kDtypes; ++g) {  // every U·C group before any tile group
     const int n = static_cast<int>(begin[g + 1] - begin[g]);
     if (n == 0) continue;
-    const LowrankEntry* d = d_table + begin[g];
+    const SubzeroEntry* d = d_table + begin[g];
     if (g < kDtypes) {
-      dispatch(g, [&](auto ftag) { launch_lowrank_uc<decltype(ftag)>(d, n, items[g], blocks, stream); });
+      dispatch(g, [&](auto ftag) { launch_subzero_uc<decltype(ftag)>(d, n, items[g], blocks, stream); });
     } else {
       dispatch((g - kDtypes) / kDtypes, [&](auto wtag) {
         dispatch((g - kDtypes) % kDtypes, [&](auto ftag) {
-          launch_lowrank_tiles<decltype(wtag), decltype(ftag)>(d, n, items[g], static_cast<uint64_t>(seed),
+          launch_subzero_tiles<decltype(wtag), decltype(ftag)>(d, n, items[g], static_cast<uint64_t>(seed),
                                                                rounding == kStochastic, blocks, stream);
         });
       });

@@ -129,7 +129,7 @@ __device__ inline T* phase_moved(void* data, int64_t offset) {
 
 // perturb / fused step: Op(stream, wd, j, x[4]) on the tensor alone.
 template <class T, class Op>
-struct ElementRange {
+struct MezoRange {
   Op op;
 
   __device__ void operator()(const TensorEntry& t, int64_t begin, int64_t end, int64_t /*c*/) const {
@@ -157,7 +157,7 @@ struct ElementRange {
 // word, two shuffles OR the bytes into the whole word, and lane 4q stores it. The loop runs the same
 // steps on every lane (out-of-range lanes add nothing) so that the shuffles see the full warp.
 template <class T, class Op>
-struct MaskedRange {
+struct SparseRange {
   Op op;
   const float* thresholds;
 
@@ -194,7 +194,7 @@ struct MaskedRange {
 
 // Hessian perturb / step: Op(stream, wd, j, x[4], d[4]) on the tensor and its D (dtype TD).
 template <class T, class TD, class Op>
-struct HessianRange {
+struct HizooRange {
   Op op;
 
   __device__ void operator()(const TensorEntry& t, int64_t begin, int64_t end, int64_t /*c*/) const {
@@ -223,7 +223,7 @@ struct HessianRange {
 // θ = a + (s − a)·f[t], s = the source (t.src, which may be θ itself); stored with stochastic rounding keyed by
 // (seed, t.stream, t.offset + index) where `stochastic` (16-bit T).
 template <class T>
-struct RescaleRange {
+struct DizoRescaleRange {
   const float* factors;
   uint64_t seed;
   bool stochastic;
@@ -240,7 +240,7 @@ struct RescaleRange {
       load_vec(a, s.g, s.lo, s.hi, full, y);
       load_vec(src, s.g, s.lo, s.hi, full, x);
       ZK_UNROLL
-      for (int e = 0; e < kVec; ++e) x[e] = rescale_value(y[e], x[e], f);
+      for (int e = 0; e < kVec; ++e) x[e] = dizo_rescale_value(y[e], x[e], f);
       const bool rounds = sizeof(T) == 2 && stochastic;
       uint32_t r[kVec];
       if (rounds) rounding_words_vec(seed, t.stream, static_cast<uint64_t>(t.offset + s.g), r);
@@ -252,7 +252,7 @@ struct RescaleRange {
 // Σ (θ − θ0)² over the chunk into partials[c]: each thread sums its elements in order, then a fixed tree
 // (shuffles within warps, then the warp sums by warp 0). Deterministic for a given chunk size; no atomics.
 template <class T>
-struct NormRange {
+struct DizoNormRange {
   float* partials;
 
   __device__ void operator()(const TensorEntry& t, int64_t begin, int64_t end, int64_t c) const {
@@ -296,16 +296,16 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One tensor's sum of its chunk partials [first, first + count), in chunk order, and the square root.
-struct NormEntry {
+struct DizoNormEntry {
   int64_t first, count, index;
 };
 
 static __global__ void __launch_bounds__(kThreads)
-    norm_finish_kernel(const NormEntry* __restrict__ entries, int num_tensors, const float* __restrict__ partials,
+    norm_finish_kernel(const DizoNormEntry* __restrict__ entries, int num_tensors, const float* __restrict__ partials,
                        float* __restrict__ out) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
   if (t >= num_tensors) return;
-  const NormEntry e = entries[t];
+  const DizoNormEntry e = entries[t];
   float sum = 0.f;
   for (int64_t c = 0; c < e.count; ++c) sum = add_rn(sum, partials[e.first + c]);
   out[e.index] = sqrt_rn(sum);
@@ -314,7 +314,7 @@ static __global__ void __launch_bounds__(kThreads)
 // ---- low-rank: W += (U·C)·Vᵀ (sums in the order element.h fixes) ----
 
 // One matrix of a launch. first: its first work item (U·C block, or W tile) in the launch.
-struct LowrankEntry {
+struct SubzeroEntry {
   void* w;            // m×n, dtype T
   const void* u;      // m×r, dtype F
   const void* v;      // n×r, dtype F
@@ -334,9 +334,9 @@ constexpr int kSlice = 32;                 // rank slice staged in shared memory
 // U·C of every matrix: one thread per entry (i, a), summing over b in order. O(m·r²), small beside the tiles.
 template <class F>
 __global__ void __launch_bounds__(kThreads)
-    lowrank_uc_kernel(const LowrankEntry* __restrict__ entries, int count, int64_t num_items) {
+    subzero_uc_kernel(const SubzeroEntry* __restrict__ entries, int count, int64_t num_items) {
   for (int64_t c = blockIdx.x; c < num_items; c += gridDim.x) {
-    const LowrankEntry t = find_entry(entries, count, c);
+    const SubzeroEntry t = find_entry(entries, count, c);
     const F* u = static_cast<const F*>(t.u);
     const int64_t begin = (c - t.first) * kUcPerBlock, total = t.m * t.r;
     const int64_t end = begin + kUcPerBlock < total ? begin + kUcPerBlock : total;
@@ -362,14 +362,14 @@ union Quad {
 // and stored once. The m×n product never exists.
 template <class T, class F>
 __global__ void __launch_bounds__(kThreads)
-    lowrank_tile_kernel(const LowrankEntry* __restrict__ entries, int count, int64_t num_tiles, uint64_t seed,
+    subzero_tile_kernel(const SubzeroEntry* __restrict__ entries, int count, int64_t num_tiles, uint64_t seed,
                         bool stochastic) {
   __shared__ float s_uc[kSlice][kTileM + 1];               // +1: conflict-free transposing stores
   __shared__ __align__(16) float s_v[kSlice][kTileN + 4];  // +4 keeps rows 16-byte aligned for float4
   const int tx = threadIdx.x % (kTileN / 4), ty = threadIdx.x / (kTileN / 4);
   constexpr int kRowStep = kThreads / (kTileN / 4);  // 16
   for (int64_t c = blockIdx.x; c < num_tiles; c += gridDim.x) {
-    const LowrankEntry t = find_entry(entries, count, c);
+    const SubzeroEntry t = find_entry(entries, count, c);
     const F* v = static_cast<const F*>(t.v);
     const int64_t local = c - t.first;
     const int64_t row0 = (local / t.tiles_n) * kTileM, col0 = (local % t.tiles_n) * kTileN;
@@ -473,7 +473,7 @@ void launch_multi_tensor(const TensorEntry* tensors, int num_tensors, int64_t nu
       tensors, num_tensors, num_chunks, chunk, range);
 }
 
-inline void launch_norm_finish(const NormEntry* entries, int num_tensors, const float* partials, float* out,
+inline void launch_norm_finish(const DizoNormEntry* entries, int num_tensors, const float* partials, float* out,
                                cudaStream_t stream) {
   if (num_tensors == 0) return;
   norm_finish_kernel<<<(num_tensors + kThreads - 1) / kThreads, kThreads, 0, stream>>>(entries, num_tensors,
@@ -481,17 +481,17 @@ inline void launch_norm_finish(const NormEntry* entries, int num_tensors, const 
 }
 
 template <class F>
-void launch_lowrank_uc(const LowrankEntry* entries, int count, int64_t num_items, int max_blocks,
+void launch_subzero_uc(const SubzeroEntry* entries, int count, int64_t num_items, int max_blocks,
                        cudaStream_t stream) {
   if (num_items == 0) return;
-  lowrank_uc_kernel<F><<<grid_for(num_items, max_blocks), kThreads, 0, stream>>>(entries, count, num_items);
+  subzero_uc_kernel<F><<<grid_for(num_items, max_blocks), kThreads, 0, stream>>>(entries, count, num_items);
 }
 
 template <class T, class F>
-void launch_lowrank_tiles(const LowrankEntry* entries, int count, int64_t num_tiles, uint64_t seed, bool stochastic,
+void launch_subzero_tiles(const SubzeroEntry* entries, int count, int64_t num_tiles, uint64_t seed, bool stochastic,
                           int max_blocks, cudaStream_t stream) {
   if (num_tiles == 0) return;
-  lowrank_tile_kernel<T, F><<<grid_for(num_tiles, max_blocks), kThreads, 0, stream>>>(entries, count, num_tiles,
+  subzero_tile_kernel<T, F><<<grid_for(num_tiles, max_blocks), kThreads, 0, stream>>>(entries, count, num_tiles,
                                                                                        seed, stochastic);
 }
 

@@ -28,7 +28,7 @@ DTYPE_IDS = ["float32", "bfloat16", "float16", "mixed"]
 NORMAL, RADEMACHER = 0, 1
 SEED, NEXT_SEED = 0x5EED_0123_4567_89AB, (1 << 63) - 1  # both key words in use
 # Chunk (and block) sizes each backend's kernels take as keywords, splitting tensors unevenly; the reference
-# has none. The masked kernels need chunks of whole mask words (the C++ ones round up themselves).
+# has none. The sparse kernels need chunks of whole mask words (the C++ ones round up themselves).
 CHUNKINGS = {"reference": [], "cpp": [dict(chunk=1), dict(chunk=7), dict(chunk=1000)],
              "cuda": [dict(chunk=1), dict(chunk=7), dict(chunk=1000)],
              "triton": [dict(block=256, chunk=1028)]}  # few programs: each interpreted one costs milliseconds

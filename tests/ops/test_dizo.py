@@ -43,7 +43,7 @@ def test_distance_norms_match_float64(backend, device, case, launches):
     anchors = anchors_for(params)
     got = zokern.distance_norms(params, anchors, backend=backend)
     n = dtype_count(params)
-    assert_launches(launches, backend, "distance_norms", {"square_sums_kernel": n, "norms_kernel": n})
+    assert_launches(launches, backend, "distance_norms", {"dizo_square_sums_kernel": n, "dizo_norms_kernel": n})
     assert_norms_within_float32_bound(got, params, anchors)
     assert got[0].item() == 0.0  # the empty tensor
     assert torch.equal(got, zokern.distance_norms(params, anchors, backend=backend)), "deterministic"
@@ -78,7 +78,7 @@ def test_anchored_rescale_matches_reference_bitwise(backend, device, case, with_
                              sources=None if sources is None else clones(sources, "cpu"), backend="reference")
     launches.clear()
     zokern.anchored_rescale_(params, anchors, factors, sources=sources, backend=backend)
-    assert_launches(launches, backend, "anchored_rescale_", {"anchored_rescale_kernel": dtype_count(params)})
+    assert_launches(launches, backend, "anchored_rescale_", {"dizo_rescale_kernel": dtype_count(params)})
     assert_bitwise(params, want)
     assert_margins_untouched(params, outside)
 

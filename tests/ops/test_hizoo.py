@@ -72,7 +72,7 @@ def test_step_matches_reference_bitwise(backend, device, case, dist, monkeypatch
     pairs = len({(p.dtype, d.dtype) for p, d in zip(params, hessians) if p.numel()})
     launches.clear()
     for op, (want_p, want_d) in zip(step(params, hessians, backend, dist), wanted):
-        assert_launches(launches, backend, op, {"hessian_kernel": pairs})
+        assert_launches(launches, backend, op, {"hizoo_kernel": pairs})
         launches.clear()
         assert_bitwise(params, want_p, f"{op}: θ")
         assert_bitwise(hessians, want_d, f"{op}: D")

@@ -66,7 +66,7 @@ def test_matches_reference_bitwise(backend, device, case, variant, monkeypatch, 
     run(op, want, "reference", dist, next_seed)
     launches.clear()
     run(op, params, backend, dist, next_seed)
-    assert_launches(launches, backend, op, {"zo_update_kernel": dtype_count(params)})
+    assert_launches(launches, backend, op, {"mezo_kernel": dtype_count(params)})
     assert_bitwise(params, want, variant)
     assert_margins_untouched(params, outside)
 
@@ -131,7 +131,7 @@ def test_many_tensors_one_launch_per_dtype(backend, device, launches):
         [torch.randn(i % 5 + 2, device=device).bfloat16() for i in range(16)] + \
         [torch.empty(0, device=device, dtype=torch.float16)]
     run("perturb_", params, backend)
-    assert_launches(launches, backend, "perturb_", {"zo_update_kernel": 2})
+    assert_launches(launches, backend, "perturb_", {"mezo_kernel": 2})
     launches.clear()
     run("perturb_", params[-1:], backend)
     assert launches.calls == {} and launches.kernels == {}
@@ -218,7 +218,7 @@ def test_triton_element_indices_beyond_2_31(backend, device):
                            device=device)
     chunks = torch.zeros(triton.cdiv(n, chunk), dtype=torch.int32, device=device)
     k0, k1 = multi_tensor.seed_words(seed)
-    kernels.zo_update_kernel[(chunks.numel(),)](
+    kernels.mezo_kernel[(chunks.numel(),)](
         tensors, chunks, tensors, chunk, k0, k1, scale, 0.0, 0.0, 0, 0, 0.0, DTYPE=kernels.FLOAT32.value,
         DIST=0, FUSED=False, HAS_NEXT=False, STOCHASTIC=False, ALIGNED_PTRS=False,
         ALIGNED_ENDS=False, BLOCK=1024, **multi_tensor.launch_options())

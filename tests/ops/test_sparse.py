@@ -80,7 +80,7 @@ def test_step_matches_reference_bitwise(backend, device, case, dist, monkeypatch
               for _ in step(want_params, want_masks, thresholds.cpu(), "reference", dist)]
     launches.clear()
     for (op, stage), (want_p, want_m) in zip(step(params, masks, thresholds, backend, dist), wanted):
-        assert_launches(launches, backend, op, {"masked_kernel": dtype_count(params)})
+        assert_launches(launches, backend, op, {"sparse_kernel": dtype_count(params)})
         launches.clear()
         assert_bitwise(masks, want_m, f"{stage}: masks")
         assert_bitwise(params, want_p, stage)

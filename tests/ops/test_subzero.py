@@ -46,7 +46,7 @@ def test_matches_float64_rounded_once(backend, device, case, factor_dtypes, laun
     ws, us, vs, cs = lowrank_case(case, device, factor_dtypes=factor_dtypes)
     originals = clones(ws)
     zokern.lowrank_apply_(ws, us, vs, cs, backend=backend)
-    assert_launches(launches, backend, "lowrank_apply_", {"lowrank_kernel": len(MATRICES)})  # none for the empty W
+    assert_launches(launches, backend, "lowrank_apply_", {"subzero_kernel": len(MATRICES)})  # none for the empty W
     for got, w, u, v, c in zip(ws, originals, us, vs, cs):
         assert_lowrank_rounded_from_float32(got, w, u, v, c)
 

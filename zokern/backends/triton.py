@@ -11,7 +11,7 @@ try:
     from zokern import kernels
     from zokern.kernels import dizo, hizoo, sparse, subzero
     from zokern.kernels.multi_tensor import (CODES, alignment, cdiv, default_sizes, device_ctx, i32, launch_groups,
-                                             launch_options, seed_words, stochastic)
+                                             launch_options, seed_words, stochastic, StepScalars)
 except ImportError as exc:  # triton is optional
     kernels = None
     _IMPORT_ERROR = str(exc)
@@ -55,30 +55,28 @@ def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: 
             **launch_options())
 
 
-def _launch(params, streams, weight_decays, offsets, block, chunk, dist, seed, restore, lr, grad, next_seed,
-            next_scale, fused: bool, rounding: int = 0) -> None:
+def _launch(params, streams, weight_decays, offsets, dist, scalars: StepScalars, block, chunk) -> None:
+    """One mezo_kernel launch per dtype; weight_decays None: a perturbation."""
     block, chunk = default_sizes(block, chunk)
-    k0, k1 = seed_words(seed)
-    nk0, nk1 = seed_words(next_seed) if next_seed >= 0 else (0, 0)
+    fused = weight_decays is not None
     for dtype, idxs, group, tensors, wds, chunks in launch_groups(params, lambda i: params[i].dtype, streams,
-                                                                  weight_decays if fused else None, chunk, offsets):
-        kernels.zo_update_kernel[(chunks.numel(),)](
-            tensors, chunks, wds if fused else tensors, chunk, k0, k1, restore, lr, grad, nk0, nk1, next_scale,
-            DTYPE=CODES[dtype], DIST=int(dist), FUSED=fused, HAS_NEXT=fused and next_seed >= 0,
-            STOCHASTIC=stochastic(rounding, dtype), BLOCK=block,
-            **alignment(group, [offsets[i] for i in idxs] if offsets else None), **launch_options())
+                                                                  weight_decays, chunk, offsets):
+        kernels.mezo_kernel[(chunks.numel(),)](
+            tensors, chunks, wds if fused else tensors, chunk, *scalars.kernel_args(), DTYPE=CODES[dtype],
+            DIST=int(dist), FUSED=fused, HAS_NEXT=scalars.has_next, STOCHASTIC=stochastic(scalars.rounding, dtype),
+            BLOCK=block, **alignment(group, [offsets[i] for i in idxs] if offsets else None), **launch_options())
 
 
 def perturb(params: list[torch.Tensor], streams: list[int], seed: int, scale: float, dist: int,
             offsets: list[int] = (), *, block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch(params, streams, None, offsets, block, chunk, dist, seed, float(scale), 0.0, 0.0, -1, 0.0, fused=False)
+    _launch(params, streams, None, offsets, dist, StepScalars(seed, scale), block, chunk)
 
 
 def fused_step(params: list[torch.Tensor], streams: list[int], seed: int, restore: float, lr: float, grad: float,
                weight_decays: list[float], next_seed: int, next_scale: float, dist: int, offsets: list[int] = (),
                rounding: int = 0, *, block: "int | None" = None, chunk: "int | None" = None) -> None:
-    _launch(params, streams, weight_decays, offsets, block, chunk, dist, seed, float(restore), float(lr),
-            float(grad), next_seed, float(next_scale), fused=True, rounding=rounding)
+    _launch(params, streams, weight_decays, offsets, dist,
+            StepScalars(seed, restore, lr, grad, next_seed, next_scale, rounding), block, chunk)
 
 
 # The method ops' launchers live beside their kernels.

@@ -4,7 +4,8 @@ Each function is a thin wrapper over one registered custom op (zokern/library.py
 docs/OPS.md. `backend=None` picks the device's best backend, or $ZOKERN_BACKEND when set.
 """
 import zokern.library  # noqa: F401  (registers torch.ops.zokern.*)
-from zokern.ops.mezo import draw, fill_random_, fused_step_, perturb_
+from zokern.ops.mezo import fused_step_, perturb_
+from zokern.ops.random import draw, fill_random_
 from zokern.ops.dizo import anchored_rescale_, distance_norms
 from zokern.ops.hizoo import hessian_perturb_, hessian_step_
 from zokern.ops.subzero import core_matrix, lowrank_apply_, lowrank_scale, lowrank_shape, subspace_factors

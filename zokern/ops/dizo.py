@@ -5,6 +5,7 @@ from typing import Sequence
 
 import torch
 
+from zokern.library import call
 from zokern.ops.mezo import rounding_keys
 from zokern.validation import Rounding, check_is_tensor_list
 
@@ -27,7 +28,7 @@ def anchored_rescale_(params: Sequence[torch.Tensor], anchors: Sequence[torch.Te
     params = check_is_tensor_list(list(params))
     if not params:
         return
-    keys = rounding_keys(params, rounding, seed, stream_ids, offsets)
+    keys = rounding_keys(rounding, seed, stream_ids, offsets)
     with torch.no_grad():
-        torch.ops.zokern.anchored_rescale_(params, list(anchors), None if sources is None else list(sources),
-                                           factors, backend or "", *keys)
+        call("anchored_rescale_", params, list(anchors), None if sources is None else list(sources), factors,
+             backend or "", *keys)

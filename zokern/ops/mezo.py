@@ -1,42 +1,44 @@
-"""MeZO's ops: perturb, the fused restore + update (+ next perturbation), and raw stream access."""
+"""MeZO's ops: perturb and the fused restore + update (+ next perturbation)."""
 from __future__ import annotations
 
 from typing import Iterable, Sequence
 
 import torch
 
-from zokern.random import Distribution, Domain, check_seed, check_stream, parse_distribution
-from zokern.validation import Rounding, check_finite, check_is_tensor_list, check_offsets, parse_rounding
+from zokern.library import call
+from zokern.random import Distribution, check_seed, parse_distribution
+from zokern.validation import Rounding, check_finite, check_is_tensor_list, parse_rounding
 
 
-def checked(params: Iterable[torch.Tensor], stream_ids: Sequence[int], seed: int, next_seed: "int | None" = None,
-            offsets: "Sequence[int] | None" = None) -> tuple[list, list, list]:
-    """Lists the op can take, and seeds, stream ids and offsets in range: torch's schema cast would reject an
-    int beyond int64 first, with a message that names nothing (the op checks the rest)."""
-    params = check_is_tensor_list([params] if isinstance(params, torch.Tensor) else list(params))
-    stream_ids = [check_stream(k, f"stream_ids[{i}]") for i, k in enumerate(stream_ids)]
-    check_seed(seed)
-    if next_seed is not None:
-        check_seed(next_seed, "next_seed")
-    return params, stream_ids, check_offsets(params, [] if offsets is None else offsets)
+def tensor_list(params: "Iterable[torch.Tensor] | torch.Tensor") -> list:
+    """The params list the op takes (a lone tensor is a list of one): torch's schema cast would reject a
+    non-tensor with a message that names nothing. Seeds, stream ids, offsets and scalars the op checks itself."""
+    return check_is_tensor_list([params] if isinstance(params, torch.Tensor) else list(params))
 
 
-def rounding_keys(params: list, rounding, seed: "int | None", stream_ids: "Sequence[int] | None",
+def next_seed_arg(next_seed: "int | None") -> int:
+    """The op's next_seed: -1 for none. An explicit -1 is no seed, refused here where it still differs from None."""
+    if next_seed is None:
+        return -1
+    return check_seed(next_seed, "next_seed") if next_seed == -1 else next_seed
+
+
+def rounding_keys(rounding, seed: "int | None", stream_ids: "Sequence[int] | None",
                   offsets: "Sequence[int] | None") -> tuple[list, int, list, int]:
     """(stream ids, seed, offsets, rounding) of an op that draws nothing but its rounding words: stochastic
     rounding needs the seed and stream ids its words are keyed by; nearest rounding ignores them."""
     rounding = parse_rounding(rounding)
     if rounding == Rounding.STOCHASTIC and (seed is None or stream_ids is None):
         raise ValueError("rounding='stochastic' needs the seed and stream_ids that key the rounding words")
-    seed = 0 if seed is None else seed
-    _, streams, offsets = checked(params, [] if stream_ids is None else stream_ids, seed, offsets=offsets)
-    return streams, seed, offsets, int(rounding)
+    streams = [] if stream_ids is None else list(stream_ids)
+    return streams, 0 if seed is None else seed, [] if offsets is None else offsets, int(rounding)
 
 
-def weight_decays(weight_decay: "float | Sequence[float]", count: int) -> list[float]:
+def weight_decays(weight_decay: "float | Sequence[float]", count: int) -> list:
+    """One weight decay per tensor: a single number is checked here, where the error can name it as given."""
     if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
         return [check_finite("weight_decay", weight_decay)] * count
-    return [check_finite(f"weight_decay[{i}]", wd) for i, wd in enumerate(weight_decay)]
+    return list(weight_decay)
 
 
 def perturb_(params: Iterable[torch.Tensor], seed: int, scale: float, *, stream_ids: Sequence[int],
@@ -46,12 +48,12 @@ def perturb_(params: Iterable[torch.Tensor], seed: int, scale: float, *, stream_
 
     offsets: the stream index of each tensor's element 0 (default 0), so that a shard holding elements
     [o, o + n) of a tensor draws what the whole tensor draws there."""
-    params, stream_ids, offsets = checked(params, stream_ids, seed, offsets=offsets)
+    params = tensor_list(params)
     if not params:  # an empty tensor list has no device to dispatch on
         return
     with torch.no_grad():
-        torch.ops.zokern.perturb_(params, stream_ids, seed, check_finite("scale", scale),
-                                  int(parse_distribution(dist)), backend or "", offsets)
+        call("perturb_", params, list(stream_ids), seed, scale, int(parse_distribution(dist)), backend or "",
+             [] if offsets is None else offsets)
 
 
 def fused_step_(params: Iterable[torch.Tensor], seed: int, *, stream_ids: Sequence[int], restore: float,
@@ -64,30 +66,10 @@ def fused_step_(params: Iterable[torch.Tensor], seed: int, *, stream_ids: Sequen
     From θ − restore·z: x = θ + restore·z; x −= lr·(grad·z + wd·x); x += next_scale·z(next_seed). offsets as
     for perturb_. rounding: how 16-bit tensors store x, "nearest" (even) or "stochastic" (unbiased, keyed by
     (seed, stream id, element): docs/RANDOM.md)."""
-    params, stream_ids, offsets = checked(params, stream_ids, seed, next_seed, offsets)
+    params = tensor_list(params)
     if not params:
         return
     with torch.no_grad():
-        torch.ops.zokern.fused_step_(
-            params, stream_ids, seed, check_finite("restore", restore), check_finite("lr", lr),
-            check_finite("grad", grad), weight_decays(weight_decay, len(params)),
-            -1 if next_seed is None else next_seed, check_finite("next_scale", next_scale),
-            int(parse_distribution(dist)), backend or "", offsets, int(parse_rounding(rounding)))
-
-
-def draw(seed: int, stream: int, numel: int, offset: int = 0, domain: int = Domain.PERTURBATION,
-         dist: "str | int | Distribution" = Distribution.NORMAL, device: "torch.device | str" = "cpu",
-         backend: "str | None" = None) -> torch.Tensor:
-    """The stream's values exactly as `backend`'s kernels use them (default: the device's backend)."""
-    out = torch.empty(numel, dtype=torch.float32, device=device)
-    return fill_random_(out, seed, stream, offset=offset, domain=domain, dist=dist, backend=backend)
-
-
-def fill_random_(out: torch.Tensor, seed: int, stream: int, *, offset: int = 0,
-                 domain: "int | Domain" = Domain.PERTURBATION, dist: "str | Distribution" = "normal",
-                 backend: "str | None" = None) -> torch.Tensor:
-    """Write elements offset … offset+numel−1 of stream (seed, stream, domain) into float32 `out`."""
-    with torch.no_grad():
-        torch.ops.zokern.fill_random_(out, seed, stream, offset, int(domain), int(parse_distribution(dist)),
-                                      backend or "")
-    return out
+        call("fused_step_", params, list(stream_ids), seed, restore, lr, grad, weight_decays(weight_decay, len(params)),
+             next_seed_arg(next_seed), next_scale, int(parse_distribution(dist)), backend or "",
+             [] if offsets is None else offsets, int(parse_rounding(rounding)))

@@ -6,9 +6,10 @@ from typing import Sequence
 
 import torch
 
-from zokern.ops.mezo import checked, weight_decays
+from zokern.library import call
+from zokern.ops.mezo import next_seed_arg, tensor_list, weight_decays
 from zokern.random import parse_distribution
-from zokern.validation import Rounding, check_finite, mask_words, parse_rounding
+from zokern.validation import Rounding, mask_words, parse_rounding
 
 
 def magnitude_thresholds(params: Sequence[torch.Tensor], sparsity: float) -> torch.Tensor:
@@ -61,13 +62,12 @@ def masked_perturb_(params, masks, thresholds: torch.Tensor, seed: int, scale: f
                     offsets: "Sequence[int] | None" = None, backend: "str | None" = None) -> None:
     """p += scale·m·z; with compute_mask the mask m = |p| ≤ h is taken from p first and stored in `masks`.
     offsets as for perturb_ (they move the draws, not the mask: bit b of word w is local element 32w + b)."""
-    params, stream_ids, offsets = checked(params, stream_ids, seed, offsets=offsets)
+    params = tensor_list(params)
     if not params:
         return
     with torch.no_grad():
-        torch.ops.zokern.masked_perturb_(params, list(masks), thresholds, stream_ids, seed,
-                                         check_finite("scale", scale), bool(compute_mask),
-                                         int(parse_distribution(dist)), backend or "", offsets)
+        call("masked_perturb_", params, list(masks), thresholds, list(stream_ids), seed, scale, bool(compute_mask),
+             int(parse_distribution(dist)), backend or "", [] if offsets is None else offsets)
 
 
 def masked_fused_step_(params, masks, thresholds: torch.Tensor, seed: int, *, stream_ids: Sequence[int],
@@ -77,12 +77,11 @@ def masked_fused_step_(params, masks, thresholds: torch.Tensor, seed: int, *, st
     """Masked restore + update (+ the next step's mask and perturbation) in one pass (docs/OPS.md); offsets as
     for masked_perturb_. rounding (as for fused_step_) rounds the update; with a next perturbation, the
     perturbed weights are then rounded to nearest, as masked_perturb_ rounds them."""
-    params, stream_ids, offsets = checked(params, stream_ids, seed, next_seed, offsets)
+    params = tensor_list(params)
     if not params:
         return
     with torch.no_grad():
-        torch.ops.zokern.masked_fused_step_(
-            params, list(masks), thresholds, stream_ids, seed, check_finite("restore", restore),
-            check_finite("lr", lr), check_finite("grad", grad), weight_decays(weight_decay, len(params)),
-            -1 if next_seed is None else next_seed, check_finite("next_scale", next_scale),
-            int(parse_distribution(dist)), backend or "", offsets, int(parse_rounding(rounding)))
+        call("masked_fused_step_", params, list(masks), thresholds, list(stream_ids), seed, restore, lr, grad,
+             weight_decays(weight_decay, len(params)), next_seed_arg(next_seed), next_scale,
+             int(parse_distribution(dist)), backend or "", [] if offsets is None else offsets,
+             int(parse_rounding(rounding)))

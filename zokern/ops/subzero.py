@@ -6,7 +6,9 @@ from typing import Sequence
 
 import torch
 
-from zokern.ops.mezo import fill_random_, rounding_keys
+from zokern.library import call
+from zokern.ops.mezo import rounding_keys
+from zokern.ops.random import fill_random_
 from zokern.random import Domain
 from zokern.validation import Rounding, check_is_tensor_list
 
@@ -67,6 +69,6 @@ def lowrank_apply_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], 
     weights = check_is_tensor_list(list(weights))
     if not weights:
         return
-    keys = rounding_keys(weights, rounding, seed, stream_ids, offsets)
+    keys = rounding_keys(rounding, seed, stream_ids, offsets)
     with torch.no_grad():
-        torch.ops.zokern.lowrank_apply_(weights, list(us), list(vs), list(cores), backend or "", *keys)
+        call("lowrank_apply_", weights, list(us), list(vs), list(cores), backend or "", *keys)

@@ -5,8 +5,9 @@ seed log: one small record per step from which `replay_step` redoes the step wit
 A subclass says how to perturb (`_perturb`), how to restore + update (`_update`) and, for probe mode
 (zokern/optim/probe.py), how to make one tensor's perturbed copy (`_probe`); it keeps its buffers in
 `Bucket.extra` (those in `saved_buffers` are its state), and states its capabilities as class attributes
-(`two_pass_supported`, `weight_decay_supported`, `forwards_per_step`, `uses_fresh_batches`,
-`trains_tied_embeddings`), which callers read instead of naming methods; everything else lives here once.
+(`two_pass_supported`, `weight_decay_supported`, `forwards_per_step`, `trains_tied_embeddings`) and properties
+(`fresh_batches_per_search`, from which `uses_fresh_batches` follows), which callers read instead of naming
+methods; everything else lives here once.
 """
 from __future__ import annotations
 
@@ -163,14 +164,14 @@ class ZOOptimizer(torch.optim.Optimizer):
     two_pass_supported: `two_pass=True` is accepted.
     weight_decay_supported: the constructor takes `weight_decay`.
     forwards_per_step: closure calls per step.
-    uses_fresh_batches: a step may call `fresh_closure` (see `step`), at most `fresh_batches_per_search` times.
+    uses_fresh_batches: a step may call `fresh_closure` (see `step`), at most `fresh_batches_per_search` times
+    (a method says so by that property alone).
     trains_tied_embeddings: False if the method leaves a token embedding tied to the output layer untrained.
     """
 
     two_pass_supported = True
     weight_decay_supported = True
     forwards_per_step = 2
-    uses_fresh_batches = False
     trains_tied_embeddings = True
     # Keys of Bucket.extra that are the method's state: saved by state_dict, checked and restored on loading.
     saved_buffers: tuple[str, ...] = ()
@@ -186,6 +187,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     def fresh_batches_per_search(self) -> int:
         """The most fresh batches one step draws from `fresh_closure` (0: it never calls it)."""
         return 0
+
+    @property
+    def uses_fresh_batches(self) -> bool:
+        return self.fresh_batches_per_search > 0
 
     @classmethod
     def option_names(cls) -> set[str]:

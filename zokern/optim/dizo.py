@@ -36,7 +36,6 @@ class DiZO(MeZO):
     """
 
     two_pass_supported = False
-    uses_fresh_batches = True
     trains_tied_embeddings = False
     saved_buffers = ("anchors",)
 

@@ -5,9 +5,9 @@
 //
 // The element-wise ops (MeZO, magnitude mask, diagonal Hessian) turn the schema's scalars into element.h's
 // ops here, once; a binding supplies `Loops`, a struct with the device loops
-//   template <class Op> static void apply_all(params, streams, offsets, weight_decays, chunk, op);
-//   template <class Op> static void masked_all(params, masks, thresholds, streams, offsets, weight_decays, chunk, op);
-//   template <class Op> static void hessian_all(params, hessians, streams, offsets, weight_decays, chunk, op);
+//   template <class Op> static void mezo_all(params, streams, offsets, weight_decays, chunk, op);
+//   template <class Op> static void sparse_all(params, masks, thresholds, streams, offsets, weight_decays, chunk, op);
+//   template <class Op> static void hizoo_all(params, hessians, streams, offsets, weight_decays, chunk, op);
 // offsets: the stream index of each tensor's element 0, one per tensor (an empty list is expanded to zeros here).
 // and defines the other kernels under the names registered below.
 #pragma once
@@ -37,26 +37,26 @@ struct ElementwiseOps {
 
   static void perturb_(at::TensorList params, at::IntArrayRef streams, int64_t seed, double scale, int64_t dist,
                        at::IntArrayRef offsets, int64_t chunk) {
-    const PerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist)};
-    Loops::apply_all(params, streams, element_offsets(offsets, params.size()),
+    const MezoPerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist)};
+    Loops::mezo_all(params, streams, element_offsets(offsets, params.size()),
                      std::vector<float>(params.size(), 0.f), chunk, op);
   }
 
   static void fused_step_(at::TensorList params, at::IntArrayRef streams, int64_t seed, double restore, double lr,
                           double grad, at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale,
                           int64_t dist, at::IntArrayRef offsets, int64_t rounding, int64_t chunk) {
-    const StepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
+    const MezoStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
                     static_cast<float>(grad), next_seed, static_cast<float>(next_scale), static_cast<int>(dist),
                     static_cast<int>(rounding)};
-    Loops::apply_all(params, streams, element_offsets(offsets, params.size()), decays(weight_decays), chunk, op);
+    Loops::mezo_all(params, streams, element_offsets(offsets, params.size()), decays(weight_decays), chunk, op);
   }
 
   static void masked_perturb_(at::TensorList params, at::TensorList masks, const at::Tensor& thresholds,
                               at::IntArrayRef streams, int64_t seed, double scale, bool compute_mask, int64_t dist,
                               at::IntArrayRef offsets, int64_t chunk) {
-    const MaskedPerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist),
+    const SparsePerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist),
                              compute_mask};
-    Loops::masked_all(params, masks, thresholds, streams, element_offsets(offsets, params.size()),
+    Loops::sparse_all(params, masks, thresholds, streams, element_offsets(offsets, params.size()),
                       std::vector<float>(params.size(), 0.f), chunk, op);
   }
 
@@ -64,17 +64,17 @@ struct ElementwiseOps {
                                  at::IntArrayRef streams, int64_t seed, double restore, double lr, double grad,
                                  at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale,
                                  int64_t dist, at::IntArrayRef offsets, int64_t rounding, int64_t chunk) {
-    const MaskedStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
+    const SparseStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
                           static_cast<float>(grad), next_seed, static_cast<float>(next_scale),
                           static_cast<int>(dist), static_cast<int>(rounding)};
-    Loops::masked_all(params, masks, thresholds, streams, element_offsets(offsets, params.size()),
+    Loops::sparse_all(params, masks, thresholds, streams, element_offsets(offsets, params.size()),
                       decays(weight_decays), chunk, op);
   }
 
   static void hessian_perturb_(at::TensorList params, at::TensorList hessians, at::IntArrayRef streams,
                                int64_t seed, double scale, int64_t dist, at::IntArrayRef offsets, int64_t chunk) {
-    const HessianPerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist)};
-    Loops::hessian_all(params, hessians, streams, element_offsets(offsets, params.size()),
+    const HizooPerturbOp op{static_cast<uint64_t>(seed), static_cast<float>(scale), static_cast<int>(dist)};
+    Loops::hizoo_all(params, hessians, streams, element_offsets(offsets, params.size()),
                        std::vector<float>(params.size(), 0.f), chunk, op);
   }
 
@@ -82,11 +82,11 @@ struct ElementwiseOps {
                             double restore, double lr, double grad, double hess_scale, double alpha,
                             at::ArrayRef<double> weight_decays, int64_t next_seed, double next_scale, int64_t dist,
                             at::IntArrayRef offsets, int64_t rounding, int64_t chunk) {
-    const HessianStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
+    const HizooStepOp op{static_cast<uint64_t>(seed), static_cast<float>(restore), static_cast<float>(lr),
                            static_cast<float>(grad), static_cast<float>(hess_scale), static_cast<float>(alpha),
                            static_cast<float>(1.0 - alpha), next_seed, static_cast<float>(next_scale),
                            static_cast<int>(dist), static_cast<int>(rounding)};
-    Loops::hessian_all(params, hessians, streams, element_offsets(offsets, params.size()), decays(weight_decays),
+    Loops::hizoo_all(params, hessians, streams, element_offsets(offsets, params.size()), decays(weight_decays),
                        chunk, op);
   }
 };

@@ -277,7 +277,7 @@ ZK_HD inline void draw_z(const Op& op, uint32_t stream, uint64_t j, float z[4], 
   }
 }
 
-struct PerturbOp {
+struct MezoPerturbOp {
   uint64_t seed;
   float scale;
   int dist;
@@ -298,7 +298,7 @@ struct PerturbOp {
   }
 };
 
-struct StepOp {
+struct MezoStepOp {
   uint64_t seed;
   float restore, lr, grad;
   int64_t next_seed;  // -1: no next perturbation
@@ -356,12 +356,12 @@ ZK_HD inline void draw_z_at(const Op& op, uint32_t stream, uint64_t i, float z[4
 ZK_HD inline bool in_mask(float x, float h) { return fabsf(x) <= h; }  // NaN: out
 
 // m·z as the reference multiplies a bool by z: ±0 where m is off, so even the sign of a zero sum agrees.
-ZK_HD inline float masked_z(uint32_t m, float z) { return mul_rn(m ? 1.0f : 0.0f, z); }
+ZK_HD inline float sparse_z(uint32_t m, float z) { return mul_rn(m ? 1.0f : 0.0f, z); }
 
 // The four-element form takes the four mask bits (bit q <-> stream element i + q) and their rounding words
 // r (read where op.stochastic()), and returns the four bits to store.
 template <class T, class Op>
-ZK_HD inline uint32_t masked_apply4(const Op& op, uint32_t stream, float wd, float h, uint64_t i, float x[4],
+ZK_HD inline uint32_t sparse_apply4(const Op& op, uint32_t stream, float wd, float h, uint64_t i, float x[4],
                                     uint32_t bits, const uint32_t r[4]) {
   float z[4], zn[4];
   draw_z_at(op, stream, i, z, zn);
@@ -375,7 +375,7 @@ ZK_HD inline uint32_t masked_apply4(const Op& op, uint32_t stream, float wd, flo
   return out;
 }
 
-struct MaskedPerturbOp {
+struct SparsePerturbOp {
   uint64_t seed;
   float scale;
   int dist;
@@ -391,17 +391,17 @@ struct MaskedPerturbOp {
   template <class T>
   ZK_HD float element(float x, float z, float /*zn*/, float /*wd*/, float h, uint32_t& m, uint32_t /*r*/) const {
     if (compute_mask) m = in_mask(x, h);
-    return perturb_value(x, scale, masked_z(m, z));
+    return perturb_value(x, scale, sparse_z(m, z));
   }
 
   template <class T>
   ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t i, float x[4], uint32_t bits,
                        const uint32_t r[4]) const {
-    return masked_apply4<T>(*this, stream, wd, h, i, x, bits, r);
+    return sparse_apply4<T>(*this, stream, wd, h, i, x, bits, r);
   }
 };
 
-struct MaskedStepOp {
+struct SparseStepOp {
   uint64_t seed;
   float restore, lr, grad;
   int64_t next_seed;  // -1: no next perturbation (and no new mask)
@@ -421,17 +421,17 @@ struct MaskedStepOp {
   // m: the stored mask bit; becomes the next perturbation's bit if there is one.
   template <class T>
   ZK_HD float element(float x, float z, float zn, float wd, float h, uint32_t& m, uint32_t r) const {
-    x = step_value(x, masked_z(m, z), restore, lr, grad, wd);
+    x = step_value(x, sparse_z(m, z), restore, lr, grad, wd);
     if (next_seed < 0) return x;
     x = to_float(from_float_rounded<T>(x, stochastic(), r));  // the weights this step stores
     m = in_mask(x, h);
-    return perturb_value(x, next_scale, masked_z(m, zn));
+    return perturb_value(x, next_scale, sparse_z(m, zn));
   }
 
   template <class T>
   ZK_HD uint32_t apply(uint32_t stream, float wd, float h, uint64_t i, float x[4], uint32_t bits,
                        const uint32_t r[4]) const {
-    return masked_apply4<T>(*this, stream, wd, h, i, x, bits, r);
+    return sparse_apply4<T>(*this, stream, wd, h, i, x, bits, r);
   }
 };
 
@@ -439,9 +439,9 @@ struct MaskedStepOp {
 // The ops take the four elements x of one Philox call and their Hessian entries d (float32 values of D);
 // writes_d says whether d comes back updated.
 
-ZK_HD inline float hessian_z(float z, float d) { return div_rn(z, sqrt_rn(d)); }  // z / sqrt(D)
+ZK_HD inline float hizoo_z(float z, float d) { return div_rn(z, sqrt_rn(d)); }  // z / sqrt(D)
 
-struct HessianPerturbOp {
+struct HizooPerturbOp {
   uint64_t seed;
   float scale;
   int dist;
@@ -452,7 +452,7 @@ struct HessianPerturbOp {
   ZK_HD bool stochastic_store() const { return false; }
 
   ZK_HD float element(float x, float& d, float z, float /*zn*/, float /*wd*/) const {
-    return perturb_value(x, scale, hessian_z(z, d));
+    return perturb_value(x, scale, hizoo_z(z, d));
   }
 
   ZK_HD void operator()(uint32_t stream, float wd, uint64_t j, float x[4], float d[4]) const {
@@ -463,7 +463,7 @@ struct HessianPerturbOp {
   }
 };
 
-struct HessianStepOp {
+struct HizooStepOp {
   uint64_t seed;
   float restore, lr, grad, hess_scale, alpha;
   float one_minus_alpha;  // float32(1 − alpha) of the double, as the reference's scalar
@@ -478,10 +478,10 @@ struct HessianStepOp {
   ZK_HD bool stochastic_store() const { return stochastic(); }
 
   ZK_HD float element(float x, float& d, float z, float zn, float wd) const {
-    x = add_rn(x, mul_rn(restore, hessian_z(z, d)));  // restore with the old D
+    x = add_rn(x, mul_rn(restore, hizoo_z(z, d)));  // restore with the old D
     d = add_rn(mul_rn(one_minus_alpha, d), mul_rn(alpha, mul_rn(mul_rn(hess_scale, d), mul_rn(z, z))));
-    x = sub_rn(x, mul_rn(lr, add_rn(mul_rn(grad, hessian_z(z, d)), mul_rn(wd, x))));  // update: new D
-    return next_seed >= 0 ? perturb_value(x, next_scale, hessian_z(zn, d)) : x;
+    x = sub_rn(x, mul_rn(lr, add_rn(mul_rn(grad, hizoo_z(z, d)), mul_rn(wd, x))));  // update: new D
+    return next_seed >= 0 ? perturb_value(x, next_scale, hizoo_z(zn, d)) : x;
   }
 
   ZK_HD void operator()(uint32_t stream, float wd, uint64_t j, float x[4], float d[4]) const {
@@ -495,7 +495,7 @@ struct HessianStepOp {
 // ---- anchored rescale (DiZO) ----
 
 // a + (s − a)·f
-ZK_HD inline float rescale_value(float a, float s, float f) { return add_rn(a, mul_rn(sub_rn(s, a), f)); }
+ZK_HD inline float dizo_rescale_value(float a, float s, float f) { return add_rn(a, mul_rn(sub_rn(s, a), f)); }
 
 // (x − a)², one term of ‖θ − θ0‖²
 ZK_HD inline float square_diff(float x, float a) {
