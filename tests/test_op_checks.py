@@ -286,3 +286,17 @@ def test_anchored_rescale(backend, device, recipe, with_sources):
 @given(recipe=case(lowrank=True))
 def test_lowrank_apply(backend, device, recipe):
     run_case(recipe, lambda b, name: zokern.lowrank_apply_(b.params, b.us, b.vs, b.cores, backend=name), backend)
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda p: zokern.ops.perturb_(p, True, 1.0, stream_ids=[0]), "seed"),
+    (lambda p: zokern.ops.perturb_(p, 1, True, stream_ids=[0]), "scale"),
+    (lambda p: zokern.ops.fused_step_(p, 1, stream_ids=[0], restore=1.0, lr=True, grad=0.5), "lr"),
+])
+def test_a_bool_for_a_number_is_refused_by_name(call, name):
+    """torch's schema cast would take True as 1: the public functions refuse it, naming the argument, and the
+    tensors stay as they were."""
+    p = [torch.ones(8)]
+    with pytest.raises(TypeError, match=f"{name} must be a number, got bool"):
+        call(p)
+    assert torch.equal(p[0], torch.ones(8))

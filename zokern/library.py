@@ -293,12 +293,21 @@ for _name in SCHEMAS:
 def call(name: str, *args):
     """torch.ops.zokern.<name>(*args), for the public functions (zokern/ops): the op checks its arguments, once.
     torch's schema cast refuses what it cannot convert (an int beyond int64, a float or a str for an int) before
-    the op's check runs, with a message that names nothing: then the op's check says which argument is wrong."""
+    the op's check runs, with a message that names nothing: then the op's check says which argument is wrong.
+    The cast would also take a bool for a number (True as 1), which is refused here, by the argument's name."""
+    for arg_name, value in zip(_NUMBER_ARGUMENTS[name], args):
+        if arg_name is not None and isinstance(value, bool):
+            raise TypeError(f"{arg_name} must be a number, got bool")
     try:
         return getattr(torch.ops.zokern, name)(*args)
     except RuntimeError:
         CHECKS[name](*_without_backend(name)(args, {})[1])
         raise
+
+
+# Per op, the name of each int or float argument of its schema (None for the others), in order.
+_NUMBER_ARGUMENTS = {name: [a.name if str(a.type) in ("int", "float") else None
+                            for a in getattr(torch.ops.zokern, name).default._schema.arguments] for name in CHECKS}
 
 
 # --- fakes: the op's check, and for distance_norms an output of the right shape ----------------------------
