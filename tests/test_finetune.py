@@ -27,7 +27,7 @@ def test_bbc_news_split_is_fixed_and_disjoint():
 
 def _config(model_dir, out, **kw):
     settings = dict(model=str(model_dir), output_dir=str(out), steps=4, batch_size=4, eval_every=2, eval_examples=8,
-                    checkpoint_every=2, lr=1e-3, eps=1e-3, lora_rank=0)
+                    checkpoint_every=2, lr=1e-3, lr_schedule="constant", eps=1e-3, lora_rank=0, dtype="float32")
     return FinetuneConfig(**{**settings, **kw})
 
 

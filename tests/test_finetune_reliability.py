@@ -58,7 +58,8 @@ def _config(tiny_model_dir, task_file, out, **kw):
     evaluation after step 2, and the final save that rewrites checkpoint-3 without the pending perturbation."""
     settings = dict(model=str(tiny_model_dir), task=str(task_file), template=TEMPLATE, labels="neg=bad,pos=good",
                     output_dir=str(out), steps=3, batch_size=4, eval_every=2, eval_examples=4, checkpoint_every=1,
-                    lr=1e-3, eps=1e-3, lora_rank=0, two_pass=True, zero_shot_eval=False)
+                    lr=1e-3, lr_schedule="constant", dtype="float32", eps=1e-3, lora_rank=0, two_pass=True,
+                    zero_shot_eval=False)
     return FinetuneConfig(**{**settings, **kw})
 
 
@@ -186,12 +187,15 @@ def test_resume_compares_only_trajectory_settings_and_paths_as_absolute(tmp_path
     from dataclasses import asdict
 
     monkeypatch.chdir(tmp_path)
-    recorded = asdict(FinetuneConfig(model=str(tmp_path / "model"), task=str(tmp_path / "t.jsonl"), steps=100))
+    recorded = asdict(FinetuneConfig(model=str(tmp_path / "model"), task=str(tmp_path / "t.jsonl"), steps=100,
+                                     dtype="float32", lr_schedule="constant"))
     finetune_config.check_resumable(recorded, FinetuneConfig(model="model", task="t.jsonl", steps=300, eval_every=7,
+                                                   dtype="float32", lr_schedule="constant",
                                                    evaluations=3, eval_examples=9, checkpoint_every=5, resume=True,
                                                    output_dir="elsewhere", forward_budget=10, zero_shot_eval=False))
     for change in (dict(eps=0.1), dict(two_pass=True), dict(lora_rank=4), dict(train_pattern="norm"),
-                   dict(dtype="bfloat16"), dict(batch_size=8), dict(task="other.jsonl"), dict(backend="reference")):
+                   dict(dtype="bfloat16"), dict(batch_size=8), dict(task="other.jsonl"), dict(backend="reference"),
+                   dict(lr_schedule="cosine")):
         with pytest.raises(finetune_config.ConfigError, match=f"{next(iter(change))} "):
             finetune_config.check_resumable(recorded, FinetuneConfig(**{**recorded, "model": "model", "task": "t.jsonl",
                                                               **change}))
@@ -250,7 +254,8 @@ def test_checkpoint_state_is_loaded_without_unpickling_code(tiny_model_dir, task
 def _finetune_args(tiny_model_dir, task_file, out, *extra):
     return ["finetune", "--model", str(tiny_model_dir), "--task", str(task_file), "--template", TEMPLATE,
             "--labels", "neg=bad,pos=good", "--output-dir", str(out), "--steps", "2", "--batch-size", "4",
-            "--eval-examples", "4", "--lora-rank", "0", "--checkpoint-every", "1", *extra]
+            "--eval-examples", "4", "--lora-rank", "0", "--checkpoint-every", "1", "--lr", "1e-3", "--lr-schedule",
+            "constant", "--dtype", "float32", *extra]
 
 
 @pytest.mark.parametrize("change,message", [

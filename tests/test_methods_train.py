@@ -77,11 +77,13 @@ def test_short_run_changes_the_trained_tensors_and_lowers_the_loss(method, lora)
         assert not torch.equal(p, start[name]), name  # LoRA: A and B both move (B starts at zero)
 
 
-def test_sparse_mezo_keeps_masking_lora_b():
-    """B starts at zero: its threshold is 0 at the first step. Re-estimated every step, its mask keeps the
-    smallest 20% of B moving; a threshold of 0 kept would freeze B after its first update."""
+@pytest.mark.parametrize("zero_start", ["dense", "tracked"])
+def test_sparse_mezo_moves_lora_b(zero_start):
+    """B starts at zero: its threshold is 0 at the first step. zero_start="dense" (the default) moves all of B at
+    every step; "tracked" re-estimates its threshold every step, so the smallest 20% of B keep moving. A
+    threshold of 0 kept would freeze B after its first update. A, with its random start, is masked either way."""
     model = tiny_llama()
-    opt = train(model, "sparse-mezo", 1)
+    opt = train(model, "sparse-mezo", 1, zero_start=zero_start)
     after_first = {n: p.detach().clone() for n, p in trained(model) if "lora_B" in n}
     tokens = batch(0)
     for _ in range(5):
@@ -90,12 +92,18 @@ def test_sparse_mezo_keeps_masking_lora_b():
     for i, mask in zip(bucket.extra["masked"], bucket.extra["masks"]):
         name, p = bucket.names[i], bucket.params[i]
         share = ops.unpack_mask(mask, p).float().mean().item()
-        assert share > 0, name
         if "lora_B" in name:
-            assert 0.15 < share < 0.3, (name, share)  # (1 − 0.8) of the entries, up to ties
+            assert share == 1.0 if zero_start == "dense" else 0.15 < share < 0.3, (name, share)
             assert not torch.equal(p, after_first[name]), name
+        else:  # A's threshold is taken once: the share that moves is below 20% as A moves away from it
+            assert 0 < share <= 0.3, (name, share)
     assert sorted(bucket.names[bucket.extra["masked"][i]] for i in bucket.extra["tracked"]) == \
         sorted(after_first)
+
+
+def test_sparse_mezo_refuses_an_unknown_zero_start_rule():
+    with pytest.raises(ValueError, match="zero_start must be one of dense, tracked, got 'never'"):
+        optim.SparseMeZO([torch.nn.Parameter(torch.zeros(4, 4))], zero_start="never")
 
 
 def test_sparse_mezo_full_weights_thresholds_stay_fixed():

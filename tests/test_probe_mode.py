@@ -381,7 +381,8 @@ def test_finetune_probe_mode_settings(tiny_model_dir, sentiment_file, tmp_path, 
     from zokern.finetune.config import FinetuneConfig, uses_probes
     from dataclasses import asdict
 
-    assert not uses_probes(asdict(FinetuneConfig()))  # float32: the in-place path, as before
+    assert not uses_probes(asdict(FinetuneConfig(dtype="float32")))  # float32: the in-place path, as before
+    assert uses_probes(asdict(FinetuneConfig()))  # the default, bfloat16: probe mode
     assert uses_probes(asdict(FinetuneConfig(dtype="float16")))
     assert not uses_probes(asdict(FinetuneConfig(dtype="float16", two_pass=True)))
     assert uses_probes(asdict(FinetuneConfig(probe_mode="module")))
@@ -389,7 +390,7 @@ def test_finetune_probe_mode_settings(tiny_model_dir, sentiment_file, tmp_path, 
     assert main(_cli(tiny_model_dir, sentiment_file, tmp_path / "x", "--probe-mode", "module", "--two-pass")) == 2
     assert "--probe-mode module never leaves the weights perturbed" in capsys.readouterr().err
     out = tmp_path / "f32"
-    assert main(_cli(tiny_model_dir, sentiment_file, out, "--steps", "2")) == 0
+    assert main(_cli(tiny_model_dir, sentiment_file, out, "--steps", "2", "--dtype", "float32")) == 0
     records = [json.loads(line) for line in (out / "seedlog.jsonl").read_text().splitlines()[1:]]
     assert len(records) == 2 and not any("probed" in r for r in records)
 

@@ -112,7 +112,7 @@ def test_a_registered_method_is_driven_by_zokern_finetune(fresh_probe, tiny_mode
 
     config = FinetuneConfig(method="fresh-probe", model=str(tiny_model_dir), output_dir=str(tmp_path), steps=3,
                             batch_size=4, eval_every=0, eval_examples=4, checkpoint_every=0, lora_rank=0,
-                            weight_decay=0.1, method_options={"probes": 3}, zero_shot_eval=False)
+                            dtype="float32", weight_decay=0.1, method_options={"probes": 3}, zero_shot_eval=False)
     with pytest.raises(ConfigError, match="--weight-decay: fresh-probe has no weight decay"):
         finetune(config, progress_stream=open("/dev/null", "w"))
     summary = finetune(replace(config, weight_decay=0.0), progress_stream=open("/dev/null", "w"))

@@ -381,7 +381,8 @@ def test_zokern_finetune_side_path_resume_and_replay_are_bitwise(tiny_model_dir,
 
     def config(out, **kw):
         settings = dict(model=str(tiny_model_dir), output_dir=str(out), steps=5, batch_size=4, eval_every=2,
-                        eval_examples=4, checkpoint_every=3, lr=1e-2, eps=1e-2, lora_rank=0, method="subzero",
+                        eval_examples=4, checkpoint_every=3, lr=1e-2, lr_schedule="constant", eps=1e-2, lora_rank=0,
+                        method="subzero",
                         dtype="bfloat16", probe_mode="module", zero_shot_eval=False,
                         method_options={"side_path": 1, "rank": 2, "subspace_every": 4})
         return FinetuneConfig(**{**settings, **kw})

@@ -22,8 +22,8 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 @dataclass
 class FinetuneConfig:
     """`zokern finetune`'s settings. The defaults are the measured CPU default: MeZO on rank-8 LoRA adapters
-    (q_proj, v_proj) with lr 1e-3 and eps 1e-2 (MeZO's LoRA setting scaled for a short run), 300 steps of
-    batch 16 — see the README's table of runs."""
+    (q_proj, v_proj) in bfloat16 through probe mode, lr 2e-3 decaying linearly and eps 1e-2 (MeZO's LoRA setting
+    scaled for a short run), 300 steps of batch 16 — see the README's table of runs."""
     method: str = "mezo"
     model: "str | None" = None
     task: str = "bbc-news"
@@ -32,15 +32,15 @@ class FinetuneConfig:
     steps: int = 300
     forward_budget: int = 0  # > 0: train for this many forward passes (steps = budget / forwards per step)
     batch_size: int = 16
-    lr: float = 1e-3
-    lr_schedule: str = "constant"  # "linear" / "cosine": from lr at the first step towards 0 after the last
+    lr: float = 2e-3
+    lr_schedule: str = "linear"  # "linear" / "cosine": from lr at the first step towards 0 after the last
     eps: float = 1e-2
     weight_decay: float = 0.0
     eval_every: int = 100
     evaluations: int = 0  # > 0: evaluate this many times, evenly over the run (instead of every eval_every)
     eval_examples: int = 100
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "bfloat16"
     backend: "str | None" = None
     output_dir: str = "runs/finetune"
     resume: bool = False
@@ -177,7 +177,8 @@ def check_resumable(recorded: dict, config: FinetuneConfig) -> None:
     """A resumed run must continue the recorded one: any other trajectory setting is a ConfigError. The probe
     mode is compared as it resolves ("auto" for a float32 run is "in-place")."""
     requested = json.loads(json.dumps(asdict(config)))  # as the checkpoint stores it (tuples as lists, ...)
-    recorded = {**recorded, "probe_mode": "module" if uses_probes(recorded) else "in-place"}
+    # A run recorded before lr_schedule existed trained at a constant rate.
+    recorded = {"lr_schedule": "constant", **recorded, "probe_mode": "module" if uses_probes(recorded) else "in-place"}
     requested["probe_mode"] = "module" if uses_probes(requested) else "in-place"
     changed = [f"{name} {recorded.get(name)!r} -> {value!r}" for name, value in requested.items()
                if name not in RESUMABLE_CHANGES and _comparable(name, recorded.get(name)) != _comparable(name, value)]

@@ -74,8 +74,9 @@ def _run_config(log_path: str, header: dict, records: list[dict]) -> FinetuneCon
         raise SeedLogError(f"{log_path}: the header's config has unknown setting {unknown[0]!r} "
                            "(written by another zokern version?)")
     try:
-        # A log written before rounding was a setting was trained with round-to-nearest.
-        run = FinetuneConfig(**{"rounding": "nearest", **config})
+        # A log written before rounding (or lr_schedule) was a setting was trained with round-to-nearest (at a
+        # constant rate).
+        run = FinetuneConfig(**{"rounding": "nearest", "lr_schedule": "constant", **config})
         check_config(run)
     except ConfigError as exc:
         raise SeedLogError(f"{log_path}: the header's config is invalid: {exc}") from None

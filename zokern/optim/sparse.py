@@ -8,6 +8,9 @@ from zokern.optim.base import ZOOptimizer
 from zokern.optim.probe import probe_copy, stream_copy
 
 
+ZERO_START_RULES = ("dense", "tracked")
+
+
 class SparseMeZO(ZOOptimizer):
     """Sparse MeZO. In each masked tensor only weights with |θ| ≤ h move, h being the tensor's magnitude
     percentile at `sparsity` (default 0.8: the smallest 20% move). The mask is taken from the unperturbed
@@ -19,18 +22,25 @@ class SparseMeZO(ZOOptimizer):
     the first step and re-estimated every `threshold_every` steps (0: never again).
 
     Tensors that start degenerate, with threshold 0 at the first step (their smallest share is all zeros,
-    as LoRA's B at initialisation), have their threshold re-estimated at every step: a threshold of 0 kept
-    would mask such a tensor out for good after its first update, and one taken once early would select
-    ever fewer entries as the tensor grows from zero. So (1 − sparsity) of it moves at every step.
+    as LoRA's B at initialisation), have no small-magnitude entries to choose: all of them are. With
+    `zero_start="dense"` (the default) such a tensor moves densely at every step (threshold +inf). With
+    `zero_start="tracked"` its threshold is re-estimated from its current weights at every step, so (1 −
+    sparsity) of it moves; but the entries that grew past the share stop moving, which keeps the tensor near
+    its start (measured in docs/OPTIMIZERS.md: Sparse MeZO on LoRA then stays near zero-shot). A threshold of
+    0 kept would mask such a tensor out for good after its first update.
     """
 
     saved_buffers = ("thresholds", "tracked", "masks")
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 sparsity: float = 0.8, threshold_every: int = 0, mask_vectors: bool = False, **options):
+                 sparsity: float = 0.8, threshold_every: int = 0, mask_vectors: bool = False,
+                 zero_start: str = "dense", **options):
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        if zero_start not in ZERO_START_RULES:
+            raise ValueError(f"zero_start must be one of {', '.join(ZERO_START_RULES)}, got {zero_start!r}")
         self.sparsity, self.threshold_every, self.mask_vectors = sparsity, threshold_every, mask_vectors
+        self.zero_start = zero_start
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay), eps=eps, **options)
         if not any(b.extra["masked"] for b in self.buckets):
             warnings.warn("SparseMeZO masks no tensor: every trained tensor is a vector and mask_vectors=False, "
@@ -42,7 +52,8 @@ class SparseMeZO(ZOOptimizer):
     def _init_bucket(self, bucket):
         masked = [i for i in range(len(bucket.params)) if len(bucket.shape(i)) >= 2 or self.mask_vectors]
         dense = [i for i in range(len(bucket.params)) if i not in set(masked)]
-        # tracked: positions in `masked` re-estimated every step, decided at the first estimate (None before).
+        # tracked: positions in `masked` whose first threshold was 0 (zero_start's tensors), decided at the first
+        # estimate (None before).
         bucket.extra.update(masked=masked, dense=dense, masks=ops.new_masks([bucket.params[i] for i in masked]),
                             thresholds=None, tracked=None)
 
@@ -55,17 +66,20 @@ class SparseMeZO(ZOOptimizer):
     def _refresh_due(self, bucket, step: int) -> bool:
         """Whether step `step`'s first pass re-estimates any of the bucket's thresholds."""
         scheduled = self.threshold_every and step % self.threshold_every == 0
-        return bucket.extra["thresholds"] is None or bool(scheduled) or bool(bucket.extra["tracked"])
+        retracked = self.zero_start == "tracked" and bool(bucket.extra["tracked"])
+        return bucket.extra["thresholds"] is None or bool(scheduled) or retracked
 
     def _refresh_thresholds(self, bucket, params, step: int):
         """The thresholds of step `step`, from the current unperturbed weights where they are due."""
         thresholds = bucket.extra["thresholds"]
+        tracked = bucket.extra["tracked"]
         if thresholds is None or (self.threshold_every and step % self.threshold_every == 0):
             thresholds = self._magnitude_thresholds(bucket, range(len(params)))
-            if bucket.extra["tracked"] is None:
-                bucket.extra["tracked"] = (thresholds == 0).nonzero().flatten().tolist()
-        elif bucket.extra["tracked"]:
-            tracked = bucket.extra["tracked"]
+            if tracked is None:
+                tracked = bucket.extra["tracked"] = (thresholds == 0).nonzero().flatten().tolist()
+            if tracked and self.zero_start == "dense":
+                thresholds[tracked] = float("inf")
+        elif tracked and self.zero_start == "tracked":
             thresholds = thresholds.clone()
             thresholds[tracked] = self._magnitude_thresholds(bucket, tracked)
         bucket.extra["thresholds"] = thresholds
