@@ -296,8 +296,8 @@ def test_torchrun_finetune_writes_from_rank_0_and_replays(tiny_model_dir, tmp_pa
 
     out = tmp_path / "run"
     settings = ["finetune", "--model", str(tiny_model_dir), "--steps", "4", "--batch-size", "5", "--eval-every",
-                "2", "--eval-examples", "8", "--checkpoint-every", "2", "--lr", "1e-3", "--lora-rank", "0",
-                "--output-dir", str(out)]
+                "2", "--eval-examples", "8", "--checkpoint-every", "2", "--lr", "1e-3", "--lr-schedule", "constant",
+                "--dtype", "float32", "--lora-rank", "0", "--output-dir", str(out)]
     done = _torchrun(2, *settings)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("zero-shot test accuracy") == 1  # rank 0 reports for all
@@ -331,7 +331,8 @@ def test_torchrun_finetune_fsdp_replays_and_resumes(tiny_model_dir, tmp_path, lo
     def settings(out, steps):
         mode = ["--probe-mode", "module"] if lora else ["--lora-rank", "0"]
         return ["finetune", "--model", str(tiny_model_dir), "--steps", str(steps), "--batch-size", "5",
-                "--eval-every", "2", "--eval-examples", "8", "--checkpoint-every", "2", "--lr", "1e-3", "--fsdp",
+                "--eval-every", "2", "--eval-examples", "8", "--checkpoint-every", "2", "--lr", "1e-3",
+                "--lr-schedule", "constant", "--dtype", "float32", "--fsdp",
                 *mode, "--output-dir", str(out)]
 
     def run(out, *extra):
