@@ -180,29 +180,41 @@ def test_evaluation_sees_the_trained_model():
     assert torch.equal(loss, plain(batch(99)))
 
 
-def test_replay_with_merges_on_evaluation_and_save_is_bitwise():
-    """Merges outside a window's end (an evaluation after step 3, a save after step 6) are in the next record;
-    replay from the base weights, no model attached, merges at the same points: bitwise the trained weights."""
-    model = side_lm()
+def evaluated_after(steps, dtype=torch.float32):
+    """(model, side-path SubZero logging its records, the records) after `steps` steps and an evaluation forward
+    (which merges)."""
+    model = side_lm(dtype)
     records = []
     opt = SubZero(model, side_path=True, **OPTIONS)
     opt.record_hook = records.append
-    run(opt, model, 3)
+    run(opt, model, steps)
     with torch.no_grad():
         model(batch(99))
-    run(opt, model, 3, start=3)
-    opt.state_dict()
-    run(opt, model, 5, start=6)
-    opt.merge()
-    assert [r["step"] for r in records if r.get("merged")] == [3, 6]
-    assert all(r["probed"] for r in records)
-    again = side_lm()
+    return model, opt, records
+
+
+def assert_replays_to(model, records, dtype):
+    """Replaying the records from the base weights, no model attached, gives bitwise model's weights."""
+    again = side_lm(dtype)
     replayer = SubZero(again.named_parameters(), side_path=True, **OPTIONS)
     for record in records:
         replayer.replay_step(record)
     replayer.restore_weights()
     for (name, p), q in zip(model.named_parameters(), again.parameters()):
         assert torch.equal(p, q), name
+
+
+def test_replay_with_merges_on_evaluation_and_save_is_bitwise():
+    """Merges outside a window's end (an evaluation after step 3, a save after step 6) are in the next record;
+    replay from the base weights, no model attached, merges at the same points: bitwise the trained weights."""
+    model, opt, records = evaluated_after(3)
+    run(opt, model, 3, start=3)
+    opt.state_dict()
+    run(opt, model, 5, start=6)
+    opt.merge()
+    assert [r["step"] for r in records if r.get("merged")] == [3, 6]
+    assert all(r["probed"] for r in records)
+    assert_replays_to(model, records, torch.float32)
 
 
 def test_resume_mid_window_is_bitwise():
@@ -291,26 +303,14 @@ def test_two_merges_in_one_step_round_with_their_own_words(monkeypatch):
 def test_a_merge_before_a_skipped_step_is_in_that_steps_record():
     """An evaluation merges at step count 2 and step 2's loss is not finite (skipped): the merge is in step 2's
     record, so replay merges at step count 2 too, with its seed, and stays bitwise in bf16."""
-    model = side_lm(torch.bfloat16)
-    records = []
-    opt = SubZero(model, side_path=True, **OPTIONS)
-    opt.record_hook = records.append
-    run(opt, model, 2)
-    with torch.no_grad():
-        model(batch(99))
+    model, opt, records = evaluated_after(2, torch.bfloat16)
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
         opt.step(lambda: model(batch(2)) * float("nan"))
     run(opt, model, 3, start=3)
     opt.merge()
     assert records[2]["skipped"] and records[2]["merged"] == 1
     assert [r["step"] for r in records if r.get("merged")] == [2]
-    again = side_lm(torch.bfloat16)
-    replayer = SubZero(again.named_parameters(), side_path=True, **OPTIONS)
-    for record in records:
-        replayer.replay_step(record)
-    replayer.restore_weights()
-    for (name, p), q in zip(model.named_parameters(), again.parameters()):
-        assert torch.equal(p, q), name
+    assert_replays_to(model, records, torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
