@@ -116,6 +116,18 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs() / ulp
 
 
+# The tiny test runs' settings, which the fine-tuning tests were written for (not the CLI's default: bfloat16,
+# LoRA, a decaying rate): float32 at a constant rate on all weights, small batches.
+TINY_RUN = dict(dtype="float32", lr_schedule="constant", lora_rank=0, batch_size=4, eval_examples=4)
+
+
+def tiny_run_config(**settings):
+    """A FinetuneConfig of TINY_RUN's settings, then `settings`."""
+    from zokern.finetune.config import FinetuneConfig
+
+    return FinetuneConfig(**{**TINY_RUN, **settings})
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 1-layer Llama with random weights and SmolLM2's tokenizer, saved as a local model directory."""

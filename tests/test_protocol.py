@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from conftest import tiny_run_config
 from zokern.optim import METHODS, MeZO, ZOOptimizer
 from test_optim import METHOD_SETTINGS, fresh_model, lm_loss, make_optimizer, make_task
 
@@ -107,12 +108,12 @@ def test_the_capabilities_agree_with_what_the_class_does(method):
 
 def test_a_registered_method_is_driven_by_zokern_finetune(fresh_probe, tiny_model_dir, tmp_path):
     pytest.importorskip("transformers")
-    from zokern.finetune.config import ConfigError, FinetuneConfig
+    from zokern.finetune.config import ConfigError
     from zokern.finetune.train import finetune
 
-    config = FinetuneConfig(method="fresh-probe", model=str(tiny_model_dir), output_dir=str(tmp_path), steps=3,
-                            batch_size=4, eval_every=0, eval_examples=4, checkpoint_every=0, lora_rank=0,
-                            dtype="float32", weight_decay=0.1, method_options={"probes": 3}, zero_shot_eval=False)
+    config = tiny_run_config(method="fresh-probe", model=str(tiny_model_dir), output_dir=str(tmp_path), steps=3,
+                             eval_every=0, checkpoint_every=0, weight_decay=0.1, method_options={"probes": 3},
+                             zero_shot_eval=False)
     with pytest.raises(ConfigError, match="--weight-decay: fresh-probe has no weight decay"):
         finetune(config, progress_stream=open("/dev/null", "w"))
     summary = finetune(replace(config, weight_decay=0.0), progress_stream=open("/dev/null", "w"))

