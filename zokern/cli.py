@@ -49,10 +49,10 @@ def _add_training_options(p, d, *, per_run: bool) -> None:
     if per_run:
         numbers += [("steps", int), ("eval-every", int)]
     for name, kind in numbers:
-        p.add_argument(f"--{name}", type=kind, default=getattr(d, name.replace("-", "_")))
+        p.add_argument(f"--{name}", type=kind, default=getattr(d, name.replace("-", "_")), help="default: %(default)s")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
-                   help="constant (default), or linear / cosine decay from --lr at the first step towards 0")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype)
+                   help="constant, or linear / cosine decay from --lr at the first step towards 0 (default: %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=d.dtype, help="default: %(default)s")
     p.add_argument("--backend", choices=backends.BACKENDS, default=None)
     if per_run:
         p.add_argument("--forward-budget", type=int, default=d.forward_budget,

@@ -22,17 +22,17 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 @dataclass
 class FinetuneConfig:
     """`zokern finetune`'s settings. The defaults are the measured CPU default: MeZO on rank-8 LoRA adapters
-    (q_proj, v_proj) in bfloat16 through probe mode, lr 2e-3 decaying linearly and eps 1e-2 (MeZO's LoRA setting
-    scaled for a short run), 300 steps of batch 16 — see the README's table of runs."""
+    (q_proj, v_proj) in bfloat16 through probe mode, lr 1e-3 decaying linearly and eps 1e-2 (MeZO's LoRA setting
+    scaled for a short run), 800 steps of batch 8 — see the README's table of runs."""
     method: str = "mezo"
     model: "str | None" = None
     task: str = "bbc-news"
     template: "str | None" = None
     labels: "str | None" = None
-    steps: int = 300
+    steps: int = 800
     forward_budget: int = 0  # > 0: train for this many forward passes (steps = budget / forwards per step)
-    batch_size: int = 16
-    lr: float = 2e-3
+    batch_size: int = 8
+    lr: float = 1e-3
     lr_schedule: str = "linear"  # "linear" / "cosine": from lr at the first step towards 0 after the last
     eps: float = 1e-2
     weight_decay: float = 0.0
