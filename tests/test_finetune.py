@@ -4,6 +4,7 @@ import io
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -206,6 +207,18 @@ def test_compare_resume_gathers_runs_made_apart(tiny_model_dir, tmp_path, monkey
     keep = ("method", "steps", "forwards", "final_accuracies", "best_validation_accuracy")
     assert [{k: r[k] for k in keep} for r in gathered["runs"]] == [{k: r[k] for k in keep} for r in whole["runs"]]
     assert gathered["zero_shot_accuracy"] == whole["zero_shot_accuracy"]
+    # --steps and --eval-every do not set a compare run (the budget and the evaluations do): gathered under
+    # other values of them (another default, a scheduled rate), the runs are still taken as they are.
+    with monkeypatch.context() as m:
+        m.setattr(compare_module, "finetune", no_training)
+        compare_module.compare(_config(tiny_model_dir, tmp_path / "apart", lora_rank=2, steps=7, eval_every=3),
+                               ["mezo", "hizoo"], forward_budget=12, evaluations=2, resume=True, progress_stream=sink)
+    scheduled = _config(tiny_model_dir, tmp_path / "scheduled", lora_rank=2, lr_schedule="linear")
+    compare_module.compare(scheduled, ["mezo"], forward_budget=12, evaluations=2, progress_stream=sink)
+    with monkeypatch.context() as m:
+        m.setattr(compare_module, "finetune", no_training)
+        compare_module.compare(replace(scheduled, steps=9), ["mezo"], forward_budget=12, evaluations=2, resume=True,
+                               progress_stream=sink)
     with pytest.raises(ConfigError, match="started with other settings"):  # lr changed: not the same runs
         compare_module.compare(_config(tiny_model_dir, tmp_path / "apart", lora_rank=2, lr=2e-3), ["mezo"],
                                forward_budget=12, evaluations=2, resume=True, progress_stream=sink)

@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from zokern.finetune.config import FinetuneConfig, check_config
+from zokern.finetune.config import FinetuneConfig, check_config, unused_settings
 from zokern.finetune.run_files import Run
 from zokern.finetune.train import finetune
 from zokern.optim import METHODS
@@ -55,14 +55,16 @@ def run_configs(base: FinetuneConfig, methods: "list[str]", forward_budget: int,
 
 def completed_summary(config: FinetuneConfig) -> "dict | None":
     """The summary of a finished run in config.output_dir with the same settings (who measured the zero-shot
-    accuracy aside), or None."""
+    accuracy, and settings both runs override, such as --steps under the forward budget, aside), or None."""
     path = Path(config.output_dir) / "summary.json"
     if not path.exists():
         return None
     summary = json.loads(path.read_text())
-    ignored = ("resume", "zero_shot_eval")
-    recorded = {k: v for k, v in summary.get("hyperparameters", {}).items() if k not in ignored}
-    requested = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in ignored}
+    requested = json.loads(json.dumps(asdict(config)))
+    recorded = summary.get("hyperparameters", {})
+    ignored = {"resume", "zero_shot_eval"} | (unused_settings(recorded) & unused_settings(requested))
+    recorded = {k: v for k, v in recorded.items() if k not in ignored}
+    requested = {k: v for k, v in requested.items() if k not in ignored}
     return summary if recorded == requested else None
 
 

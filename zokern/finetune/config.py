@@ -173,6 +173,13 @@ def uses_probes(settings: dict) -> bool:
     return mode == "module"
 
 
+def unused_settings(settings: dict) -> "set[str]":
+    """The settings that another one overrides in a run with these settings (a config as a dict): --steps
+    under a forward budget, --eval-every under a number of evaluations."""
+    return ({"steps"} if settings.get("forward_budget", 0) > 0 else set()) | \
+        ({"eval_every"} if settings.get("evaluations", 0) > 0 else set())
+
+
 def check_resumable(recorded: dict, config: FinetuneConfig) -> None:
     """A resumed run must continue the recorded one: any other trajectory setting is a ConfigError. The probe
     mode is compared as it resolves ("auto" for a float32 run is "in-place")."""
@@ -183,9 +190,10 @@ def check_resumable(recorded: dict, config: FinetuneConfig) -> None:
     changed = [f"{name} {recorded.get(name)!r} -> {value!r}" for name, value in requested.items()
                if name not in RESUMABLE_CHANGES and _comparable(name, recorded.get(name)) != _comparable(name, value)]
     if recorded.get("lr_schedule", "constant") != "constant":  # the rates depend on the run's length
+        unused = unused_settings(recorded) & unused_settings(requested)
         changed += [f"{name} {recorded.get(name)!r} -> {requested[name]!r} (with --lr-schedule "
                     f"{recorded['lr_schedule']})" for name in ("steps", "forward_budget")
-                    if recorded.get(name) != requested[name]]
+                    if name not in unused and recorded.get(name) != requested[name]]
     if changed:
         raise ConfigError(f"--resume: the run in {config.output_dir} was started with other settings "
                           f"({'; '.join(changed)}); resume with its settings or use a new --output-dir")
