@@ -406,6 +406,18 @@ def method_state(opt):
     return state
 
 
+def assert_shards_make_whole(ranks, key, whole):
+    """Each rank's method state of run `key` (ranks[r][key][1]), its shards put together, is bitwise `whole`, the
+    single-process state; the thresholds, one per tensor, are whole on every rank."""
+    for buffer, tensors in whole.items():
+        if buffer == "thresholds":
+            assert all(torch.equal(r[key][1][buffer], tensors) for r in ranks), key
+            continue
+        for i, expected in enumerate(tensors):
+            pieces = [r[key][1][buffer][i].reshape(-1) for r in ranks]
+            assert torch.equal(torch.cat(pieces), expected.reshape(-1)), (key, buffer, i)
+
+
 def _sharded_worker(rank, world, runs, steps):
     from zokern import distributed
 
@@ -454,14 +466,7 @@ def test_sharded_training_matches_one_process(tmp_path, world):
         for record in records:
             opt.replay_step(record)
         opt.restore_weights()
-        whole = method_state(opt)
-        for buffer, tensors in whole.items():
-            if buffer == "thresholds":
-                assert all(torch.equal(r[key][1][buffer], tensors) for r in ranks), key
-                continue
-            for i, expected in enumerate(tensors):
-                pieces = [r[key][1][buffer][i].reshape(-1) for r in ranks]
-                assert torch.equal(torch.cat(pieces), expected.reshape(-1)), (key, buffer, i)
+        assert_shards_make_whole(ranks, key, method_state(opt))
         if method == "dizo":
             b = opt.buckets[0]
             expected = distance_norms([b.params[i] for i in b.extra["projected"]], b.extra["anchors"])
@@ -670,13 +675,7 @@ def test_sharded_probe_mode_matches_one_process(tmp_path, world):
         opt = make(method, model, process_group=False)
         for record in records:
             opt.replay_step(record)
-        for buffer, tensors in method_state(opt).items():
-            if buffer == "thresholds":
-                assert all(torch.equal(r[key][1][buffer], tensors) for r in ranks), key
-                continue
-            for i, whole in enumerate(tensors):
-                pieces = [r[key][1][buffer][i].reshape(-1) for r in ranks]
-                assert torch.equal(torch.cat(pieces), whole.reshape(-1)), (key, buffer, i)
+        assert_shards_make_whole(ranks, key, method_state(opt))
 
 
 def _sharded_probe_lr0_worker(rank, world):

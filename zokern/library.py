@@ -78,117 +78,121 @@ def _own_dtype(p):
     return (p.dtype,)
 
 
-# --- one check per op (its arguments but the backend), run by the device implementation and the fake alike,
-# before any tensor is written; each returns the tensors' device type ---------------------------------------
+# --- one check per op (its arguments but the backend, by name), run by the device implementation and the fake
+# alike, before any tensor is written; each returns the tensors' device type. A check reads the arguments the
+# schema names, so it restates no signature. ----------------------------------------------------------------
 
-def _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, offsets,
-                rounding, **extra):
-    check_step_args(seed=seed, dist=dist, restore=restore, lr=lr, grad=grad, next_scale=next_scale,
-                    next_seed=next_seed, weight_decays=weight_decays, count=len(params), **extra)
-    parse_rounding(rounding)
-    return check_tensor_list(params, streams, offsets)
+class Arguments(dict):
+    """An op call's arguments by schema name (backend excluded, defaults filled in): `a.seed` is `a["seed"]`."""
+
+    __getattr__ = dict.__getitem__
 
 
-def _check_keys(params, streams, seed, offsets, rounding):
+def _check_step(a, **extra):
+    check_step_args(seed=a.seed, dist=a.dist, restore=a.restore, lr=a.lr, grad=a.grad, next_scale=a.next_scale,
+                    next_seed=a.next_seed, weight_decays=a.weight_decays, count=len(a.params), **extra)
+    parse_rounding(a.rounding)
+    return check_tensor_list(a.params, a.streams, a.offsets)
+
+
+def _check_perturbation(a):
+    """The arguments every perturbation shares: seed, dist, scale, and the parameters with their stream ids."""
+    check_step_args(seed=a.seed, dist=a.dist, scale=a.scale)
+    return check_tensor_list(a.params, a.streams, a.offsets)
+
+
+def _check_keys(params, a):
     """The rounding keys of lowrank_apply_ and anchored_rescale_: stream ids (or none), seed, offsets."""
-    check_seed(seed)
-    parse_rounding(rounding)
-    return check_tensor_list(params, streams or [0] * len(params), offsets)
+    check_seed(a.seed)
+    parse_rounding(a.rounding)
+    return check_tensor_list(params, a.streams or [0] * len(params), a.offsets)
 
 
-def _check_sparse_masks(params, masks, thresholds):
-    check_companions(params, masks, "masks", dtypes=(torch.int32,), shapes=_mask_shape)
-    check_per_tensor(params, thresholds, "thresholds")
-    check_disjoint({"params": params, "masks": masks}, {"thresholds": [thresholds]})
+def _check_sparse_masks(a):
+    check_companions(a.params, a.masks, "masks", dtypes=(torch.int32,), shapes=_mask_shape)
+    check_per_tensor(a.params, a.thresholds, "thresholds")
+    check_disjoint({"params": a.params, "masks": a.masks}, {"thresholds": [a.thresholds]})
 
 
-def _check_philox_words(out, seed, stream, domain, first_call):
+def _check_philox_words(a):
+    out = a.out
     if not isinstance(out, torch.Tensor) or out.dtype != torch.int64:
         raise TypeError(f"out must be an int64 tensor, got {getattr(out, 'dtype', type(out).__name__)}")
     if out.dim() != 2 or out.shape[1] != 4:
         raise ValueError(f"out must have shape (n, 4), one row of four words per call, got {tuple(out.shape)}")
-    check_seed(seed)
-    check_stream(stream)
-    check_stream(domain, "domain")
-    if first_call < 0 or first_call + out.shape[0] > 1 << 62:
-        raise ValueError(f"first_call must be in [0, 2**62 - n], got {first_call}")
+    check_seed(a.seed)
+    check_stream(a.stream)
+    check_stream(a.domain, "domain")
+    if a.first_call < 0 or a.first_call + out.shape[0] > 1 << 62:
+        raise ValueError(f"first_call must be in [0, 2**62 - n], got {a.first_call}")
     check_disjoint({"out": [out]})
     return out.device.type
 
 
-def _check_fill_random(out, seed, stream, offset, domain, dist):
-    check_fill_args(out, seed, stream, offset, domain, dist)
-    check_disjoint({"out": [out]})
-    return out.device.type
+def _check_fill_random(a):
+    check_fill_args(a.out, a.seed, a.stream, a.offset, a.domain, a.dist)
+    check_disjoint({"out": [a.out]})
+    return a.out.device.type
 
 
-def _check_perturb(params, streams, seed, scale, dist, offsets):
-    check_step_args(seed=seed, dist=dist, scale=scale)
-    device_type = check_tensor_list(params, streams, offsets)
-    check_disjoint({"params": params})
+def _check_perturb(a):
+    device_type = _check_perturbation(a)
+    check_disjoint({"params": a.params})
     return device_type
 
 
-def _check_fused_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist, offsets,
-                      rounding):
-    device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
-                              offsets, rounding)
-    check_disjoint({"params": params})
+def _check_fused_step(a):
+    device_type = _check_step(a)
+    check_disjoint({"params": a.params})
     return device_type
 
 
-def _check_lowrank_apply(weights, us, vs, cores, streams, seed, offsets, rounding):
-    device_type = _check_keys(weights, streams, seed, offsets, rounding)
-    check_lowrank(weights, us, vs, cores)
-    check_disjoint({"weights": weights}, {"us": us, "vs": vs, "cores": cores})
+def _check_lowrank_apply(a):
+    device_type = _check_keys(a.weights, a)
+    check_lowrank(a.weights, a.us, a.vs, a.cores)
+    check_disjoint({"weights": a.weights}, {"us": a.us, "vs": a.vs, "cores": a.cores})
     return device_type
 
 
-def _check_masked_perturb(params, masks, thresholds, streams, seed, scale, compute_mask, dist, offsets):
-    check_step_args(seed=seed, dist=dist, scale=scale)
-    device_type = check_tensor_list(params, streams, offsets)
-    _check_sparse_masks(params, masks, thresholds)
+def _check_masked_perturb(a):
+    device_type = _check_perturbation(a)
+    _check_sparse_masks(a)
     return device_type
 
 
-def _check_masked_fused_step(params, masks, thresholds, streams, seed, restore, lr, grad, weight_decays, next_seed,
-                             next_scale, dist, offsets, rounding):
-    device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
-                              offsets, rounding)
-    _check_sparse_masks(params, masks, thresholds)
+def _check_masked_fused_step(a):
+    device_type = _check_step(a)
+    _check_sparse_masks(a)
     return device_type
 
 
-def _check_hessian_perturb(params, hessians, streams, seed, scale, dist, offsets):
-    check_step_args(seed=seed, dist=dist, scale=scale)
-    device_type = check_tensor_list(params, streams, offsets)
-    check_companions(params, hessians, "hessians", dtypes=_hizoo_dtypes)
-    check_disjoint({"params": params}, {"hessians": hessians}, in_place_reads=("hessians",))
+def _check_hessian_perturb(a):
+    device_type = _check_perturbation(a)
+    check_companions(a.params, a.hessians, "hessians", dtypes=_hizoo_dtypes)
+    check_disjoint({"params": a.params}, {"hessians": a.hessians}, in_place_reads=("hessians",))
     return device_type
 
 
-def _check_hessian_step(params, hessians, streams, seed, restore, lr, grad, hess_scale, alpha, weight_decays,
-                        next_seed, next_scale, dist, offsets, rounding):
-    device_type = _check_step(params, streams, seed, restore, lr, grad, weight_decays, next_seed, next_scale, dist,
-                              offsets, rounding, hess_scale=hess_scale, alpha=alpha)
-    check_companions(params, hessians, "hessians", dtypes=_hizoo_dtypes)
-    check_disjoint({"params": params, "hessians": hessians})
+def _check_hessian_step(a):
+    device_type = _check_step(a, hess_scale=a.hess_scale, alpha=a.alpha)
+    check_companions(a.params, a.hessians, "hessians", dtypes=_hizoo_dtypes)
+    check_disjoint({"params": a.params, "hessians": a.hessians})
     return device_type
 
 
-def _check_distance_norms(params, anchors):
-    device_type = check_tensor_list(params, [0] * len(params))
-    check_companions(params, anchors, "anchors", dtypes=_own_dtype)
+def _check_distance_norms(a):
+    device_type = check_tensor_list(a.params, [0] * len(a.params))
+    check_companions(a.params, a.anchors, "anchors", dtypes=_own_dtype)
     return device_type  # writes nothing: its tensors may share memory
 
 
-def _check_anchored_rescale(params, anchors, sources, factors, streams, seed, offsets, rounding):
-    device_type = _check_keys(params, streams, seed, offsets, rounding)
-    check_companions(params, anchors, "anchors", dtypes=_own_dtype)
-    if sources is not None:
-        check_companions(params, sources, "sources", dtypes=_own_dtype)
-    check_per_tensor(params, factors, "factors")
-    check_disjoint({"params": params}, {"anchors": anchors, "sources": sources or [], "factors": [factors]},
+def _check_anchored_rescale(a):
+    device_type = _check_keys(a.params, a)
+    check_companions(a.params, a.anchors, "anchors", dtypes=_own_dtype)
+    if a.sources is not None:
+        check_companions(a.params, a.sources, "sources", dtypes=_own_dtype)
+    check_per_tensor(a.params, a.factors, "factors")
+    check_disjoint({"params": a.params}, {"anchors": a.anchors, "sources": a.sources or [], "factors": [a.factors]},
                    in_place_reads=("anchors", "sources"))
     return device_type
 
@@ -252,15 +256,14 @@ def _arguments(name: str) -> list:
 
 
 def _without_backend(name: str):
-    """Splits a call's arguments into (the backend, all others in schema order, defaults filled in): torch
-    passes the Python kernels only the arguments the caller gave."""
+    """Splits a call's arguments into (the backend, Arguments of all others in schema order, defaults filled
+    in): torch passes the Python kernels only the arguments the caller gave."""
     arguments = _arguments(name)
 
     def split(args, kwargs) -> tuple:
         given = dict(zip((a.name for a in arguments), args), **kwargs)
-        values = [given[a.name] if a.name in given else a.default_value for a in arguments]
-        at = [a.name for a in arguments].index("backend")
-        return values[at], (*values[:at], *values[at + 1:])
+        values = Arguments((a.name, given[a.name] if a.name in given else a.default_value) for a in arguments)
+        return values.pop("backend"), values
 
     return split
 
@@ -272,9 +275,10 @@ def _device_implementation(name: str):
     written = [i for i, a in enumerate(arguments) if a.alias_info is not None and a.alias_info.is_write]
 
     def device_implementation(*args, **kwargs):
-        backend, args = split(args, kwargs)
-        device_type = check(*args)
+        backend, named = split(args, kwargs)
+        device_type = check(named)
         kernel = implementation(name, device_type, backends.resolve(backend, device_type))
+        args = list(named.values())
         if written and not any(t.numel() for i in written for t in _listed(args[i])):
             return None  # nothing to write: no kernel to launch
         work = [_contiguous(a) for a in args]
@@ -301,7 +305,7 @@ def call(name: str, *args):
     try:
         return getattr(torch.ops.zokern, name)(*args)
     except RuntimeError:
-        CHECKS[name](*_without_backend(name)(args, {})[1])
+        CHECKS[name](_without_backend(name)(args, {})[1])
         raise
 
 
@@ -310,22 +314,21 @@ _NUMBER_ARGUMENTS = {name: [a.name if str(a.type) in ("int", "float") else None
                             for a in getattr(torch.ops.zokern, name).default._schema.arguments] for name in CHECKS}
 
 
-# --- fakes: the op's check, and for distance_norms an output of the right shape ----------------------------
+# --- fakes: the op's check, and for an op that returns a tensor an output of the right shape -----------------
+
+# The outputs of the ops that return a tensor, from their arguments.
+_FAKE_OUTPUTS = {"distance_norms": lambda a: a.params[0].new_empty(len(a.params), dtype=torch.float32)}
+
 
 def _fake(name: str):
-    check, split = CHECKS[name], _without_backend(name)
+    check, split, output = CHECKS[name], _without_backend(name), _FAKE_OUTPUTS.get(name)
 
     def fake(*args, **kwargs):
-        check(*split(args, kwargs)[1])
+        named = split(args, kwargs)[1]
+        check(named)
+        return None if output is None else output(named)
     return fake
 
 
 for _name in CHECKS:
-    if _name != "distance_norms":
-        torch.library.register_fake(f"zokern::{_name}")(_fake(_name))
-
-
-@torch.library.register_fake("zokern::distance_norms")
-def _distance_norms_fake(params, anchors, backend):
-    _check_distance_norms(params, anchors)
-    return params[0].new_empty(len(params), dtype=torch.float32)
+    torch.library.register_fake(f"zokern::{_name}")(_fake(_name))

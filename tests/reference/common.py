@@ -26,4 +26,14 @@ def spsa(closure, perturb, eps: float):
     return loss_plus, loss_minus, (loss_plus - loss_minus) / (2 * eps)
 
 
-__all__ = ["NO_DECAY", "stream", "z_like", "spsa", "step_seed", "Domain"]
+def spsa_along(named, closure, directions: dict, eps: float):
+    """spsa with θ ± εP for fixed directions P (one per parameter name). Returns (L+, ρ)."""
+    def perturb(scale):
+        for name, p in named:
+            p.data = p.data + scale * directions[name]
+
+    loss_plus, _, rho = spsa(closure, perturb, eps)
+    return loss_plus, rho
+
+
+__all__ = ["NO_DECAY", "stream", "z_like", "spsa", "spsa_along", "step_seed", "Domain"]

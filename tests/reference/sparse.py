@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .common import spsa, step_seed, z_like
+from .common import spsa_along, step_seed, z_like
 
 
 class SparseMeZOReference:
@@ -22,11 +22,7 @@ class SparseMeZOReference:
             z = z_like(seed, name, p)
             dirs[name] = z * (p.detach().abs() <= self.h[name]) if name in self.h else z
 
-        def perturb(scale):
-            for name, p in named:
-                p.data = p.data + scale * dirs[name]
-
-        loss_plus, _, rho = spsa(closure, perturb, eps)
+        loss_plus, rho = spsa_along(named, closure, dirs, eps)
         for name, p in named:
             p.data = p.data - lr * rho * dirs[name]
         return loss_plus

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .common import Domain, spsa, step_seed, stream, z_like
+from .common import Domain, spsa_along, step_seed, stream, z_like
 from zokern.random import reference_draw
 
 
@@ -45,11 +45,7 @@ class SubZeroReference:
     def step(self, named, closure, base_seed, step, lr, eps):
         ps = self.directions(named, base_seed, step)
 
-        def perturb(scale):
-            for name, p in named:
-                p.data = p.data + scale * ps[name]
-
-        loss_plus, _, rho = spsa(closure, perturb, eps)
+        loss_plus, rho = spsa_along(named, closure, ps, eps)
         for name, p in named:
             p.data = p.data - lr * rho * ps[name]
         return loss_plus
