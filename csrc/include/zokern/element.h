@@ -421,9 +421,17 @@ struct SparseStepOp {
   // m: the stored mask bit; becomes the next perturbation's bit if there is one.
   template <class T>
   ZK_HD float element(float x, float z, float zn, float wd, float h, uint32_t& m, uint32_t r) const {
-    x = step_value(x, sparse_z(m, z), restore, lr, grad, wd);
+    x = update(x, z, wd, m);
     if (next_seed < 0) return x;
     x = to_float(from_float_rounded<T>(x, stochastic(), r));  // the weights this step stores
+    return perturb_next(x, zn, h, m);
+  }
+
+  // element()'s halves, either side of the rounding to T (the CPU rounds a block of updated weights at once).
+  ZK_HD float update(float x, float z, float wd, uint32_t m) const {
+    return step_value(x, sparse_z(m, z), restore, lr, grad, wd);
+  }
+  ZK_HD float perturb_next(float x, float zn, float h, uint32_t& m) const {
     m = in_mask(x, h);
     return perturb_value(x, next_scale, sparse_z(m, zn));
   }
