@@ -79,7 +79,8 @@ def test_masked_fused_step(benchmark, copy_bandwidth, shapes, backend, dtype):
 @pytest.mark.parametrize("shapes", SHAPE_SETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_masked_sparse_mezo_reference(benchmark, copy_bandwidth, shapes, dtype):
-    """Sparse MeZO the straightforward way: a full-size boolean mask, restore and update passes."""
+    """Sparse MeZO the straightforward way: a full-size boolean mask, restore and update passes, then the next
+    step's masked perturbation (the fused step does that too, with next_seed), its mask taken from the new weights."""
     params = make_params(DTYPES[dtype], shapes)
     h = zokern.magnitude_thresholds(params, 0.8)
 
@@ -90,6 +91,10 @@ def test_masked_sparse_mezo_reference(benchmark, copy_bandwidth, shapes, dtype):
             z = torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
             p.data = p.data + EPS * z * mask
             p.data = p.data - LR * GRAD * z * mask
+        torch.manual_seed(2)
+        for p, t in zip(params, h):
+            z = torch.normal(0, 1, size=p.shape, device=p.device, dtype=p.dtype)
+            p.data = p.data + EPS * z * (p.abs() <= t)
     bench(benchmark, run)
     record(benchmark, params, 1, copy_bandwidth, op="masked_fused_step", backend="sparse-mezo-reference", dtype=dtype,
            shapes=shapes)
