@@ -124,6 +124,27 @@ def test_matches_authors_algorithm(method, backend, device):
     assert moved
 
 
+@pytest.mark.parametrize("backend,device", CPU_BACKENDS)
+def test_subzero_sign_cores_match_the_reference(backend, device):
+    """SubZero(core_dist="rademacher_bit") draws ±1 cores: 20 steps equal the reference drawing its cores so, and
+    differ from the Gaussian cores' run; an unknown core_dist is refused by name."""
+    batches = [make_task(i) for i in range(8)]
+    named_reference, signs, gaussian = fresh_model(), fresh_model(), fresh_model()
+    reference = SubZeroReference(rank=3, every=8, core_dist="rademacher_bit")
+    named = list(named_reference.named_parameters())
+    for t in range(20):
+        reference.step(named, lambda: lm_loss(named_reference, batches[0]), 7, t, **HP)
+    run_optimizer("subzero", signs, 20, batches, backend,
+                  make_optimizer("subzero", signs, backend, core_dist="rademacher_bit"))
+    run_optimizer("subzero", gaussian, 20, batches, backend)
+    for (name, a), (_, b) in zip(named_reference.named_parameters(), signs.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    weight = "layer.linear1.weight"
+    assert not torch.equal(signs.get_parameter(weight), gaussian.get_parameter(weight))
+    with pytest.raises(ValueError, match="core_dist"):
+        make_optimizer("subzero", fresh_model(), backend, core_dist="uniform")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_lowers_the_loss(method):
     model, tokens = fresh_model(), make_task(0, batch=32)

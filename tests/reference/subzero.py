@@ -15,8 +15,9 @@ def _orthonormal(seed, name, rows, rank, domain):
 
 
 class SubZeroReference:
-    def __init__(self, rank, every):
+    def __init__(self, rank, every, core_dist="normal"):
         self.rank, self.every, self.window, self.factors = rank, every, None, {}
+        self.core_dist = core_dist
 
     def directions(self, named, base_seed, step):
         window = step // self.every
@@ -36,7 +37,7 @@ class SubZeroReference:
             if name in self.factors:
                 u, v = self.factors[name]
                 r = u.shape[1]
-                core = reference_draw(seed, stream(name), r * r, domain=Domain.CORE).view(r, r)
+                core = reference_draw(seed, stream(name), r * r, domain=Domain.CORE, dist=self.core_dist).view(r, r)
                 out[name] = math.sqrt(p.numel()) / r * (u @ core @ v.t())
             else:
                 out[name] = z_like(seed, name, p)

@@ -9,7 +9,7 @@ import torch
 from zokern.library import call
 from zokern.ops.mezo import rounding_keys
 from zokern.ops.random import fill_random_
-from zokern.random import Domain
+from zokern.random import Distribution, Domain
 from zokern.validation import Rounding, check_is_tensor_list
 
 
@@ -52,9 +52,12 @@ def subspace_factors(seed: int, stream: int, m: int, n: int, rank: int, *, dtype
     return u.to(dtype), v.to(dtype)
 
 
-def core_matrix(seed: int, stream: int, rank: int, *, device="cpu", backend: "str | None" = None) -> torch.Tensor:
-    """Z0: the r×r Gaussian core of step `seed` for tensor `stream` (domain CORE), float32."""
-    return fill_random_(torch.empty(rank, rank, device=device), seed, stream, domain=Domain.CORE, backend=backend)
+def core_matrix(seed: int, stream: int, rank: int, *, dist: "str | Distribution" = "normal", device="cpu",
+                backend: "str | None" = None) -> torch.Tensor:
+    """Z0: the r×r core of step `seed` for tensor `stream` (domain CORE), float32: Gaussian as the authors', or
+    ±1 signs with a Rademacher `dist`."""
+    return fill_random_(torch.empty(rank, rank, device=device), seed, stream, domain=Domain.CORE, dist=dist,
+                        backend=backend)
 
 
 def lowrank_apply_(weights: Sequence[torch.Tensor], us: Sequence[torch.Tensor], vs: Sequence[torch.Tensor],

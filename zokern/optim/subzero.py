@@ -10,14 +10,18 @@ from zokern.distributed import DistributedError
 from zokern.optim.base import ZOOptimizer
 from zokern.optim.lowrank_side import SideHooks, side_factors
 from zokern.optim.probe import stream_copy
-from zokern.random import step_seed
+from zokern.random import parse_distribution, step_seed
 
 
 class SubZero(ZOOptimizer):
     """SubZero. Matrices (and, reshaped, >2-D, LoRA and prefix tensors) get P = μ·U·Z0·Vᵀ with orthonormal
     U (m×r), V (n×r) redrawn every `subspace_every` steps and a fresh r×r core Z0 each step, μ = √(mn)/r;
-    other tensors get MeZO's z. Plain SGD: no weight decay, as the authors. Defaults: rank 8,
+    other tensors get MeZO's z (drawn from `dist`). Plain SGD: no weight decay, as the authors. Defaults: rank 8,
     subspace_every 1000 (the paper; the code uses 2000), eps 1e-3.
+
+    `core_dist` draws the cores: "normal" (Gaussian, the authors'), or "rademacher" / "rademacher_bit" (±1
+    entries, docs/RANDOM.md). `dist` does not reach the cores, so a run whose tensors are all low-rank (LoRA)
+    draws the same with any `dist`.
 
     The subspace of window w is drawn from (step_seed(seed, w), tensor id), so it is rebuilt after a
     resume instead of stored. `reshape_pattern` (a regex on parameter names, default LoRA/prefix names)
@@ -32,13 +36,18 @@ class SubZero(ZOOptimizer):
     weight_decay_supported = False
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, rank: int = 8, subspace_every: int = 1000,
-                 reshape_pattern: str = r"lora_|prefix|prompt", side_path: bool = False, **options):
+                 reshape_pattern: str = r"lora_|prefix|prompt", side_path: bool = False, core_dist="normal",
+                 **options):
         if rank < 1 or subspace_every < 1:
             raise ValueError(f"rank and subspace_every must be positive, got {rank}, {subspace_every}")
         if side_path not in (True, False):  # 1 and 0 too, as `--option subzero.side_path=1` gives them
             raise ValueError(f"side_path must be True or False, got {side_path!r}")
         self.rank, self.subspace_every, self.reshape_pattern = rank, subspace_every, reshape_pattern
         self.side_path = bool(side_path)
+        try:
+            self.core_dist = parse_distribution(core_dist)
+        except ValueError as exc:
+            raise ValueError(f"core_dist: {exc}") from None
         self.side_hooks: "SideHooks | None" = None
         if self.side_path:
             # merge_unlogged: merges outside a step (evaluation, saving) not yet in the seed log.
@@ -81,8 +90,8 @@ class SubZero(ZOOptimizer):
         """μ·Z0(seed) per matrix; the step's three passes share one draw."""
         cached = bucket.extra.get("cores")
         if cached is None or cached[0] != seed:
-            cores = [ops.core_matrix(seed, bucket.stream_ids[i], r, device=bucket.params[i].device,
-                                     backend=self.backend) * ops.lowrank_scale(m, n, r)
+            cores = [ops.core_matrix(seed, bucket.stream_ids[i], r, dist=self.core_dist,
+                                     device=bucket.params[i].device, backend=self.backend) * ops.lowrank_scale(m, n, r)
                      for i, (m, n), r in bucket.extra["matrices"]]
             bucket.extra["cores"] = cached = (seed, cores)
         return cached[1]
