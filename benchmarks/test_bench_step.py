@@ -55,6 +55,9 @@ DTYPE = getattr(torch, os.environ.get("ZOKERN_BENCH_MODEL_DTYPE", "bfloat16" if 
 METHODS = {"mezo": (optim.MeZO, {}), "mezo-rademacher-bit": (optim.MeZO, {"dist": "rademacher_bit"}),
            "subzero": (optim.SubZero, {}), "sparse-mezo": (optim.SparseMeZO, {}),
            "hizoo": (optim.HiZOO, {}), "dizo": (optim.DiZO, {"project_every": 10**9})}
+# Two-pass mode folds the next +εz into the update (2 passes over the weights a step, not 3); in place only.
+TWO_PASS = {"mezo-two-pass": (optim.MeZO, {"two_pass": True}),
+            "mezo-rademacher-bit-two-pass": (optim.MeZO, {"dist": "rademacher_bit", "two_pass": True})}
 EPS, LR = 1e-3, 1e-6
 
 
@@ -139,10 +142,10 @@ def test_mezo_reference_step(benchmark, setup):
              backend="mezo-reference", method="mezo")
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", {**METHODS, **TWO_PASS})
 def test_zokern_step(benchmark, setup, method):
     model, tokens = setup
-    cls, options = METHODS[method]
+    cls, options = {**METHODS, **TWO_PASS}[method]
     opt = cls(model.named_parameters(), lr=LR, eps=EPS, **options)
     _measure(benchmark, model, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern", tokens,
              backend=opt.backend or "auto", method=method,
