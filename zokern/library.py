@@ -85,7 +85,11 @@ def _own_dtype(p):
 class Arguments(dict):
     """An op call's arguments by schema name (backend excluded, defaults filled in): `a.seed` is `a["seed"]`."""
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 def _check_step(a, **extra):
