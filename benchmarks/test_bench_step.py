@@ -58,6 +58,7 @@ METHODS = {"mezo": (optim.MeZO, {}), "mezo-rademacher-bit": (optim.MeZO, {"dist"
 # Two-pass mode folds the next +εz into the update (2 passes over the weights a step, not 3); in place only.
 TWO_PASS = {"mezo-two-pass": (optim.MeZO, {"two_pass": True}),
             "mezo-rademacher-bit-two-pass": (optim.MeZO, {"dist": "rademacher_bit", "two_pass": True})}
+IN_PLACE_STEPS = {**METHODS, **TWO_PASS}
 EPS, LR = 1e-3, 1e-6
 
 
@@ -142,10 +143,10 @@ def test_mezo_reference_step(benchmark, setup):
              backend="mezo-reference", method="mezo")
 
 
-@pytest.mark.parametrize("method", {**METHODS, **TWO_PASS})
+@pytest.mark.parametrize("method", IN_PLACE_STEPS)
 def test_zokern_step(benchmark, setup, method):
     model, tokens = setup
-    cls, options = {**METHODS, **TWO_PASS}[method]
+    cls, options = IN_PLACE_STEPS[method]
     opt = cls(model.named_parameters(), lr=LR, eps=EPS, **options)
     _measure(benchmark, model, lambda: opt.step(lambda: loss_fn(model, tokens)), "zokern", tokens,
              backend=opt.backend or "auto", method=method,
