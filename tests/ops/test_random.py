@@ -8,8 +8,8 @@ import torch
 from scipy import stats
 
 import zokern
-from zokern.random import (DISTRIBUTION_SINCE, STREAM_VERSION, Distribution, Domain, check_stream_version,
-                           parse_distribution, philox4x32, reference_draw)
+from zokern.random import (DISTRIBUTION_SINCE, NORMAL_VALUES_SINCE, STREAM_VERSION, TWO_PI_2M24, Distribution, Domain,
+                           check_stream_version, parse_distribution, philox4x32, replays_bitwise, reference_draw)
 from conftest import available_pairs, backend_kernels, philox_words, ulp_distance
 
 # Random123's known-answer vectors for philox4x32-10: (counter, key) -> words.
@@ -212,7 +212,10 @@ def test_rademacher_bit_balance_and_independence():
 
 
 def test_stream_versions():
-    assert STREAM_VERSION == max(DISTRIBUTION_SINCE.values()) == 2
+    assert STREAM_VERSION == max(*DISTRIBUTION_SINCE.values(), *NORMAL_VALUES_SINCE.values()) == 3
+    # Version 3 changed the C++ CPU kernels' normals and nothing else.
+    assert not replays_bitwise(2, "cpp") and replays_bitwise(3, "cpp")
+    assert all(replays_bitwise(1, name) for name in ("reference", "triton", "cuda"))
     assert set(DISTRIBUTION_SINCE) == set(Distribution)
     assert check_stream_version(1, "rademacher") == 1
     with pytest.raises(ValueError, match="'rademacher_bit' does not exist in random stream version 1"):
