@@ -43,14 +43,16 @@ class Distribution(enum.IntEnum):
     RADEMACHER_BIT = 2
 
 
-# The stream's version: raised whenever a change adds a distribution or changes any value drawn, and recorded
-# in the seed log so that a log is replayed only on a stream that draws what it was trained with.
+# The stream's version: raised whenever a change adds a distribution, changes any value drawn, or changes what a
+# backend computes for a logged step; recorded in the seed log, so that a log is replayed only on a stream that
+# draws what it was trained with, and said to replay close, not bitwise, where a backend has changed since.
 STREAM_VERSION = 3
 # The stream version that introduced each distribution.
 DISTRIBUTION_SINCE = {Distribution.NORMAL: 1, Distribution.RADEMACHER: 1, Distribution.RADEMACHER_BIT: 2}
-# The stream version since which a backend draws NORMAL's values as it does now, where that is not version 1
-# (docs/RANDOM.md): version 3 moved the C++ CPU kernels' Box–Muller from float64 to float32.
-NORMAL_VALUES_SINCE = {"cpp": 3}
+# The stream version since which a backend computes a logged step as it does now, where that is not version 1
+# (docs/RANDOM.md): version 3 moved the C++ CPU kernels' Box–Muller from float64 to float32, and made the C++
+# kernels' low-rank sums (SubZero) fused multiply-adds, on the CPU and CUDA.
+VALUES_SINCE = {"cpp": 3, "cuda": 3}
 # log2 of the elements one Philox call yields: element i comes from call i >> ELEMENTS_PER_CALL_LOG2[dist].
 ELEMENTS_PER_CALL_LOG2 = {Distribution.NORMAL: 2, Distribution.RADEMACHER: 2, Distribution.RADEMACHER_BIT: 7}
 
@@ -80,11 +82,11 @@ def check_stream_version(version, dist: "str | int | Distribution" = Distributio
 
 
 def replays_bitwise(version: int, backend: str) -> bool:
-    """Whether a run logged under stream `version` redraws its normals bit for bit on `backend` (the run's own
-    backend): False where the backend's normals have changed since, so the replayed weights are close, not
-    bitwise equal. Rademacher values have never changed, but a method may draw normals of its own (SubZero's
-    subspaces and cores), so this is asked of every run."""
-    return version >= NORMAL_VALUES_SINCE.get(backend, 1)
+    """Whether a run logged under stream `version` is sure to replay bit for bit on `backend` (the run's own
+    backend): False where the backend has changed what it computes since (VALUES_SINCE), so the replayed weights
+    may be close, not bitwise equal. Asked of every run: Rademacher values have never changed, but a method may
+    draw normals of its own (SubZero's subspaces and cores)."""
+    return version >= VALUES_SINCE.get(backend, 1)
 
 
 def check_seed(seed: int, what: str = "seed") -> int:

@@ -262,7 +262,7 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
         float* acc = uc[t].data() + i * r;
         for (int64_t a = 0; a < r; ++a) acc[a] = 0.f;
         for (int64_t b = 0; b < r; ++b) {
-          for (int64_t a = 0; a < r; ++a) acc[a] = madd_rn(acc[a], urow[b], core[b * r + a]);
+          for (int64_t a = 0; a < r; ++a) acc[a] = fma_rn(acc[a], urow[b], core[b * r + a]);
         }
       }
     });

@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t k = begin + threadIdx.x; k < end; k += kThreads) {
       const int64_t i = k / t.r, a = k % t.r;
       float acc = 0.f;
-      for (int64_t b = 0; b < t.r; ++b) acc = madd_rn(acc, to_float(u[i * t.r + b]), t.core[b * t.r + a]);
+      for (int64_t b = 0; b < t.r; ++b) acc = fma_rn(acc, to_float(u[i * t.r + b]), t.core[b * t.r + a]);
       t.uc[k] = acc;
     }
   }
@@ -394,10 +394,10 @@ __global__ void __launch_bounds__(kThreads)
         ZK_UNROLL
         for (int k = 0; k < 4; ++k) {
           const float ua = s_uc[a][ty + kRowStep * k];
-          acc[k][0] = madd_rn(acc[k][0], ua, vq.x);
-          acc[k][1] = madd_rn(acc[k][1], ua, vq.y);
-          acc[k][2] = madd_rn(acc[k][2], ua, vq.z);
-          acc[k][3] = madd_rn(acc[k][3], ua, vq.w);
+          acc[k][0] = fma_rn(acc[k][0], ua, vq.x);
+          acc[k][1] = fma_rn(acc[k][1], ua, vq.y);
+          acc[k][2] = fma_rn(acc[k][2], ua, vq.z);
+          acc[k][3] = fma_rn(acc[k][3], ua, vq.w);
         }
       }
     }

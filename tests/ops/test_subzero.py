@@ -1,7 +1,7 @@
 """SubZero's op, lowrank_apply_ (docs/OPS.md, "Low-rank perturbation"), on every backend: W + U·C·Vᵀ within the
 float32 error bound of a float64 computation rounded once to W's dtype (the summation order is the backend's), over
 dtypes, ranks, ragged tiles, transposed, misaligned and empty weights, strided and mixed-dtype factors; the C++
-kernels bit for bit in element.h's order; one call per list; invariant to grouping and order; opcheck."""
+kernels bit for bit in element.h's order (a fused multiply-add per rank index); one call per list; invariant to grouping and order; opcheck."""
 import pytest
 import torch
 from op_cases import (BACKENDS, DTYPE_CASES, DTYPE_IDS, assert_bitwise, assert_launches,
@@ -51,15 +51,36 @@ def test_matches_float64_rounded_once(backend, device, case, factor_dtypes, laun
         assert_lowrank_rounded_from_float32(got, w, u, v, c)
 
 
+def fma32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a·b of float32 tensors rounded once to float32, as a fused multiply-add: a·b is exact in float64; the
+    float64 sum is rounded to odd (TwoSum's error says whether it was inexact and on which side), and a sum rounded
+    to odd at 53 bits rounds to nearest at 24 bits as the exact one would (Boldo and Melquiond, 2008)."""
+    p, c = a.double() * b.double(), acc.double()
+    s = p + c
+    bv = s - p
+    err = (p - (s - bv)) + (c - bv)
+    even = (s.view(torch.int64) & 1) == 0
+    s = torch.where((err != 0) & even, torch.nextafter(s, torch.where(err > 0, torch.inf, -torch.inf)), s)
+    return s.float()
+
+
+def test_fma32_rounds_once():
+    """The emulated fused multiply-add keeps what two roundings lose: −1 + (1 + 2^-23)(1 − 2^-23) is −2^-46
+    exactly, while float32(1 − 2^-46) is 1 and the two-rounding form gives 0."""
+    acc, a, b = torch.tensor([-1.0]), torch.tensor([1 + 2.0**-23]), torch.tensor([1 - 2.0**-23])
+    assert (acc + a * b).item() == 0.0
+    assert fma32(acc, a, b).item() == -2.0**-46
+
+
 def lowrank_in_documented_order(w, u, v, c):
-    """element.h's order with torch's separately rounded float32 ops: U·C over b, then the sum over a."""
+    """element.h's order, each step a fused multiply-add (fma32): U·C over b, then the sum over a."""
     w, u, v, c = (t.cpu() for t in (w, u, v, c))
     uc = torch.zeros(u.shape[0], c.shape[1])
     for b in range(c.shape[0]):
-        uc = uc + u[:, b:b + 1].float() * c[b]
+        uc = fma32(uc, u[:, b:b + 1].float(), c[b])
     delta = torch.zeros(w.shape)
     for a in range(c.shape[1]):
-        delta = delta + uc[:, a:a + 1] * v[:, a].float()
+        delta = fma32(delta, uc[:, a:a + 1], v[:, a].float())
     return (w.float() + delta).to(w.dtype)
 
 

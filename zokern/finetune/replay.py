@@ -11,7 +11,7 @@ from zokern.finetune.config import ConfigError, FinetuneConfig, check_config
 from zokern.finetune.model import resolve_model_path
 from zokern.finetune.train import build_model, make_optimizer
 from zokern.optim import METHODS
-from zokern.random import NORMAL_VALUES_SINCE, replays_bitwise, step_seed
+from zokern.random import VALUES_SINCE, replays_bitwise, step_seed
 from zokern.seedlog import SeedLogError, weights_sha256
 
 
@@ -50,8 +50,8 @@ def replay_run(log_path: str, model: "str | None" = None, output: "str | None" =
               "gives close, not bitwise equal, weights", file=sys.stderr)
     elif not replays_bitwise(header["stream_version"], backend):
         print(f"warning: the run drew from random stream version {header['stream_version']}; backend {backend!r} "
-              f"draws its normals differently since version {NORMAL_VALUES_SINCE[backend]} (docs/RANDOM.md), "
-              "so the weights replayed are close, not bitwise equal", file=sys.stderr)
+              f"computes differently since version {VALUES_SINCE[backend]} (docs/RANDOM.md), so the weights "
+              "replayed may be close, not bitwise equal", file=sys.stderr)
     optimizer = make_optimizer(replace(config, backend=backend), trainable)
     try:
         seedlog.replay(optimizer, records, header["stream_version"])

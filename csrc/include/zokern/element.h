@@ -6,7 +6,8 @@
 // FMA contraction: the reference composes separately rounded float32 multiplies and adds, and so do we.
 // On the device every multiply/add below is an explicit __fmul_rn/__fadd_rn/__fsub_rn, which nvcc never
 // fuses whatever --fmad says; on the host the plain operators need -ffp-contract=off (the extension
-// build passes it), else GCC/Clang fuse them on FMA targets such as aarch64 or -march=native x86.
+// build passes it), else GCC/Clang fuse them on FMA targets such as aarch64 or -march=native x86. The one
+// fused multiply-add is explicit: fma_rn, the low-rank sums' step (one rounding, the same on every target).
 #pragma once
 
 #include <stdint.h>
@@ -241,8 +242,14 @@ ZK_HD inline float sqrt_rn(float a) {
 #endif
 }
 
-// acc + a·b, two roundings: the low-rank sums accumulate in this fixed order on every backend.
-ZK_HD inline float madd_rn(float acc, float a, float b) { return add_rn(acc, mul_rn(a, b)); }
+// acc + a·b rounded once (a fused multiply-add): the C++ kernels' low-rank sums are chains of these.
+ZK_HD inline float fma_rn(float acc, float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmaf_rn(a, b, acc);
+#else
+  return fmaf(a, b, acc);
+#endif
+}
 
 // ---- the ops of docs/OPS.md ----
 
@@ -324,7 +331,7 @@ struct MezoStepOp {
 };
 
 // ---- low-rank perturbation (SubZero): W += (U·C)·Vᵀ ----
-// Both backends sum over the rank in index order, from 0, with madd_rn: (U·C)[i, a] = Σ_b U[i, b]·C[b, a],
+// Both backends sum over the rank in index order, from 0, with fma_rn: (U·C)[i, a] = Σ_b U[i, b]·C[b, a],
 // then delta[i, j] = Σ_a (U·C)[i, a]·V[j, a], and W[i, j] = round(W[i, j] + delta[i, j]). So the CPU
 // and the GPU agree bit for bit (the reference's BLAS order differs by rounding only).
 
