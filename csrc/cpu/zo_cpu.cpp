@@ -254,17 +254,8 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
     const float* core = cores[t].data_ptr<float>();
     dispatch(us[t].scalar_type(), [&](auto tag) {
-      const auto* u = static_cast<const decltype(tag)*>(us[t].data_ptr());
-      std::vector<float> urow(r);
-      for (int64_t i = i0; i < std::min(m, i0 + kRowBlock); ++i) {
-        // Each (U·C)[i, a] sums over b in order; the loop over a inside runs the r sums side by side.
-        for (int64_t b = 0; b < r; ++b) urow[b] = to_float(u[i * r + b]);
-        float* acc = uc[t].data() + i * r;
-        for (int64_t a = 0; a < r; ++a) acc[a] = 0.f;
-        for (int64_t b = 0; b < r; ++b) {
-          for (int64_t a = 0; a < r; ++a) acc[a] = fma_rn(acc[a], urow[b], core[b * r + a]);
-        }
-      }
+      ZK_RUN(subzero_uc_rows, static_cast<const decltype(tag)*>(us[t].data_ptr()), core, r, i0,
+             std::min(m, i0 + kRowBlock), uc[t].data());
     });
     dispatch(vs[t].scalar_type(), [&](auto tag) {
       const auto* v = static_cast<const decltype(tag)*>(vs[t].data_ptr());

@@ -38,7 +38,8 @@ def _orthonormal(seed: int, stream: int, rows: int, rank: int, domain: Domain, d
     gaussian = fill_random_(torch.empty(rows, rank, device=device), seed, stream, domain=domain, backend=backend)
     q, r = torch.linalg.qr(gaussian)
     # Make the factorisation unique (diag(R) > 0), so U and V do not depend on the QR implementation's signs.
-    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
+    # Row-major: LAPACK's Q is column-major, and the kernels would copy it at every pass of the window.
+    return (q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)).contiguous()
 
 
 def subspace_factors(seed: int, stream: int, m: int, n: int, rank: int, *, dtype=torch.float32, device="cpu",
