@@ -408,3 +408,17 @@ def test_replay_of_the_checked_log_still_matches(logged_run, tiny_model_dir, cap
     trained = load_file(str(logged_run.with_name("checkpoint") / "model.safetensors"))
     assert trained.keys() == replayed.keys() and all(torch.equal(trained[k], replayed[k]) for k in trained)
     assert not any(math.isnan(float(t.sum())) for t in replayed.values())
+
+
+def test_replay_of_an_older_stream_on_a_changed_backend_warns(logged_run, capsys):
+    """A log of random stream version 2 replayed on the C++ CPU kernels, whose normals changed in version 3: the
+    replay runs and says its weights may be close, not bitwise; a version-3 log on the same backend says nothing."""
+    from zokern import backends
+    if not backends.availability("cpp", "cpu")[0]:
+        pytest.skip("cpp backend unavailable")
+    header, *records = logged_run.read_text().splitlines()
+    for version, warned in ((2, True), (3, False)):
+        logged_run.write_text("\n".join([_edit_record(header, backend="cpp", stream_version=version), *records]) + "\n")
+        assert main(["replay", "--log", str(logged_run)]) == 0
+        err = capsys.readouterr().err
+        assert ("random stream version 2; backend 'cpp' computes differently since version 3" in err) == warned, err
