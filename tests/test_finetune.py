@@ -224,8 +224,51 @@ def test_compare_resume_gathers_runs_made_apart(tiny_model_dir, tmp_path, monkey
                                forward_budget=12, evaluations=2, resume=True, progress_stream=sink)
 
 
+def test_compare_spread_by_seed_is_gathered_by_resume(tiny_model_dir, tmp_path, monkeypatch):
+    """`only_seed` trains one seed's runs in the folders of the whole comparison and writes no table; seeds trained
+    apart, in any order, are gathered by a last call with `resume` into the table the whole comparison gives."""
+    from zokern.finetune import compare as compare_module
+
+    sink = open("/dev/null", "w")
+    whole = compare_module.compare(_config(tiny_model_dir, tmp_path / "whole", lora_rank=2, seed=3), ["mezo"],
+                                   forward_budget=8, evaluations=2, seeds=2, progress_stream=sink)
+    apart = _config(tiny_model_dir, tmp_path / "apart", lora_rank=2, seed=3)
+    for seed in (4, 3):
+        part = compare_module.compare(apart, ["mezo"], forward_budget=8, evaluations=2, seeds=2, only_seed=seed,
+                                      progress_stream=sink)
+        assert part["only_seed"] == seed and [s["hyperparameters"]["seed"] for s in part["summaries"]] == [seed]
+        assert (tmp_path / "apart" / "mezo" / f"seed-{seed}" / "summary.json").exists()
+    assert not (tmp_path / "apart" / "comparison.json").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    with monkeypatch.context() as m:
+        m.setattr(compare_module, "finetune", no_training)
+        gathered = compare_module.compare(apart, ["mezo"], forward_budget=8, evaluations=2, seeds=2, resume=True,
+                                          progress_stream=sink)
+    assert gathered["runs"][0]["final_accuracies"] == whole["runs"][0]["final_accuracies"]
+    assert gathered["zero_shot_accuracy"] == whole["zero_shot_accuracy"]
+    with pytest.raises(ValueError, match="--only-seed 5 is not one of the comparison's seeds \\(3, 4"):
+        compare_module.compare(apart, ["mezo"], forward_budget=8, evaluations=2, seeds=2, only_seed=5,
+                               progress_stream=sink)
+
+
+def test_compare_cli_only_seed_writes_one_seed_and_no_table(tiny_model_dir, tmp_path, capsys):
+    from zokern.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--model", str(tiny_model_dir), "--output-dir", str(out), "--methods", "mezo",
+                 "--forward-budget", "4", "--evaluations", "1", "--batch-size", "4", "--eval-examples", "4",
+                 "--lora-rank", "2", "--seeds", "2", "--only-seed", "1"]) == 0
+    assert "seed 1: 1 run(s) under" in capsys.readouterr().out
+    assert (out / "mezo" / "seed-1" / "summary.json").exists()
+    assert not (out / "mezo" / "seed-0").exists() and not (out / "comparison.md").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--seeds", "2", "--only-seed", "7"], "--only-seed 7 is not one of the comparison's seeds (0, 1"),
     (["--forward-budget", "0"], "the forward budget must be positive"),
     (["--methods", "mezo,adam"], "unknown method(s) adam"),
     (["--option", "rank=4"], "METHOD.NAME=VALUE"),

@@ -110,6 +110,10 @@ def _add_compare(sub) -> None:
     p.add_argument("--evaluations", type=int, default=6, help="validation evaluations per run")
     p.add_argument("--seeds", type=int, default=1, help="runs per method, with seeds --seed, --seed + 1, ...; the "
                                                         "table gives mean ± standard deviation, the plot a band")
+    p.add_argument("--only-seed", type=int, default=None, metavar="S",
+                   help="train only seed S's runs (one of --seed, ..., --seed + --seeds - 1), in the folders the "
+                        "whole comparison uses, and write no table: spread the seeds over processes, then gather "
+                        "them with --resume")
     p.add_argument("--output-dir", default="runs/compare")
     p.add_argument("--resume", action="store_true",
                    help="take runs already finished under --output-dir with the same settings as they are, and "
@@ -189,7 +193,8 @@ def compare_command(args) -> int:
     from zokern.optim import METHODS
 
     fields = {k: v for k, v in vars(args).items()
-              if k not in ("command", "func", "option", "methods", "forward_budget", "evaluations", "seeds", "resume")}
+              if k not in ("command", "func", "option", "methods", "forward_budget", "evaluations", "seeds", "resume",
+                           "only_seed")}
     try:
         check_settings(args.forward_budget, args.seeds)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -208,10 +213,14 @@ def compare_command(args) -> int:
         resolve_model_path(base.model)
         # compare checks every run's settings before the model loads and the first run trains
         result = compare(base, methods, args.forward_budget, evaluations=args.evaluations, method_options=options,
-                         seeds=args.seeds, resume=args.resume)
+                         seeds=args.seeds, resume=args.resume, only_seed=args.only_seed)
     except (DataError, ModelError, ValueError) as exc:  # ConfigError, CheckpointError are ValueErrors
         print(f"zokern compare: error: {exc}", file=sys.stderr)
         return 2
+    if args.only_seed is not None:
+        print(f"seed {args.only_seed}: {len(result['summaries'])} run(s) under {base.output_dir}; the same command "
+              "without --only-seed and with --resume gathers the comparison")
+        return 0
     print("\n" + (Path(base.output_dir) / "comparison.md").read_text())
     return 0 if result["runs"] else 1
 

@@ -68,29 +68,42 @@ def completed_summary(config: FinetuneConfig) -> "dict | None":
     return summary if recorded == requested else None
 
 
+def _run(method: str, config: FinetuneConfig, forward_budget: int, resume: bool, progress_stream) -> dict:
+    """One run's summary: taken as it is where `resume` finds it finished with the same settings, else trained
+    (continuing from its newest checkpoint with `resume`)."""
+    summary = completed_summary(config) if resume else None
+    if summary is not None:
+        print(f"== {method}, seed {config.seed}: finished in {config.output_dir}, taken as it is", file=progress_stream)
+        return summary
+    print(f"== {method}, seed {config.seed}: {forward_budget} forward passes", file=progress_stream)
+    return finetune(replace(config, resume=resume), progress_stream=progress_stream)
+
+
 def compare(base: FinetuneConfig, methods: "list[str]", forward_budget: int, evaluations: int = 6,
             method_options: "dict[str, dict] | None" = None, seeds: int = 1, resume: bool = False,
-            progress_stream=sys.stderr) -> dict:
+            only_seed: "int | None" = None, progress_stream=sys.stderr) -> dict:
     """Runs of every method over `seeds` seeds (run_configs), every run's settings checked before the first
     trains. With `resume`, a run already finished under the output folder with the same settings is taken as it
     is, and an interrupted one continues from its newest checkpoint (so a comparison can be completed, or its
-    runs spread over several processes and gathered by a last call)."""
+    runs spread over several processes and gathered by a last call). `only_seed`, one of the comparison's seeds:
+    train that seed's runs alone, in the folders the whole comparison uses, and write no table (a process's
+    share of a comparison spread by seed; {"only_seed": S, "summaries": [...]})."""
     check_settings(forward_budget, seeds)
     configs = run_configs(base, methods, forward_budget, evaluations, method_options, seeds)
     for _, config in configs:
         check_config(config)
     out, run_seeds = Path(base.output_dir), [c.seed for m, c in configs if m == methods[0]]
+    if only_seed is not None:
+        if only_seed not in run_seeds:
+            raise ValueError(f"--only-seed {only_seed} is not one of the comparison's seeds "
+                             f"({', '.join(map(str, run_seeds))}: --seed and --seeds set them)")
+        return {"only_seed": only_seed, "summaries": [_run(m, c, forward_budget, resume, progress_stream)
+                                                      for m, c in configs if c.seed == only_seed]}
     rows, zero_shot = [], None
     for method in methods:
         summaries = []
         for config in [c for m, c in configs if m == method]:
-            summary = completed_summary(config) if resume else None
-            if summary is not None:
-                print(f"== {method}, seed {config.seed}: finished in {config.output_dir}, taken as it is",
-                      file=progress_stream)
-            else:
-                print(f"== {method}, seed {config.seed}: {forward_budget} forward passes", file=progress_stream)
-                summary = finetune(replace(config, resume=resume), progress_stream=progress_stream)
+            summary = _run(method, config, forward_budget, resume, progress_stream)
             if zero_shot is None:
                 zero_shot = summary["zero_shot_accuracy"]
             summaries.append(summary)
