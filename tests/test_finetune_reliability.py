@@ -411,8 +411,9 @@ def test_replay_of_the_checked_log_still_matches(logged_run, tiny_model_dir, cap
 
 
 def test_replay_of_an_older_stream_on_a_changed_backend_warns(logged_run, capsys):
-    """A log of random stream version 2 replayed on the C++ CPU kernels, whose normals changed in version 3: the
-    replay runs and says its weights may be close, not bitwise; a version-3 log on the same backend says nothing."""
+    """A log of random stream version 2 replayed on the C++ CPU kernels, whose low-rank sums changed in version 3:
+    the replay runs and says its weights may be close, not bitwise; a version-3 log on the same backend says
+    nothing."""
     from zokern import backends
     if not backends.availability("cpp", "cpu")[0]:
         pytest.skip("cpp backend unavailable")

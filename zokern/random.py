@@ -50,8 +50,7 @@ STREAM_VERSION = 3
 # The stream version that introduced each distribution.
 DISTRIBUTION_SINCE = {Distribution.NORMAL: 1, Distribution.RADEMACHER: 1, Distribution.RADEMACHER_BIT: 2}
 # The stream version since which a backend computes a logged step as it does now, where that is not version 1
-# (docs/RANDOM.md): version 3 moved the C++ CPU kernels' Box–Muller from float64 to float32, and made the C++
-# kernels' low-rank sums (SubZero) fused multiply-adds, on the CPU and CUDA.
+# (docs/RANDOM.md): version 3 made the C++ kernels' low-rank sums (SubZero) fused multiply-adds, CPU and CUDA.
 VALUES_SINCE = {"cpp": 3, "cuda": 3}
 # log2 of the elements one Philox call yields: element i comes from call i >> ELEMENTS_PER_CALL_LOG2[dist].
 ELEMENTS_PER_CALL_LOG2 = {Distribution.NORMAL: 2, Distribution.RADEMACHER: 2, Distribution.RADEMACHER_BIT: 7}

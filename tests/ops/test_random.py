@@ -87,6 +87,28 @@ def test_draw_matches_reference(backend, device, offset, numel):
         assert torch.equal(rad, reference_draw(SEED, 3, numel, offset, dist=dist)), dist
 
 
+def float64_normals(seed: int, stream: int, numel: int, offset: int) -> torch.Tensor:
+    """docs/RANDOM.md's Gaussian with u and t as defined, log, sqrt, cos and sin in float64, rounded once."""
+    j = torch.arange(offset >> 2, (offset + numel + 3) >> 2, dtype=torch.int64)
+    words = philox4x32((j & 0xFFFFFFFF, j >> 32, stream, int(Domain.PERTURBATION)), (seed & 0xFFFFFFFF, seed >> 32))
+    pairs = []
+    for a, b in ((words[0], words[1]), (words[2], words[3])):
+        r = torch.sqrt(-2.0 * torch.log(((a >> 8) + 1).double() * 2.0**-24))
+        t = ((b >> 8).float() * TWO_PI_2M24).double()
+        pairs += [r * torch.cos(t), r * torch.sin(t)]
+    values = torch.stack(pairs, dim=-1).reshape(-1).float()
+    return values[offset & 3:(offset & 3) + numel]
+
+
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p.values[0] in ("reference", "cpp")])
+@pytest.mark.parametrize("offset", [0, (1 << 40) + 1])
+def test_normals_within_3_ulps_of_float64(backend, device, offset):
+    """The CPU backends' normals against the float64 evaluation rounded once: the C++ kernels (float64
+    polynomials) and the reference's torch float32 functions are each within 3 ulps of it (docs/RANDOM.md)."""
+    got = zokern.draw(SEED, 5, 1 << 20, offset=offset, device=device, backend=backend)
+    assert ulp_distance(got, float64_normals(SEED, 5, 1 << 20, offset)).max() <= 3
+
+
 @pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("dist", ["normal", "rademacher_bit"])
 def test_draw_is_what_perturb_applies(backend, device, dist):
@@ -213,7 +235,7 @@ def test_rademacher_bit_balance_and_independence():
 
 def test_stream_versions():
     assert STREAM_VERSION == max(*DISTRIBUTION_SINCE.values(), *VALUES_SINCE.values()) == 3
-    # Version 3 changed the C++ kernels alone: the CPU ones' normals, and both's low-rank sums.
+    # Version 3 changed the C++ kernels alone: their low-rank sums, CPU and CUDA.
     assert not replays_bitwise(2, "cpp") and replays_bitwise(3, "cpp")
     assert not replays_bitwise(2, "cuda") and replays_bitwise(3, "cuda")
     assert replays_bitwise(1, "reference") and replays_bitwise(1, "triton")
