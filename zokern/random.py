@@ -83,8 +83,8 @@ def check_stream_version(version, dist: "str | int | Distribution" = Distributio
 def replays_bitwise(version: int, backend: str) -> bool:
     """Whether a run logged under stream `version` is sure to replay bit for bit on `backend` (the run's own
     backend): False where the backend has changed what it computes since (VALUES_SINCE), so the replayed weights
-    may be close, not bitwise equal. Asked of every run: Rademacher values have never changed, but a method may
-    draw normals of its own (SubZero's subspaces and cores)."""
+    may be close, not bitwise equal. Asked of every run on the backend: a log does not say which ops its method
+    ran."""
     return version >= VALUES_SINCE.get(backend, 1)
 
 

@@ -8,8 +8,8 @@ import torch
 from scipy import stats
 
 import zokern
-from zokern.random import (DISTRIBUTION_SINCE, VALUES_SINCE, STREAM_VERSION, TWO_PI_2M24, Distribution, Domain,
-                           check_stream_version, parse_distribution, philox4x32, replays_bitwise, reference_draw)
+from zokern.random import (DISTRIBUTION_SINCE, STREAM_VERSION, TWO_PI_2M24, VALUES_SINCE, Distribution, Domain,
+                           check_stream_version, parse_distribution, philox4x32, reference_draw, replays_bitwise)
 from conftest import available_pairs, backend_kernels, philox_words, ulp_distance
 
 # Random123's known-answer vectors for philox4x32-10: (counter, key) -> words.

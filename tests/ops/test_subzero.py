@@ -1,7 +1,8 @@
 """SubZero's op, lowrank_apply_ (docs/OPS.md, "Low-rank perturbation"), on every backend: W + U·C·Vᵀ within the
 float32 error bound of a float64 computation rounded once to W's dtype (the summation order is the backend's), over
 dtypes, ranks, ragged tiles, transposed, misaligned and empty weights, strided and mixed-dtype factors; the C++
-kernels bit for bit in element.h's order (a fused multiply-add per rank index); one call per list; invariant to grouping and order; opcheck."""
+kernels bit for bit in element.h's order (a fused multiply-add per rank index); one call per list; invariant to
+grouping and order; opcheck."""
 import pytest
 import torch
 from op_cases import (BACKENDS, DTYPE_CASES, DTYPE_IDS, assert_bitwise, assert_launches,
