@@ -1,6 +1,7 @@
 """The seed log and replay: every method's logged run, replayed from the initial weights, is bitwise the
 trained one (also two-pass mode with evaluations in between, skipped steps and DiZO projections); logs
 are small, cut back on resume, and refuse a different base; `zokern finetune` then `zokern replay`."""
+import contextlib
 import copy
 import json
 import math
@@ -159,7 +160,8 @@ def test_stream_version(tmp_path):
     """The log records the random stream's version. A log without it (written before it existed) is of
     version 1 and still replays bitwise; a run whose distribution its version lacks is refused before any
     weight moves, and so is a version this zokern does not draw."""
-    from zokern.random import STREAM_VERSION
+    from zokern import backends
+    from zokern.random import STREAM_VERSION, VALUES_SINCE
 
     path = tmp_path / "seedlog.jsonl"
     for dist in ("rademacher", "rademacher_bit"):
@@ -179,7 +181,11 @@ def test_stream_version(tmp_path):
         replayed = fresh_model()
         opt = make_optimizer("mezo", replayed, None, dist=dist)
         if dist == "rademacher":  # the stream of version 1, unchanged
-            seedlog.replay(opt, records, header["stream_version"])
+            # The C++ kernels' low-rank sums changed in version 3: a MeZO run replays bitwise, but the log does not
+            # say which ops its method ran, so replay warns there.
+            changed = backends.resolve(None, "cpu") in VALUES_SINCE
+            with pytest.warns(UserWarning, match="close, not bitwise") if changed else contextlib.nullcontext():
+                seedlog.replay(opt, records, header["stream_version"])
             _assert_equal(trained, replayed)
         else:
             with pytest.raises(ValueError, match="'rademacher_bit' does not exist in random stream version 1"):
@@ -223,3 +229,20 @@ def test_finetune_then_replay_cli(tiny_model_dir, tmp_path, capsys):
     assert "base weights differ" in capsys.readouterr().err
     assert main(["replay", "--log", str(tmp_path / "missing.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_replay_warns_where_the_backend_computes_differently_since_the_log():
+    """seedlog.replay of a log older than its backend's last change (zokern.random.VALUES_SINCE: the C++ CPU
+    kernels' low-rank sums, version 3) warns that the weights may be close, not bitwise; a current log does not."""
+    import warnings
+
+    from zokern import backends
+    from zokern.random import STREAM_VERSION, VALUES_SINCE
+    if not backends.availability("cpp", "cpu")[0]:
+        pytest.skip("cpp backend unavailable")
+    with pytest.warns(UserWarning, match=f"stream version {VALUES_SINCE['cpp'] - 1}; backend 'cpp' computes"):
+        seedlog.replay(make_optimizer("mezo", fresh_model(), "cpp"), [], VALUES_SINCE["cpp"] - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seedlog.replay(make_optimizer("mezo", fresh_model(), "cpp"), [], STREAM_VERSION)
+        seedlog.replay(make_optimizer("mezo", fresh_model(), "reference"), [], 1)

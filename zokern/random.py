@@ -126,6 +126,12 @@ def philox4x32(counter: "tuple[torch.Tensor | int, ...]", key: "tuple[int, int]"
     return c0, c1, c2, c3
 
 
+def philox_calls(seed: int, stream: int, domain: int, calls: torch.Tensor):
+    """The four words of Philox calls `calls` (int64 call indices) of stream (seed, stream, domain): the counter
+    is (call low, call high, stream, domain) and the key the seed's two halves (docs/RANDOM.md)."""
+    return philox4x32((calls & MASK32, calls >> 32, stream, int(domain)), (seed & MASK32, seed >> 32))
+
+
 def _box_muller(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     u = ((a >> 8) + 1).to(torch.float32) * 2.0**-24
     t = (b >> 8).to(torch.float32) * TWO_PI_2M24
@@ -157,7 +163,7 @@ def reference_draw(seed: int, stream: int, numel: int, offset: int = 0, domain: 
         return torch.empty(0, dtype=torch.float32, device=device)
     shift = ELEMENTS_PER_CALL_LOG2[dist]
     j = torch.arange(offset >> shift, ((offset + numel - 1) >> shift) + 1, dtype=torch.int64, device=device)
-    words = philox4x32((j & MASK32, j >> 32, stream, int(domain)), (seed & MASK32, seed >> 32))
+    words = philox_calls(seed, stream, domain, j)
     if dist is Distribution.NORMAL:
         n0, n1 = _box_muller(words[0], words[1])
         n2, n3 = _box_muller(words[2], words[3])

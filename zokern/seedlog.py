@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
 
 from zokern.fileio import atomic_write
-from zokern.random import STREAM_VERSION, check_stream_version
+from zokern import backends
+from zokern.random import STREAM_VERSION, VALUES_SINCE, check_stream_version, replays_bitwise
 
 FORMAT = "zokern-seedlog"
 VERSION = 1
@@ -149,8 +151,15 @@ def _is_number_list(value) -> bool:
 def replay(optimizer, records: list[dict], stream_version: int = STREAM_VERSION) -> None:
     """Redo the logged steps on `optimizer`, built as in training over the same starting weights, then
     take out two-pass mode's pending perturbation: the weights are the trained ones. stream_version: the log
-    header's; the optimizer's distribution must exist in it (a ValueError before any weight moves)."""
+    header's; the optimizer's distribution must exist in it (a ValueError before any weight moves). A UserWarning
+    says so where the optimizer's backend computes differently since that version (zokern.random.VALUES_SINCE):
+    the replayed weights are then close to the trained ones, maybe not bitwise equal."""
     check_stream_version(stream_version, optimizer.dist)
+    backend = backends.resolve(optimizer.backend, optimizer.buckets[0].params[0].device.type)
+    if not replays_bitwise(stream_version, backend):
+        warnings.warn(f"the run drew from random stream version {stream_version}; backend {backend!r} computes "
+                      f"differently since version {VALUES_SINCE[backend]} (docs/RANDOM.md), so the weights replayed "
+                      "may be close, not bitwise equal", stacklevel=2)
     for record in records:
         optimizer.replay_step(record)
     optimizer.restore_weights()

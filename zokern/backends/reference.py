@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from zokern.random import MASK32, Domain, philox4x32, reference_draw
+from zokern.random import MASK32, Domain, philox_calls, reference_draw
 from zokern.validation import Rounding, offsets_or_zeros
 
 # The one NaN every backend stores in bfloat16 and float16, whatever NaN the float32 math produced (docs/OPS.md).
@@ -42,8 +42,7 @@ def _rounding_words(seed: int, stream: int, offset: int, numel: int, device) -> 
     """The rounding words of stream elements offset … offset + numel − 1 (int64 holding uint32): word i & 3
     of Philox call i >> 2 in domain ROUNDING."""
     j = torch.arange(offset >> 2, ((offset + numel - 1) >> 2) + 1, dtype=torch.int64, device=device)
-    words = torch.stack(philox4x32((j & MASK32, j >> 32, stream, int(Domain.ROUNDING)), (seed & MASK32, seed >> 32)),
-                        dim=-1).reshape(-1)
+    words = torch.stack(philox_calls(seed, stream, Domain.ROUNDING, j), dim=-1).reshape(-1)
     return words[offset & 3:(offset & 3) + numel]
 
 
@@ -68,7 +67,7 @@ def _stochastic_bits(x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> to
 def philox_words(out: torch.Tensor, seed: int, stream: int, domain: int, first_call: int) -> None:
     """out[k] = the four words of Philox call first_call + k (as int64, one row per call)."""
     j = torch.arange(first_call, first_call + out.shape[0], dtype=torch.int64, device=out.device)
-    out.copy_(torch.stack(philox4x32((j & MASK32, j >> 32, stream, domain), (seed & MASK32, seed >> 32)), dim=-1))
+    out.copy_(torch.stack(philox_calls(seed, stream, domain, j), dim=-1))
 
 
 def fill_random(out: torch.Tensor, seed: int, stream: int, offset: int, domain: int, dist: int) -> None:

@@ -3,6 +3,7 @@ run's seed log without a forward pass (docs/SEEDLOG.md)."""
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from zokern.finetune.config import ConfigError, FinetuneConfig, check_config
 from zokern.finetune.model import resolve_model_path
 from zokern.finetune.train import build_model, make_optimizer
 from zokern.optim import METHODS
-from zokern.random import VALUES_SINCE, replays_bitwise, step_seed
+from zokern.random import step_seed
 from zokern.seedlog import SeedLogError, weights_sha256
 
 
@@ -48,15 +49,15 @@ def replay_run(log_path: str, model: "str | None" = None, output: "str | None" =
         backend = backends.resolve(None, device_type)
         print(f"warning: the run used backend {header['backend']!r}, not available here; replaying on {backend!r} "
               "gives close, not bitwise equal, weights", file=sys.stderr)
-    elif not replays_bitwise(header["stream_version"], backend):
-        print(f"warning: the run drew from random stream version {header['stream_version']}; backend {backend!r} "
-              f"computes differently since version {VALUES_SINCE[backend]} (docs/RANDOM.md), so the weights "
-              "replayed may be close, not bitwise equal", file=sys.stderr)
     optimizer = make_optimizer(replace(config, backend=backend), trainable)
     try:
-        seedlog.replay(optimizer, records, header["stream_version"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seedlog.replay(optimizer, records, header["stream_version"])
     except ValueError as exc:  # a record that does not fit this optimizer: its base seed or parameter groups
         raise SeedLogError(f"{log_path}: {exc}") from None
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     save_file({name: p.detach().contiguous() for name, p in trainable}, str(out))
     summary = {"method": config.method, "steps": len(records), "nonfinite_steps": optimizer.nonfinite_steps,
                "backend": backend, "output": str(out), "tensors": len(trainable),
