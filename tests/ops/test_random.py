@@ -1,6 +1,7 @@
 """The random stream (docs/RANDOM.md) and the ops that expose it, fill_random_ and philox_words_: golden vectors,
 every backend against the reference (words bit for bit, Gaussian values within 4 float32 ulps, Rademacher values
 bit for bit), windows of one stream, opcheck, invariances and distribution checks."""
+import hashlib
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from scipy import stats
 
 import zokern
+from zokern import backends
 from zokern.random import (DISTRIBUTION_SINCE, STREAM_VERSION, TWO_PI_2M24, VALUES_SINCE, Distribution, Domain,
                            check_stream_version, parse_distribution, philox4x32, reference_draw, replays_bitwise)
 from conftest import available_pairs, backend_kernels, philox_words, ulp_distance
@@ -110,6 +112,19 @@ def test_normals_within_3_ulps_of_float64(backend, device, offset):
     polynomials) and the reference's torch float32 functions are each within 3 ulps of it (docs/RANDOM.md)."""
     got = zokern.draw(SEED, 5, 1 << 20, offset=offset, device=device, backend=backend)
     assert ulp_distance(got, float64_normals(SEED, 5, 1 << 20, offset)).max() <= 3
+
+
+# sha256 of the C++ CPU kernels' normals 3 … 3 + 2^20 − 1 of (SEED, stream 5), float32 bytes, by stream version.
+# Their values are the same at every ISA level (test_prebuilt_library.py) and do not depend on the machine, so a change to
+# them without a new stream version (and VALUES_SINCE) fails here: logs of the version would not replay bitwise.
+CPP_NORMALS_SHA256 = {3: "3b55acc345f082faddf041f92711a75a0ae700e6865db7a168dc5294a78779ca"}
+
+
+def test_cpp_normals_are_those_of_the_stream_version():
+    if not backends.availability("cpp", "cpu")[0]:
+        pytest.skip("cpp backend unavailable")
+    got = zokern.draw(SEED, 5, 1 << 20, offset=3, backend="cpp")
+    assert hashlib.sha256(got.numpy().tobytes()).hexdigest() == CPP_NORMALS_SHA256[STREAM_VERSION]
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
