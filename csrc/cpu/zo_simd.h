@@ -3,11 +3,10 @@
 // GCC/Clang vector extensions, so they compile for any target (SSE2, AVX2, AVX-512, NEON).
 //
 // Philox words are the scalar ones bit for bit (Rademacher signs too). Box–Muller takes u and t exactly as
-// docs/RANDOM.md defines them (float32 values) and evaluates r·cos t and r·sin t in float64, with
-// fdlibm's log/sin/cos polynomials (< 1 float64 ulp), rounding once to float32: the correctly rounded
-// value but in rare near-ties, so the normals are within the reference's own error of it (measured: ≤ 3
-// float32 ulps from zokern.random.reference_draw over 16M values). No FMA contraction (-ffp-contract=off)
-// and no fast-math: every operation is an IEEE one, so all ISA levels give the same bits.
+// docs/RANDOM.md defines them and evaluates log, sin and cos with float32 polynomials (each within 2 ulps of
+// the correctly rounded value), then the square root and the products in float32: the normals are within 3
+// ulps of a float64 evaluation rounded once (stream version 4; docs/RANDOM.md). No FMA contraction
+// (-ffp-contract=off) and no fast-math: every operation is an IEEE one, so all ISA levels give the same bits.
 #pragma once
 
 #include <stdint.h>
@@ -29,13 +28,14 @@
 namespace zokern {
 namespace simd {
 
-constexpr int kLanes = 8;  // Philox calls per vector (8 float64 lanes per Box–Muller pair)
+constexpr int kLanes = 8;  // Philox calls per vector
 typedef uint32_t u32v __attribute__((vector_size(4 * kLanes)));
-typedef int32_t i32v __attribute__((vector_size(4 * kLanes)));
 typedef uint64_t u64v __attribute__((vector_size(8 * kLanes)));
-typedef int64_t i64v __attribute__((vector_size(8 * kLanes)));
 typedef float f32v __attribute__((vector_size(4 * kLanes)));
-typedef double f64v __attribute__((vector_size(8 * kLanes)));
+// Two words of each of kLanes calls side by side: Box–Muller takes both pairs of a vector of calls at once.
+typedef uint32_t u32w __attribute__((vector_size(8 * kLanes)));
+typedef int32_t i32w __attribute__((vector_size(8 * kLanes)));
+typedef float f32w __attribute__((vector_size(8 * kLanes)));
 
 template <class To, class From>
 ZK_INLINE To bit_cast(From v) {
@@ -46,8 +46,14 @@ ZK_INLINE To bit_cast(From v) {
 }
 
 // Lanewise m ? a : b for a mask m of all-ones / all-zeros lanes.
-ZK_INLINE f64v select(i64v m, f64v a, f64v b) {
-  return bit_cast<f64v>((bit_cast<i64v>(a) & m) | (bit_cast<i64v>(b) & ~m));
+ZK_INLINE f32w select(i32w m, f32w a, f32w b) {
+  return bit_cast<f32w>((bit_cast<i32w>(a) & m) | (bit_cast<i32w>(b) & ~m));
+}
+
+// lo's lanes, then hi's.
+ZK_INLINE u32w join(u32v lo, u32v hi) {
+  static_assert(kLanes == 8, "the shuffle lists 2·kLanes lanes");
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 
 }  // namespace simd
