@@ -181,8 +181,8 @@ def test_stream_version(tmp_path):
         replayed = fresh_model()
         opt = make_optimizer("mezo", replayed, None, dist=dist)
         if dist == "rademacher":  # the stream of version 1, unchanged
-            # The C++ kernels' low-rank sums changed in version 3: a MeZO run replays bitwise, but the log does not
-            # say which ops its method ran, so replay warns there.
+            # The C++ CPU kernels have changed since version 1 (VALUES_SINCE): a Rademacher MeZO run still replays
+            # bitwise, but the log does not say which ops its method ran, so replay warns there.
             changed = backends.resolve(None, "cpu") in VALUES_SINCE
             with pytest.warns(UserWarning, match="close, not bitwise") if changed else contextlib.nullcontext():
                 seedlog.replay(opt, records, header["stream_version"])
@@ -232,8 +232,8 @@ def test_finetune_then_replay_cli(tiny_model_dir, tmp_path, capsys):
 
 
 def test_replay_warns_where_the_backend_computes_differently_since_the_log():
-    """seedlog.replay of a log older than its backend's last change (zokern.random.VALUES_SINCE: the C++ CPU
-    kernels' low-rank sums, version 3) warns that the weights may be close, not bitwise; a current log does not."""
+    """seedlog.replay of a log older than its backend's last change (zokern.random.VALUES_SINCE) warns that the
+    weights may be close, not bitwise; a current log does not, nor a log of any version on the reference."""
     import warnings
 
     from zokern import backends

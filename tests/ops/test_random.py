@@ -115,8 +115,8 @@ def test_normals_within_3_ulps_of_float64(backend, device, offset):
 
 
 # sha256 of the C++ CPU kernels' normals 3 … 3 + 2^20 − 1 of (SEED, stream 5), float32 bytes, by stream version.
-# Their values are the same at every ISA level (test_prebuilt_library.py) and do not depend on the machine, so a change to
-# them without a new stream version (and VALUES_SINCE) fails here: logs of the version would not replay bitwise.
+# Their values are the same at every ISA level (test_prebuilt_library.py) and on every machine, so a change to them
+# without a new stream version (and VALUES_SINCE) fails here: logs of the version would not replay bitwise.
 CPP_NORMALS_SHA256 = {4: "373f376829f3d19a67eae1e9106abeee78250712870f7881e527e798e6356408"}
 
 
