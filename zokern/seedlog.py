@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from zokern.fileio import atomic_write
 from zokern import backends
+from zokern.fileio import atomic_write
 from zokern.random import STREAM_VERSION, VALUES_SINCE, check_stream_version, replays_bitwise
 
 FORMAT = "zokern-seedlog"
@@ -155,11 +155,12 @@ def replay(optimizer, records: list[dict], stream_version: int = STREAM_VERSION)
     says so where the optimizer's backend computes differently since that version (zokern.random.VALUES_SINCE):
     the replayed weights are then close to the trained ones, maybe not bitwise equal."""
     check_stream_version(stream_version, optimizer.dist)
-    backend = backends.resolve(optimizer.backend, optimizer.buckets[0].params[0].device.type)
-    if not replays_bitwise(stream_version, backend):
-        warnings.warn(f"the run drew from random stream version {stream_version}; backend {backend!r} computes "
-                      f"differently since version {VALUES_SINCE[backend]} (docs/RANDOM.md), so the weights replayed "
-                      "may be close, not bitwise equal", stacklevel=2)
+    # The ops resolve the backend per device, as here: one warning for each backend the buckets run on.
+    for backend in sorted({backends.resolve(optimizer.backend, b.params[0].device.type) for b in optimizer.buckets}):
+        if not replays_bitwise(stream_version, backend):
+            warnings.warn(f"the run drew from random stream version {stream_version}; backend {backend!r} computes "
+                          f"differently since version {VALUES_SINCE[backend]} (docs/RANDOM.md), so the weights "
+                          "replayed may be close, not bitwise equal", stacklevel=2)
     for record in records:
         optimizer.replay_step(record)
     optimizer.restore_weights()
