@@ -58,7 +58,9 @@ METHODS = {"mezo": (optim.MeZO, {}), "mezo-rademacher-bit": (optim.MeZO, {"dist"
 # Two-pass mode folds the next +εz into the update (2 passes over the weights a step, not 3); in place only.
 TWO_PASS = {"mezo-two-pass": (optim.MeZO, {"two_pass": True}),
             "mezo-rademacher-bit-two-pass": (optim.MeZO, {"dist": "rademacher_bit", "two_pass": True})}
-IN_PLACE_STEPS = {**METHODS, **TWO_PASS}
+# What stochastic rounding (the 16-bit default) costs: the same step storing its updates rounded to nearest.
+NEAREST = {"mezo-rademacher-bit-nearest": (optim.MeZO, {"dist": "rademacher_bit", "rounding": "nearest"})}
+IN_PLACE_STEPS = {**METHODS, **TWO_PASS, **NEAREST}
 EPS, LR = 1e-3, 1e-6
 
 

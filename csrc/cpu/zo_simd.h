@@ -31,7 +31,6 @@ namespace simd {
 constexpr int kLanes = 8;  // Philox calls per vector
 typedef uint32_t u32v __attribute__((vector_size(4 * kLanes)));
 typedef uint64_t u64v __attribute__((vector_size(8 * kLanes)));
-typedef float f32v __attribute__((vector_size(4 * kLanes)));
 // Two words of each of kLanes calls side by side: Box–Muller takes both pairs of a vector of calls at once.
 typedef uint32_t u32w __attribute__((vector_size(8 * kLanes)));
 typedef int32_t i32w __attribute__((vector_size(8 * kLanes)));
@@ -54,6 +53,18 @@ ZK_INLINE f32w select(i32w m, f32w a, f32w b) {
 ZK_INLINE u32w join(u32v lo, u32v hi) {
   static_assert(kLanes == 8, "the shuffle lists 2·kLanes lanes");
   return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+// The stream's element order from two vectors of pairs: out[4l .. 4l+3] = a[l], b[l], a[kLanes+l], b[kLanes+l]
+// (a holds words 0 and 2 of kLanes calls, b words 1 and 3, as Box–Muller's normals n0 and n1 do). In registers:
+// built element by element, the order went through the stack as halves reloaded whole, which stalled.
+template <class W, class E>
+ZK_INLINE void store_interleaved(W a, W b, E* out) {
+  static_assert(kLanes == 8 && sizeof(W) == 8 * kLanes && sizeof(E) == 4, "the shuffles list 2·kLanes lanes");
+  const W lo = __builtin_shufflevector(a, b, 0, 16, 8, 24, 1, 17, 9, 25, 2, 18, 10, 26, 3, 19, 11, 27);
+  const W hi = __builtin_shufflevector(a, b, 4, 20, 12, 28, 5, 21, 13, 29, 6, 22, 14, 30, 7, 23, 15, 31);
+  memcpy(out, &lo, sizeof lo);
+  memcpy(out + 2 * kLanes, &hi, sizeof hi);
 }
 
 }  // namespace simd
