@@ -102,7 +102,7 @@ def stochastic_bits(x, r, DTYPE: tl.constexpr):
         normal = (a - (112 << 23) + (r & 0x1FFF)) >> 13
         # float16 subnormals: the value in units of 2^-24 is m / 2^s; lanes with e > 126 are not selected.
         s = tl.where(e == 0, 125, 126 - tl.minimum(e, 126))
-        t = tl.minimum(s, 32).to(tl.uint64)
+        t = tl.minimum(s, 16).to(tl.uint64)
         m = tl.where(e == 0, a & 0x7FFFFF, (a & 0x7FFFFF) | 0x800000) >> tl.minimum(s - t.to(tl.uint32), 31)
         one = tl.full(t.shape, 1, tl.uint64)
         subnormal = ((m.to(tl.uint64) + (r.to(tl.uint64) & ((one << t) - 1))) >> t).to(tl.uint32)
@@ -131,16 +131,20 @@ def _pick(w0, w1, w2, w3, q):
 
 @triton.jit
 def rounding_rows(j, stream, k0, k1):
-    """The rounding words of Philox calls j as an [R, 4] uint32 block (row r, column q: element 4·j[r] + q)."""
-    w0, w1, w2, w3 = philox_calls(j, stream, ROUNDING, k0, k1)
-    return _pick(w0[:, None], w1[:, None], w2[:, None], w3[:, None], tl.arange(0, 4)[None, :])
+    """The rounding words of elements 4·j[r] + q as an [R, 4] uint32 block (row r, column q). Element e's is
+    half e & 1 (the low one first) of word (e >> 1) & 3 of Philox call e >> 3 (docs/RANDOM.md): a row is half a
+    call, evaluated once per row."""
+    w0, w1, w2, w3 = philox_calls(j >> 1, stream, ROUNDING, k0, k1)
+    q = tl.arange(0, 4)[None, :]
+    word = _pick(w0[:, None], w1[:, None], w2[:, None], w3[:, None], 2 * (j[:, None] & 1) + (q >> 1))
+    return (word >> ((q & 1) * 16).to(tl.uint32)) & 0xFFFF
 
 
 @triton.jit
 def rounding_words(i, stream, k0, k1):
-    """The rounding words of stream elements i (int64, any shape): one Philox call per element."""
-    w0, w1, w2, w3 = philox_calls(i >> 2, stream, ROUNDING, k0, k1)
-    return _pick(w0, w1, w2, w3, i & 3)
+    """The rounding words of stream elements i (int64, any shape), as rounding_rows: one Philox call per element."""
+    w0, w1, w2, w3 = philox_calls(i >> 3, stream, ROUNDING, k0, k1)
+    return (_pick(w0, w1, w2, w3, (i >> 1) & 3) >> ((i & 1) * 16).to(tl.uint32)) & 0xFFFF
 
 
 @triton.jit

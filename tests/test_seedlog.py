@@ -246,3 +246,19 @@ def test_replay_warns_where_the_backend_computes_differently_since_the_log():
         warnings.simplefilter("error")
         seedlog.replay(make_optimizer("mezo", fresh_model(), "cpp"), [], STREAM_VERSION)
         seedlog.replay(make_optimizer("mezo", fresh_model(), "reference"), [], 1)
+
+
+def test_replay_warns_where_16_bit_stochastic_rounding_changed_since_the_log():
+    """Stochastic rounding to 16 bits takes other rounding words since ROUNDING_SINCE, on every backend: a log from
+    before warns for a 16-bit model rounded stochastically, not for one rounded to nearest nor a float32 one."""
+    import warnings
+
+    from zokern.random import ROUNDING_SINCE
+    old = ROUNDING_SINCE - 1
+    with pytest.warns(UserWarning, match=f"stream version {old}; stochastic rounding to 16 bits takes other"):
+        seedlog.replay(make_optimizer("mezo", fresh_model().bfloat16(), "reference"), [], old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seedlog.replay(make_optimizer("mezo", fresh_model().bfloat16(), "reference", rounding="nearest"), [], old)
+        seedlog.replay(make_optimizer("mezo", fresh_model(), "reference"), [], old)
+        seedlog.replay(make_optimizer("mezo", fresh_model().bfloat16(), "reference"), [], ROUNDING_SINCE)

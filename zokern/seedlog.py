@@ -16,7 +16,7 @@ import torch
 
 from zokern import backends
 from zokern.fileio import atomic_write
-from zokern.random import STREAM_VERSION, VALUES_SINCE, check_stream_version, replays_bitwise
+from zokern.random import ROUNDING_SINCE, STREAM_VERSION, VALUES_SINCE, check_stream_version, replays_bitwise
 
 FORMAT = "zokern-seedlog"
 VERSION = 1
@@ -152,9 +152,15 @@ def replay(optimizer, records: list[dict], stream_version: int = STREAM_VERSION)
     """Redo the logged steps on `optimizer`, built as in training over the same starting weights, then
     take out two-pass mode's pending perturbation: the weights are the trained ones. stream_version: the log
     header's; the optimizer's distribution must exist in it (a ValueError before any weight moves). A UserWarning
-    says so where the optimizer's backend computes differently since that version (zokern.random.VALUES_SINCE):
-    the replayed weights are then close to the trained ones, maybe not bitwise equal."""
+    says so where the optimizer's backend computes differently since that version (zokern.random.VALUES_SINCE), or
+    where it rounds 16-bit tensors stochastically and the rounding words have changed since (ROUNDING_SINCE): the
+    replayed weights are then close to the trained ones, maybe not bitwise equal."""
     check_stream_version(stream_version, optimizer.dist)
+    sixteen_bit = any(p.dtype in (torch.bfloat16, torch.float16) for b in optimizer.buckets for p in b.params)
+    if stream_version < ROUNDING_SINCE and optimizer.rounding == "stochastic" and sixteen_bit:
+        warnings.warn(f"the run drew from random stream version {stream_version}; stochastic rounding to 16 bits "
+                      f"takes other rounding words since version {ROUNDING_SINCE} (docs/RANDOM.md), so the weights "
+                      "replayed may be close, not bitwise equal", stacklevel=2)
     # The ops resolve the backend per device, as here: one warning for each backend the buckets run on.
     for backend in sorted({backends.resolve(optimizer.backend, b.params[0].device.type) for b in optimizer.buckets}):
         if not replays_bitwise(stream_version, backend):

@@ -58,13 +58,13 @@ ZK_INLINE u32w join(u32v lo, u32v hi) {
 // The stream's element order from two vectors of pairs: out[4l .. 4l+3] = a[l], b[l], a[kLanes+l], b[kLanes+l]
 // (a holds words 0 and 2 of kLanes calls, b words 1 and 3, as Box–Muller's normals n0 and n1 do). In registers:
 // built element by element, the order went through the stack as halves reloaded whole, which stalled.
-template <class W, class E>
-ZK_INLINE void store_interleaved(W a, W b, E* out) {
-  static_assert(kLanes == 8 && sizeof(W) == 8 * kLanes && sizeof(E) == 4, "the shuffles list 2·kLanes lanes");
+template <class W>
+ZK_INLINE void store_interleaved(W a, W b, void* out) {
+  static_assert(kLanes == 8 && sizeof(W) == 8 * kLanes, "the shuffles list 2·kLanes lanes of 4 bytes");
   const W lo = __builtin_shufflevector(a, b, 0, 16, 8, 24, 1, 17, 9, 25, 2, 18, 10, 26, 3, 19, 11, 27);
   const W hi = __builtin_shufflevector(a, b, 4, 20, 12, 28, 5, 21, 13, 29, 6, 22, 14, 30, 7, 23, 15, 31);
   memcpy(out, &lo, sizeof lo);
-  memcpy(out + 2 * kLanes, &hi, sizeof hi);
+  memcpy(static_cast<char*>(out) + sizeof lo, &hi, sizeof hi);
 }
 
 }  // namespace simd

@@ -96,12 +96,6 @@ __device__ inline void store_vec(T* p, int64_t g, int64_t lo, int64_t hi, bool f
   }
 }
 
-// The rounding words of stream elements i .. i+7 (any i) under seed, for a store of kVec elements.
-__device__ inline void rounding_words_vec(uint64_t seed, uint32_t stream, uint64_t i, uint32_t r[kVec]) {
-  rounding_words_at(seed, stream, i, r);
-  rounding_words_at(seed, stream, i + 4, r + 4);
-}
-
 // The steps of a range: g runs over multiples of kVec of the tensor index (whole Philox calls) from the
 // one holding `begin`; [lo, hi) is the part of g's kVec elements inside [begin, end).
 struct Step {
@@ -146,7 +140,7 @@ struct MezoRange {
       if (s.g + 4 < s.hi) op(t.stream, t.weight_decay, j + 1, x + 4);
       const bool stochastic = sizeof(T) == 2 && op.stochastic_store();
       uint32_t r[kVec];
-      if (stochastic) rounding_words_vec(op.seed, t.stream, 4 * j, r);
+      if (stochastic) rounding_words_at<kVec>(op.seed, t.stream, 4 * j, r);
       store_vec(p, s.g, s.lo, s.hi, full, x, stochastic, r);
     });
   }
@@ -177,7 +171,7 @@ struct SparseRange {
         const uint32_t in = op.reads_mask() ? (words[g >> 5] >> (g & 31)) & 0xFFu : 0u;
         float x[kVec];
         uint32_t r[kVec] = {};
-        if (sizeof(T) == 2 && op.stochastic()) rounding_words_vec(op.seed, t.stream, i, r);
+        if (sizeof(T) == 2 && op.stochastic()) rounding_words_at<kVec>(op.seed, t.stream, i, r);
         load_vec(p, g, g, hi, full, x);
         byte = op.template apply<T>(t.stream, t.weight_decay, h, i, x, in & 0xFu, r);
         if (g + 4 < hi) byte |= op.template apply<T>(t.stream, t.weight_decay, h, i + 4, x + 4, in >> 4, r + 4) << 4;
@@ -213,7 +207,7 @@ struct HizooRange {
       if (s.g + 4 < s.hi) op(t.stream, t.weight_decay, j + 1, x + 4, d + 4);
       const bool stochastic = sizeof(T) == 2 && op.stochastic_store();
       uint32_t r[kVec];
-      if (stochastic) rounding_words_vec(op.seed, t.stream, 4 * j, r);
+      if (stochastic) rounding_words_at<kVec>(op.seed, t.stream, 4 * j, r);
       store_vec(p, s.g, s.lo, s.hi, full, x, stochastic, r);
       if (Op::writes_d) store_vec(dh, s.g, s.lo, s.hi, full, d);
     });
@@ -243,7 +237,7 @@ struct DizoRescaleRange {
       for (int e = 0; e < kVec; ++e) x[e] = dizo_rescale_value(y[e], x[e], f);
       const bool rounds = sizeof(T) == 2 && stochastic;
       uint32_t r[kVec];
-      if (rounds) rounding_words_vec(seed, t.stream, static_cast<uint64_t>(t.offset + s.g), r);
+      if (rounds) rounding_words_at<kVec>(seed, t.stream, static_cast<uint64_t>(t.offset + s.g), r);
       store_vec(p, s.g, s.lo, s.hi, full, x, rounds, r);
     });
   }
@@ -410,7 +404,7 @@ __global__ void __launch_bounds__(kThreads)
       T* wp = w + row * t.n + col;
       const bool rounds = sizeof(T) == 2 && stochastic;
       uint32_t r[4] = {};
-      if (rounds) rounding_words_at(seed, t.stream, static_cast<uint64_t>(t.offset + row * t.n + col), r);
+      if (rounds) rounding_words_at<4>(seed, t.stream, static_cast<uint64_t>(t.offset + row * t.n + col), r);
       if (col + 4 <= t.n && reinterpret_cast<uintptr_t>(wp) % sizeof(Quad<T>) == 0) {
         Quad<T> q;
         q.word = *reinterpret_cast<const decltype(q.word)*>(wp);

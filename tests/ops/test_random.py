@@ -10,8 +10,9 @@ from scipy import stats
 
 import zokern
 from zokern import backends
-from zokern.random import (DISTRIBUTION_SINCE, STREAM_VERSION, TWO_PI_2M24, VALUES_SINCE, Distribution, Domain,
-                           check_stream_version, parse_distribution, philox4x32, reference_draw, replays_bitwise)
+from zokern.random import (DISTRIBUTION_SINCE, ROUNDING_SINCE, STREAM_VERSION, TWO_PI_2M24, VALUES_SINCE, Distribution,
+                           Domain, check_stream_version, parse_distribution, philox4x32, reference_draw,
+                           replays_bitwise)
 from conftest import available_pairs, backend_kernels, philox_words, ulp_distance
 
 # Random123's known-answer vectors for philox4x32-10: (counter, key) -> words.
@@ -117,7 +118,7 @@ def test_normals_within_3_ulps_of_float64(backend, device, offset):
 # sha256 of the C++ CPU kernels' normals 3 … 3 + 2^20 − 1 of (SEED, stream 5), float32 bytes, by stream version.
 # Their values are the same at every ISA level (test_prebuilt_library.py) and on every machine, so a change to them
 # without a new stream version (and VALUES_SINCE) fails here: logs of the version would not replay bitwise.
-CPP_NORMALS_SHA256 = {4: "373f376829f3d19a67eae1e9106abeee78250712870f7881e527e798e6356408"}
+CPP_NORMALS_SHA256 = {version: "373f376829f3d19a67eae1e9106abeee78250712870f7881e527e798e6356408" for version in (4, 5)}
 
 
 def test_cpp_normals_are_those_of_the_stream_version():
@@ -252,9 +253,9 @@ def test_rademacher_bit_balance_and_independence():
 
 
 def test_stream_versions():
-    assert STREAM_VERSION == max(*DISTRIBUTION_SINCE.values(), *VALUES_SINCE.values()) == 4
+    assert STREAM_VERSION == max(*DISTRIBUTION_SINCE.values(), *VALUES_SINCE.values(), ROUNDING_SINCE) == 5
     # Version 3 changed the C++ kernels alone (their low-rank sums, CPU and CUDA), version 4 the C++ CPU kernels'
-    # normals.
+    # normals, version 5 the rounding words of every backend (asked of a replay apart: seedlog.replay).
     assert not replays_bitwise(3, "cpp") and replays_bitwise(4, "cpp")
     assert not replays_bitwise(2, "cuda") and replays_bitwise(3, "cuda")
     assert replays_bitwise(1, "reference") and replays_bitwise(1, "triton")

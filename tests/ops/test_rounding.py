@@ -8,6 +8,7 @@ import torch
 
 import zokern
 from conftest import available_pairs
+from zokern.random import philox4x32
 
 PAIRS = available_pairs()
 HALF = [torch.bfloat16, torch.float16]
@@ -175,6 +176,37 @@ def _rounding_ops(dtype, device, backend, offsets=None, rows=None, seed=SEED):
                           backend=backend)
     out["lowrank_apply_"] = w
     return out
+
+
+def _rounding_words_by_definition(seed: int, stream: int, first: int, n: int) -> torch.Tensor:
+    """docs/RANDOM.md's rounding words of elements first … first + n − 1, from the raw Philox words: element e's is
+    half e & 1 (the low one first) of word (e >> 1) & 3 of call e >> 3 in domain ROUNDING (4)."""
+    e = torch.arange(first, first + n, dtype=torch.int64)
+    calls = e >> 3
+    words = torch.stack(philox4x32((calls & 0xFFFFFFFF, calls >> 32, stream, 4), (seed & 0xFFFFFFFF, seed >> 32)), -1)
+    word = words.gather(1, ((e >> 1) & 3)[:, None])[:, 0]
+    return (word >> (16 * (e & 1))) & 0xFFFF
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("offset", [0, 5, 12])
+def test_rounding_words_are_the_16_bit_halves_of_the_calls(backend, device, dtype, offset):
+    """The stored bits are docs/RANDOM.md's formulas (normal values) with the rounding words taken from the raw
+    Philox words: eight elements to a call, 16 bits each (stream version 5), at any element offset."""
+    n = 203
+    g = torch.Generator().manual_seed(9)
+    theta = (1 + torch.rand(n, generator=g)).to(dtype)
+    delta = 0.37 * 2.0 ** -MANTISSA[dtype]
+    p = theta.to(device, copy=True)
+    _step(p, delta=delta, backend=backend, offsets=[offset])
+    u = _float32_result(theta, delta, offset=offset).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    r = _rounding_words_by_definition(SEED, STREAM, offset, n)
+    if dtype == torch.bfloat16:
+        expected = (u + r) >> 16
+    else:  # values in [1, 2): float16 normals
+        expected = (u - (112 << 23) + (r & 0x1FFF)) >> 13
+    assert torch.equal(_bits(p.cpu()).to(torch.int64) & 0xFFFF, expected)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

@@ -39,11 +39,12 @@ def _store(p: torch.Tensor, x: torch.Tensor, rounding: int = Rounding.NEAREST, s
 
 
 def _rounding_words(seed: int, stream: int, offset: int, numel: int, device) -> torch.Tensor:
-    """The rounding words of stream elements offset … offset + numel − 1 (int64 holding uint32): word i & 3
-    of Philox call i >> 2 in domain ROUNDING."""
-    j = torch.arange(offset >> 2, ((offset + numel - 1) >> 2) + 1, dtype=torch.int64, device=device)
+    """The rounding words of stream elements offset … offset + numel − 1 (int64 holding 16 bits): half i & 1
+    (the low one first) of word (i >> 1) & 3 of Philox call i >> 3 in domain ROUNDING."""
+    j = torch.arange(offset >> 3, ((offset + numel - 1) >> 3) + 1, dtype=torch.int64, device=device)
     words = torch.stack(philox_calls(seed, stream, Domain.ROUNDING, j), dim=-1).reshape(-1)
-    return words[offset & 3:(offset & 3) + numel]
+    halves = torch.stack([words & 0xFFFF, words >> 16], dim=-1).reshape(-1)
+    return halves[offset & 7:(offset & 7) + numel]
 
 
 def _stochastic_bits(x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -57,7 +58,7 @@ def _stochastic_bits(x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> to
         e = a >> 23
         normal = (a - (112 << 23) + (r & 0x1FFF)) >> 13
         s = torch.where(e == 0, 125, 126 - e)  # float16 subnormals: the value in units of 2^-24 is m / 2^s
-        t = s.clamp(max=32)
+        t = s.clamp(max=16)
         m = torch.where(e == 0, a & 0x7FFFFF, (a & 0x7FFFFF) | 0x800000) >> (s - t).clamp(max=31)
         subnormal = (m + (r & ((1 << t) - 1))) >> t
         out = sign | torch.where(a >= 0x47800000, 0x7C00, torch.where(e >= 113, normal, subnormal))

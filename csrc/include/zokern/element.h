@@ -131,9 +131,10 @@ ZK_HD inline f16 from_float<f16>(float x) {
 }
 
 // ---- storage <- float32, stochastic rounding (docs/RANDOM.md, "Stochastic rounding") ----
-// r: the element's rounding word, word i & 3 of Philox call i >> 2 in domain ROUNDING. Integer arithmetic on
-// the float32 bit pattern: the result is one of the two storage values around x (by bit pattern: away from
-// zero past the largest finite value is inf), the one away from zero with probability (discarded bits) / 2^k.
+// r: the element's rounding word, 16 random bits: half i & 1 (the low one first) of word (i >> 1) & 3 of Philox
+// call i >> 3 in domain ROUNDING (stream version 5). Integer arithmetic on the float32 bit pattern: the result is
+// one of the two storage values around x (by bit pattern: away from zero past the largest finite value is inf),
+// the one away from zero with probability (discarded bits) / 2^k.
 
 constexpr uint32_t kRoundingDomain = 4;  // Domain.ROUNDING
 enum Rounding : int { kNearest = 0, kStochastic = 1 };
@@ -154,13 +155,11 @@ ZK_HD inline uint16_t float_to_half_bits_stochastic(float x, uint32_t r) {
     return static_cast<uint16_t>(sign | ((a - (112u << 23) + (r & 0x1FFFu)) >> 13));
   }
   // Subnormal half (zero and float32 subnormals included): the value in units of 2^-24 is m / 2^s. Of the s
-  // discarded bits the top 32 at most take part (exact for |x| >= 2^-33).
+  // discarded bits the top 16 at most take part (exact for |x| >= 2^-17). m < 2^24: no overflow.
   const uint32_t s = e == 0 ? 125u : 126u - e;
-  const uint32_t t = s < 32u ? s : 32u;
-  const uint64_t m = static_cast<uint64_t>(e == 0 ? (a & 0x7FFFFFu) : ((a & 0x7FFFFFu) | 0x800000u)) >>
-                     (s - t < 31u ? s - t : 31u);
-  const uint64_t bits = r & ((uint64_t(1) << t) - 1u);
-  return static_cast<uint16_t>(sign | static_cast<uint32_t>((m + bits) >> t));
+  const uint32_t t = s < 16u ? s : 16u;
+  const uint32_t m = (e == 0 ? (a & 0x7FFFFFu) : ((a & 0x7FFFFFu) | 0x800000u)) >> (s - t < 31u ? s - t : 31u);
+  return static_cast<uint16_t>(sign | ((m + (r & ((1u << t) - 1u))) >> t));
 }
 
 // x stored in T: round to nearest even, or stochastically with the word r. float32 keeps x.
@@ -182,20 +181,23 @@ ZK_HD inline f16 from_float_rounded<f16>(float x, bool stochastic, uint32_t r) {
   return stochastic ? f16{float_to_half_bits_stochastic(x, r)} : from_float<f16>(x);
 }
 
-// The rounding words of stream elements i .. i+3 (any i), as draw_z_at picks z.
-ZK_HD inline void rounding_words_at(uint64_t seed, uint32_t stream, uint64_t i, uint32_t r[4]) {
-  const uint32_t phase = static_cast<uint32_t>(i & 3u);
-  const Words a = philox(seed, stream, kRoundingDomain, i >> 2);
-  if (phase == 0) {
-    ZK_UNROLL
-    for (int q = 0; q < 4; ++q) r[q] = a.w[q];
-    return;
-  }
-  const Words b = philox(seed, stream, kRoundingDomain, (i >> 2) + 1);
+// Word q (0 .. 3) of a Philox call, selected without indexing (an indexed local array would spill on a GPU).
+ZK_HD inline uint32_t word_of(const Words& w, uint32_t q) {
+  return q == 0 ? w.w[0] : q == 1 ? w.w[1] : q == 2 ? w.w[2] : w.w[3];
+}
+
+// The rounding words of stream elements i .. i+N-1 (N <= 8, any i): one Philox call holds eight.
+template <int N>
+ZK_HD inline void rounding_words_at(uint64_t seed, uint32_t stream, uint64_t i, uint32_t r[N]) {
+  static_assert(N >= 1 && N <= 8, "at most two calls");
+  const uint32_t phase = static_cast<uint32_t>(i & 7u);
+  const Words a = philox(seed, stream, kRoundingDomain, i >> 3);
+  const Words b = phase + N > 8 ? philox(seed, stream, kRoundingDomain, (i >> 3) + 1) : a;
   ZK_UNROLL
-  for (int q = 0; q < 4; ++q) {
-    const uint32_t k = q + phase;  // 1 .. 6
-    r[q] = k < 4 ? (k == 1 ? a.w[1] : k == 2 ? a.w[2] : a.w[3]) : (k == 4 ? b.w[0] : k == 5 ? b.w[1] : b.w[2]);
+  for (int e = 0; e < N; ++e) {
+    const uint32_t k = phase + e;  // 0 .. 14: elements of a, then of b
+    const uint32_t word = k < 8 ? word_of(a, k >> 1) : word_of(b, (k >> 1) - 4);
+    r[e] = (word >> (16 * (k & 1))) & 0xFFFFu;
   }
 }
 
