@@ -156,8 +156,8 @@ def replay(optimizer, records: list[dict], stream_version: int = STREAM_VERSION)
     where it rounds 16-bit tensors stochastically and the rounding words have changed since (ROUNDING_SINCE): the
     replayed weights are then close to the trained ones, maybe not bitwise equal."""
     check_stream_version(stream_version, optimizer.dist)
-    sixteen_bit = any(p.dtype in (torch.bfloat16, torch.float16) for b in optimizer.buckets for p in b.params)
-    if stream_version < ROUNDING_SINCE and optimizer.rounding == "stochastic" and sixteen_bit:
+    if stream_version < ROUNDING_SINCE and optimizer.rounding == "stochastic" and any(
+            p.dtype in (torch.bfloat16, torch.float16) for b in optimizer.buckets for p in b.params):
         warnings.warn(f"the run drew from random stream version {stream_version}; stochastic rounding to 16 bits "
                       f"takes other rounding words since version {ROUNDING_SINCE} (docs/RANDOM.md), so the weights "
                       "replayed may be close, not bitwise equal", stacklevel=2)
