@@ -208,13 +208,26 @@ struct Loops {
 
 // ---- low-rank (SubZero) ----
 
-constexpr int64_t kRowBlock = 16;                     // rows of W per work item
+constexpr int64_t kPrepareRows = simd::kPanelCols;  // rows of U·C, and of V (one panel of Vᵀ), per work item
+constexpr int64_t kRowBlock = 48;  // rows of W per work item: whole register tiles (6 or 2 rows) in all but the last
 constexpr int64_t kColBlock = simd::generic::kBlock;  // columns of W per work item: Vᵀ's r×256 floats stay in L2
 
-// W += (U·C)·Vᵀ without an m×n temporary: float32 U·C (m×r) and Vᵀ (r×n) first, then tiles of W, each
-// row summing over the rank into kColBlock accumulators (zo_cpu_kernels.inc's subzero_rows, vectorised over
-// columns for the CPU's SIMD level). Sums as element.h says; stored with `rounding`, keyed by (seed, streams[t],
-// offsets[t] + row-major index).
+// Columns [p·kPanelCols, (p + 1)·kPanelCols) of the r×cols matrix `at(a, j)`, zero past `cols`, rank index by
+// rank index: the panel layout of zo_cpu_kernels.inc's tiles.
+template <class At>
+void pack_panel(int64_t r, int64_t cols, int64_t p, float* panel, At at) {
+  const int64_t j0 = p * simd::kPanelCols, width = std::min(simd::kPanelCols, cols - j0);
+  for (int64_t l = 0; l < simd::kPanelCols; ++l) {
+    for (int64_t a = 0; a < r; ++a) panel[a * simd::kPanelCols + l] = l < width ? at(a, j0 + l) : 0.f;
+  }
+}
+
+int64_t num_panels(int64_t cols) { return (cols + simd::kPanelCols - 1) / simd::kPanelCols; }
+
+// W += (U·C)·Vᵀ without an m×n temporary, as a small GEMM: the core C and Vᵀ packed in panels (float32), then
+// float32 U·C (m×r), then tiles of W, each element summing over the rank in register tiles
+// (zo_cpu_kernels.inc's subzero_uc_rows and subzero_rows, vectorised over columns for the CPU's SIMD level).
+// Sums as element.h says; stored with `rounding`, keyed by (seed, streams[t], offsets[t] + row-major index).
 void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores,
                     at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets, int64_t rounding) {
   const size_t count = weights.size();
@@ -224,9 +237,9 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
   check_params(weights, "weights");
   check_params(us, "us");
   check_params(vs, "vs");
-  std::vector<std::vector<float>> uc(count), vt(count);
+  std::vector<at::Tensor> uc(count), vt(count), core_panels(count);
   struct Item {
-    int64_t t, row, col;  // col < 0: a block of rows of U·C and Vᵀ (phase 1); else a tile of W (phase 2)
+    int64_t t, row, col;  // col < 0: a block of rows of U·C and of V (phase 1); else a tile of W (phase 2)
   };
   std::vector<Item> prepare, tiles;
   for (size_t t = 0; t < count; ++t) {
@@ -239,9 +252,16 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
                 "zokern_cpp: cores must be contiguous float32 r×r CPU tensors");
     const int64_t m = w.size(0), n = w.size(1), r = u.size(1);
     if (m * n == 0) continue;
-    uc[t].resize(m * r);
-    vt[t].resize(n * r);
-    for (int64_t i = 0; i < std::max(m, n); i += kRowBlock) prepare.push_back({static_cast<int64_t>(t), i, -1});
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    uc[t] = at::empty({m * r}, f32);
+    vt[t] = at::empty({num_panels(n) * r * simd::kPanelCols}, f32);
+    core_panels[t] = at::empty({num_panels(r) * r * simd::kPanelCols}, f32);
+    const float* core = c.data_ptr<float>();
+    for (int64_t p = 0; p < num_panels(r); ++p) {
+      pack_panel(r, r, p, core_panels[t].data_ptr<float>() + p * r * simd::kPanelCols,
+                 [&](int64_t b, int64_t a) { return core[b * r + a]; });
+    }
+    for (int64_t i = 0; i < std::max(m, n); i += kPrepareRows) prepare.push_back({static_cast<int64_t>(t), i, -1});
     for (int64_t i = 0; i < m; i += kRowBlock) {
       for (int64_t j = 0; j < n; j += kColBlock) tiles.push_back({static_cast<int64_t>(t), i, j});
     }
@@ -252,17 +272,28 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
   for (int64_t k = 0; k < num_prepare; ++k) {
     const int64_t t = prepare[k].t, i0 = prepare[k].row;
     const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
-    const float* core = cores[t].data_ptr<float>();
-    dispatch(us[t].scalar_type(), [&](auto tag) {
-      ZK_RUN(subzero_uc_rows, static_cast<const decltype(tag)*>(us[t].data_ptr()), core, r, i0,
-             std::min(m, i0 + kRowBlock), uc[t].data());
-    });
-    dispatch(vs[t].scalar_type(), [&](auto tag) {
-      const auto* v = static_cast<const decltype(tag)*>(vs[t].data_ptr());
-      for (int64_t j = i0; j < std::min(n, i0 + kRowBlock); ++j) {
-        for (int64_t a = 0; a < r; ++a) vt[t][a * n + j] = to_float(v[j * r + a]);
+    if (i0 < m) {
+      const int64_t i1 = std::min(m, i0 + kPrepareRows);
+      std::vector<float> rows_of_u;
+      const float* u = us[t].scalar_type() == at::kFloat ? us[t].data_ptr<float>() + i0 * r : nullptr;
+      if (u == nullptr) {  // the tiles read float32: U's rows converted once, not once per tile
+        rows_of_u.resize((i1 - i0) * r);
+        dispatch(us[t].scalar_type(), [&](auto tag) {
+          const auto* src = static_cast<const decltype(tag)*>(us[t].data_ptr()) + i0 * r;
+          for (size_t e = 0; e < rows_of_u.size(); ++e) rows_of_u[e] = to_float(src[e]);
+        });
+        u = rows_of_u.data();
       }
-    });
+      ZK_RUN(subzero_uc_rows, u, core_panels[t].data_ptr<float>(), r, i0, i1, uc[t].data_ptr<float>());
+    }
+    if (i0 < n) {
+      dispatch(vs[t].scalar_type(), [&](auto tag) {
+        const auto* v = static_cast<const decltype(tag)*>(vs[t].data_ptr());
+        const int64_t p = i0 / simd::kPanelCols;
+        pack_panel(r, n, p, vt[t].data_ptr<float>() + p * r * simd::kPanelCols,
+                   [&](int64_t a, int64_t j) { return to_float(v[j * r + a]); });
+      });
+    }
   }
 
   const int64_t num_tiles = static_cast<int64_t>(tiles.size());
@@ -273,7 +304,7 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     dispatch(weights[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       ZK_RUN(subzero_rows, static_cast<T*>(weights[t].data_ptr()), n, r, i0, std::min(m, i0 + kRowBlock), j0,
-             std::min(kColBlock, n - j0), uc[t].data(), vt[t].data(), rounding == kStochastic,
+             std::min(kColBlock, n - j0), uc[t].data_ptr<float>(), vt[t].data_ptr<float>(), rounding == kStochastic,
              static_cast<uint64_t>(seed), static_cast<uint32_t>(ids[t]), first[t]);
     });
   }

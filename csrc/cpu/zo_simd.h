@@ -29,6 +29,9 @@ namespace zokern {
 namespace simd {
 
 constexpr int kLanes = 8;  // Philox calls per vector
+// Low rank: Vᵀ (and the core) packed in panels of this many columns, rank index by rank index, so a register
+// tile streams one contiguous panel; a multiple of every level's tile width (zo_cpu_kernels.inc).
+constexpr int64_t kPanelCols = 64;
 typedef uint32_t u32v __attribute__((vector_size(4 * kLanes)));
 typedef uint64_t u64v __attribute__((vector_size(8 * kLanes)));
 // Two words of each of kLanes calls side by side: Box–Muller takes both pairs of a vector of calls at once.

@@ -11,8 +11,10 @@ from op_cases import (BACKENDS, DTYPE_CASES, DTYPE_IDS, assert_bitwise, assert_l
 import zokern
 
 # (m, n, rank): one element, odd sizes, a rank above the tile's 16, a full rank of 64, a thin matrix, ragged 64×64
-# tiles (70×130) and two row blocks and column tiles of the interpreter's 128×256 tiling (130×300).
-MATRICES = [(1, 1, 1), (17, 5, 3), (64, 48, 17), (96, 80, 64), (100, 3, 3), (70, 130, 8), (130, 300, 5)]
+# tiles (70×130), two row blocks and column tiles of the interpreter's 128×256 tiling (130×300), and a rank past
+# the C++ kernels' 64-column panels (the core in two, U·C's second tile ragged).
+MATRICES = [(1, 1, 1), (17, 5, 3), (64, 48, 17), (96, 80, 64), (100, 3, 3), (70, 130, 8), (130, 300, 5),
+            (21, 70, 81)]
 
 
 def lowrank_case(case, device, seed=0, factor_dtypes=None):
