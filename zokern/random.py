@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -84,12 +85,18 @@ def check_stream_version(version, dist: "str | int | Distribution" = Distributio
     return version
 
 
-def replays_bitwise(version: int, backend: str) -> bool:
-    """Whether a run logged under stream `version` is sure to replay bit for bit on `backend` (the run's own
-    backend): False where the backend has changed what it computes since (VALUES_SINCE), so the replayed weights
-    may be close, not bitwise equal. Asked of every run on the backend: a log does not say which ops its method
-    ran."""
-    return version >= VALUES_SINCE.get(backend, 1)
+def replay_changes(version: int, backends: Iterable[str], rounds_16_bit_stochastically: bool) -> list[str]:
+    """What has changed since stream `version` for a run on `backends` (the run's own) that may make its replay
+    close, not bitwise: one sentence per change, empty where the replay is sure to be bitwise. A backend that
+    computes differently since (VALUES_SINCE), asked of every run on it since a log does not say which ops its
+    method ran; other rounding words (ROUNDING_SINCE), for a run that rounds 16-bit tensors stochastically."""
+    changes = []
+    if rounds_16_bit_stochastically and version < ROUNDING_SINCE:
+        changes.append(f"stochastic rounding to 16 bits takes other rounding words since version {ROUNDING_SINCE}")
+    for backend in sorted(set(backends)):
+        if version < VALUES_SINCE.get(backend, 1):
+            changes.append(f"backend {backend!r} computes differently since version {VALUES_SINCE[backend]}")
+    return changes
 
 
 def check_seed(seed: int, what: str = "seed") -> int:

@@ -16,7 +16,7 @@ import torch
 
 from zokern import backends
 from zokern.fileio import atomic_write
-from zokern.random import ROUNDING_SINCE, STREAM_VERSION, VALUES_SINCE, check_stream_version, replays_bitwise
+from zokern.random import STREAM_VERSION, check_stream_version, replay_changes
 
 FORMAT = "zokern-seedlog"
 VERSION = 1
@@ -148,25 +148,25 @@ def _is_number_list(value) -> bool:
     return isinstance(value, list) and all(_is_number(v) for v in value)
 
 
+class NotBitwiseWarning(UserWarning):
+    """A replay's weights may be close to the trained ones, not bitwise equal (seedlog.replay)."""
+
+
 def replay(optimizer, records: list[dict], stream_version: int = STREAM_VERSION) -> None:
     """Redo the logged steps on `optimizer`, built as in training over the same starting weights, then
     take out two-pass mode's pending perturbation: the weights are the trained ones. stream_version: the log
-    header's; the optimizer's distribution must exist in it (a ValueError before any weight moves). A UserWarning
-    says so where the optimizer's backend computes differently since that version (zokern.random.VALUES_SINCE), or
-    where it rounds 16-bit tensors stochastically and the rounding words have changed since (ROUNDING_SINCE): the
-    replayed weights are then close to the trained ones, maybe not bitwise equal."""
+    header's; the optimizer's distribution must exist in it (a ValueError before any weight moves). A
+    NotBitwiseWarning for each change since that version that the run may meet (zokern.random.replay_changes: its
+    backends, its stochastic rounding of 16-bit tensors): the replayed weights are then close to the trained
+    ones, maybe not bitwise equal."""
     check_stream_version(stream_version, optimizer.dist)
-    if stream_version < ROUNDING_SINCE and optimizer.rounding == "stochastic" and any(
-            p.dtype in (torch.bfloat16, torch.float16) for b in optimizer.buckets for p in b.params):
-        warnings.warn(f"the run drew from random stream version {stream_version}; stochastic rounding to 16 bits "
-                      f"takes other rounding words since version {ROUNDING_SINCE} (docs/RANDOM.md), so the weights "
-                      "replayed may be close, not bitwise equal", stacklevel=2)
-    # The ops resolve the backend per device, as here: one warning for each backend the buckets run on.
-    for backend in sorted({backends.resolve(optimizer.backend, b.params[0].device.type) for b in optimizer.buckets}):
-        if not replays_bitwise(stream_version, backend):
-            warnings.warn(f"the run drew from random stream version {stream_version}; backend {backend!r} computes "
-                          f"differently since version {VALUES_SINCE[backend]} (docs/RANDOM.md), so the weights "
-                          "replayed may be close, not bitwise equal", stacklevel=2)
+    # The ops resolve the backend per device, as here.
+    on = {backends.resolve(optimizer.backend, b.params[0].device.type) for b in optimizer.buckets}
+    rounds_16_bit = optimizer.rounding == "stochastic" and any(
+        p.dtype in (torch.bfloat16, torch.float16) for b in optimizer.buckets for p in b.params)
+    for change in replay_changes(stream_version, on, rounds_16_bit):
+        warnings.warn(f"the run drew from random stream version {stream_version}; {change} (docs/RANDOM.md), so "
+                      "the weights replayed may be close, not bitwise equal", NotBitwiseWarning, stacklevel=2)
     for record in records:
         optimizer.replay_step(record)
     optimizer.restore_weights()

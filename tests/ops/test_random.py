@@ -12,7 +12,7 @@ import zokern
 from zokern import backends
 from zokern.random import (DISTRIBUTION_SINCE, ROUNDING_SINCE, STREAM_VERSION, TWO_PI_2M24, VALUES_SINCE, Distribution,
                            Domain, check_stream_version, parse_distribution, philox4x32, reference_draw,
-                           replays_bitwise)
+                           replay_changes)
 from conftest import available_pairs, backend_kernels, philox_words, ulp_distance
 
 # Random123's known-answer vectors for philox4x32-10: (counter, key) -> words.
@@ -255,10 +255,17 @@ def test_rademacher_bit_balance_and_independence():
 def test_stream_versions():
     assert STREAM_VERSION == max(*DISTRIBUTION_SINCE.values(), *VALUES_SINCE.values(), ROUNDING_SINCE) == 5
     # Version 3 changed the C++ kernels alone (their low-rank sums, CPU and CUDA), version 4 the C++ CPU kernels'
-    # normals, version 5 the rounding words of every backend (asked of a replay apart: seedlog.replay).
-    assert not replays_bitwise(3, "cpp") and replays_bitwise(4, "cpp")
-    assert not replays_bitwise(2, "cuda") and replays_bitwise(3, "cuda")
-    assert replays_bitwise(1, "reference") and replays_bitwise(1, "triton")
+    # normals, version 5 the rounding words of every backend, met only by a run rounding 16-bit tensors
+    # stochastically.
+    assert replay_changes(3, ["cpp"], False) == ["backend 'cpp' computes differently since version 4"]
+    assert replay_changes(4, ["cpp"], False) == []
+    assert replay_changes(2, ["cuda", "cpp"], False) == ["backend 'cpp' computes differently since version 4",
+                                                         "backend 'cuda' computes differently since version 3"]
+    assert replay_changes(3, ["cuda"], False) == []
+    assert replay_changes(1, ["reference", "triton"], False) == []
+    assert replay_changes(4, ["reference"], True) == [
+        "stochastic rounding to 16 bits takes other rounding words since version 5"]
+    assert replay_changes(5, ["reference", "triton", "cpp", "cuda"], True) == []
     assert set(DISTRIBUTION_SINCE) == set(Distribution)
     assert check_stream_version(1, "rademacher") == 1
     with pytest.raises(ValueError, match="'rademacher_bit' does not exist in random stream version 1"):

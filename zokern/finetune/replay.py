@@ -52,12 +52,15 @@ def replay_run(log_path: str, model: "str | None" = None, output: "str | None" =
     optimizer = make_optimizer(replace(config, backend=backend), trainable)
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", seedlog.NotBitwiseWarning)
             seedlog.replay(optimizer, records, header["stream_version"])
     except ValueError as exc:  # a record that does not fit this optimizer: its base seed or parameter groups
         raise SeedLogError(f"{log_path}: {exc}") from None
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+    for warning in caught:  # replay's own as the CLI's other warnings; any other goes on as it was raised
+        if issubclass(warning.category, seedlog.NotBitwiseWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     save_file({name: p.detach().contiguous() for name, p in trainable}, str(out))
     summary = {"method": config.method, "steps": len(records), "nonfinite_steps": optimizer.nonfinite_steps,
                "backend": backend, "output": str(out), "tensors": len(trainable),
