@@ -166,8 +166,9 @@ def _rounding_ops(dtype, device, backend, offsets=None, rows=None, seed=SEED):
     zokern.anchored_rescale_([s], [a], torch.tensor([0.999], device=device), rounding="stochastic", seed=seed,
                              stream_ids=[STREAM], offsets=offsets, backend=backend)
     out["anchored_rescale_"] = s
-    # Integers times a power of two: every product and sum is exact in float32, whatever the order.
-    m, cols, r = 24, 37, 2
+    # Integers times a power of two: every product and sum is exact in float32, whatever the order. Rows longer than
+    # a C++ tile's 64 columns and not a multiple of 8: a tile row's rounding words span two vectors of calls.
+    m, cols, r = 24, 137, 2
     w = rand(m, cols)
     u = torch.randint(-8, 8, (m, r), generator=g).float().to(device)
     v = torch.randint(-8, 8, (cols, r), generator=g).float().to(device)
