@@ -274,17 +274,11 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
     if (i0 < m) {
       const int64_t i1 = std::min(m, i0 + kPrepareRows);
-      std::vector<float> rows_of_u;
-      const float* u = us[t].scalar_type() == at::kFloat ? us[t].data_ptr<float>() + i0 * r : nullptr;
-      if (u == nullptr) {  // the tiles read float32: U's rows converted once, not once per tile
-        rows_of_u.resize((i1 - i0) * r);
-        dispatch(us[t].scalar_type(), [&](auto tag) {
-          const auto* src = static_cast<const decltype(tag)*>(us[t].data_ptr()) + i0 * r;
-          for (size_t e = 0; e < rows_of_u.size(); ++e) rows_of_u[e] = to_float(src[e]);
-        });
-        u = rows_of_u.data();
-      }
-      ZK_RUN(subzero_uc_rows, u, core_panels[t].data_ptr<float>(), r, i0, i1, uc[t].data_ptr<float>());
+      std::vector<float> scratch(us[t].scalar_type() == at::kFloat ? 0 : (i1 - i0) * r);
+      dispatch(us[t].scalar_type(), [&](auto tag) {
+        ZK_RUN(subzero_uc_rows, static_cast<const decltype(tag)*>(us[t].data_ptr()), core_panels[t].data_ptr<float>(),
+               r, i0, i1, uc[t].data_ptr<float>(), scratch.data());
+      });
     }
     if (i0 < n) {
       dispatch(vs[t].scalar_type(), [&](auto tag) {
