@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "zo_simd.h"
@@ -213,12 +214,14 @@ constexpr int64_t kRowBlock = 48;  // rows of W per work item: whole register ti
 constexpr int64_t kColBlock = simd::generic::kBlock;  // columns of W per work item: Vᵀ's r×256 floats stay in L2
 
 // Columns [p·kPanelCols, (p + 1)·kPanelCols) of the r×cols matrix `at(a, j)`, zero past `cols`, rank index by
-// rank index: the panel layout of zo_cpu_kernels.inc's tiles.
+// rank index, each column at its slot (zo_simd.h's panel_slot; `pairs` for a bfloat16 W): the panel layout of
+// zo_cpu_kernels.inc's tiles.
 template <class At>
-void pack_panel(int64_t r, int64_t cols, int64_t p, float* panel, At at) {
+void pack_panel(int64_t r, int64_t cols, int64_t p, bool pairs, float* panel, At at) {
   const int64_t j0 = p * simd::kPanelCols, width = std::min(simd::kPanelCols, cols - j0);
   for (int64_t l = 0; l < simd::kPanelCols; ++l) {
-    for (int64_t a = 0; a < r; ++a) panel[a * simd::kPanelCols + l] = l < width ? at(a, j0 + l) : 0.f;
+    float* column = panel + simd::panel_slot(l, pairs);
+    for (int64_t a = 0; a < r; ++a) column[a * simd::kPanelCols] = l < width ? at(a, j0 + l) : 0.f;
   }
 }
 
@@ -258,7 +261,7 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     core_panels[t] = at::empty({num_panels(r) * r * simd::kPanelCols}, f32);
     const float* core = c.data_ptr<float>();
     for (int64_t p = 0; p < num_panels(r); ++p) {
-      pack_panel(r, r, p, core_panels[t].data_ptr<float>() + p * r * simd::kPanelCols,
+      pack_panel(r, r, p, false, core_panels[t].data_ptr<float>() + p * r * simd::kPanelCols,
                  [&](int64_t b, int64_t a) { return core[b * r + a]; });
     }
     for (int64_t i = 0; i < std::max(m, n); i += kPrepareRows) prepare.push_back({static_cast<int64_t>(t), i, -1});
@@ -284,7 +287,7 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
       dispatch(vs[t].scalar_type(), [&](auto tag) {
         const auto* v = static_cast<const decltype(tag)*>(vs[t].data_ptr());
         const int64_t p = i0 / simd::kPanelCols;
-        pack_panel(r, n, p, vt[t].data_ptr<float>() + p * r * simd::kPanelCols,
+        pack_panel(r, n, p, weights[t].scalar_type() == at::kBFloat16, vt[t].data_ptr<float>() + p * r * simd::kPanelCols,
                    [&](int64_t a, int64_t j) { return to_float(v[j * r + a]); });
       });
     }
