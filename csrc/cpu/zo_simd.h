@@ -32,12 +32,13 @@ constexpr int kLanes = 8;  // Philox calls per vector
 // Low rank: Vᵀ (and the core) packed in panels of this many columns, rank index by rank index, so a register
 // tile streams one contiguous panel; a multiple of every level's tile width (zo_cpu_kernels.inc).
 constexpr int64_t kPanelCols = 64;
-// For a bfloat16 W, each kPairCols columns of a panel hold the even columns, then the odd ones: a 16-bit row read
-// as 32-bit words has the even columns in the low halves and the odd ones in the high halves, so the tile's sums
-// line up with it without a shuffle (zo_cpu_kernels.inc's subzero_add_pairs). The slot of column l of a panel:
-constexpr int64_t kPairCols = 32;
+// bfloat16 goes kPairElems elements at a time as 32-bit words, the even elements in their low halves and the odd
+// ones in their high halves, in "pair order": the even elements first, then the odd ones (zo_cpu_kernels.inc's
+// load_pairs and store_pairs). For a bfloat16 W, each kPairElems columns of a low-rank panel are in pair order, so
+// the tile's sums line up with W's row without a shuffle. The slot of column l of a panel:
+constexpr int64_t kPairElems = 32;
 inline int64_t panel_slot(int64_t l, bool pairs) {
-  return pairs ? (l & ~(kPairCols - 1)) + (l & 1) * (kPairCols / 2) + (l & (kPairCols - 1)) / 2 : l;
+  return pairs ? (l & ~(kPairElems - 1)) + (l & 1) * (kPairElems / 2) + (l & (kPairElems - 1)) / 2 : l;
 }
 typedef uint32_t u32v __attribute__((vector_size(4 * kLanes)));
 typedef uint64_t u64v __attribute__((vector_size(8 * kLanes)));

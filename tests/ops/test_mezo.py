@@ -25,10 +25,13 @@ STEP = dict(restore=0.25, lr=0.1, grad=-1.5, next_scale=0.2)
 # (op, distribution, next_seed): the perturbation, and the fused step with and without the next perturbation.
 VARIANTS = {"perturb-normal": ("perturb_", NORMAL, None), "perturb-rademacher": ("perturb_", RADEMACHER, None),
             "step-next-normal": ("fused_step_", NORMAL, NEXT_SEED),
-            "step-rademacher": ("fused_step_", RADEMACHER, None)}
-# Every dtype case with Gaussian z; the Rademacher draws (exact on every backend) in the mixed call.
+            "step-rademacher": ("fused_step_", RADEMACHER, None),
+            "perturb-rademacher-bit": ("perturb_", "rademacher_bit", None),
+            "step-next-rademacher-bit": ("fused_step_", "rademacher_bit", NEXT_SEED)}
+# Every dtype case with Gaussian and one-bit z; the 32-bit Rademacher draws (exact on every backend) in the mixed
+# call.
 CASES = [pytest.param(case, variant, id=f"{variant}-{name}") for case, name in zip(DTYPE_CASES, DTYPE_IDS)
-         for variant in VARIANTS if name == "mixed" or "normal" in variant]
+         for variant in VARIANTS if name == "mixed" or "normal" in variant or "bit" in variant]
 
 
 def decays(ids):
@@ -69,6 +72,29 @@ def test_matches_reference_bitwise(backend, device, case, variant, monkeypatch, 
     assert_launches(launches, backend, op, {"mezo_kernel": dtype_count(params)})
     assert_bitwise(params, want, variant)
     assert_margins_untouched(params, outside)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", ["perturb-normal", "perturb-rademacher-bit", "step-next-rademacher-bit"])
+@pytest.mark.parametrize("offset", [0, 296], ids=["from-0", "offset-296"])
+def test_matches_reference_bitwise_at_offsets(backend, device, dtype, variant, offset, monkeypatch):
+    """Tensors longer than the C++ kernels' 256-element blocks, whose stream starts on a Philox call's 128 one-bit
+    signs (offset 0) or between them (296: whole blocks that begin inside a call), bit for bit the reference's."""
+    op, dist, next_seed = VARIANTS[variant]
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(1031, generator=g).to(dtype=dtype, device=device),
+              torch.randn(40, 33, generator=g).to(dtype=dtype, device=device)]
+    reference_on_backend_z(monkeypatch, backend, device)
+    ids, offsets = [4, 9], [offset, offset + 8]
+    want = clones(params, "cpu")
+    for tensors, name in ((want, "reference"), (params, backend)):
+        kw = dict(stream_ids=ids, offsets=offsets, dist=dist, backend=name)
+        if op == "perturb_":
+            zokern.perturb_(tensors, SEED, SCALE, **kw)
+        else:
+            zokern.fused_step_(tensors, SEED, weight_decay=decays(ids), next_seed=next_seed, **kw, **STEP)
+    assert_bitwise(params, want, variant)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
