@@ -78,5 +78,16 @@ ZK_INLINE void store_interleaved(W a, W b, void* out) {
   memcpy(static_cast<char*>(out) + sizeof lo, &hi, sizeof hi);
 }
 
+// The same 4·kLanes elements in pair order (kPairElems): the even elements a[0], a[kLanes], a[1], a[kLanes+1], …,
+// then the odd ones, b's lanes in the same order. One shuffle of one vector each.
+template <class W>
+ZK_INLINE void store_pair_order(W a, W b, void* out) {
+  static_assert(kLanes == 8 && sizeof(W) == 8 * kLanes && 4 * kLanes == kPairElems, "the shuffles list 2·kLanes lanes");
+  const W even = __builtin_shufflevector(a, a, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  const W odd = __builtin_shufflevector(b, b, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  memcpy(out, &even, sizeof even);
+  memcpy(static_cast<char*>(out) + sizeof even, &odd, sizeof odd);
+}
+
 }  // namespace simd
 }  // namespace zokern
