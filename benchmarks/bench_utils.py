@@ -55,9 +55,12 @@ def environment() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
-            "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "llc_bytes": last_level_cache_bytes(), "threads": torch.get_num_threads()}
+    env = {"device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
+           "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+           "llc_bytes": last_level_cache_bytes(), "threads": torch.get_num_threads()}
+    if os.environ.get("ZOKERN_CPU_SIMD"):  # the C++ CPU kernels capped at a narrower SIMD level than the CPU's
+        env["zokern_cpu_simd"] = os.environ["ZOKERN_CPU_SIMD"]
+    return env
 
 
 def median_seconds(fn, repeats: int = 7) -> float:

@@ -75,6 +75,9 @@ def table(path: str) -> str:
             f"least twice the {env['llc_bytes'] / 2**20:.0f} MiB last-level cache)" if env.get("llc_bytes") else
             f"copy bandwidth {env['copy_gb_per_s']:.0f} GB/s (read + write)")
     threads = f"{env['threads']} thread{'s' if env['threads'] > 1 else ''} (torch and zokern); " if "threads" in env else ""
+    if "zokern_cpu_simd" in env:
+        threads += (f"zokern's C++ CPU kernels capped at the {env['zokern_cpu_simd']} level (ZOKERN_CPU_SIMD; torch's "
+                    "eager references run at the CPU's own); ")
     lines = [f"## {env['device']} — {env['date']}", "",
              f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, python {env['python']}; {threads}measured "
              f"{copy}. Source: `{path}`."]
