@@ -365,7 +365,9 @@ ZK_HD inline void draw_z_at(const Op& op, uint32_t stream, uint64_t i, float z[4
 ZK_HD inline bool in_mask(float x, float h) { return fabsf(x) <= h; }  // NaN: out
 
 // m·z as the reference multiplies a bool by z: ±0 where m is off, so even the sign of a zero sum agrees.
-ZK_HD inline float sparse_z(uint32_t m, float z) { return mul_rn(m ? 1.0f : 0.0f, z); }
+// m is a mask bit, 0 or 1: converted rather than selected, so the CPU's element loops vectorise without a
+// branch on each (random) bit.
+ZK_HD inline float sparse_z(uint32_t m, float z) { return mul_rn(static_cast<float>(static_cast<int32_t>(m)), z); }
 
 // The four-element form takes the four mask bits (bit q <-> stream element i + q) and their rounding words
 // r (read where op.stochastic()), and returns the four bits to store.
