@@ -118,6 +118,24 @@ def test_result_is_a_neighbour_of_the_float32_value(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("order", ["by_bits", "shuffled"])
+def test_every_float16_value_rounds_as_the_reference(backend, device, order):
+    """Every float16 θ (NaN, ±inf, zeros and subnormals included), moved by deltas from far below its spacing to past
+    the largest finite value and stored stochastically: bit for bit what the reference stores. In bit order, runs of
+    neighbours share a region; shuffled, most runs mix them (the C++ kernels round runs of float16 normals by one
+    vector formula, and other runs element by element)."""
+    theta = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    if order == "shuffled":
+        theta = theta[torch.randperm(theta.numel(), generator=torch.Generator().manual_seed(4))]
+    for delta in (0.0, 2.0 ** -30, 2.0 ** -25, 2.0 ** -16, 1e-3, 0.37, 100.0, 40000.0):
+        expected = theta.clone()
+        _step(expected, delta=delta, backend="reference")
+        got = theta.to(device, copy=True)
+        _step(got, delta=delta, backend=backend)
+        assert torch.equal(_bits(got.cpu()), _bits(expected)), delta
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_nan_is_the_canonical_nan_and_inf_stays(backend, device, dtype):
     p = torch.tensor([math.nan, -math.nan, math.inf, 1.0], dtype=dtype, device=device)
