@@ -59,9 +59,9 @@ class SparseMeZO(ZOOptimizer):
 
     @staticmethod
     def _select(bucket, key):
-        idx = bucket.extra[key]
-        return ([bucket.params[i] for i in idx], [bucket.stream_ids[i] for i in idx],
-                [bucket.weight_decays[i] for i in idx], bucket.offsets_at(idx))
+        idx, wds = bucket.extra[key], bucket.weight_decays  # once: each read matches every name
+        return ([bucket.params[i] for i in idx], [bucket.stream_ids[i] for i in idx], [wds[i] for i in idx],
+                bucket.offsets_at(idx))
 
     def _refresh_due(self, bucket, step: int) -> bool:
         """Whether step `step`'s first pass re-estimates any of the bucket's thresholds."""
