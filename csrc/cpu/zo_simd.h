@@ -55,9 +55,10 @@ ZK_INLINE To bit_cast(From v) {
   return out;
 }
 
-// Lanewise m ? a : b for a mask m of all-ones / all-zeros lanes.
-ZK_INLINE f32w select(i32w m, f32w a, f32w b) {
-  return bit_cast<f32w>((bit_cast<i32w>(a) & m) | (bit_cast<i32w>(b) & ~m));
+// Lanewise m ? a : b for a mask m of all-ones / all-zeros lanes (F a float vector, I the int vector as wide).
+template <class I, class F>
+ZK_INLINE F select(I m, F a, F b) {
+  return bit_cast<F>((bit_cast<I>(a) & m) | (bit_cast<I>(b) & ~m));
 }
 
 // lo's lanes, then hi's.
