@@ -83,12 +83,16 @@ def _layout(t: torch.Tensor) -> "tuple[int, int, list[tuple[int, int]]] | None":
     """(first byte, one past the last byte, [(size, byte stride)] of the dims with size > 1) of the memory a
     view can touch in its storage; None when it touches nothing or its layout is symbolic (a traced shape:
     the device implementation checks the real tensor)."""
-    numbers = (*t.shape, *t.stride(), t.storage_offset())
-    if t.numel() == 0 or not all(isinstance(v, int) for v in numbers):
+    size, count, offset = t.element_size(), t.numel(), t.storage_offset()
+    if isinstance(count, int) and isinstance(offset, int) and count and t.is_contiguous():
+        # One dim of element strides: the same span and stride lattice as the view's own dims, without
+        # walking them (an optimizer's call passes hundreds of tensors).
+        return offset * size, (offset + count) * size, [(count, size)] if count > 1 else []
+    numbers = (*t.shape, *t.stride(), offset)
+    if count == 0 or not all(isinstance(v, int) for v in numbers):
         return None
-    size = t.element_size()
     dims = [(n, s * size) for n, s in zip(t.shape, t.stride()) if n > 1]
-    start = t.storage_offset() * size
+    start = offset * size
     return start, start + size + sum((n - 1) * s for n, s in dims), dims
 
 

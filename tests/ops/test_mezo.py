@@ -288,8 +288,10 @@ def _unchanged(tensors, before):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("views", [lambda x: [x[0:6], x[2:8]], lambda x: [x[2:8], x.view(2, 4)],
-                                   lambda x: [x.view(2, 4).t(), x[3:4]], lambda x: [x[::2], x[2::4]]],
-                         ids=["shifted slices", "slice and whole", "transpose and element", "nested strides"])
+                                   lambda x: [x.view(2, 4).t(), x[3:4]], lambda x: [x[::2], x[2::4]],
+                                   lambda x: [x[0:4], x[3:8]], lambda x: [x[3:8], x[7:8]]],
+                         ids=["shifted slices", "slice and whole", "transpose and element", "nested strides",
+                              "one common element", "last element"])
 def test_overlapping_views_are_rejected(backend, device, views):
     """Aliasing is overlap of the bytes each view can touch in one storage, not equal data pointers."""
     x = torch.randn(8, device=device)
@@ -297,6 +299,16 @@ def test_overlapping_views_are_rejected(backend, device, views):
     with pytest.raises(ValueError, match=r"params\[\d\] and params\[\d\] share memory"):
         zokern.perturb_(views(x), 1, 1.0, stream_ids=[0, 1], backend=backend)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_adjacent_slices_are_accepted(backend, device):
+    """x[0:4] and x[4:8] meet at a boundary without a common byte."""
+    x = torch.randn(8, device=device)
+    expected = [x[0:4].clone(), x[4:8].clone()]
+    zokern.perturb_(expected, 3, 0.5, stream_ids=[0, 1], backend=backend)
+    zokern.perturb_([x[0:4], x[4:8]], 3, 0.5, stream_ids=[0, 1], backend=backend)
+    assert torch.equal(x[0:4], expected[0]) and torch.equal(x[4:8], expected[1])
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
