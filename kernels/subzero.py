@@ -3,6 +3,7 @@
 A program owns BM rows of W and a run of COLS columns. It loads its U rows (BM × R_PAD, the rank padded
 with zeros to a power of two ≥ 16, the smallest K tl.dot takes on GPU), forms U·C once, then walks its
 columns BN at a time: (U·C)·V_tileᵀ in float32, added to the W tile and stored with round-to-nearest-even.
+For a bfloat16 W the dot takes U·C and V tiles of bfloat16 operands (docs/OPS.md), summed in the dot's own order.
 Nothing of size m×n exists outside the tiles. One launch per matrix (matrices are large).
 """
 from __future__ import annotations
@@ -32,6 +33,16 @@ def _load_f32_zero(ptr, mask, DTYPE: tl.constexpr):
         return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _lowrank_operand(x):
+    """A bfloat16 W's low-rank operands (docs/OPS.md; element.h's lowrank_operand_bits): rounded to bfloat16,
+    nearest even, in bits (the interpreter's float conversion does not round so), zero below 2^-51 (bits 0x2600)."""
+    u = x.to(tl.uint32, bitcast=True)
+    b = tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FFF, (u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+    b = tl.where((b & 0x7FFF) < 0x2600, 0, b)
+    return (b << 16).to(tl.float32, bitcast=True)
+
+
 @triton.jit(do_not_specialize=["k0", "k1", "stream", "offset"])
 def subzero_kernel(w, u, v, c, m, n, r, k0, k1, stream, offset, W_DTYPE: tl.constexpr, U_DTYPE: tl.constexpr,
                    V_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -49,6 +60,8 @@ def subzero_kernel(w, u, v, c, m, n, r, k0, k1, stream, offset, W_DTYPE: tl.cons
                             row_in[:, None] & k_in[None, :], U_DTYPE)
     core = tl.load(c + ks[:, None] * r + ks[None, :], mask=k_in[:, None] & k_in[None, :], other=0.0)
     uc = tl.dot(u_tile, core, input_precision=DOT_PRECISION)
+    if W_DTYPE == BFLOAT16:
+        uc = _lowrank_operand(uc)
     w_rows = w + row0.to(tl.int64) * n
     first = tl.program_id(1) * COLS
     last = tl.minimum(n, first + COLS)
@@ -59,6 +72,8 @@ def subzero_kernel(w, u, v, c, m, n, r, k0, k1, stream, offset, W_DTYPE: tl.cons
         # V rows are contiguous: load the tile as [BN, R_PAD] (coalesced) and let the dot transpose it.
         v_tile = _load_f32_zero(v + col0.to(tl.int64) * r + (cols[:, None] * r + ks[None, :]),
                                 col_in[:, None] & k_in[None, :], V_DTYPE)
+        if W_DTYPE == BFLOAT16:
+            v_tile = _lowrank_operand(v_tile)
         update = tl.dot(uc, tl.trans(v_tile), input_precision=DOT_PRECISION)
         ptr = w_rows + col0 + (rows[:, None] * n + cols[None, :])
         inside = row_in[:, None] & col_in[None, :]

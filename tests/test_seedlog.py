@@ -277,3 +277,19 @@ def test_replay_warns_where_16_bit_stochastic_rounding_changed_since_the_log():
         seedlog.replay(make_optimizer("mezo", fresh_model().bfloat16(), "reference", rounding="nearest"), [], old)
         seedlog.replay(make_optimizer("mezo", fresh_model(), "reference"), [], old)
         seedlog.replay(make_optimizer("mezo", fresh_model().bfloat16(), "reference"), [], ROUNDING_SINCE)
+
+
+def test_replay_warns_where_bfloat16_low_rank_sums_changed_since_the_log():
+    """A bfloat16 matrix's low-rank update sums bfloat16 operands since LOWRANK_BFLOAT16_SINCE, on every backend: a
+    log from before warns for SubZero over a bfloat16 model, not over a float32 one, nor for MeZO over bfloat16."""
+    import warnings
+
+    from zokern.random import LOWRANK_BFLOAT16_SINCE
+    old = LOWRANK_BFLOAT16_SINCE - 1
+    with pytest.warns(UserWarning, match=f"stream version {old}; the low-rank update of a bfloat16 matrix"):
+        seedlog.replay(make_optimizer("subzero", fresh_model().bfloat16(), "reference"), [], old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seedlog.replay(make_optimizer("subzero", fresh_model(), "reference"), [], old)
+        seedlog.replay(make_optimizer("mezo", fresh_model().bfloat16(), "reference"), [], old)
+        seedlog.replay(make_optimizer("subzero", fresh_model().bfloat16(), "reference"), [], LOWRANK_BFLOAT16_SINCE)

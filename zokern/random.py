@@ -47,7 +47,7 @@ class Distribution(enum.IntEnum):
 # The stream's version: raised whenever a change adds a distribution, changes any value drawn, or changes what a
 # backend computes for a logged step; recorded in the seed log, so that a log is replayed only on a stream that
 # draws what it was trained with, and said to replay close, not bitwise, where a backend has changed since.
-STREAM_VERSION = 5
+STREAM_VERSION = 6
 # The stream version that introduced each distribution.
 DISTRIBUTION_SINCE = {Distribution.NORMAL: 1, Distribution.RADEMACHER: 1, Distribution.RADEMACHER_BIT: 2}
 # The stream version since which a backend computes a logged step as it does now, where that is not version 1
@@ -57,6 +57,9 @@ VALUES_SINCE = {"cpp": 4, "cuda": 3}
 # The stream version since which stochastic rounding to 16 bits takes 16-bit rounding words, eight per Philox call,
 # on every backend (docs/RANDOM.md): a run that stored 16-bit tensors so replays close, not bitwise, from before.
 ROUNDING_SINCE = 5
+# The stream version since which the low-rank update of a bfloat16 matrix (SubZero) sums bfloat16 operands in blocks,
+# on every backend (docs/OPS.md): a SubZero run over bfloat16 matrices so replays close, not bitwise, from before.
+LOWRANK_BFLOAT16_SINCE = 6
 # log2 of the elements one Philox call yields: element i comes from call i >> ELEMENTS_PER_CALL_LOG2[dist].
 ELEMENTS_PER_CALL_LOG2 = {Distribution.NORMAL: 2, Distribution.RADEMACHER: 2, Distribution.RADEMACHER_BIT: 7}
 
@@ -85,14 +88,19 @@ def check_stream_version(version, dist: "str | int | Distribution" = Distributio
     return version
 
 
-def replay_changes(version: int, backends: Iterable[str], rounds_16_bit_stochastically: bool) -> list[str]:
+def replay_changes(version: int, backends: Iterable[str], rounds_16_bit_stochastically: bool,
+                   updates_bfloat16_low_rank: bool = False) -> list[str]:
     """What has changed since stream `version` for a run on `backends` (the run's own) that may make its replay
     close, not bitwise: one sentence per change, empty where the replay is sure to be bitwise. A backend that
     computes differently since (VALUES_SINCE), asked of every run on it since a log does not say which ops its
-    method ran; other rounding words (ROUNDING_SINCE), for a run that rounds 16-bit tensors stochastically."""
+    method ran; other rounding words (ROUNDING_SINCE), for a run that rounds 16-bit tensors stochastically; other
+    low-rank sums (LOWRANK_BFLOAT16_SINCE), for a run whose method updates bfloat16 matrices by low rank."""
     changes = []
     if rounds_16_bit_stochastically and version < ROUNDING_SINCE:
         changes.append(f"stochastic rounding to 16 bits takes other rounding words since version {ROUNDING_SINCE}")
+    if updates_bfloat16_low_rank and version < LOWRANK_BFLOAT16_SINCE:
+        changes.append("the low-rank update of a bfloat16 matrix sums bfloat16 operands since version "
+                       f"{LOWRANK_BFLOAT16_SINCE}")
     for backend in sorted(set(backends)):
         if version < VALUES_SINCE.get(backend, 1):
             changes.append(f"backend {backend!r} computes differently since version {VALUES_SINCE[backend]}")

@@ -157,14 +157,16 @@ def replay(optimizer, records: list[dict], stream_version: int = STREAM_VERSION)
     take out two-pass mode's pending perturbation: the weights are the trained ones. stream_version: the log
     header's; the optimizer's distribution must exist in it (a ValueError before any weight moves). A
     NotBitwiseWarning for each change since that version that the run may meet (zokern.random.replay_changes: its
-    backends, its stochastic rounding of 16-bit tensors): the replayed weights are then close to the trained
-    ones, maybe not bitwise equal."""
+    backends, its stochastic rounding of 16-bit tensors, its low-rank updates of bfloat16 matrices): the replayed
+    weights are then close to the trained ones, maybe not bitwise equal."""
     check_stream_version(stream_version, optimizer.dist)
     # The ops resolve the backend per device, as here.
     on = {backends.resolve(optimizer.backend, b.params[0].device.type) for b in optimizer.buckets}
     rounds_16_bit = optimizer.rounding == "stochastic" and any(
         p.dtype in (torch.bfloat16, torch.float16) for b in optimizer.buckets for p in b.params)
-    for change in replay_changes(stream_version, on, rounds_16_bit):
+    bfloat16_low_rank = optimizer.updates_low_rank and any(
+        p.dtype == torch.bfloat16 for b in optimizer.buckets for p in b.params)
+    for change in replay_changes(stream_version, on, rounds_16_bit, bfloat16_low_rank):
         warnings.warn(f"the run drew from random stream version {stream_version}; {change} (docs/RANDOM.md), so "
                       "the weights replayed may be close, not bitwise equal", NotBitwiseWarning, stacklevel=2)
     for record in records:

@@ -2,6 +2,7 @@
 // OpenMP-parallel over a table of chunks that covers all of them. The element math is csrc/include/zokern/{philox,element}.h, shared
 // with CUDA; the kernels that draw random numbers do it in SIMD blocks (zo_cpu_kernels.inc).
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -14,6 +15,12 @@
 #include "zo_simd.h"
 #include "zokern/backend_ops.h"
 #include "zokern/element.h"
+
+#if defined(ZK_X86) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 // ---- the kernels that draw, one copy per ISA level; the widest the CPU has runs (all give the same bits) ----
 
@@ -53,7 +60,8 @@ constexpr int64_t kDefaultChunk = int64_t(1) << 16;
 
 enum class Level { kGeneric, kAvx2, kAvx512 };
 
-// ZOKERN_CPU_SIMD=generic|avx2 caps the level (to test the narrower paths on a wider CPU).
+// ZOKERN_CPU_SIMD=generic|avx2|avx512 caps the level (to test the narrower paths on a wider CPU); set at all, it
+// also keeps AMX off (amx_enabled).
 Level detect_level() {
   Level level = Level::kGeneric;
 #ifdef ZK_X86
@@ -227,12 +235,20 @@ void pack_panel(int64_t r, int64_t cols, int64_t p, bool pairs, float* panel, At
 
 int64_t num_panels(int64_t cols) { return (cols + simd::kPanelCols - 1) / simd::kPanelCols; }
 
+// out[0 .. n) = element.h's lowrank_operand(x[0 .. n)) as bfloat16 bits (uint16_t) or float32 values (float).
+template <class T, class Out>
+void operands(const T* x, int64_t n, Out* out) {
+  ZK_RUN(subzero_operands, x, n, out);
+}
+
 // W += (U·C)·Vᵀ without an m×n temporary, as a small GEMM: the core C and Vᵀ packed in panels (float32), then
 // float32 U·C (m×r), then tiles of W, each element summing over the rank in register tiles
 // (zo_cpu_kernels.inc's subzero_uc_rows and subzero_rows, vectorised over columns for the CPU's SIMD level).
-// Sums as element.h says; stored with `rounding`, keyed by (seed, streams[t], offsets[t] + row-major index).
-void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores,
-                    at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets, int64_t rounding) {
+// A bfloat16 W takes lowrank_operand values of U·C and V in element.h's order for it: by AMX tiles where `amx`
+// (U·C and Vᵀ as bfloat16, zo_cpu_kernels.inc's subzero_rows_amx), else by register tiles. Sums as element.h says;
+// stored with `rounding`, keyed by (seed, streams[t], offsets[t] + row-major index).
+void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores,
+                        at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets, int64_t rounding, bool amx) {
   const size_t count = weights.size();
   TORCH_CHECK(us.size() == count && vs.size() == count && cores.size() == count, "zokern_cpp: list lengths differ");
   const std::vector<int64_t> ids = per_tensor_or_zeros(streams, count, "stream id");
@@ -240,7 +256,8 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
   check_params(weights, "weights");
   check_params(us, "us");
   check_params(vs, "vs");
-  std::vector<at::Tensor> uc(count), vt(count), core_panels(count);
+  std::vector<at::Tensor> uc(count), vt(count), core_panels(count), ucb(count), vt_blocks(count);
+  std::vector<char> on_amx(count, 0);
   struct Item {
     int64_t t, row, col;  // col < 0: a block of rows of U·C and of V (phase 1); else a tile of W (phase 2)
   };
@@ -257,7 +274,15 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
     if (m * n == 0) continue;
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
     uc[t] = at::empty({m * r}, f32);
-    vt[t] = at::empty({num_panels(n) * r * simd::kPanelCols}, f32);
+    on_amx[t] = amx && w.scalar_type() == at::kBFloat16 && r > 0;
+    if (on_amx[t]) {
+      const auto u16 = at::TensorOptions().dtype(at::kShort);
+      const int64_t r_pad = (r + kLowrankBlock - 1) / kLowrankBlock * kLowrankBlock;
+      ucb[t] = at::zeros({(m + simd::kAmxRows - 1) / simd::kAmxRows * simd::kAmxRows * r_pad}, u16);
+      vt_blocks[t] = at::zeros({num_panels(n) * r_pad * simd::kPanelCols}, u16);
+    } else {
+      vt[t] = at::empty({num_panels(n) * r * simd::kPanelCols}, f32);
+    }
     core_panels[t] = at::empty({num_panels(r) * r * simd::kPanelCols}, f32);
     const float* core = c.data_ptr<float>();
     for (int64_t p = 0; p < num_panels(r); ++p) {
@@ -275,20 +300,48 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
   for (int64_t k = 0; k < num_prepare; ++k) {
     const int64_t t = prepare[k].t, i0 = prepare[k].row;
     const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
+    const bool bf16_w = weights[t].scalar_type() == at::kBFloat16;
+    const int64_t r_pad = (r + kLowrankBlock - 1) / kLowrankBlock * kLowrankBlock;
     if (i0 < m) {
       const int64_t i1 = std::min(m, i0 + kPrepareRows);
       std::vector<float> scratch(us[t].scalar_type() == at::kFloat ? 0 : (i1 - i0) * r);
+      float* rows = uc[t].data_ptr<float>();
       dispatch(us[t].scalar_type(), [&](auto tag) {
         ZK_RUN(subzero_uc_rows, static_cast<const decltype(tag)*>(us[t].data_ptr()), core_panels[t].data_ptr<float>(),
-               r, i0, i1, uc[t].data_ptr<float>(), scratch.data());
+               r, i0, i1, rows, scratch.data());
       });
+      if (on_amx[t]) {
+        auto* bits = reinterpret_cast<uint16_t*>(ucb[t].data_ptr<int16_t>());
+        for (int64_t i = i0; i < i1; ++i) operands(rows + i * r, r, bits + i * r_pad);
+      } else if (bf16_w) {
+        operands(rows + i0 * r, (i1 - i0) * r, rows + i0 * r);
+      }
     }
     if (i0 < n) {
       dispatch(vs[t].scalar_type(), [&](auto tag) {
         const auto* v = static_cast<const decltype(tag)*>(vs[t].data_ptr());
-        const int64_t p = i0 / simd::kPanelCols;
-        pack_panel(r, n, p, weights[t].scalar_type() == at::kBFloat16, vt[t].data_ptr<float>() + p * r * simd::kPanelCols,
-                   [&](int64_t a, int64_t j) { return to_float(v[j * r + a]); });
+        const int64_t p = i0 / simd::kPanelCols, width = std::min(simd::kPanelCols, n - i0);
+        if (on_amx[t]) {
+          // Panel p's blocks: per rank block, four runs of 16 slots, each 16 rows of pairs of rank indices, so a
+          // row of V goes as 32-bit pairs, one per 64-byte row of its run.
+          auto* blocks = reinterpret_cast<uint32_t*>(vt_blocks[t].data_ptr<int16_t>()) + p * r_pad * simd::kPanelCols / 2;
+          std::vector<uint32_t> pairs(r_pad / 2, 0);
+          for (int64_t l = 0; l < width; ++l) {
+            const int64_t slot = simd::panel_slot(l, true), group = slot / 16, lane = slot % 16;
+            operands(v + (i0 + l) * r, r, reinterpret_cast<uint16_t*>(pairs.data()));
+            for (int64_t k = 0; k < r_pad / 2; ++k) {
+              blocks[(k / 16 * 4 + group) * simd::kAmxBlockWords / 2 + k % 16 * 16 + lane] = pairs[k];
+            }
+          }
+        } else if (bf16_w) {
+          std::vector<float> rows(width * r);
+          operands(v + i0 * r, width * r, rows.data());
+          pack_panel(r, n, p, true, vt[t].data_ptr<float>() + p * r * simd::kPanelCols,
+                     [&](int64_t a, int64_t j) { return rows[(j - i0) * r + a]; });
+        } else {
+          pack_panel(r, n, p, false, vt[t].data_ptr<float>() + p * r * simd::kPanelCols,
+                     [&](int64_t a, int64_t j) { return to_float(v[j * r + a]); });
+        }
       });
     }
   }
@@ -298,6 +351,18 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
   for (int64_t k = 0; k < num_tiles; ++k) {
     const int64_t t = tiles[k].t, i0 = tiles[k].row, j0 = tiles[k].col;
     const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
+#ifdef ZK_X86
+    if (on_amx[t]) {
+      simd::avx512::subzero_rows_amx(static_cast<bf16*>(weights[t].data_ptr()), n,
+                                     (r + kLowrankBlock - 1) / kLowrankBlock * kLowrankBlock, i0,
+                                     std::min(m, i0 + kRowBlock), j0, std::min(kColBlock, n - j0),
+                                     reinterpret_cast<const uint16_t*>(ucb[t].data_ptr<int16_t>()),
+                                     reinterpret_cast<const uint16_t*>(vt_blocks[t].data_ptr<int16_t>()),
+                                     rounding == kStochastic, static_cast<uint64_t>(seed),
+                                     static_cast<uint32_t>(ids[t]), first[t]);
+      continue;
+    }
+#endif
     dispatch(weights[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       ZK_RUN(subzero_rows, static_cast<T*>(weights[t].data_ptr()), n, r, i0, std::min(m, i0 + kRowBlock), j0,
@@ -305,6 +370,48 @@ void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs
              static_cast<uint64_t>(seed), static_cast<uint32_t>(ids[t]), first[t]);
     });
   }
+}
+
+// Whether a bfloat16 W's low-rank sums run on AMX: an uncapped AVX-512 level (ZOKERN_CPU_SIMD unset) on a CPU
+// with AMX-BF16, the tile data granted by Linux, and a probe (awkward shapes, every rank block, stochastic
+// rounding) that the AMX tiles and the AVX-512 register tiles compute bit for bit alike: the SDM's order is the
+// definition; a CPU that computed otherwise keeps the register tiles.
+bool amx_enabled() {
+  static const bool enabled = [] {
+#if defined(ZK_X86) && defined(__linux__)
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    const bool has_amx = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 22 & 1);
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    if (simd_level() != Level::kAvx512 || std::getenv("ZOKERN_CPU_SIMD") != nullptr || !has_amx ||
+        syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) != 0) {
+      return false;
+    }
+    const auto gen = at::make_generator<at::CPUGeneratorImpl>(20261204);
+    const int64_t m = 37, n = 150, r = 70;
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    const at::Tensor w = at::randn({m, n}, gen, f32).to(at::kBFloat16);
+    const at::Tensor u = at::randn({m, r}, gen, f32).to(at::kBFloat16);
+    const at::Tensor v = at::randn({n, r}, gen, f32).to(at::kBFloat16);
+    const at::Tensor core = at::randn({r, r}, gen, f32);
+    at::Tensor on_tiles = w.clone(), on_amx = w.clone();
+    lowrank_apply_with({on_tiles}, {u}, {v}, {core}, {7}, 1, {3}, kStochastic, false);
+    lowrank_apply_with({on_amx}, {u}, {v}, {core}, {7}, 1, {3}, kStochastic, true);
+    const bool same = at::equal(on_tiles.view(at::kShort), on_amx.view(at::kShort));
+    if (!same) {
+      TORCH_WARN("zokern_cpp: this CPU's AMX sums bfloat16 products otherwise than Intel's SDM says; bfloat16 "
+                 "low-rank updates run on the AVX-512 tiles instead (the same bits, slower)");
+    }
+    return same;
+#else
+    return false;
+#endif
+  }();
+  return enabled;
+}
+
+void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores,
+                    at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets, int64_t rounding) {
+  lowrank_apply_with(weights, us, vs, cores, streams, seed, offsets, rounding, amx_enabled());
 }
 
 // ---- anchored rescale (DiZO) ----

@@ -23,6 +23,7 @@
 #ifdef ZK_X86
 #define ZK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define ZK_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
+#define ZK_TARGET_AMX __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,amx-tile,amx-bf16")))
 #endif
 
 namespace zokern {
@@ -40,6 +41,11 @@ constexpr int64_t kPairElems = 32;
 inline int64_t panel_slot(int64_t l, bool pairs) {
   return pairs ? (l & ~(kPairElems - 1)) + (l & 1) * (kPairElems / 2) + (l & (kPairElems - 1)) / 2 : l;
 }
+// AMX (a bfloat16 W's low-rank sums, zo_cpu_kernels.inc's subzero_rows_amx): rows of W per tile, U·C's rows padded
+// to a multiple; the bfloat16 Vᵀ block one TDPBF16PS takes, kLowrankBlock rank indices of 16 panel slots as 16 rows
+// of pairs (rank indices 2p and 2p + 1 side by side for each slot).
+constexpr int64_t kAmxRows = 16;
+constexpr int64_t kAmxBlockWords = kLowrankBlock * 16;
 typedef uint32_t u32v __attribute__((vector_size(4 * kLanes)));
 typedef uint64_t u64v __attribute__((vector_size(8 * kLanes)));
 // Two words of each of kLanes calls side by side: Box–Muller takes both pairs of a vector of calls at once.

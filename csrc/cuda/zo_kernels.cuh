@@ -367,32 +367,59 @@ __global__ void __launch_bounds__(kThreads)
     const F* v = static_cast<const F*>(t.v);
     const int64_t local = c - t.first;
     const int64_t row0 = (local / t.tiles_n) * kTileM, col0 = (local % t.tiles_n) * kTileN;
-    float acc[4][4] = {};
+    // A bfloat16 W sums lowrank_operand values in element.h's blocks (a slice is one): per slice, the even rank
+    // indices into acc and the odd ones into odd, then acc = sum + (acc + odd) with sum the earlier slices'.
+    constexpr bool kBlocks = std::is_same<T, bf16>::value;
+    static_assert(!kBlocks || kSlice == kLowrankBlock, "a slice is a rank block");
+    float acc[4][4] = {}, odd[4][4] = {}, sum[4][4] = {};
     for (int64_t a0 = 0; a0 < t.r; a0 += kSlice) {
       __syncthreads();  // the previous slice (or tile) is consumed
       for (int s = threadIdx.x; s < kSlice * kTileM; s += kThreads) {
         const int a = s % kSlice, i = s / kSlice;  // consecutive threads: consecutive a, coalesced reads
         const int64_t row = row0 + i;
-        s_uc[a][i] = row < t.m && a0 + a < t.r ? t.uc[row * t.r + a0 + a] : 0.f;
+        const float x = row < t.m && a0 + a < t.r ? t.uc[row * t.r + a0 + a] : 0.f;
+        s_uc[a][i] = kBlocks ? lowrank_operand(x) : x;
       }
       for (int s = threadIdx.x; s < kSlice * kTileN; s += kThreads) {
         const int a = s % kSlice, j = s / kSlice;
         const int64_t col = col0 + j;
-        s_v[a][j] = col < t.n && a0 + a < t.r ? to_float(v[col * t.r + a0 + a]) : 0.f;
+        const float x = col < t.n && a0 + a < t.r ? to_float(v[col * t.r + a0 + a]) : 0.f;
+        s_v[a][j] = kBlocks ? lowrank_operand(x) : x;
       }
       __syncthreads();
       const int rs = t.r - a0 < kSlice ? static_cast<int>(t.r - a0) : kSlice;
-      ZK_UNROLL4
-      for (int a = 0; a < rs; ++a) {
+      const auto accumulate = [&](float(&into)[4][4], int a) {
         const float4 vq = *reinterpret_cast<const float4*>(&s_v[a][4 * tx]);
         ZK_UNROLL
         for (int k = 0; k < 4; ++k) {
           const float ua = s_uc[a][ty + kRowStep * k];
-          acc[k][0] = fma_rn(acc[k][0], ua, vq.x);
-          acc[k][1] = fma_rn(acc[k][1], ua, vq.y);
-          acc[k][2] = fma_rn(acc[k][2], ua, vq.z);
-          acc[k][3] = fma_rn(acc[k][3], ua, vq.w);
+          into[k][0] = fma_rn(into[k][0], ua, vq.x);
+          into[k][1] = fma_rn(into[k][1], ua, vq.y);
+          into[k][2] = fma_rn(into[k][2], ua, vq.z);
+          into[k][3] = fma_rn(into[k][3], ua, vq.w);
         }
+      };
+      ZK_UNROLL4
+      for (int a = 0; a < rs; a += kBlocks ? 2 : 1) {
+        accumulate(acc, a);
+        if (kBlocks && a + 1 < rs) accumulate(odd, a + 1);
+      }
+      if (kBlocks) {
+        ZK_UNROLL
+        for (int k = 0; k < 4; ++k) {
+          ZK_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            sum[k][e] = add_rn(sum[k][e], add_rn(acc[k][e], odd[k][e]));
+            acc[k][e] = odd[k][e] = 0.f;
+          }
+        }
+      }
+    }
+    if (kBlocks) {
+      ZK_UNROLL
+      for (int k = 0; k < 4; ++k) {
+        ZK_UNROLL
+        for (int e = 0; e < 4; ++e) acc[k][e] = sum[k][e];
       }
     }
     T* w = static_cast<T*>(t.w);

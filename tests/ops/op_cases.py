@@ -16,6 +16,7 @@ from conftest import available_pairs
 
 from zokern import library
 from zokern.backends import reference
+from zokern.backends.reference import LOWRANK_OPERAND_FLUSH, lowrank_operand
 from zokern.random import MASK32, Domain
 
 # (backend, device) pairs, the reference included; a backend missing on this machine is skipped with its reason
@@ -147,7 +148,8 @@ def storage_spacing(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 
 
 def assert_lowrank_rounded_from_float32(got: torch.Tensor, w, u, v, core) -> None:
-    """got = W + U·C·Vᵀ summed in float32 in any order and stored once, checked against the float64 value.
+    """got = W + U·C·Vᵀ summed in float32 in any order and stored once, checked against the float64 value (for a
+    bfloat16 W, of the lowrank_operand values of U·C and V).
 
     Each element is W + Σ_a (Σ_b U_ib C_ba) V_ja: 2r products and 2r sums in float32, so its float32 value is
     within γ_k·(|W| + Σ|U||C||V|) of the exact one, γ_k = k·u/(1 − k·u), u = 2^-24 and k = 2r + 2 (one spare)
@@ -158,6 +160,16 @@ def assert_lowrank_rounded_from_float32(got: torch.Tensor, w, u, v, core) -> Non
     exact = w.double() + (u.double() @ core.double()) @ v.double().t()  # float64: 2^-29 of the bound's error
     magnitude = w.double().abs() + (u.double().abs() @ core.double().abs()) @ v.double().abs().t()
     bound = gamma(k) * magnitude
+    if got.dtype == torch.bfloat16:
+        # The sum over a takes lowrank_operand values: V's are known; U·C's round to bfloat16 a float32 value within
+        # γ_{r+1} of the exact one, so they are within that plus half a bfloat16 spacing of it (or flushed).
+        uc = u.double() @ core.double()
+        uc_bound = gamma(u.shape[1] + 1) * (u.double().abs() @ core.double().abs())
+        ucb_error = storage_spacing(uc.abs() + uc_bound, torch.bfloat16) / 2 + uc_bound + LOWRANK_OPERAND_FLUSH
+        vb = lowrank_operand(v.float()).double()
+        exact = w.double() + uc @ vb.t()
+        bound = (gamma(u.shape[1] + 2) * (w.double().abs() + (uc.abs() + ucb_error) @ vb.abs().t())
+                 + ucb_error @ vb.abs().t())
     allowed = bound + storage_spacing(exact.abs() + bound, got.dtype) / 2
     excess = (got.double().cpu() - exact.cpu()).abs() - allowed.cpu()
     assert (excess <= 0).all(), (tuple(got.shape), u.shape[1], got.dtype, excess.max().item())

@@ -9,6 +9,9 @@ from op_cases import (BACKENDS, DTYPE_CASES, DTYPE_IDS, assert_bitwise, assert_l
                       assert_lowrank_rounded_from_float32, backends_named, clones, dtype_of)
 
 import zokern
+from zokern.backends.reference import lowrank_operand
+
+LOWRANK_BLOCK = 32  # element.h's kLowrankBlock
 
 # (m, n, rank): one element, odd sizes, a rank above the tile's 16, a full rank of 64, a thin matrix, ragged 64×64
 # tiles (70×130), two row blocks and column tiles of the interpreter's 128×256 tiling (130×300), and a rank past
@@ -76,12 +79,22 @@ def test_fma32_rounds_once():
 
 
 def lowrank_in_documented_order(w, u, v, c):
-    """element.h's order, each step a fused multiply-add (fma32): U·C over b, then the sum over a."""
+    """element.h's order, each step a fused multiply-add (fma32): U·C over b, then the sum over a; for a bfloat16 W,
+    of lowrank_operand values, in blocks of 32 rank indices (the even ones' sum plus the odd ones', added to the
+    earlier blocks' sum)."""
     w, u, v, c = (t.cpu() for t in (w, u, v, c))
     uc = torch.zeros(u.shape[0], c.shape[1])
     for b in range(c.shape[0]):
         uc = fma32(uc, u[:, b:b + 1].float(), c[b])
     delta = torch.zeros(w.shape)
+    if w.dtype == torch.bfloat16:
+        uc, v = lowrank_operand(uc), lowrank_operand(v.float())
+        for a0 in range(0, c.shape[1], LOWRANK_BLOCK):
+            sums = [torch.zeros(w.shape), torch.zeros(w.shape)]  # even, odd
+            for a in range(a0, min(c.shape[1], a0 + LOWRANK_BLOCK)):
+                sums[(a - a0) % 2] = fma32(sums[(a - a0) % 2], uc[:, a:a + 1], v[:, a])
+            delta = delta + (sums[0] + sums[1])
+        return (w.float() + delta).to(w.dtype)
     for a in range(c.shape[1]):
         delta = fma32(delta, uc[:, a:a + 1], v[:, a].float())
     return (w.float() + delta).to(w.dtype)

@@ -96,13 +96,27 @@ def fused_step(params: list[torch.Tensor], streams: list[int], seed: int, restor
 
 # --- low-rank (SubZero) -----------------------------------------------------------------------------
 
+# Below this magnitude a bfloat16 low-rank operand counts as zero (docs/OPS.md, element.h's lowrank_operand).
+LOWRANK_OPERAND_FLUSH = 2.0 ** -51
+
+
+def lowrank_operand(x: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 W's low-rank operands (U·C and V) as float32: rounded to bfloat16, zero below 2^-51."""
+    b = x.float().to(torch.bfloat16).float()
+    return torch.where(b.abs() < LOWRANK_OPERAND_FLUSH, torch.zeros_like(b), b)
+
+
 def lowrank_apply(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor],
                   cores: list[torch.Tensor], streams: list[int] = (), seed: int = 0, offsets: list[int] = (),
                   rounding: int = Rounding.NEAREST) -> None:
-    """W += U·C·Vᵀ per tensor (W m×n, U m×r, V n×r, C r×r float32); the oracle may materialise U·C·Vᵀ."""
+    """W += U·C·Vᵀ per tensor (W m×n, U m×r, V n×r, C r×r float32); the oracle may materialise U·C·Vᵀ. A bfloat16
+    W takes U·C and V as lowrank_operand values."""
     for w, u, v, c, stream, offset in zip(weights, us, vs, cores, offsets_or_zeros(streams, len(weights)),
                                           offsets_or_zeros(offsets, len(weights))):
-        _store(w, w.float() + (u.float() @ c) @ v.float().t(), rounding, seed, stream, offset)
+        uc, vf = u.float() @ c, v.float()
+        if w.dtype == torch.bfloat16:
+            uc, vf = lowrank_operand(uc), lowrank_operand(vf)
+        _store(w, w.float() + uc @ vf.t(), rounding, seed, stream, offset)
 
 
 # --- magnitude mask (Sparse MeZO) --------------------------------------------------------------------

@@ -167,12 +167,14 @@ class ZOOptimizer(torch.optim.Optimizer):
     uses_fresh_batches: a step may call `fresh_closure` (see `step`), at most `fresh_batches_per_search` times
     (a method says so by that property alone).
     trains_tied_embeddings: False if the method leaves a token embedding tied to the output layer untrained.
+    updates_low_rank: the method moves its matrices by `lowrank_apply_` (what a replay of an older log may meet).
     """
 
     two_pass_supported = True
     weight_decay_supported = True
     forwards_per_step = 2
     trains_tied_embeddings = True
+    updates_low_rank = False
     # Keys of Bucket.extra that are the method's state: saved by state_dict, checked and restored on loading.
     saved_buffers: tuple[str, ...] = ()
     # The record entries `_measure` adds to an applied step (HiZOO's curvature): what replay cannot do without.

@@ -34,6 +34,7 @@ class SubZero(ZOOptimizer):
     """
 
     weight_decay_supported = False
+    updates_low_rank = True
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, rank: int = 8, subspace_every: int = 1000,
                  reshape_pattern: str = r"lora_|prefix|prompt", side_path: bool = False, core_dist="normal",

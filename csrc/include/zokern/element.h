@@ -336,6 +336,26 @@ struct MezoStepOp {
 // Both backends sum over the rank in index order, from 0, with fma_rn: (U·C)[i, a] = Σ_b U[i, b]·C[b, a],
 // then delta[i, j] = Σ_a (U·C)[i, a]·V[j, a], and W[i, j] = round(W[i, j] + delta[i, j]). So the CPU
 // and the GPU agree bit for bit (the reference's BLAS order differs by rounding only).
+//
+// A bfloat16 W (stream version 6) takes delta from bfloat16 operands, in the order of the AMX instruction
+// TDPBF16PS (Intel SDM), which the CPU runs where it has AMX: lowrank_operand rounds (U·C)[i, a] and V[j, a] to
+// bfloat16 and flushes magnitudes below 2^-51 to zero, so every product is exact in float32 and a multiple of
+// 2^-116, and so is every sum of them (below 2^-92 a multiple of 2^-116 is a float32, above the spacing is one):
+// nothing is ever subnormal, and the flush-to-zero of AMX never acts. The rank goes in blocks of
+// kLowrankBlock indices from 0; per block, e sums the even indices' products and o the odd ones, each in index
+// order from 0, one rounding a step (a product is exact: a multiply-add and an add agree); then
+// delta = delta + (e + o), delta from 0.
+constexpr int kLowrankBlock = 32;
+
+// The operand as bfloat16 bits, without branches (the CPU converts whole rows in SIMD): float_to_bf16_bits, then
+// +0 for magnitudes below 2^-51 (bits 0x2600).
+ZK_HD inline uint32_t lowrank_operand_bits(float x) {
+  const uint32_t u = float_as_bits(x);
+  const uint32_t b = (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FFFu : shift_round_even(u, 16);
+  return (b & 0x7FFFu) < 0x2600u ? 0u : b;
+}
+
+ZK_HD inline float lowrank_operand(float x) { return bits_as_float(lowrank_operand_bits(x) << 16); }
 
 // z and zn (zeros where op.next() < 0) of stream elements i .. i+3, any i: call i >> 2 alone when i is a
 // multiple of 4, else the last words of call i >> 2 and the first of the next one (static indices only, so the
