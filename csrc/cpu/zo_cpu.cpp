@@ -333,14 +333,16 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
               blocks[(k / 16 * 4 + group) * simd::kAmxBlockWords / 2 + k % 16 * 16 + lane] = pairs[k];
             }
           }
-        } else if (bf16_w) {
-          std::vector<float> rows(width * r);
-          operands(v + i0 * r, width * r, rows.data());
-          pack_panel(r, n, p, true, vt[t].data_ptr<float>() + p * r * simd::kPanelCols,
-                     [&](int64_t a, int64_t j) { return rows[(j - i0) * r + a]; });
         } else {
-          pack_panel(r, n, p, false, vt[t].data_ptr<float>() + p * r * simd::kPanelCols,
-                     [&](int64_t a, int64_t j) { return to_float(v[j * r + a]); });
+          // The panel's rows of V as float32 (bfloat16 W: lowrank_operand values) in the level's vectors, then packed.
+          std::vector<float> rows(width * r);
+          if (bf16_w) {
+            operands(v + i0 * r, width * r, rows.data());
+          } else {
+            ZK_RUN(subzero_to_float, v + i0 * r, width * r, rows.data());
+          }
+          pack_panel(r, n, p, bf16_w, vt[t].data_ptr<float>() + p * r * simd::kPanelCols,
+                     [&](int64_t a, int64_t j) { return rows[(j - i0) * r + a]; });
         }
       });
     }
