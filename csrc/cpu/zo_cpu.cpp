@@ -312,7 +312,7 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
       });
       if (on_amx[t]) {
         auto* bits = reinterpret_cast<uint16_t*>(ucb[t].data_ptr<int16_t>());
-        for (int64_t i = i0; i < i1; ++i) operands(rows + i * r, r, bits + i * r_pad);
+        ZK_RUN(subzero_operand_rows, rows + i0 * r, i1 - i0, r, bits + i0 * r_pad, r_pad);
       } else if (bf16_w) {
         operands(rows + i0 * r, (i1 - i0) * r, rows + i0 * r);
       }
@@ -325,12 +325,13 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
           // Panel p's blocks: per rank block, four runs of 16 slots, each 16 rows of pairs of rank indices, so a
           // row of V goes as 32-bit pairs, one per 64-byte row of its run.
           auto* blocks = reinterpret_cast<uint32_t*>(vt_blocks[t].data_ptr<int16_t>()) + p * r_pad * simd::kPanelCols / 2;
-          std::vector<uint32_t> pairs(r_pad / 2, 0);
+          std::vector<uint16_t> bits(r_pad, 0);
           for (int64_t l = 0; l < width; ++l) {
             const int64_t slot = simd::panel_slot(l, true), group = slot / 16, lane = slot % 16;
-            operands(v + (i0 + l) * r, r, reinterpret_cast<uint16_t*>(pairs.data()));
+            operands(v + (i0 + l) * r, r, bits.data());
             for (int64_t k = 0; k < r_pad / 2; ++k) {
-              blocks[(k / 16 * 4 + group) * simd::kAmxBlockWords / 2 + k % 16 * 16 + lane] = pairs[k];
+              memcpy(blocks + (k / 16 * 4 + group) * simd::kAmxBlockWords / 2 + k % 16 * 16 + lane, &bits[2 * k],
+                     sizeof(uint32_t));
             }
           }
         } else {
@@ -388,17 +389,34 @@ bool amx_enabled() {
         syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) != 0) {
       return false;
     }
+    // Random factors on awkward shapes (the layouts), and sums whose bfloat16 result tells the order apart (sums
+    // that differ in float32 alone rarely show in bfloat16): with C = I and V = 1 a row's products are its U
+    // entries, whose cancelling pairs make the sum 1, 0, 0 in the SDM's order and 0, 1, 1 in another (row 0: one
+    // chain; row 1: even and odd indices over the whole rank; row 2: delta + e + o left to right).
     const auto gen = at::make_generator<at::CPUGeneratorImpl>(20261204);
-    const int64_t m = 37, n = 150, r = 70;
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
-    const at::Tensor w = at::randn({m, n}, gen, f32).to(at::kBFloat16);
-    const at::Tensor u = at::randn({m, r}, gen, f32).to(at::kBFloat16);
-    const at::Tensor v = at::randn({n, r}, gen, f32).to(at::kBFloat16);
-    const at::Tensor core = at::randn({r, r}, gen, f32);
-    at::Tensor on_tiles = w.clone(), on_amx = w.clone();
-    lowrank_apply_with({on_tiles}, {u}, {v}, {core}, {7}, 1, {3}, kStochastic, false);
-    lowrank_apply_with({on_amx}, {u}, {v}, {core}, {7}, 1, {3}, kStochastic, true);
-    const bool same = at::equal(on_tiles.view(at::kShort), on_amx.view(at::kShort));
+    const int64_t m = 37, n = 150, r = 70, k = 64;
+    at::Tensor u_order = at::zeros({3, k}, f32);
+    const float big = 1 << 24;
+    const float pattern[3][4][2] = {{{0, big}, {1, 1}, {2, -big}, {3, 0}},
+                                    {{0, big}, {1, 1}, {32, -big}, {3, 0}},
+                                    {{0, 2 * big}, {32, -2 * big}, {33, 1}, {3, 0}}};
+    for (int row = 0; row < 3; ++row) {
+      for (const auto& entry : pattern[row]) u_order[row][static_cast<int64_t>(entry[0])] = entry[1];
+    }
+    const std::vector<at::Tensor> ws = {at::randn({m, n}, gen, f32).to(at::kBFloat16), at::zeros({3, k}, at::kBFloat16)};
+    const std::vector<at::Tensor> us = {at::randn({m, r}, gen, f32).to(at::kBFloat16), u_order.to(at::kBFloat16)};
+    const std::vector<at::Tensor> vs = {at::randn({n, r}, gen, f32).to(at::kBFloat16), at::ones({k, k}, at::kBFloat16)};
+    const std::vector<at::Tensor> cores = {at::randn({r, r}, gen, f32), at::eye(k, f32)};
+    std::vector<at::Tensor> on_tiles, on_amx;
+    for (const at::Tensor& w : ws) {
+      on_tiles.push_back(w.clone());
+      on_amx.push_back(w.clone());
+    }
+    lowrank_apply_with(on_tiles, us, vs, cores, {7, 8}, 1, {3, 0}, kStochastic, false);
+    lowrank_apply_with(on_amx, us, vs, cores, {7, 8}, 1, {3, 0}, kStochastic, true);
+    bool same = true;
+    for (size_t t = 0; t < ws.size(); ++t) same = same && at::equal(on_tiles[t].view(at::kShort), on_amx[t].view(at::kShort));
     if (!same) {
       TORCH_WARN("zokern_cpp: this CPU's AMX sums bfloat16 products otherwise than Intel's SDM says; bfloat16 "
                  "low-rank updates run on the AVX-512 tiles instead (the same bits, slower)");
@@ -413,7 +431,9 @@ bool amx_enabled() {
 
 void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores,
                     at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets, int64_t rounding) {
-  lowrank_apply_with(weights, us, vs, cores, streams, seed, offsets, rounding, amx_enabled());
+  const bool bfloat16 = std::any_of(weights.begin(), weights.end(),
+                                    [](const at::Tensor& w) { return w.scalar_type() == at::kBFloat16; });
+  lowrank_apply_with(weights, us, vs, cores, streams, seed, offsets, rounding, bfloat16 && amx_enabled());
 }
 
 // ---- anchored rescale (DiZO) ----

@@ -110,6 +110,38 @@ def test_native_kernels_sum_in_the_documented_order(backend, device, case, facto
     assert_bitwise(ws, want)
 
 
+@pytest.mark.parametrize("backend,device", backends_named("cpp", "cuda"))
+def test_bfloat16_sums_take_blocks_of_even_and_odd_indices(backend, device):
+    """Sums whose bfloat16 result tells the order apart (float32 differences rarely survive the store): with C = I
+    and V = 1 a row's products are its U entries. Row 0 is 1 in element.h's order and 0 in one chain; row 1 is 0,
+    and 1 with even and odd indices summed over the whole rank; row 2 is 0, and 1 with delta + e + o left to
+    right."""
+    big = 2.0**24
+    u = torch.zeros(3, 64)
+    u[0, [0, 1, 2]] = torch.tensor([big, 1.0, -big])
+    u[1, [0, 1, 32]] = torch.tensor([big, 1.0, -big])
+    u[2, [0, 32, 33]] = torch.tensor([2 * big, -2 * big, 1.0])
+    w = torch.zeros(3, 70, dtype=torch.bfloat16, device=device)
+    args = ([u.bfloat16().to(device)], [torch.ones(70, 64, dtype=torch.bfloat16, device=device)],
+            [torch.eye(64, device=device)])
+    want = lowrank_in_documented_order(w, args[0][0], args[1][0], args[2][0])
+    assert want.float()[:, 0].tolist() == [1.0, 0.0, 0.0]
+    zokern.lowrank_apply_([w], *args, backend=backend)
+    assert_bitwise([w], [want.to(device)])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_bfloat16_operands_are_rounded_before_the_sum(backend, device):
+    """Every backend rounds U·C to bfloat16 before it multiplies (docs/OPS.md): with C = I, U·C's first column is
+    1 + 2^-8, half-way between two bfloat16 values, which rounds to 1 (nearest even); V = (1, 2^-20) adds a little
+    above it. The stored W is 1, where the unrounded sum, just above the half-way point, would store 1 + 2^-7."""
+    u = torch.tensor([[1 + 2.0**-8, 1.0]], device=device)
+    v = torch.tensor([[1.0, 2.0**-20]], device=device)
+    w = torch.zeros(1, 1, dtype=torch.bfloat16, device=device)
+    zokern.lowrank_apply_([w], [u], [v], [torch.eye(2, device=device)], backend=backend)
+    assert w.item() == 1.0
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_invariant_to_grouping_and_order(backend, device):
     ws, us, vs, cs = lowrank_case("mixed", device, seed=2)
