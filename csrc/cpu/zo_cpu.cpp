@@ -235,6 +235,9 @@ void pack_panel(int64_t r, int64_t cols, int64_t p, bool pairs, float* panel, At
 
 int64_t num_panels(int64_t cols) { return (cols + simd::kPanelCols - 1) / simd::kPanelCols; }
 
+// The rank padded to whole blocks of kLowrankBlock: the row stride of AMX's U·C and the rank its Vᵀ blocks hold.
+int64_t padded_rank(int64_t r) { return (r + kLowrankBlock - 1) / kLowrankBlock * kLowrankBlock; }
+
 // out[0 .. n) = element.h's lowrank_operand(x[0 .. n)) as bfloat16 bits (uint16_t) or float32 values (float).
 template <class T, class Out>
 void operands(const T* x, int64_t n, Out* out) {
@@ -277,7 +280,7 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
     on_amx[t] = amx && w.scalar_type() == at::kBFloat16 && r > 0;
     if (on_amx[t]) {
       const auto u16 = at::TensorOptions().dtype(at::kShort);
-      const int64_t r_pad = (r + kLowrankBlock - 1) / kLowrankBlock * kLowrankBlock;
+      const int64_t r_pad = padded_rank(r);
       ucb[t] = at::zeros({(m + simd::kAmxRows - 1) / simd::kAmxRows * simd::kAmxRows * r_pad}, u16);
       vt_blocks[t] = at::zeros({num_panels(n) * r_pad * simd::kPanelCols}, u16);
     } else {
@@ -301,7 +304,7 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
     const int64_t t = prepare[k].t, i0 = prepare[k].row;
     const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
     const bool bf16_w = weights[t].scalar_type() == at::kBFloat16;
-    const int64_t r_pad = (r + kLowrankBlock - 1) / kLowrankBlock * kLowrankBlock;
+    const int64_t r_pad = padded_rank(r);
     if (i0 < m) {
       const int64_t i1 = std::min(m, i0 + kPrepareRows);
       std::vector<float> scratch(us[t].scalar_type() == at::kFloat ? 0 : (i1 - i0) * r);
@@ -357,7 +360,7 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
 #ifdef ZK_X86
     if (on_amx[t]) {
       simd::avx512::subzero_rows_amx(static_cast<bf16*>(weights[t].data_ptr()), n,
-                                     (r + kLowrankBlock - 1) / kLowrankBlock * kLowrankBlock, i0,
+                                     padded_rank(r), i0,
                                      std::min(m, i0 + kRowBlock), j0, std::min(kColBlock, n - j0),
                                      reinterpret_cast<const uint16_t*>(ucb[t].data_ptr<int16_t>()),
                                      reinterpret_cast<const uint16_t*>(vt_blocks[t].data_ptr<int16_t>()),
@@ -398,9 +401,9 @@ bool amx_enabled() {
     const int64_t m = 37, n = 150, r = 70, k = 64;
     at::Tensor u_order = at::zeros({3, k}, f32);
     const float big = 1 << 24;
-    const float pattern[3][4][2] = {{{0, big}, {1, 1}, {2, -big}, {3, 0}},
-                                    {{0, big}, {1, 1}, {32, -big}, {3, 0}},
-                                    {{0, 2 * big}, {32, -2 * big}, {33, 1}, {3, 0}}};
+    const float pattern[3][3][2] = {{{0, big}, {1, 1}, {2, -big}},
+                                    {{0, big}, {1, 1}, {32, -big}},
+                                    {{0, 2 * big}, {32, -2 * big}, {33, 1}}};
     for (int row = 0; row < 3; ++row) {
       for (const auto& entry : pattern[row]) u_order[row][static_cast<int64_t>(entry[0])] = entry[1];
     }
