@@ -221,19 +221,20 @@ constexpr int64_t kPrepareRows = simd::kPanelCols;  // rows of U·C, and of V (o
 constexpr int64_t kRowBlock = 48;  // rows of W per work item: whole register tiles (6 or 2 rows) in all but the last
 constexpr int64_t kColBlock = simd::generic::kBlock;  // columns of W per work item: Vᵀ's r×256 floats stay in L2
 
-// Columns [p·kPanelCols, (p + 1)·kPanelCols) of the r×cols matrix `at(a, j)`, zero past `cols`, rank index by
-// rank index, each column at its slot (zo_simd.h's panel_slot; `pairs` for a bfloat16 W): the panel layout of
-// zo_cpu_kernels.inc's tiles.
-template <class At>
-void pack_panel(int64_t r, int64_t cols, int64_t p, bool pairs, float* panel, At at) {
-  const int64_t j0 = p * simd::kPanelCols, width = std::min(simd::kPanelCols, cols - j0);
-  for (int64_t l = 0; l < simd::kPanelCols; ++l) {
-    float* column = panel + simd::panel_slot(l, pairs);
-    for (int64_t a = 0; a < r; ++a) column[a * simd::kPanelCols] = l < width ? at(a, j0 + l) : 0.f;
+int64_t num_panels(int64_t cols) { return (cols + simd::kPanelCols - 1) / simd::kPanelCols; }
+
+// The r×r core C in panels of kPanelCols columns, row b of panel p at panels + (p·r + b)·kPanelCols, zero past
+// column r: the layout zo_cpu_kernels.inc's tiles read (Vᵀ's panels: subzero_pack_vt).
+void pack_core(const float* core, int64_t r, float* panels) {
+  for (int64_t p = 0; p < num_panels(r); ++p) {
+    const int64_t j0 = p * simd::kPanelCols, width = std::min(simd::kPanelCols, r - j0);
+    for (int64_t b = 0; b < r; ++b) {
+      float* row = panels + (p * r + b) * simd::kPanelCols;
+      memcpy(row, core + b * r + j0, width * sizeof(float));
+      std::fill(row + width, row + simd::kPanelCols, 0.f);
+    }
   }
 }
-
-int64_t num_panels(int64_t cols) { return (cols + simd::kPanelCols - 1) / simd::kPanelCols; }
 
 // The rank padded to whole blocks of kLowrankBlock: the row stride of AMX's U·C and the rank its Vᵀ blocks hold.
 int64_t padded_rank(int64_t r) { return (r + kLowrankBlock - 1) / kLowrankBlock * kLowrankBlock; }
@@ -287,11 +288,7 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
       vt[t] = at::empty({num_panels(n) * r * simd::kPanelCols}, f32);
     }
     core_panels[t] = at::empty({num_panels(r) * r * simd::kPanelCols}, f32);
-    const float* core = c.data_ptr<float>();
-    for (int64_t p = 0; p < num_panels(r); ++p) {
-      pack_panel(r, r, p, false, core_panels[t].data_ptr<float>() + p * r * simd::kPanelCols,
-                 [&](int64_t b, int64_t a) { return core[b * r + a]; });
-    }
+    pack_core(c.data_ptr<float>(), r, core_panels[t].data_ptr<float>());
     for (int64_t i = 0; i < std::max(m, n); i += kPrepareRows) prepare.push_back({static_cast<int64_t>(t), i, -1});
     for (int64_t i = 0; i < m; i += kRowBlock) {
       for (int64_t j = 0; j < n; j += kColBlock) tiles.push_back({static_cast<int64_t>(t), i, j});
@@ -345,8 +342,7 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
           } else {
             ZK_RUN(subzero_to_float, v + i0 * r, width * r, rows.data());
           }
-          pack_panel(r, n, p, bf16_w, vt[t].data_ptr<float>() + p * r * simd::kPanelCols,
-                     [&](int64_t a, int64_t j) { return rows[(j - i0) * r + a]; });
+          ZK_RUN(subzero_pack_vt, rows.data(), width, r, bf16_w, vt[t].data_ptr<float>() + p * r * simd::kPanelCols);
         }
       });
     }
