@@ -6,7 +6,8 @@
 # Writes at most 8 files to OUTDIR: log.txt, cuda-tests.xml, bench-<stage>.json, profile.txt, compare.tar.gz.
 # Setup installs zokern editable, which builds its C++ extensions (CUDA and CPU) here against this machine's torch
 # (setup.py; a minute or two, once: object files are kept in build/). Every stage has its own time limit (seconds: ZOKERN_GPU_<STAGE>_S, e.g. ZOKERN_GPU_TESTS_S), so a hang cannot eat the
-# others, and a failed stage does not stop the next.
+# others, and a failed stage does not stop the next. A stage at its limit is interrupted (SIGINT), so pytest still
+# writes the results it has (JSON, XML). The benchmark stages' shape sets: ZOKERN_GPU_OPS_SHAPES, ZOKERN_GPU_METHODS_SHAPES.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: gpu_check.sh OUTDIR [stage ...]}")
 shift
@@ -21,6 +22,9 @@ exec > >(tee -a "$out/log.txt") 2>&1
 limit() {  # the stage's time limit: ZOKERN_GPU_<STAGE>_S or the default given
   local var="ZOKERN_GPU_$(echo "$1" | tr 'a-z-' 'A-Z_')_S"
   echo "${!var:-$2}"
+}
+stop_at() {  # run the rest under the stage's limit: interrupted first, so pytest writes what it has; killed 20 s later
+  timeout -s INT -k 20 "$@"
 }
 
 echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null)"
@@ -45,26 +49,26 @@ for stage in "${stages[@]}"; do
   start=$SECONDS
   case $stage in
     tests)
-      ZOKERN_REQUIRE_BACKENDS=reference,triton,cuda timeout "$(limit tests 200)" $py -m pytest tests -m cuda -q -p no:cacheprovider -n "${ZOKERN_GPU_WORKERS:-8}" \
+      ZOKERN_REQUIRE_BACKENDS=reference,triton,cuda stop_at "$(limit tests 200)" $py -m pytest tests -m cuda -q -p no:cacheprovider -n "${ZOKERN_GPU_WORKERS:-8}" \
         --junitxml "$out/cuda-tests.xml" -o junit_family=xunit1 ;;
     ops)  # one ≥ 2^31-element buffer (64-bit indexing) besides the model layers
-      ZOKERN_BENCH_SHAPES="llama7b-layer*2,llama3-8b-layer,opt13b-layer,llama70b-layer,flat-2g" \
-        timeout "$(limit ops 110)" $py -m pytest benchmarks/test_bench_ops.py -q -p no:cacheprovider \
+      ZOKERN_BENCH_SHAPES="${ZOKERN_GPU_OPS_SHAPES:-llama7b-layer*2,llama3-8b-layer,opt13b-layer,llama70b-layer,flat-2g}" \
+        stop_at "$(limit ops 110)" $py -m pytest benchmarks/test_bench_ops.py -q -p no:cacheprovider \
         --benchmark-json "$out/bench-ops.json" ;;
     methods)
-      ZOKERN_BENCH_SHAPES="llama7b-layer*2,llama3-8b-layer,opt13b-layer,llama70b-layer" \
-        timeout "$(limit methods 120)" $py -m pytest benchmarks/test_bench_methods.py -q -p no:cacheprovider \
+      ZOKERN_BENCH_SHAPES="${ZOKERN_GPU_METHODS_SHAPES:-llama7b-layer*2,llama3-8b-layer,opt13b-layer,llama70b-layer}" \
+        stop_at "$(limit methods 120)" $py -m pytest benchmarks/test_bench_methods.py -q -p no:cacheprovider \
         --benchmark-json "$out/bench-methods.json" ;;
     step-1b|step-8b)
-      ZOKERN_BENCH_MODEL=${stage#step-} timeout "$(limit "$stage" 90)" $py -m pytest benchmarks/test_bench_step.py -q \
+      ZOKERN_BENCH_MODEL=${stage#step-} stop_at "$(limit "$stage" 90)" $py -m pytest benchmarks/test_bench_step.py -q \
         -p no:cacheprovider --benchmark-json "$out/bench-$stage.json" ;;
     profile)  # Nsight Compute reads counters on Firecracker machines; clocks left as they are
-      timeout "$(limit profile 60)" ncu --clock-control none --profile-from-start off --section SpeedOfLight \
+      stop_at "$(limit profile 60)" ncu --clock-control none --profile-from-start off --section SpeedOfLight \
         --section MemoryWorkloadAnalysis $py benchmarks/profile_kernels.py > "$out/profile.txt" 2>&1 ;;
     compare)  # the embedded model, staged in two parts (docs/GPU.md); all weights
       [ -f .gpu/model.gguf ] || cat .gpu/model.gguf.part-* > .gpu/model.gguf
       (cd .gpu && sha256sum -c model.gguf.sha256) \
-        && timeout "$(limit compare 240)" $py -m zokern.cli compare --model .gpu/model.gguf --lora-rank 0 \
+        && stop_at "$(limit compare 240)" $py -m zokern.cli compare --model .gpu/model.gguf --lora-rank 0 \
           --forward-budget "${ZOKERN_GPU_COMPARE_FORWARDS:-3000}" --lr "${ZOKERN_GPU_COMPARE_LR:-1e-6}" --eps 1e-3 \
           --output-dir /tmp/compare \
         && tar -czf "$out/compare.tar.gz" --exclude checkpoint --exclude seedlog.jsonl -C /tmp compare ;;
