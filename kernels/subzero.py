@@ -16,12 +16,12 @@ from .multi_tensor import CODES, RoundingScalars, cdiv, device_ctx, i32, kernel_
 from .philox import INTERPRET
 from .mezo import BFLOAT16, _load_f32, rounding_words, store_rounded
 
-# On GPU "ieee" dots run on the FMA units: 2r flops per W element, which at r = 64 outruns the FMA
-# throughput of an H100 for 16-bit weights, while the op should stay memory-bound. Plain "tf32" keeps only
-# 10 mantissa bits of U·C and V (≈1e-3 relative error in the update, visible on float32 weights and against
-# the other backends). "tf32x3" runs on tensor cores with an error near float32's (≈1e-6 relative).
-# The interpreter computes dots with numpy in float32 whatever the setting; "ieee" says so.
-DOT_PRECISION = tl.constexpr("ieee" if INTERPRET else "tf32x3")
+# "ieee" dots: float32 products and sums on the FMA units, also on GPU. The tensor-core forms ("tf32x3", three
+# tf32 products) are what would keep a 16-bit W at r = 64 memory-bound on an H100/H200, but triton 3.6.0 compiles
+# this kernel's two dots (U·C, then (U·C)·Vᵀ in the loop) for Hopper's wgmma into code that reads out of bounds
+# (illegal memory access, measured on an H200) and, where it ran, was up to 2e-3 outside the float32 error bound.
+# The CUDA backend's tiles are the fast low-rank path on GPU.
+DOT_PRECISION = tl.constexpr("ieee")
 
 
 @triton.jit
@@ -93,11 +93,11 @@ def _tiles(n: int, rank: int, stochastic: bool) -> tuple[int, int, int, int, dic
         # Each interpreted op costs the same whatever its size: few, big tiles, one program per row block.
         bn = 256
         return 128, bn, r_pad, bn * cdiv(n, bn), {}
-    # Register budget (ptxas for sm_90, tf32x3, 8 warps; scripts/compile_triton.py): U·C stays in registers
-    # across the column loop as the dot's A operand, so BM·R_PAD sets the pressure. With n divisible by 16
-    # (Triton specialises on it) 64×64 tiles take 110–250 registers, never spill and move W in 16-byte
-    # vectors; for other n, R_PAD = 64 spills up to 192 bytes. BM shrinks for larger ranks (BM ≥ 16 for
-    # tl.dot). Four column tiles per program amortise forming U·C (BM·r² flops) over 4·BM·BN·r.
+    # Register budget (ptxas for sm_90, FMA dots, 8 warps; scripts/compile_triton.py with triton 3.9.0): U·C
+    # stays in registers across the column loop as the dot's A operand, so BM·R_PAD sets the pressure. With n
+    # divisible by 16 (Triton specialises on it) 64×64 tiles take 64–183 registers, spill 24 bytes at most and
+    # move W in 16-byte vectors; for other n, up to 320 bytes spill at R_PAD = 64. BM shrinks for larger ranks
+    # (BM ≥ 16 for tl.dot). Four column tiles per program amortise forming U·C (BM·r² flops) over 4·BM·BN·r.
     # Stochastic rounding draws a Philox call per element of the W tile: half the rows keep it from spilling.
     bm = max(16, min(64, (2048 if stochastic else 4096) // r_pad))
     bn = 64

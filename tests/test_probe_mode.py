@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.conftest import available_pairs
+from conftest import available_pairs
 from zokern import ops
 from zokern.optim import METHODS, MeZO
 from zokern.optim.probe import stream_copy

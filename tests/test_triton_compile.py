@@ -55,7 +55,9 @@ def test_every_kernel_is_compiled(compiled):
 def test_accurate_math_and_no_contraction(compiled):
     for row in compiled:
         assert not row["approx_math"], row
-        assert not row["fma_rn_f32"], row
+        # The low-rank tiles' float32 dots are FMA chains (kernels/subzero.py: "ieee" dots), one rounding per
+        # product-and-sum, within the bound tests/ops check; the rest of that kernel adds and stores only.
+        assert not row["fma_rn_f32"] or row["kernel"] == "subzero_kernel", row
 
 
 @pytest.mark.parametrize("kernel", ["mezo_kernel", "sparse_kernel", "hizoo_kernel"])
@@ -69,13 +71,14 @@ def test_aligned_element_kernels_use_vector_accesses(compiled, kernel):
         assert r["load_bytes"] >= width and r["store_bytes"] >= width, r
 
 
-def test_lowrank_tiles_vectorise_and_do_not_spill(compiled):
-    # n divisible by 16 (every LLM matrix; Triton specialises on it at launch): W moves in 16-byte
-    # vectors and no rank up to 64 spills. Other n: scalar W accesses, no spills up to R_PAD 32.
+def test_lowrank_tiles_vectorise_and_spill_little(compiled):
+    # n divisible by 16 (every LLM matrix; Triton specialises on it at launch): W moves in 16-byte vectors.
+    # The FMA dots keep U·C's and V's tiles in registers: at most a few words spill (triton 3.9.0, sm_90: none
+    # in most specialisations, 24 bytes at most with n divisible by 16, 320 with other n at R_PAD 64).
     rows = [r for r in compiled if r["kernel"] == "subzero_kernel"]
     assert {r["constexprs"]["R_PAD"] for r in rows} == {16, 32, 64}
     for r in rows:
         if "n" in r["divisible_by_16"]:
-            assert r["stack_bytes"] == 0 and r["store_bytes"] == 16, r
+            assert r["stack_bytes"] <= 64 and r["store_bytes"] == 16, r
         elif r["constexprs"]["R_PAD"] <= 32:
-            assert r["stack_bytes"] == 0, r
+            assert r["stack_bytes"] <= 128, r
