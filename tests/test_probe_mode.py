@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import available_pairs
 from zokern import ops
-from zokern.optim import METHODS, MeZO
+from zokern.optim import METHODS, MeZO, probe
 from zokern.optim.probe import stream_copy
 from zokern.random import step_seed
 
@@ -164,15 +164,23 @@ def test_tied_embedding_sees_the_same_probe_in_both_modules():
     assert isinstance(model.head.weight, nn.Parameter) and model.head.weight is model.emb.weight
 
 
+# SPAN_GAP_ELEMENTS for the tests' 6-wide table: exact runs of rows; runs up to 2 rows apart merged; one span.
+SPAN_GAPS = {"runs": 0, "near-runs-merged": 12, "one-span": 1 << 30}
+
+
+@pytest.mark.parametrize("gap", SPAN_GAPS)
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_embedding_rows_draw_the_full_tensors_z(backend, device):
-    """Runs of consecutive rows, one perturb_ call over them at their element offsets: bitwise the full op's rows."""
+def test_embedding_rows_draw_the_full_tensors_z(backend, device, gap, monkeypatch):
+    """Spans of rows (runs, or runs merged with the rows between them), one perturb_ call over them at their element
+    offsets: bitwise the full op's rows."""
+    monkeypatch.setitem(probe.SPAN_GAP_ELEMENTS, device, SPAN_GAPS[gap])
     p = torch.randn(40, 6)
-    rows = torch.tensor([0, 1, 2, 7, 20, 21, 39])
-    got = stream_copy(p, 123, 9, 0.5, rows, dist=0, backend=backend)
     full = p.clone()
     ops.perturb_([full], 123, 0.5, stream_ids=[9], backend=backend)
-    assert torch.equal(got, full[rows])
+    for rows in ([0, 1, 2, 7, 20, 21, 39], [0, 2, 4, 5, 9, 38], [17], [0, 39], list(range(40))):
+        rows = torch.tensor(rows)
+        got = stream_copy(p, 123, 9, 0.5, rows, dist=0, backend=backend)
+        assert torch.equal(got, full[rows]), rows
     assert stream_copy(p, 123, 9, 0.5, rows[:0], dist=0, backend=backend).shape == (0, 6)
 
 
@@ -437,13 +445,16 @@ IDS = {"scattered": [[0, 3, 9, 15], [7, 12, 5, 1]], "repeated": [[4, 4, 9, 4], [
        "consecutive": [[5, 6, 7, 8], [9, 10, 11, 12]]}
 
 
+@pytest.mark.parametrize("gap", ["runs", "one-span"])
 @pytest.mark.parametrize("ids", IDS)
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
-def test_each_methods_embedding_rows_are_the_rows_of_its_full_probe(backend, method, ids):
+def test_each_methods_embedding_rows_are_the_rows_of_its_full_probe(backend, method, ids, gap, monkeypatch):
     """The rows an embedding computes with during a probed forward are bitwise those rows of the probe the full
     tensor gets (the same z, mask, Hessian scaling or low-rank factor rows, by the same op), for scattered, repeated
-    and consecutive token ids, in 16 bits, where a second rounding would show."""
+    and consecutive token ids, in 16 bits, where a second rounding would show; perturbed as exact runs of rows or as
+    one span over them."""
+    monkeypatch.setitem(probe.SPAN_GAP_ELEMENTS, "cpu", SPAN_GAPS[gap])
     model = tiny(torch.bfloat16)
     opt = make(method, model, backend, lr=1e-2, eps=1e-2, **({"alpha": 0.5} if method == "hizoo" else {}))
     run(opt, model, 3)  # a HiZOO D away from ones, Sparse MeZO's thresholds set
