@@ -164,21 +164,23 @@ def test_tied_embedding_sees_the_same_probe_in_both_modules():
     assert isinstance(model.head.weight, nn.Parameter) and model.head.weight is model.emb.weight
 
 
-# SPAN_GAP_ELEMENTS for the tests' 6-wide table: exact runs of rows; runs up to 2 rows apart merged; one span.
-SPAN_GAPS = {"runs": 0, "near-runs-merged": 12, "one-span": 1 << 30}
+# SPAN_GAP_ELEMENTS for the tests' 6-wide table: exact runs of rows; runs up to 2 rows apart merged; one span; the
+# device's own setting.
+SPAN_GAPS = {"runs": 0, "near-runs-merged": 12, "one-span": 1 << 30, "device-default": None}
 
 
 @pytest.mark.parametrize("gap", SPAN_GAPS)
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", available_pairs())
 def test_embedding_rows_draw_the_full_tensors_z(backend, device, gap, monkeypatch):
     """Spans of rows (runs, or runs merged with the rows between them), one perturb_ call over them at their element
     offsets: bitwise the full op's rows."""
-    monkeypatch.setitem(probe.SPAN_GAP_ELEMENTS, device, SPAN_GAPS[gap])
-    p = torch.randn(40, 6)
+    if SPAN_GAPS[gap] is not None:
+        monkeypatch.setitem(probe.SPAN_GAP_ELEMENTS, device, SPAN_GAPS[gap])
+    p = torch.randn(40, 6, device=device)
     full = p.clone()
     ops.perturb_([full], 123, 0.5, stream_ids=[9], backend=backend)
     for rows in ([0, 1, 2, 7, 20, 21, 39], [0, 2, 4, 5, 9, 38], [17], [0, 39], list(range(40))):
-        rows = torch.tensor(rows)
+        rows = torch.tensor(rows, device=device)
         got = stream_copy(p, 123, 9, 0.5, rows, dist=0, backend=backend)
         assert torch.equal(got, full[rows]), rows
     assert stream_copy(p, 123, 9, 0.5, rows[:0], dist=0, backend=backend).shape == (0, 6)
