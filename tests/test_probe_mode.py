@@ -9,7 +9,7 @@ from torch import nn
 from conftest import available_pairs
 from zokern import ops
 from zokern.optim import METHODS, MeZO, probe
-from zokern.optim.probe import stream_copy
+from zokern.optim.probe import probe_copy, stream_copy
 from zokern.random import step_seed
 
 OPTIONS = {"subzero": {"rank": 2, "subspace_every": 10},
@@ -164,8 +164,8 @@ def test_tied_embedding_sees_the_same_probe_in_both_modules():
     assert isinstance(model.head.weight, nn.Parameter) and model.head.weight is model.emb.weight
 
 
-# SPAN_GAP_ELEMENTS for the tests' 6-wide table: exact runs of rows; runs up to 2 rows apart merged; one span; the
-# device's own setting.
+# SPAN_GAP_ELEMENTS for the tests' 6-wide table: exact runs of rows; runs with up to 2 rows between them merged;
+# one span; the device's own setting.
 SPAN_GAPS = {"runs": 0, "near-runs-merged": 12, "one-span": 1 << 30, "device-default": None}
 
 
@@ -184,6 +184,33 @@ def test_embedding_rows_draw_the_full_tensors_z(backend, device, gap, monkeypatc
         got = stream_copy(p, 123, 9, 0.5, rows, dist=0, backend=backend)
         assert torch.equal(got, full[rows]), rows
     assert stream_copy(p, 123, 9, 0.5, rows[:0], dist=0, backend=backend).shape == (0, 6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
+@pytest.mark.parametrize("gap,pieces", [(0, [(0, 1), (3, 1), (7, 2), (12, 1)]), (12, [(0, 4), (7, 2), (12, 1)]),
+                                        (17, [(0, 4), (7, 2), (12, 1)]), (18, [(0, 13)]), (None, None)])
+def test_embedding_rows_are_perturbed_in_spans(device, gap, pieces, monkeypatch):
+    """The pieces of the perturb call: runs of rows merged where at most SPAN_GAP_ELEMENTS elements lie between them
+    (6-wide rows: 2 rows at 12 and 17, 3 at 18), at offset first row × 6; by default exact runs on the CPU, one span
+    on a GPU; the looked-up rows are those of the perturbed copy."""
+    if gap is None:
+        pieces = [(0, 1), (3, 1), (7, 2), (12, 1)] if device == "cpu" else [(0, 13)]
+    else:
+        monkeypatch.setitem(probe.SPAN_GAP_ELEMENTS, device, gap)
+    p = torch.randn(20, 6, device=device)
+    rows = torch.tensor([0, 3, 7, 8, 12], device=device)
+    seen = []
+
+    def perturb(copies, offsets):
+        seen.extend((offset // 6, len(copy)) for copy, offset in zip(copies, offsets))
+        for copy, offset in zip(copies, offsets):
+            assert torch.equal(copy, p[offset // 6:offset // 6 + len(copy)])
+            copy.add_(torch.arange(offset, offset + copy.numel(), device=device).view_as(copy))
+
+    got = probe_copy(p, rows, perturb)
+    assert seen == pieces
+    assert torch.equal(got, p[rows] + torch.arange(120, device=device).view(20, 6)[rows])
 
 
 @pytest.mark.parametrize("method", ["mezo", "hizoo", "dizo"])

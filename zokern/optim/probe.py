@@ -47,8 +47,8 @@ def stream_copy(p: torch.Tensor, seed: int, stream: int, scale: float, rows: "to
 
 # Each piece of a perturb call costs a fixed host overhead (argument checks, its row in the kernel's table). On an
 # H200 that is about 28 µs a piece (inferred from probe mode's step time with 4096 scattered token ids: about 110 ms
-# a forward), while perturbing an element costs about 5 ps: runs of looked-up rows fewer than this many elements
-# apart are perturbed as one span, the rows between them included, and the rows are picked from it. On this
+# a forward), while perturbing an element costs about 5 ps: runs of looked-up rows with at most this many elements
+# between them are perturbed as one span, the rows between them included, and the rows are picked from it. On this
 # project's CPU a piece costs about 9 µs, an element about 2 ns, and picking the rows out of merged spans costs as
 # much as the pieces saved (measured: a 128256 × 2048 bf16 table, 4096 ids), so the CPU keeps exact runs.
 SPAN_GAP_ELEMENTS = {"cpu": 0}
@@ -62,10 +62,10 @@ def probe_copy(p: torch.Tensor, rows: "torch.Tensor | None", perturb: Callable,
     offset of its first element in p).
 
     With `rows` (sorted, unique; p a whole row-major table, not a shard), only those rows: spans of consecutive
-    table rows that cover them (runs of rows, merged where they are less than SPAN_GAP_ELEMENTS apart) are copied
-    and perturbed in one call, each at offset first row·row length, and the rows are picked from them. Element i
-    of the table draws from stream element i whatever the piece (docs/OPS.md, "Element offsets"), so the rows are
-    bitwise those of the full tensor's probe."""
+    table rows that cover them (runs of rows, merged where at most SPAN_GAP_ELEMENTS elements lie between them) are
+    copied and perturbed in one call, each at offset first row·row length, and the rows are picked from them.
+    Element i of the table draws from stream element i whatever the piece (docs/OPS.md, "Element offsets"), so the
+    rows are bitwise those of the full tensor's probe."""
     if rows is None:
         copy = p.detach().clone(memory_format=torch.contiguous_format)
         perturb([copy], offsets)
@@ -74,25 +74,21 @@ def probe_copy(p: torch.Tensor, rows: "torch.Tensor | None", perturb: Callable,
         return p.detach()[rows]
     row_len = p[0].numel()
     gap_rows = SPAN_GAP_ELEMENTS.get(p.device.type, DEVICE_SPAN_GAP_ELEMENTS) // max(row_len, 1)
-    first = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
-    first[1:] = rows[1:] - rows[:-1] > gap_rows + 1  # a row that starts a span
-    span = torch.cumsum(first, 0) - 1  # each row's span
-    starts = rows[first]
-    lengths = torch.zeros_like(starts).scatter_reduce_(0, span, rows, "amax") - starts + 1
+    # The spans are worked out on the host: a few thousand ids, as the hook's own checks of them already wait.
+    host = rows.cpu()
+    first = torch.ones(len(host), dtype=torch.bool)  # a row that starts a span
+    first[1:] = host[1:] - host[:-1] > gap_rows + 1
+    last = torch.roll(first, -1)  # a row that ends one
+    starts, lengths = host[first], host[last] - host[first] + 1
     at = torch.cumsum(lengths, 0) - lengths  # each span's first row in the copy
-    starts_list, lengths_list = torch.stack((starts, lengths)).tolist()  # the pieces' bounds: one host sync
-    covered = sum(lengths_list)
     # The copy's rows, span by span: table row = position − (span's place in the copy − its first table row).
-    table_rows = torch.arange(covered, device=rows.device) - torch.repeat_interleave(at - starts, lengths,
-                                                                                      output_size=covered)
-    copy = p.detach()[table_rows]
-    table = copy.view(covered, row_len)
-    pieces, place = [], 0
-    for length in lengths_list:
-        pieces.append(table[place:place + length])
-        place += length
-    perturb(pieces, [start * row_len for start in starts_list])
-    return copy if covered == len(rows) else copy[rows - starts[span] + at[span]]
+    table_rows = torch.arange(int(lengths.sum())) - torch.repeat_interleave(at - starts, lengths)
+    copy = p.detach()[table_rows.to(p.device)]
+    perturb(list(copy.view(len(table_rows), row_len).split(lengths.tolist())), (starts * row_len).tolist())
+    if len(table_rows) == len(host):
+        return copy
+    span = torch.cumsum(first, 0) - 1  # each row's span
+    return copy[(host - starts[span] + at[span]).to(p.device)]
 
 
 def _has_forward(module: nn.Module) -> bool:
