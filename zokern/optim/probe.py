@@ -49,8 +49,9 @@ def stream_copy(p: torch.Tensor, seed: int, stream: int, scale: float, rows: "to
 # H200 that is about 28 µs a piece (inferred from probe mode's step time with 4096 scattered token ids: about 110 ms
 # a forward), while perturbing an element costs about 5 ps: runs of looked-up rows with at most this many elements
 # between them are perturbed as one span, the rows between them included, and the rows are picked from it. On this
-# project's CPU a piece costs about 9 µs, an element about 2 ns, and picking the rows out of merged spans costs as
-# much as the pieces saved (measured: a 128256 × 2048 bf16 table, 4096 ids), so the CPU keeps exact runs.
+# project's CPU a piece costs about 9 µs and an element about 2 ns: merging runs 4096 elements apart sped up narrow
+# tables and slowed wide ones (4096 ids over 128256 bf16 rows: 64 wide 34 → 13–17 ms, 2048 wide 47 → 50–63 ms,
+# picking the rows out costing more than the pieces saved), so the CPU keeps exact runs.
 SPAN_GAP_ELEMENTS = {"cpu": 0}
 DEVICE_SPAN_GAP_ELEMENTS = 1 << 20  # any other device
 
