@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 
+from cuda_errors import pytest_runtest_logreport, pytest_runtest_makereport  # noqa: F401 (hooks)
 from zokern import backends, library
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
