@@ -102,7 +102,8 @@ def test_a_required_backend_that_is_missing_stops_the_test_run(tmp_path):
     """$ZOKERN_REQUIRE_BACKENDS (CI): a required backend that fails to load ends the run with its reason, instead
     of the tests that need it being skipped."""
     (tmp_path / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
-    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    for name in ("conftest.py", "cuda_errors.py"):  # the configuration and the hooks it takes
+        shutil.copy(ROOT / "tests" / name, tmp_path / name)
     # A plugin (loaded before the conftest checks) that makes the cpp backend unavailable, with its reason.
     (tmp_path / "cpp_unavailable.py").write_text(
         "from zokern.backends import _extension\n"
