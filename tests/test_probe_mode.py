@@ -186,16 +186,20 @@ def test_embedding_rows_draw_the_full_tensors_z(backend, device, gap, monkeypatc
     assert stream_copy(p, 123, 9, 0.5, rows[:0], dist=0, backend=backend).shape == (0, 6)
 
 
+# (first row, rows) of each piece for rows 0, 3, 7, 8, 12 of a 6-wide table.
+RUNS, NEAR_RUNS_MERGED, ONE_SPAN = [(0, 1), (3, 1), (7, 2), (12, 1)], [(0, 4), (7, 2), (12, 1)], [(0, 13)]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
     pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")])])
-@pytest.mark.parametrize("gap,pieces", [(0, [(0, 1), (3, 1), (7, 2), (12, 1)]), (12, [(0, 4), (7, 2), (12, 1)]),
-                                        (17, [(0, 4), (7, 2), (12, 1)]), (18, [(0, 13)]), (None, None)])
+@pytest.mark.parametrize("gap,pieces", [(0, RUNS), (12, NEAR_RUNS_MERGED), (17, NEAR_RUNS_MERGED), (18, ONE_SPAN),
+                                        (None, None)])
 def test_embedding_rows_are_perturbed_in_spans(device, gap, pieces, monkeypatch):
     """The pieces of the perturb call: runs of rows merged where at most SPAN_GAP_ELEMENTS elements lie between them
     (6-wide rows: 2 rows at 12 and 17, 3 at 18), at offset first row × 6; by default exact runs on the CPU, one span
     on a GPU; the looked-up rows are those of the perturbed copy."""
     if gap is None:
-        pieces = [(0, 1), (3, 1), (7, 2), (12, 1)] if device == "cpu" else [(0, 13)]
+        pieces = RUNS if device == "cpu" else ONE_SPAN
     else:
         monkeypatch.setitem(probe.SPAN_GAP_ELEMENTS, device, gap)
     p = torch.randn(20, 6, device=device)

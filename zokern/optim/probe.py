@@ -80,7 +80,8 @@ def probe_copy(p: torch.Tensor, rows: "torch.Tensor | None", perturb: Callable,
     first = torch.ones(len(host), dtype=torch.bool)  # a row that starts a span
     first[1:] = host[1:] - host[:-1] > gap_rows + 1
     last = torch.roll(first, -1)  # a row that ends one
-    starts, lengths = host[first], host[last] - host[first] + 1
+    starts = host[first]
+    lengths = host[last] - starts + 1
     at = torch.cumsum(lengths, 0) - lengths  # each span's first row in the copy
     # The copy's rows, span by span: table row = position − (span's place in the copy − its first table row).
     table_rows = torch.arange(int(lengths.sum())) - torch.repeat_interleave(at - starts, lengths)
