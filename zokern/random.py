@@ -47,13 +47,14 @@ class Distribution(enum.IntEnum):
 # The stream's version: raised whenever a change adds a distribution, changes any value drawn, or changes what a
 # backend computes for a logged step; recorded in the seed log, so that a log is replayed only on a stream that
 # draws what it was trained with, and said to replay close, not bitwise, where a backend has changed since.
-STREAM_VERSION = 6
+STREAM_VERSION = 7
 # The stream version that introduced each distribution.
 DISTRIBUTION_SINCE = {Distribution.NORMAL: 1, Distribution.RADEMACHER: 1, Distribution.RADEMACHER_BIT: 2}
 # The stream version since which a backend computes a logged step as it does now, where that is not version 1
 # (docs/RANDOM.md): version 3 made the C++ kernels' low-rank sums (SubZero) fused multiply-adds, CPU and CUDA;
-# version 4 evaluates the C++ CPU kernels' Box–Muller in float32.
-VALUES_SINCE = {"cpp": 4, "cuda": 3}
+# version 4 evaluates the C++ CPU kernels' Box–Muller in float32, version 7 in fused multiply-adds with a
+# division-free log.
+VALUES_SINCE = {"cpp": 7, "cuda": 3}
 # The stream version since which stochastic rounding to 16 bits takes 16-bit rounding words, eight per Philox call,
 # on every backend (docs/RANDOM.md): a run that stored 16-bit tensors so replays close, not bitwise, from before.
 ROUNDING_SINCE = 5

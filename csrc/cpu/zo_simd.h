@@ -3,10 +3,11 @@
 // GCC/Clang vector extensions, so they compile for any target (SSE2, AVX2, AVX-512, NEON).
 //
 // Philox words are the scalar ones bit for bit (Rademacher signs too). Box–Muller takes u and t exactly as
-// docs/RANDOM.md defines them and evaluates log, sin and cos with float32 polynomials (each within 2 ulps of
+// docs/RANDOM.md defines them and evaluates −2·log u, cos and sin with float32 polynomials (each within 1 ulp of
 // the correctly rounded value), then the square root and the products in float32: the normals are within 3
-// ulps of a float64 evaluation rounded once (stream version 4; docs/RANDOM.md). No FMA contraction
-// (-ffp-contract=off) and no fast-math: every operation is an IEEE one, so all ISA levels give the same bits.
+// ulps of a float64 evaluation rounded once (stream version 7; docs/RANDOM.md). No FMA contraction
+// (-ffp-contract=off) and no fast-math: every operation is an IEEE one, the fused multiply-adds explicit
+// (zo_cpu_kernels.inc's fma_each), so all ISA levels give the same bits.
 #pragma once
 
 #include <stdint.h>

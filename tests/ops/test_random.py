@@ -118,7 +118,9 @@ def test_normals_within_3_ulps_of_float64(backend, device, offset):
 # sha256 of the C++ CPU kernels' normals 3 … 3 + 2^20 − 1 of (SEED, stream 5), float32 bytes, by stream version.
 # Their values are the same at every ISA level (test_prebuilt_library.py) and on every machine, so a change to them
 # without a new stream version (and VALUES_SINCE) fails here: logs of the version would not replay bitwise.
-CPP_NORMALS_SHA256 = {version: "373f376829f3d19a67eae1e9106abeee78250712870f7881e527e798e6356408" for version in (4, 5, 6)}
+CPP_NORMALS_SHA256 = {**{version: "373f376829f3d19a67eae1e9106abeee78250712870f7881e527e798e6356408"
+                         for version in (4, 5, 6)},
+                      7: "59619e92b36e1b246f0c24b920f83b03964b87d4199a145c343a7cd3c8a867b5"}
 
 
 def test_cpp_normals_are_those_of_the_stream_version():
@@ -254,23 +256,24 @@ def test_rademacher_bit_balance_and_independence():
 
 def test_stream_versions():
     assert STREAM_VERSION == max(*DISTRIBUTION_SINCE.values(), *VALUES_SINCE.values(), ROUNDING_SINCE,
-                                 LOWRANK_BFLOAT16_SINCE) == 6
-    # Version 3 changed the C++ kernels alone (their low-rank sums, CPU and CUDA), version 4 the C++ CPU kernels'
-    # normals, version 5 the rounding words of every backend, met only by a run rounding 16-bit tensors
+                                 LOWRANK_BFLOAT16_SINCE) == 7
+    # Version 3 changed the C++ kernels alone (their low-rank sums, CPU and CUDA), versions 4 and 7 the C++ CPU
+    # kernels' normals, version 5 the rounding words of every backend, met only by a run rounding 16-bit tensors
     # stochastically, version 6 a bfloat16 matrix's low-rank sums on every backend, met only by a run that updates
     # bfloat16 tensors by low rank.
-    assert replay_changes(3, ["cpp"], False) == ["backend 'cpp' computes differently since version 4"]
-    assert replay_changes(4, ["cpp"], False) == []
-    assert replay_changes(2, ["cuda", "cpp"], False) == ["backend 'cpp' computes differently since version 4",
+    assert replay_changes(3, ["cpp"], False) == ["backend 'cpp' computes differently since version 7"]
+    assert replay_changes(6, ["cpp"], False) == ["backend 'cpp' computes differently since version 7"]
+    assert replay_changes(7, ["cpp"], False) == []
+    assert replay_changes(2, ["cuda", "cpp"], False) == ["backend 'cpp' computes differently since version 7",
                                                          "backend 'cuda' computes differently since version 3"]
     assert replay_changes(3, ["cuda"], False) == []
     assert replay_changes(1, ["reference", "triton"], False) == []
     assert replay_changes(4, ["reference"], True) == [
         "stochastic rounding to 16 bits takes other rounding words since version 5"]
-    assert replay_changes(5, ["reference", "triton", "cpp", "cuda"], True) == []
+    assert replay_changes(5, ["reference", "triton", "cuda"], True) == []
     assert replay_changes(5, ["reference"], False, True) == [
         "the low-rank update of a bfloat16 matrix sums bfloat16 operands since version 6"]
-    assert replay_changes(6, ["reference", "triton", "cpp", "cuda"], True, True) == []
+    assert replay_changes(7, ["reference", "triton", "cpp", "cuda"], True, True) == []
     assert set(DISTRIBUTION_SINCE) == set(Distribution)
     assert check_stream_version(1, "rademacher") == 1
     with pytest.raises(ValueError, match="'rademacher_bit' does not exist in random stream version 1"):
