@@ -9,19 +9,20 @@ import pytest
 # CUDA errors that leave the process's context unusable: every later CUDA call of that process fails with them.
 STICKY_CUDA_ERRORS = ("illegal memory access", "misaligned address", "unspecified launch failure",
                       "device-side assert", "illegal instruction")
-_sticky_cuda_error = []  # the test of this process that hit one
+_context_broken = False  # whether a test of this process hit one
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
+    global _context_broken
     report = yield
     if call.excinfo is not None and any(text in str(call.excinfo.value) for text in STICKY_CUDA_ERRORS):
-        _sticky_cuda_error.append(item.nodeid)
+        _context_broken = True
     return report
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_logreport(report):
     """Ends an xdist worker whose CUDA context broke, once that test is reported (its teardown)."""
-    if _sticky_cuda_error and report.when == "teardown" and os.environ.get("PYTEST_XDIST_WORKER"):
+    if _context_broken and report.when == "teardown" and os.environ.get("PYTEST_XDIST_WORKER"):
         os._exit(3)
