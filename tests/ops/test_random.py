@@ -3,7 +3,12 @@ every backend against the reference (words bit for bit, Gaussian values within 4
 bit for bit), windows of one stream, opcheck, invariances and distribution checks."""
 import hashlib
 import math
+import re
+import struct
+from decimal import Decimal, localcontext
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -318,3 +323,56 @@ def test_optimizers_draw_the_one_bit_stream(method):
     opt.step(lambda: seen.append(p.detach().clone()) or p.sum())
     z = reference_draw(step_seed(11, 0), opt.buckets[0].stream_ids[0], 300, dist=Distribution.RADEMACHER_BIT)
     assert torch.equal(seen[1 if method == "HiZOO" else 0], start + 0.25 * z)
+
+
+# The C++ CPU kernels' Box–Muller constants (zo_cpu_kernels.inc, stream version 7) are derived data written out as
+# literals: here they are derived again as that file's comments define them, in 60-digit decimal arithmetic.
+KERNELS = Path(__file__).resolve().parents[2] / "csrc" / "cpu" / "zo_cpu_kernels.inc"
+PI = Decimal("3.14159265358979323846264338327950288419716939937510582097494459")
+
+
+def _float32(x):
+    """The float32 nearest the decimal x, as a float (rounded once: the nearest of a guess and its neighbours)."""
+    guess = np.float32(float(x))
+    candidates = [guess, np.nextafter(guess, np.float32(-np.inf)), np.nextafter(guess, np.float32(np.inf))]
+    distances = sorted((abs(Decimal(float(c)) - x), float(c)) for c in candidates)
+    assert distances[0][0] < distances[1][0], f"{x} is a float32 tie"
+    return distances[0][1]
+
+
+def _kernel_literals(pattern):
+    """The hexadecimal float literals that the groups of pattern match in zo_cpu_kernels.inc, comma lists split."""
+    found = re.search(pattern, KERNELS.read_text(), re.S)
+    assert found, f"{pattern!r} is not in {KERNELS}"
+    return [float.fromhex(t.strip().removesuffix("f")) for group in found.groups() for t in group.split(",")]
+
+
+def test_box_muller_constants_are_derived_as_documented():
+    with localcontext(prec=60):
+        units = Decimal(2) ** 16
+        inv_m2, log_hi, log_lo = [], [], []
+        for i in range(16):
+            # Interval i: 2^19 float patterns from 0x3F3C0000 (0x1.78p-1); the float32 reciprocal of its center.
+            center = struct.unpack("<f", struct.pack("<I", 0x3F3C0000 + (i << 19) + (1 << 18)))[0]
+            inv = _float32(1 / Decimal(center))
+            twice_log = 2 * Decimal(inv).ln()
+            high = (twice_log * units).to_integral_value() / units  # the nearest multiple of 2^-16
+            inv_m2.append(-2 * inv)
+            log_hi.append(float(high))
+            log_lo.append(_float32(twice_log - high))
+        assert _kernel_literals(r"kLogInvM2\[16\] = \{(.*?)\};") == inv_m2
+        assert _kernel_literals(r"kLogHi\[16\] = \{(.*?)\};") == log_hi
+        assert _kernel_literals(r"kLogLo\[16\] = \{(.*?)\};") == log_lo
+        # −2·ln 2 as a 17-bit multiple of 2^-16 (k times it is exact in float32 for |k| <= 25), and the rest.
+        ln2_high, ln2_low = _kernel_literals(r"high = fma_each\(dk, F\{\} - (\S+?)f,.*?"
+                                             r"low = fma_each\(dk, F\{\} - (\S+?)f,")
+        assert Decimal(ln2_high) * units % 1 == 0 and 2 ** 16 <= Decimal(ln2_high) * units < 2 ** 17
+        assert ln2_low == _float32(2 * Decimal(2).ln() - Decimal(ln2_high))
+        # 2/π; π/2 in three parts, float32(π/2) and each next the float32 of what the parts before it leave.
+        two_over_pi, part3, part2, part1 = _kernel_literals(
+            r"q_shifted = fma_each\(t, F\{\} \+ (\S+?)f,.*?r = fma_each\(n, F\{\} \+ (\S+?)f,\s*"
+            r"fma_each\(n, F\{\} \+ (\S+?)f, fma_each\(n, F\{\} - (\S+?)f, t\)\)\)")
+        assert two_over_pi == _float32(2 / PI)
+        assert part1 == _float32(PI / 2)
+        assert part2 == _float32(Decimal(part1) - PI / 2)
+        assert part3 == _float32(Decimal(part1) - PI / 2 - Decimal(part2))
