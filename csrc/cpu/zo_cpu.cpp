@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -304,11 +305,12 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
     const int64_t r_pad = padded_rank(r);
     if (i0 < m) {
       const int64_t i1 = std::min(m, i0 + kPrepareRows);
-      std::vector<float> scratch(us[t].scalar_type() == at::kFloat ? 0 : (i1 - i0) * r);
+      // Scratch rows, not zeroed: each is written before it is read (a zeroing vector of them cost a pass).
+      const std::unique_ptr<float[]> scratch(new float[us[t].scalar_type() == at::kFloat ? 0 : (i1 - i0) * r]);
       float* rows = uc[t].data_ptr<float>();
       dispatch(us[t].scalar_type(), [&](auto tag) {
         ZK_RUN(subzero_uc_rows, static_cast<const decltype(tag)*>(us[t].data_ptr()), core_panels[t].data_ptr<float>(),
-               r, i0, i1, rows, scratch.data());
+               r, i0, i1, rows, scratch.get());
       });
       if (on_amx[t]) {
         auto* bits = reinterpret_cast<uint16_t*>(ucb[t].data_ptr<int16_t>());
@@ -336,13 +338,13 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
           }
         } else {
           // The panel's rows of V as float32 (bfloat16 W: lowrank_operand values) in the level's vectors, then packed.
-          std::vector<float> rows(width * r);
+          const std::unique_ptr<float[]> rows(new float[width * r]);
           if (bf16_w) {
-            operands(v + i0 * r, width * r, rows.data());
+            operands(v + i0 * r, width * r, rows.get());
           } else {
-            ZK_RUN(subzero_to_float, v + i0 * r, width * r, rows.data());
+            ZK_RUN(subzero_to_float, v + i0 * r, width * r, rows.get());
           }
-          ZK_RUN(subzero_pack_vt, rows.data(), width, r, bf16_w, vt[t].data_ptr<float>() + p * r * simd::kPanelCols);
+          ZK_RUN(subzero_pack_vt, rows.get(), width, r, bf16_w, vt[t].data_ptr<float>() + p * r * simd::kPanelCols);
         }
       });
     }
