@@ -305,8 +305,8 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
     const int64_t r_pad = padded_rank(r);
     if (i0 < m) {
       const int64_t i1 = std::min(m, i0 + kPrepareRows);
-      // Scratch rows, not zeroed: each is written before it is read (a zeroing vector of them cost a pass).
-      const std::unique_ptr<float[]> scratch(new float[us[t].scalar_type() == at::kFloat ? 0 : (i1 - i0) * r]);
+      // 16-bit U's rows as float32, not zeroed: each is written before it is read (a zeroing vector cost a pass).
+      const std::unique_ptr<float[]> scratch(us[t].scalar_type() == at::kFloat ? nullptr : new float[(i1 - i0) * r]);
       float* rows = uc[t].data_ptr<float>();
       dispatch(us[t].scalar_type(), [&](auto tag) {
         ZK_RUN(subzero_uc_rows, static_cast<const decltype(tag)*>(us[t].data_ptr()), core_panels[t].data_ptr<float>(),
