@@ -32,8 +32,28 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+# CPU features that choose zokern's kernels (docs/OPS.md) and torch's 16-bit eager paths alike.
+CPU_FEATURES = {"avx512f": "AVX-512", "avx512_fp16": "AVX512-FP16", "amx_bf16": "AMX-BF16"}
+
+
+def cpu_model_and_features() -> tuple[str | None, list[str]]:
+    """The CPU's model name and which of CPU_FEATURES it has, from /proc/cpuinfo (Linux); (None, []) elsewhere."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return None, []
+    fields = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name"), [name for flag, name in CPU_FEATURES.items() if flag in flags]
+
+
 def device_name() -> str:
-    return torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_name()
+    model, features = cpu_model_and_features()
+    parts = [model or platform.processor() or platform.machine(), f"{os.cpu_count()} cores", *features]
+    return f"CPU ({', '.join(parts)})"
 
 
 def last_level_cache_bytes() -> int:
