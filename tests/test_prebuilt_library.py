@@ -160,7 +160,8 @@ ranks = [5, 3, 2]
 us = [torch.randn(w.shape[0], r, generator=g).to(w.dtype) for w, r in zip(ws, ranks)]
 vs = [torch.randn(w.shape[1], r, generator=g).to(w.dtype) for w, r in zip(ws, ranks)]
 zokern.lowrank_apply_(ws, us, vs, [torch.randn(r, r, generator=g) for r in ranks], backend="cpp")
-# A bfloat16 W past a rank block, rows past a multiple of 16, stochastically rounded (AMX where the CPU has it).
+# A bfloat16 W past a rank block, rows past a multiple of 16, stochastically rounded (AMX or dot products where the
+# CPU has them).
 w = torch.randn(50, 130, generator=g).bfloat16()
 zokern.lowrank_apply_([w], [torch.randn(50, 70, generator=g).bfloat16()], [torch.randn(130, 70, generator=g).bfloat16()],
                       [torch.randn(70, 70, generator=g) / 70], rounding="stochastic", seed=5, stream_ids=[4],
@@ -173,10 +174,11 @@ CPP_OK, CPP_WHY = backends.availability("cpp", "cpu")
 
 
 @pytest.mark.skipif(not CPP_OK, reason=f"cpp backend unavailable: {CPP_WHY}")
-@pytest.mark.parametrize("level", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("level", ["generic", "avx2", "avx512", "avx512bf16"])
 def test_narrower_simd_paths_give_the_same_bits(tmp_path, level):
-    """The ISA chosen at run time (baseline, AVX2, AVX-512, AMX) changes speed, never results (avx512: without
-    AMX)."""
+    """The ISA chosen at run time (baseline, AVX2, AVX-512, AVX512-BF16 dot products, AMX) changes speed, never
+    results (avx512: the register tiles for a bfloat16 W's low rank, without AMX or dot products; avx512bf16: the
+    dot products where the CPU has them, without AMX)."""
     results = {}
     for name, cap in (("default", None), (level, level)):
         env = {k: v for k, v in os.environ.items() if k != "ZOKERN_CPU_SIMD"}
@@ -186,7 +188,8 @@ def test_narrower_simd_paths_give_the_same_bits(tmp_path, level):
         run = subprocess.run([sys.executable, "-c", _SIMD_PROBE, str(out)], env=env, capture_output=True, text=True,
                              timeout=300)
         assert run.returncode == 0, run.stderr
-        # A CPU whose AMX disagrees with the AVX-512 tiles says so, and keeps the tiles: an AMX path gone wrong.
+        # A CPU whose AMX or dot products disagree with the AVX-512 tiles says so, and keeps the tiles: a path gone
+        # wrong.
         assert "otherwise than Intel's SDM" not in run.stderr
         results[name] = torch.load(out, weights_only=True)
     for a, b in zip(results["default"], results[level]):

@@ -61,8 +61,8 @@ constexpr int64_t kDefaultChunk = int64_t(1) << 16;
 
 enum class Level { kGeneric, kAvx2, kAvx512 };
 
-// ZOKERN_CPU_SIMD=generic|avx2|avx512 caps the level (to test the narrower paths on a wider CPU); set at all, it
-// also keeps AMX off (amx_enabled).
+// ZOKERN_CPU_SIMD=generic|avx2|avx512|avx512bf16 caps the level (to test the narrower paths on a wider CPU); set at
+// all, it also keeps AMX off, and all but avx512bf16 the AVX512-BF16 dot products (bf16_lowrank_path).
 Level detect_level() {
   Level level = Level::kGeneric;
 #ifdef ZK_X86
@@ -237,7 +237,12 @@ void pack_core(const float* core, int64_t r, float* panels) {
   }
 }
 
-// The rank padded to whole blocks of kLowrankBlock: the row stride of AMX's U·C and the rank its Vᵀ blocks hold.
+// How a bfloat16 W's low-rank sums are computed, all in element.h's order: register tiles (every level), AVX512-BF16
+// dot products, or AMX tiles.
+enum class LowrankPath { kRegisterTiles, kDot, kAmx };
+
+// The rank padded to whole blocks of kLowrankBlock: the row stride of the bfloat16 U·C (AMX, dot words) and the rank
+// its Vᵀ holds.
 int64_t padded_rank(int64_t r) { return (r + kLowrankBlock - 1) / kLowrankBlock * kLowrankBlock; }
 
 // out[0 .. n) = element.h's lowrank_operand(x[0 .. n)) as bfloat16 bits (uint16_t) or float32 values (float).
@@ -246,14 +251,32 @@ void operands(const T* x, int64_t n, Out* out) {
   ZK_RUN(subzero_operands, x, n, out);
 }
 
+// One row of r operands (bfloat16 bits) as dot words (zo_simd.h): word 2s + h is bits[4s + h] in its high half and
+// bits[4s + h + 2] in its low half (zeros past r), written at out[(2s + h)·stride].
+void dot_words(const uint16_t* bits, int64_t r, uint32_t* out, int64_t stride) {
+  const auto four = [&](int64_t a, const uint16_t* b) {
+    out[a / 2 * stride] = uint32_t{b[0]} << 16 | b[2];
+    out[(a / 2 + 1) * stride] = uint32_t{b[1]} << 16 | b[3];
+  };
+  int64_t a = 0;
+  for (; a + 4 <= r; a += 4) four(a, bits + a);
+  if (a < r) {
+    uint16_t last[4] = {0, 0, 0, 0};
+    for (int64_t k = a; k < r; ++k) last[k - a] = bits[k];
+    four(a, last);
+  }
+}
+
 // W += (U·C)·Vᵀ without an m×n temporary, as a small GEMM: the core C and Vᵀ packed in panels (float32), then
 // float32 U·C (m×r), then tiles of W, each element summing over the rank in register tiles
 // (zo_cpu_kernels.inc's subzero_uc_rows and subzero_rows, vectorised over columns for the CPU's SIMD level).
-// A bfloat16 W takes lowrank_operand values of U·C and V in element.h's order for it: by AMX tiles where `amx`
-// (U·C and Vᵀ as bfloat16, zo_cpu_kernels.inc's subzero_rows_amx), else by register tiles. Sums as element.h says;
-// stored with `rounding`, keyed by (seed, streams[t], offsets[t] + row-major index).
+// A bfloat16 W takes lowrank_operand values of U·C and V in element.h's order for it, by `path`: AMX tiles (U·C and
+// Vᵀ as bfloat16 blocks, zo_cpu_kernels.inc's subzero_rows_amx), dot products (U·C and Vᵀ as dot words, zo_simd.h),
+// or register tiles (float32). Sums as element.h says; stored with `rounding`, keyed by (seed, streams[t],
+// offsets[t] + row-major index).
 void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores,
-                        at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets, int64_t rounding, bool amx) {
+                        at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets, int64_t rounding,
+                        LowrankPath path) {
   const size_t count = weights.size();
   TORCH_CHECK(us.size() == count && vs.size() == count && cores.size() == count, "zokern_cpp: list lengths differ");
   const std::vector<int64_t> ids = per_tensor_or_zeros(streams, count, "stream id");
@@ -262,7 +285,7 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
   check_params(us, "us");
   check_params(vs, "vs");
   std::vector<at::Tensor> uc(count), vt(count), core_panels(count), ucb(count), vt_blocks(count);
-  std::vector<char> on_amx(count, 0);
+  std::vector<LowrankPath> paths(count, LowrankPath::kRegisterTiles);
   struct Item {
     int64_t t, row, col;  // col < 0: a block of rows of U·C and of V (phase 1); else a tile of W (phase 2)
   };
@@ -279,8 +302,8 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
     if (m * n == 0) continue;
     const auto f32 = at::TensorOptions().dtype(at::kFloat);
     uc[t] = at::empty({m * r}, f32);
-    on_amx[t] = amx && w.scalar_type() == at::kBFloat16 && r > 0;
-    if (on_amx[t]) {
+    if (w.scalar_type() == at::kBFloat16 && r > 0) paths[t] = path;
+    if (paths[t] != LowrankPath::kRegisterTiles) {
       const auto u16 = at::TensorOptions().dtype(at::kShort);
       const int64_t r_pad = padded_rank(r);
       ucb[t] = at::zeros({(m + simd::kAmxRows - 1) / simd::kAmxRows * simd::kAmxRows * r_pad}, u16);
@@ -312,9 +335,16 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
         ZK_RUN(subzero_uc_rows, static_cast<const decltype(tag)*>(us[t].data_ptr()), core_panels[t].data_ptr<float>(),
                r, i0, i1, rows, scratch.get());
       });
-      if (on_amx[t]) {
-        auto* bits = reinterpret_cast<uint16_t*>(ucb[t].data_ptr<int16_t>());
+      auto* bits = paths[t] == LowrankPath::kRegisterTiles ? nullptr
+                                                           : reinterpret_cast<uint16_t*>(ucb[t].data_ptr<int16_t>());
+      if (paths[t] == LowrankPath::kAmx) {
         ZK_RUN(subzero_operand_rows, rows + i0 * r, i1 - i0, r, bits + i0 * r_pad, r_pad);
+      } else if (paths[t] == LowrankPath::kDot) {
+        const std::unique_ptr<uint16_t[]> operand_rows(new uint16_t[(i1 - i0) * r]);
+        operands(rows + i0 * r, (i1 - i0) * r, operand_rows.get());
+        for (int64_t i = i0; i < i1; ++i) {
+          dot_words(operand_rows.get() + (i - i0) * r, r, reinterpret_cast<uint32_t*>(bits + i * r_pad), 1);
+        }
       } else if (bf16_w) {
         operands(rows + i0 * r, (i1 - i0) * r, rows + i0 * r);
       }
@@ -323,7 +353,16 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
       dispatch(vs[t].scalar_type(), [&](auto tag) {
         const auto* v = static_cast<const decltype(tag)*>(vs[t].data_ptr());
         const int64_t p = i0 / simd::kPanelCols, width = std::min(simd::kPanelCols, n - i0);
-        if (on_amx[t]) {
+        if (paths[t] == LowrankPath::kDot) {
+          // Panel p's dot words: word w of slot s at w·kPanelCols + s.
+          auto* words =
+              reinterpret_cast<uint32_t*>(vt_blocks[t].data_ptr<int16_t>()) + p * r_pad / 2 * simd::kPanelCols;
+          const std::unique_ptr<uint16_t[]> bits(new uint16_t[width * r]);
+          operands(v + i0 * r, width * r, bits.get());
+          for (int64_t l = 0; l < width; ++l) {
+            dot_words(bits.get() + l * r, r, words + simd::panel_slot(l, true), simd::kPanelCols);
+          }
+        } else if (paths[t] == LowrankPath::kAmx) {
           // Panel p's blocks: per rank block, four runs of 16 slots, each 16 rows of pairs of rank indices, so a
           // row of V goes as 32-bit pairs, one per 64-byte row of its run.
           auto* blocks = reinterpret_cast<uint32_t*>(vt_blocks[t].data_ptr<int16_t>()) + p * r_pad * simd::kPanelCols / 2;
@@ -356,7 +395,7 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
     const int64_t t = tiles[k].t, i0 = tiles[k].row, j0 = tiles[k].col;
     const int64_t m = weights[t].size(0), n = weights[t].size(1), r = us[t].size(1);
 #ifdef ZK_X86
-    if (on_amx[t]) {
+    if (paths[t] == LowrankPath::kAmx) {
       simd::avx512::subzero_rows_amx(static_cast<bf16*>(weights[t].data_ptr()), n,
                                      padded_rank(r), i0,
                                      std::min(m, i0 + kRowBlock), j0, std::min(kColBlock, n - j0),
@@ -367,74 +406,98 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
       continue;
     }
 #endif
+    const bool on_dot = paths[t] == LowrankPath::kDot;
+    const simd::DotOperands dot{on_dot ? reinterpret_cast<const uint32_t*>(ucb[t].data_ptr<int16_t>()) : nullptr,
+                                on_dot ? reinterpret_cast<const uint32_t*>(vt_blocks[t].data_ptr<int16_t>()) : nullptr,
+                                padded_rank(r) / 2};
     dispatch(weights[t].scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       ZK_RUN(subzero_rows, static_cast<T*>(weights[t].data_ptr()), n, r, i0, std::min(m, i0 + kRowBlock), j0,
-             std::min(kColBlock, n - j0), uc[t].data_ptr<float>(), vt[t].data_ptr<float>(), rounding == kStochastic,
-             static_cast<uint64_t>(seed), static_cast<uint32_t>(ids[t]), first[t]);
+             std::min(kColBlock, n - j0), uc[t].data_ptr<float>(), on_dot ? nullptr : vt[t].data_ptr<float>(),
+             on_dot ? &dot : nullptr, rounding == kStochastic, static_cast<uint64_t>(seed),
+             static_cast<uint32_t>(ids[t]), first[t]);
     });
   }
 }
 
-// Whether a bfloat16 W's low-rank sums run on AMX: an uncapped AVX-512 level (ZOKERN_CPU_SIMD unset) on a CPU
-// with AMX-BF16, the tile data granted by Linux, and a probe (awkward shapes, every rank block, stochastic
-// rounding) that the AMX tiles and the AVX-512 register tiles compute bit for bit alike: the SDM's order is the
-// definition; a CPU that computed otherwise keeps the register tiles.
-bool amx_enabled() {
-  static const bool enabled = [] {
+// Whether `path` computes bfloat16 low-rank updates bit for bit as the AVX-512 register tiles, on random factors of
+// awkward shapes (the layouts; every rank block, stochastic rounding) and on sums whose bfloat16 result tells the
+// order apart (sums that differ in float32 alone rarely show in bfloat16): with C = I and V = 1 a row's products are
+// its U entries, whose cancelling pairs make the sum 1, 0, 0, 0, 0 in the SDM's order and 0, 1, 1, 1, 1 in another
+// (row 0: one chain; row 1: even and odd indices over the whole rank; row 2: delta + e + o left to right; rows 3
+// and 4: the even or the odd sum taking a later index first). The SDM's order is the definition; a CPU that
+// computes otherwise says so and keeps the register tiles.
+bool agrees_with_register_tiles(LowrankPath path, const char* what) {
+  const auto gen = at::make_generator<at::CPUGeneratorImpl>(20261204);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const int64_t m = 37, n = 150, r = 70, k = 64;
+  constexpr int kOrderRows = 5;
+  at::Tensor u_order = at::zeros({kOrderRows, k}, f32);
+  const float big = 1 << 24;
+  const float pattern[kOrderRows][3][2] = {{{0, big}, {1, 1}, {2, -big}},
+                                           {{0, big}, {1, 1}, {32, -big}},
+                                           {{0, 2 * big}, {32, -2 * big}, {33, 1}},
+                                           {{0, big}, {4, 1}, {6, -big}},
+                                           {{1, big}, {5, 1}, {7, -big}}};
+  for (int row = 0; row < kOrderRows; ++row) {
+    for (const auto& entry : pattern[row]) u_order[row][static_cast<int64_t>(entry[0])] = entry[1];
+  }
+  const std::vector<at::Tensor> ws = {at::randn({m, n}, gen, f32).to(at::kBFloat16),
+                                      at::zeros({kOrderRows, k}, at::kBFloat16)};
+  const std::vector<at::Tensor> us = {at::randn({m, r}, gen, f32).to(at::kBFloat16), u_order.to(at::kBFloat16)};
+  const std::vector<at::Tensor> vs = {at::randn({n, r}, gen, f32).to(at::kBFloat16), at::ones({k, k}, at::kBFloat16)};
+  const std::vector<at::Tensor> cores = {at::randn({r, r}, gen, f32), at::eye(k, f32)};
+  std::vector<at::Tensor> on_tiles, on_path;
+  for (const at::Tensor& w : ws) {
+    on_tiles.push_back(w.clone());
+    on_path.push_back(w.clone());
+  }
+  lowrank_apply_with(on_tiles, us, vs, cores, {7, 8}, 1, {3, 0}, kStochastic, LowrankPath::kRegisterTiles);
+  lowrank_apply_with(on_path, us, vs, cores, {7, 8}, 1, {3, 0}, kStochastic, path);
+  bool same = true;
+  for (size_t t = 0; t < ws.size(); ++t) {
+    same = same && at::equal(on_tiles[t].view(at::kShort), on_path[t].view(at::kShort));
+  }
+  if (!same) {
+    TORCH_WARN("zokern_cpp: this CPU's ", what, " sum bfloat16 products otherwise than Intel's SDM says; bfloat16 "
+               "low-rank updates run on the AVX-512 register tiles instead (the same bits, slower)");
+  }
+  return same;
+}
+
+// The CPU's fastest path for a bfloat16 W's low-rank sums, at an uncapped AVX-512 level: AMX where the CPU has
+// AMX-BF16 and Linux grants the tile data, else AVX512-BF16 dot products (VDPBF16PS), either only if it agrees with
+// the register tiles (agrees_with_register_tiles). ZOKERN_CPU_SIMD set keeps both off, but =avx512bf16 keeps the
+// dot products (to test them on a CPU with AMX).
+LowrankPath bf16_lowrank_path() {
+  static const LowrankPath path = [] {
 #if defined(ZK_X86) && defined(__linux__)
+    if (simd_level() != Level::kAvx512) return LowrankPath::kRegisterTiles;
+    const char* cap = std::getenv("ZOKERN_CPU_SIMD");
     unsigned a = 0, b = 0, c = 0, d = 0;
     const bool has_amx = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 22 & 1);
     constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
-    if (simd_level() != Level::kAvx512 || std::getenv("ZOKERN_CPU_SIMD") != nullptr || !has_amx ||
-        syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) != 0) {
-      return false;
+    if (cap == nullptr && has_amx && syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0 &&
+        agrees_with_register_tiles(LowrankPath::kAmx, "AMX tiles")) {
+      return LowrankPath::kAmx;
     }
-    // Random factors on awkward shapes (the layouts), and sums whose bfloat16 result tells the order apart (sums
-    // that differ in float32 alone rarely show in bfloat16): with C = I and V = 1 a row's products are its U
-    // entries, whose cancelling pairs make the sum 1, 0, 0 in the SDM's order and 0, 1, 1 in another (row 0: one
-    // chain; row 1: even and odd indices over the whole rank; row 2: delta + e + o left to right).
-    const auto gen = at::make_generator<at::CPUGeneratorImpl>(20261204);
-    const auto f32 = at::TensorOptions().dtype(at::kFloat);
-    const int64_t m = 37, n = 150, r = 70, k = 64;
-    at::Tensor u_order = at::zeros({3, k}, f32);
-    const float big = 1 << 24;
-    const float pattern[3][3][2] = {{{0, big}, {1, 1}, {2, -big}},
-                                    {{0, big}, {1, 1}, {32, -big}},
-                                    {{0, 2 * big}, {32, -2 * big}, {33, 1}}};
-    for (int row = 0; row < 3; ++row) {
-      for (const auto& entry : pattern[row]) u_order[row][static_cast<int64_t>(entry[0])] = entry[1];
+    const bool has_dot = __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1);  // AVX512_BF16
+    if ((cap == nullptr || std::strcmp(cap, "avx512bf16") == 0) && has_dot &&
+        agrees_with_register_tiles(LowrankPath::kDot, "AVX512-BF16 dot products")) {
+      return LowrankPath::kDot;
     }
-    const std::vector<at::Tensor> ws = {at::randn({m, n}, gen, f32).to(at::kBFloat16), at::zeros({3, k}, at::kBFloat16)};
-    const std::vector<at::Tensor> us = {at::randn({m, r}, gen, f32).to(at::kBFloat16), u_order.to(at::kBFloat16)};
-    const std::vector<at::Tensor> vs = {at::randn({n, r}, gen, f32).to(at::kBFloat16), at::ones({k, k}, at::kBFloat16)};
-    const std::vector<at::Tensor> cores = {at::randn({r, r}, gen, f32), at::eye(k, f32)};
-    std::vector<at::Tensor> on_tiles, on_amx;
-    for (const at::Tensor& w : ws) {
-      on_tiles.push_back(w.clone());
-      on_amx.push_back(w.clone());
-    }
-    lowrank_apply_with(on_tiles, us, vs, cores, {7, 8}, 1, {3, 0}, kStochastic, false);
-    lowrank_apply_with(on_amx, us, vs, cores, {7, 8}, 1, {3, 0}, kStochastic, true);
-    bool same = true;
-    for (size_t t = 0; t < ws.size(); ++t) same = same && at::equal(on_tiles[t].view(at::kShort), on_amx[t].view(at::kShort));
-    if (!same) {
-      TORCH_WARN("zokern_cpp: this CPU's AMX sums bfloat16 products otherwise than Intel's SDM says; bfloat16 "
-                 "low-rank updates run on the AVX-512 tiles instead (the same bits, slower)");
-    }
-    return same;
-#else
-    return false;
 #endif
+    return LowrankPath::kRegisterTiles;
   }();
-  return enabled;
+  return path;
 }
 
 void lowrank_apply_(at::TensorList weights, at::TensorList us, at::TensorList vs, at::TensorList cores,
                     at::IntArrayRef streams, int64_t seed, at::IntArrayRef offsets, int64_t rounding) {
   const bool bfloat16 = std::any_of(weights.begin(), weights.end(),
                                     [](const at::Tensor& w) { return w.scalar_type() == at::kBFloat16; });
-  lowrank_apply_with(weights, us, vs, cores, streams, seed, offsets, rounding, bfloat16 && amx_enabled());
+  lowrank_apply_with(weights, us, vs, cores, streams, seed, offsets, rounding,
+                     bfloat16 ? bf16_lowrank_path() : LowrankPath::kRegisterTiles);
 }
 
 // ---- anchored rescale (DiZO) ----

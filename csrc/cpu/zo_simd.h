@@ -25,6 +25,7 @@
 #define ZK_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define ZK_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
 #define ZK_TARGET_AMX __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,amx-tile,amx-bf16")))
+#define ZK_TARGET_DOT __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c,avx512bf16")))
 #endif
 
 namespace zokern {
@@ -47,6 +48,18 @@ inline int64_t panel_slot(int64_t l, bool pairs) {
 // of pairs (rank indices 2p and 2p + 1 side by side for each slot).
 constexpr int64_t kAmxRows = 16;
 constexpr int64_t kAmxBlockWords = kLowrankBlock * 16;
+// AVX512-BF16 (a bfloat16 W's low-rank sums where the CPU has no AMX, zo_cpu_kernels.inc's subzero_tile_dot): rank
+// indices go by fours, 4s .. 4s + 3, as two 32-bit words of bfloat16 pairs, word 2s holding indices 4s and 4s + 2
+// (the even sum's) and word 2s + 1 indices 4s + 1 and 4s + 3 (the odd sum's), the earlier index in the high half:
+// VDPBF16PS adds the high halves' product first, then the low halves' (Intel SDM), so one instruction takes two
+// steps of one sum in index order. A row of U·C is a row of such words; a panel of Vᵀ holds, word by word, the
+// panel's kPanelCols slots (zo_cpu.cpp's dot_words).
+// A bfloat16 W's operands in that layout: U·C's rows of `words` words, and Vᵀ's panels of words·kPanelCols.
+struct DotOperands {
+  const uint32_t* uc;
+  const uint32_t* vt;
+  int64_t words;
+};
 typedef uint32_t u32v __attribute__((vector_size(4 * kLanes)));
 typedef uint64_t u64v __attribute__((vector_size(8 * kLanes)));
 // Two words of each of kLanes calls side by side: Box–Muller takes both pairs of a vector of calls at once.

@@ -115,17 +115,19 @@ def test_bfloat16_sums_take_blocks_of_even_and_odd_indices(backend, device):
     """Sums whose bfloat16 result tells the order apart (float32 differences rarely survive the store): with C = I
     and V = 1 a row's products are its U entries. Row 0 is 1 in element.h's order and 0 in one chain; row 1 is 0,
     and 1 with even and odd indices summed over the whole rank; row 2 is 0, and 1 with delta + e + o left to
-    right."""
+    right; rows 3 and 4 are 0, and 1 where the even (row 3) or odd (row 4) sum takes a later index first."""
     big = 2.0**24
-    u = torch.zeros(3, 64)
+    u = torch.zeros(5, 64)
     u[0, [0, 1, 2]] = torch.tensor([big, 1.0, -big])
     u[1, [0, 1, 32]] = torch.tensor([big, 1.0, -big])
     u[2, [0, 32, 33]] = torch.tensor([2 * big, -2 * big, 1.0])
-    w = torch.zeros(3, 70, dtype=torch.bfloat16, device=device)
+    u[3, [0, 4, 6]] = torch.tensor([big, 1.0, -big])
+    u[4, [1, 5, 7]] = torch.tensor([big, 1.0, -big])
+    w = torch.zeros(5, 70, dtype=torch.bfloat16, device=device)
     args = ([u.bfloat16().to(device)], [torch.ones(70, 64, dtype=torch.bfloat16, device=device)],
             [torch.eye(64, device=device)])
     want = lowrank_in_documented_order(w, args[0][0], args[1][0], args[2][0])
-    assert want.float()[:, 0].tolist() == [1.0, 0.0, 0.0]
+    assert want.float()[:, 0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
     zokern.lowrank_apply_([w], *args, backend=backend)
     assert_bitwise([w], [want.to(device)])
 
