@@ -33,7 +33,7 @@ def synchronize():
 
 
 # CPU features that choose zokern's kernels (docs/OPS.md) and torch's 16-bit eager paths alike.
-CPU_FEATURES = {"avx512f": "AVX-512", "avx512_fp16": "AVX512-FP16", "amx_bf16": "AMX-BF16"}
+CPU_FEATURES = {"avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "avx512_fp16": "AVX512-FP16", "amx_bf16": "AMX-BF16"}
 
 
 def cpu_model_and_features() -> tuple[str | None, list[str]]:
