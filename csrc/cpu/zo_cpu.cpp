@@ -284,6 +284,8 @@ void lowrank_apply_with(at::TensorList weights, at::TensorList us, at::TensorLis
   check_params(weights, "weights");
   check_params(us, "us");
   check_params(vs, "vs");
+  TORCH_CHECK(path == LowrankPath::kRegisterTiles || simd_level() == Level::kAvx512,
+              "zokern_cpp: AMX and dot products need the AVX-512 level");
   std::vector<at::Tensor> uc(count), vt(count), core_panels(count), ucb(count), vt_blocks(count);
   std::vector<LowrankPath> paths(count, LowrankPath::kRegisterTiles);
   struct Item {
@@ -460,7 +462,8 @@ bool agrees_with_register_tiles(LowrankPath path, const char* what) {
   }
   if (!same) {
     TORCH_WARN("zokern_cpp: this CPU's ", what, " sum bfloat16 products otherwise than Intel's SDM says; bfloat16 "
-               "low-rank updates run on the AVX-512 register tiles instead (the same bits, slower)");
+               "low-rank updates take the next path instead (dot products or the AVX-512 register tiles: the same "
+               "bits, slower)");
   }
   return same;
 }
@@ -471,9 +474,10 @@ bool agrees_with_register_tiles(LowrankPath path, const char* what) {
 // dot products (to test them on a CPU with AMX).
 LowrankPath bf16_lowrank_path() {
   static const LowrankPath path = [] {
-#if defined(ZK_X86) && defined(__linux__)
+#ifdef ZK_X86
     if (simd_level() != Level::kAvx512) return LowrankPath::kRegisterTiles;
     const char* cap = std::getenv("ZOKERN_CPU_SIMD");
+#ifdef __linux__  // the tile data is granted by arch_prctl
     unsigned a = 0, b = 0, c = 0, d = 0;
     const bool has_amx = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 22 & 1);
     constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
@@ -481,8 +485,8 @@ LowrankPath bf16_lowrank_path() {
         agrees_with_register_tiles(LowrankPath::kAmx, "AMX tiles")) {
       return LowrankPath::kAmx;
     }
-    const bool has_dot = __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1);  // AVX512_BF16
-    if ((cap == nullptr || std::strcmp(cap, "avx512bf16") == 0) && has_dot &&
+#endif
+    if ((cap == nullptr || std::strcmp(cap, "avx512bf16") == 0) && __builtin_cpu_supports("avx512bf16") &&
         agrees_with_register_tiles(LowrankPath::kDot, "AVX512-BF16 dot products")) {
       return LowrankPath::kDot;
     }

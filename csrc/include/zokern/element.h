@@ -338,10 +338,11 @@ struct MezoStepOp {
 // and the GPU agree bit for bit (the reference's BLAS order differs by rounding only).
 //
 // A bfloat16 W (stream version 6) takes delta from bfloat16 operands, in the order of the AMX instruction
-// TDPBF16PS (Intel SDM), which the CPU runs where it has AMX: lowrank_operand rounds (U·C)[i, a] and V[j, a] to
+// TDPBF16PS (Intel SDM), which the CPU runs where it has AMX (else, two steps an instruction, by AVX512-BF16's
+// VDPBF16PS): lowrank_operand rounds (U·C)[i, a] and V[j, a] to
 // bfloat16 and flushes magnitudes below 2^-51 to zero, so every product is exact in float32 and a multiple of
 // 2^-116, and so is every sum of them (below 2^-92 a multiple of 2^-116 is a float32, above the spacing is one):
-// nothing is ever subnormal, and the flush-to-zero of AMX never acts. The rank goes in blocks of
+// nothing is ever subnormal, and the flush-to-zero of AMX and VDPBF16PS never acts. The rank goes in blocks of
 // kLowrankBlock indices from 0; per block, e sums the even indices' products and o the odd ones, each in index
 // order from 0, one rounding a step (a product is exact: a multiply-add and an add agree); then
 // delta = delta + (e + o), delta from 0.
